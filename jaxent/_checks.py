@@ -25,6 +25,7 @@ from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 REDUCTIONS = ("mean", "sum", "none")
+RESIDUALS = ("grad", "lse")
 
 
 def _describe(x: jax.Array) -> str:
@@ -147,6 +148,12 @@ def options(
         if not (cap > 0.0 and math.isfinite(cap)):
             raise ValueError(f"`logit_softcap` must be None or a finite number > 0, got {cap}")
     return eps, zl, temp, cap
+
+
+def residual(value: str) -> None:
+    """What a softmax loss's forward keeps for its backward: ``"grad"`` or ``"lse"``."""
+    if value not in RESIDUALS:
+        raise ValueError(f"`residual` must be one of {RESIDUALS}, got {value!r}")
 
 
 def _is_concrete(*xs) -> bool:

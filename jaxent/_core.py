@@ -50,6 +50,7 @@ class Options:
     z_loss: float = 0.0
     temperature: float = 1.0
     logit_softcap: float | None = None
+    residual: str = "grad"
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -76,27 +77,39 @@ def transform_vjp(dz: jax.Array, z: jax.Array, opts: Options) -> jax.Array:
     return dz
 
 
-def _pieces(z: jax.Array) -> jax.Array:
-    """View ``[N, C]`` as ``[N, k, C // k]`` with pieces of at most 32K when C divides."""
-    c = z.shape[-1]
+def _split(c: int) -> int:
+    """How many equal pieces of at most 32K a row of ``c`` classes is cut into (1: none)."""
     if c <= _MAX_PIECE:
-        return z
-    for k in range(2, c // 1024 + 1):
-        if c % k == 0 and c // k <= _MAX_PIECE:
-            return z.reshape(*z.shape[:-1], k, c // k)
-    return z
+        return 1
+    return next((k for k in range(-(-c // _MAX_PIECE), c // 1024 + 1) if c % k == 0), 1)
 
 
 def row_sum(v: jax.Array) -> jax.Array:
-    """Sum over the last axis, split into pieces when rows are long."""
-    v = _pieces(v)
-    return v.sum(axis=-1) if v.ndim == 2 else v.sum(axis=-1).sum(axis=-1)
+    """Sum over the last axis of ``[N, C]``."""
+    return v.sum(axis=-1)
+
+
+def _sum_of_exps(e: jax.Array) -> jax.Array:
+    """Row sums of ``e = exp(z - max z)`` (any float dtype), accumulated in float32.
+
+    For 16-bit ``e`` XLA:CPU's library reduction cannot fuse the upcast and would materialize
+    a float32 copy of ``e``; a two-output reduce (sum, max) is lowered as XLA's own loop,
+    which reads ``e`` directly. ``max(e)`` is exactly 1 (``exp(0)`` at the row max; 0 for an
+    all ``-inf`` row, whose sum is 0 too), so multiplying by it keeps the second output alive
+    without changing the value.
+    """
+    if e.dtype == compute_dtype(e.dtype):
+        return e.sum(axis=-1)
+    ef = e.astype(compute_dtype(e.dtype))
+    total, top = jax.lax.reduce(
+        (ef, ef), (jnp.zeros((), ef.dtype), jnp.full((), -jnp.inf, ef.dtype)),
+        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])), (1,))
+    return total * top
 
 
 def row_max(v: jax.Array) -> jax.Array:
-    """Max over the last axis, split into pieces when rows are long."""
-    v = _pieces(v)
-    return v.max(axis=-1) if v.ndim == 2 else v.max(axis=-1).max(axis=-1)
+    """Max over the last axis (exact in any dtype: it runs on the raw input)."""
+    return v.max(axis=-1)
 
 
 def shifted_stats(x: jax.Array, opts: Options) -> tuple[jax.Array, jax.Array]:
@@ -104,10 +117,16 @@ def shifted_stats(x: jax.Array, opts: Options) -> tuple[jax.Array, jax.Array]:
 
     The transform is increasing, so ``m = transform(max x)``: the max runs on the raw input
     and no upcast copy of 16-bit logits is ever materialized for two reductions to share.
+    Rows longer than 32K are reduced as ``k`` rows of ``C / k`` in a 2-D view (XLA:CPU's row
+    reductions slow down 2-3x beyond 32K; a 3-D view would be folded back into one row).
     """
-    m = transform(row_max(x), opts)
+    n, c = x.shape
+    k = _split(c)
+    xr = x.reshape(n * k, c // k)
+    m = transform(row_max(xr).reshape(n, k).max(axis=-1), opts)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    log_s = jnp.log(row_sum(jnp.exp(transform(x, opts) - m[:, None])))
+    e = jnp.exp(transform(xr, opts) - jnp.repeat(m, k)[:, None])
+    log_s = jnp.log(e.sum(axis=-1).reshape(n, k).sum(axis=-1))
     return m, log_s
 
 
@@ -131,44 +150,109 @@ def _class_sum(weight: jax.Array | None, num_classes: int, dtype) -> jax.Array:
 # --------------------------------------------------------------------------- integer labels
 
 
-def _labels_fwd(x, labels, row_w, counted, weight, opts: Options):
+def _pick(x, labels, opts: Options):
+    """Transformed target logits ``z_y [N]`` (clamped index) and whether labels are in range."""
     c = x.shape[1]
-    m, log_s = shifted_stats(x, opts)
-    valid = (labels >= 0) & (labels < c)
     safe = jnp.clip(labels, 0, c - 1)
     z_y = transform(jnp.take_along_axis(_fresh(x), safe[:, None], axis=1)[:, 0], opts)
+    return z_y, (labels >= 0) & (labels < c)
+
+
+def _label_loss(x, z_y, m, log_s, row_w, weight, opts: Options):
+    """Per-row loss from the row statistics (``lse - z = log s - (z - m)``: no cancellation)."""
+    c = x.shape[1]
     eps = opts.label_smoothing
     loss = (1.0 - eps) * row_w * (log_s - (z_y - m))
     if eps > 0.0:
         zs = transform(x, opts) - m[:, None]
         wz = row_sum(zs if weight is None else zs * weight[None, :])
-        big_w = _class_sum(weight, c, m.dtype)
-        loss = loss + (eps / c) * (big_w * log_s - wz)
-    lse = m + log_s
+        loss = loss + (eps / c) * (_class_sum(weight, c, m.dtype) * log_s - wz)
     if opts.z_loss > 0.0:
-        loss = loss + opts.z_loss * jnp.square(lse)
-    loss = jnp.where(counted, jnp.where(valid, loss, jnp.nan), 0.0)
-    return loss, (x, labels, row_w, counted, weight, lse)
+        loss = loss + opts.z_loss * jnp.square(m + log_s)
+    return loss
 
 
-def _labels_bwd(opts: Options, res, g):
-    x, labels, row_w, counted, weight, lse = res
-    c = x.shape[1]
-    z = transform(_fresh(x), opts)
+def _label_coef(row_w, lse, weight, c: int, opts: Options):
+    """``A`` of ``dz = p A - (1 - e) r onehot - (e / C) w`` per row."""
     eps = opts.label_smoothing
-    valid = (labels >= 0) & (labels < c)
-    g = jnp.where(valid, g, jnp.nan)
     coef = (1.0 - eps) * row_w + 2.0 * opts.z_loss * lse
     if eps > 0.0:
-        coef = coef + (eps / c) * _class_sum(weight, c, z.dtype)
-    p = jnp.exp(z - lse[:, None])
-    onehot = jnp.arange(c, dtype=labels.dtype)[None, :] == labels[:, None]
+        coef = coef + (eps / c) * _class_sum(weight, c, lse.dtype)
+    return coef
+
+
+def _label_dz(p, coef, labels, row_w, weight, opts: Options):
+    """``p A - (1 - e) r [c = y] - (e / C) w``: one elementwise expression over ``[N, C]``."""
+    c = p.shape[1]
+    eps = opts.label_smoothing
+    onehot = jax.lax.broadcasted_iota(labels.dtype, p.shape, 1) == labels[:, None]
     dz = p * coef[:, None] - jnp.where(onehot, ((1.0 - eps) * row_w)[:, None], 0.0)
     if eps > 0.0:
         dz = dz - (eps / c) * (1.0 if weight is None else weight[None, :])
+    return dz
+
+
+def _row_scale(counted, valid, dtype):
+    """1 for counted rows, nan for counted rows with out-of-range labels, 0 otherwise."""
+    return jnp.where(counted, jnp.where(valid, 1.0, jnp.nan), 0.0).astype(dtype)
+
+
+def _labels_primal(x, labels, row_w, counted, weight, opts: Options):
+    m, log_s = shifted_stats(x, opts)
+    z_y, valid = _pick(x, labels, opts)
+    loss = _label_loss(x, z_y, m, log_s, row_w, weight, opts)
+    return jnp.where(counted, jnp.where(valid, loss, jnp.nan), 0.0)
+
+
+def _labels_fwd(x, labels, row_w, counted, weight, opts: Options):
+    if opts.residual == "lse":
+        m, log_s = shifted_stats(x, opts)
+        z_y, valid = _pick(x, labels, opts)
+        loss = _label_loss(x, z_y, m, log_s, row_w, weight, opts)
+        loss = jnp.where(counted, jnp.where(valid, loss, jnp.nan), 0.0)
+        return loss, (x, labels, row_w, counted, weight, m + log_s)
+    # Gradient in the forward: one exp per element. e = exp(z - m) is stored once (in the
+    # logits' dtype), summed, and turned into the gradient in place; the backward only
+    # scales it, which XLA fuses into the producer under jit(value_and_grad).
+    c = x.shape[1]
+    z_y, valid = _pick(x, labels, opts)
+    m = transform(row_max(x), opts)
+    # max(m, z_y) == m, but it orders the pick before the pass that may overwrite x in place.
+    m = jnp.maximum(m, z_y)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    z = transform(x, opts)
+    e = jnp.exp(z - m[:, None]).astype(x.dtype)
+    s = _sum_of_exps(e)
+    log_s = jnp.log(s)
+    loss = _label_loss(x, z_y, m, log_s, row_w, weight, opts)
+    scale = _row_scale(counted, valid, m.dtype)
+    loss = jnp.where(counted, loss * scale, 0.0)
+    coef = _label_coef(row_w, m + log_s, weight, c, opts) / s
+    dz = _label_dz(e.astype(m.dtype), coef, labels, row_w, weight, opts)
+    dz = jnp.where(counted[:, None], dz * scale[:, None], 0.0)
+    dx = transform_vjp(dz, z, opts).astype(x.dtype)
+    return loss, (dx, row_w, weight)
+
+
+def _labels_bwd(opts: Options, res, g):
+    if opts.residual != "lse":
+        dx, row_w, weight = res
+        dx = (dx.astype(g.dtype) * g[:, None]).astype(dx.dtype)
+        return dx, None, jnp.zeros_like(row_w), None, _zeros_or_none(weight)
+    x, labels, row_w, counted, weight, lse = res
+    c = x.shape[1]
+    z = transform(_fresh(x), opts)
+    valid = (labels >= 0) & (labels < c)
+    p = jnp.exp(z - lse[:, None])
+    dz = _label_dz(p, _label_coef(row_w, lse, weight, c, opts), labels, row_w, weight, opts)
+    g = g * _row_scale(counted, valid, g.dtype)
     dz = jnp.where(counted[:, None], dz * g[:, None], 0.0)
     dx = transform_vjp(dz, z, opts).astype(x.dtype)
-    return dx, None, jnp.zeros_like(row_w), None, None if weight is None else jnp.zeros_like(weight)
+    return dx, None, jnp.zeros_like(row_w), None, _zeros_or_none(weight)
+
+
+def _zeros_or_none(v):
+    return None if v is None else jnp.zeros_like(v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -179,7 +263,7 @@ def label_rows(x, labels, row_w, counted, weight, opts: Options):
     that contribute, ``weight [C]`` (or None) the class weights used by label smoothing.
     Returns ``[N]`` losses in the accumulation dtype; out-of-range labels give ``nan``.
     """
-    return _labels_fwd(x, labels, row_w, counted, weight, opts)[0]
+    return _labels_primal(x, labels, row_w, counted, weight, opts)
 
 
 label_rows.defvjp(
@@ -202,33 +286,66 @@ def _smoothed(t, weight, opts: Options, dtype):
     return t if weight is None else t * weight.astype(dtype)[None, :]
 
 
-def _targets_fwd(x, targets, counted, weight, opts: Options):
-    m, log_s = shifted_stats(x, opts)
-    wt = _smoothed(targets, weight, opts, m.dtype)
-    # 0 * log 0 = 0: classes without target mass contribute nothing, even at -inf logits.
+def _target_loss(x, wt, m, log_s, opts: Options):
+    """``sum_c wt_c (lse - z_c) + zl lse^2`` with ``0 * log 0 = 0``."""
+    # Classes without target mass contribute nothing, even at -inf logits.
     wtz = row_sum(jnp.where(wt == 0, 0.0, wt * (transform(x, opts) - m[:, None])))
     loss = row_sum(wt) * log_s - wtz
-    lse = m + log_s
     if opts.z_loss > 0.0:
-        loss = loss + opts.z_loss * jnp.square(lse)
-    loss = jnp.where(counted, loss, 0.0)
-    return loss, (x, targets, counted, weight, lse)
+        loss = loss + opts.z_loss * jnp.square(m + log_s)
+    return loss
+
+
+def _target_dt(g, x, targets, counted, weight, lse, opts: Options):
+    """``d loss / d t_c = g (1 - e) w_c (lse - z_c)`` for counted rows."""
+    z = transform(x, opts)
+    dt = g[:, None] * (1.0 - opts.label_smoothing) * (lse[:, None] - z)
+    if weight is not None:
+        dt = dt * weight[None, :]
+    return jnp.where(counted[:, None], dt, 0.0).astype(targets.dtype)
+
+
+def _targets_primal(x, targets, counted, weight, opts: Options):
+    m, log_s = shifted_stats(x, opts)
+    wt = _smoothed(targets, weight, opts, m.dtype)
+    return jnp.where(counted, _target_loss(x, wt, m, log_s, opts), 0.0)
+
+
+def _targets_fwd(x, targets, counted, weight, opts: Options):
+    if opts.residual == "lse":
+        m, log_s = shifted_stats(x, opts)
+        wt = _smoothed(targets, weight, opts, m.dtype)
+        loss = jnp.where(counted, _target_loss(x, wt, m, log_s, opts), 0.0)
+        return loss, (None, x, targets, counted, weight, m + log_s)
+    m = transform(row_max(x), opts)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    z = transform(x, opts)
+    e = jnp.exp(z - m[:, None]).astype(x.dtype)
+    s = _sum_of_exps(e)
+    log_s = jnp.log(s)
+    wt = _smoothed(targets, weight, opts, m.dtype)
+    sum_wt = row_sum(wt)
+    loss = jnp.where(counted, _target_loss(x, wt, m, log_s, opts), 0.0)
+    coef = (sum_wt + 2.0 * opts.z_loss * (m + log_s)) / s
+    dz = jnp.where(counted[:, None], e.astype(m.dtype) * coef[:, None] - wt, 0.0)
+    dx = transform_vjp(dz, z, opts).astype(x.dtype)
+    return loss, (dx, x, targets, counted, weight, m + log_s)
 
 
 def _targets_bwd(opts: Options, res, g):
-    x, targets, counted, weight, lse = res
-    z = transform(_fresh(x), opts)
-    wt = _smoothed(targets, weight, opts, z.dtype)
-    g = jnp.where(counted, g, 0.0)[:, None]
-    coef = row_sum(wt) + 2.0 * opts.z_loss * lse
-    dz = jnp.where(counted[:, None], g * (jnp.exp(z - lse[:, None]) * coef[:, None] - wt), 0.0)
-    dx = transform_vjp(dz, z, opts).astype(x.dtype)
-    # d loss / d t_c = (1 - e) w_c (lse - z_c)
-    dt = g * (1.0 - opts.label_smoothing) * (lse[:, None] - z)
-    if weight is not None:
-        dt = dt * weight[None, :]
-    dt = jnp.where(counted[:, None], dt, 0.0).astype(targets.dtype)
-    return dx, dt, None, None if weight is None else jnp.zeros_like(weight)
+    dx, x, targets, counted, weight, lse = res
+    g = jnp.where(counted, g, 0.0)
+    if dx is not None:
+        dx = (dx.astype(g.dtype) * g[:, None]).astype(dx.dtype)
+    else:
+        z = transform(_fresh(x), opts)
+        wt = _smoothed(targets, weight, opts, z.dtype)
+        coef = row_sum(wt) + 2.0 * opts.z_loss * lse
+        dz = jnp.where(counted[:, None],
+                       g[:, None] * (jnp.exp(z - lse[:, None]) * coef[:, None] - wt), 0.0)
+        dx = transform_vjp(dz, z, opts).astype(x.dtype)
+    dt = _target_dt(g, x, targets, counted, weight, lse, opts)
+    return dx, dt, None, _zeros_or_none(weight)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -237,7 +354,7 @@ def target_rows(x, targets, counted, weight, opts: Options):
 
     Differentiable in both ``x`` and ``targets`` (knowledge distillation); returns ``[N]``.
     """
-    return _targets_fwd(x, targets, counted, weight, opts)[0]
+    return _targets_primal(x, targets, counted, weight, opts)
 
 
 target_rows.defvjp(

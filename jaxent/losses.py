@@ -41,6 +41,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     temperature: float = 1.0,
+    residual: str = "grad",
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer class labels (``F.cross_entropy``).
 
@@ -53,7 +54,7 @@ def cross_entropy(
         + \lambda_z \ell^2 .
 
     ``"mean"`` divides the sum by :math:`\sum w_y` over counted elements (PyTorch).
-    Gradients are hand-written (``jax.custom_vjp``): the forward keeps one float per row.
+    Gradients are hand-written (``jax.custom_vjp``), one ``exp`` per logit; see ``residual``.
 
     Args:
       logits: float array ``[..., C, ...]``, classes along ``axis``; bf16/f16 are
@@ -69,6 +70,13 @@ def cross_entropy(
       z_loss: coefficient of ``logsumexp(z)**2`` per counted element (PaLM).
       logit_softcap: if given, logits become ``cap * tanh(logits / cap)`` (Gemma 2).
       temperature: logits are divided by it before everything else.
+      residual: what the forward keeps for the backward when differentiated. ``"grad"``
+        (default): the gradient, computed in the forward with one ``exp`` per logit; under
+        ``jit(value_and_grad)`` the backward's scaling fuses into it and the buffer is the
+        gradient's own, so it is the fastest and adds no temporary memory. ``"lse"``: one
+        float per row (the log-sum-exp) plus the logits; the backward recomputes ``exp``
+        (a second pass, slower on CPU), for programs that differentiate much later than they
+        evaluate (e.g. under ``jax.checkpoint``). Values and gradients are the same.
 
     Returns:
       float32 (float64 for float64 logits) scalar, or ``labels.shape`` for ``"none"``.
@@ -99,6 +107,7 @@ def cross_entropy(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
         temperature=temperature, logit_softcap=logit_softcap,
     )
+    _checks.residual(residual)
     c = x.shape[ax]
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     y = _checks.int_labels(labels, batch_shape)
@@ -106,8 +115,8 @@ def cross_entropy(
     w = _checks.class_weight(weight, c)
     _checks.label_values(y, c, ignore_index, mask)
 
-    return _labels_loss(x, y, w, mask, ax, ignore_index, _core.Options(eps, zl, temp, cap),
-                        reduction)
+    opts = _core.Options(eps, zl, temp, cap, residual)
+    return _labels_loss(x, y, w, mask, ax, ignore_index, opts, reduction)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
@@ -137,6 +146,7 @@ def soft_cross_entropy(
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     temperature: float = 1.0,
+    residual: str = "grad",
 ) -> jax.Array:
     r"""Softmax cross-entropy with probability targets (one-hot or soft).
 
@@ -153,8 +163,9 @@ def soft_cross_entropy(
       logits: float array ``[..., C, ...]``, classes along ``axis``.
       targets: float array, same shape as ``logits``; each slice along ``axis`` is a
         distribution (not checked, as in PyTorch).
-      axis, weight, label_smoothing, reduction, where, z_loss, logit_softcap, temperature:
-        as in :func:`cross_entropy`; ``where`` is shaped like ``logits`` without ``axis``.
+      axis, weight, label_smoothing, reduction, where, z_loss, logit_softcap, temperature,
+      residual: as in :func:`cross_entropy`; ``where`` is shaped like ``logits`` without
+        ``axis``.
 
     Returns:
       float32 scalar, or ``logits.shape`` without ``axis`` for ``"none"``.
@@ -175,6 +186,7 @@ def soft_cross_entropy(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
         temperature=temperature, logit_softcap=logit_softcap,
     )
+    _checks.residual(residual)
     t = jnp.asarray(targets)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         raise TypeError(
@@ -187,7 +199,8 @@ def soft_cross_entropy(
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
 
-    return _targets_loss(x, t, w, mask, ax, _core.Options(eps, zl, temp, cap), reduction)
+    opts = _core.Options(eps, zl, temp, cap, residual)
+    return _targets_loss(x, t, w, mask, ax, opts, reduction)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))

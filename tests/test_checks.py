@@ -65,6 +65,8 @@ T = np.full((4, 5), 0.2, np.float32)
     (lambda: jaxent.cross_entropy(X, Y, logit_softcap=-30.0), ValueError, r"`logit_softcap`"),
     (lambda: jaxent.cross_entropy(X, Y, z_loss=-1e-4), ValueError, r"`z_loss`.*>= 0"),
     (lambda: jaxent.cross_entropy(X, Y, ignore_index=1.0), TypeError, r"`ignore_index`"),
+    (lambda: jaxent.soft_cross_entropy(X, T, residual="probs"), ValueError,
+     r"`residual`.*'probs'"),
     # label values (concrete)
     (lambda: jaxent.cross_entropy(X, np.array([0, 5, 1, -1])), ValueError,
      r"`labels`.*\[0, 5\).*labels\[1\]=5.*labels\[3\]=-1"),

@@ -285,6 +285,31 @@ def test_check_grads_second_order(rng):
                 order=2, modes=("rev",), atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.2, z_loss=1e-2),
+                                  dict(logit_softcap=3.0, temperature=0.5, reduction="none")],
+                         ids=["plain", "smooth_zloss", "softcap_temp_none"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_residual_modes_agree(rng, opts, dtype):
+    """The gradient-in-forward default and the lse-residual mode give the same numbers."""
+    x = jnp.asarray(rng.normal(scale=3.0, size=(6, 9)), dtype)
+    y = rng.integers(0, 9, size=6)
+    y[2] = -100
+    t = jnp.asarray(rng.dirichlet(np.ones(9), size=6), dtype)
+    w = rng.uniform(0.5, 2.0, size=9).astype(np.float32)
+    cot = jnp.asarray(rng.normal(size=() if "reduction" not in opts else (6,)), jnp.float32)
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2e-2, atol=2e-3)
+    for fn, target in [(jaxent.cross_entropy, y), (jaxent.soft_cross_entropy, t)]:
+        results = []
+        for residual in ("grad", "lse"):
+            f = jax.jit(lambda a, b, fn=fn, r=residual: fn(a, b, weight=w, residual=r, **opts))
+            out, vjp = jax.vjp(f, x, target)
+            grads = vjp(cot)
+            results.append([out, grads[0]] + ([grads[1]] if target is t else []))
+        for a, b in zip(*results, strict=True):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                       **tol)
+
+
 # ----------------------------------------------------------------- dtypes and memory
 
 
@@ -320,12 +345,14 @@ def _temp_bytes(fn, *args) -> int:
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.parametrize("residual", ["grad", "lse"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_compiled_memory_no_more_than_optax(dtype):
+def test_compiled_memory_no_more_than_optax(dtype, residual):
     """value_and_grad at N=4096, C=32000 on abstract inputs (nothing is allocated)."""
     x = jax.ShapeDtypeStruct((4096, 32000), jnp.dtype(dtype))
     y = jax.ShapeDtypeStruct((4096,), jnp.int32)
-    ours = _temp_bytes(jax.value_and_grad(jaxent.cross_entropy), x, y)
+    ours = _temp_bytes(jax.value_and_grad(
+        lambda a, b: jaxent.cross_entropy(a, b, residual=residual)), x, y)
     theirs = _temp_bytes(jax.value_and_grad(
         lambda a, b: optax.losses.softmax_cross_entropy_with_integer_labels(a, b).mean()), x, y)
     bound = theirs if dtype == "float32" else theirs / 2

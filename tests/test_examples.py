@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -68,3 +70,51 @@ def test_distillation_loss_reduces_to_hard_loss_at_alpha_zero():
     soft = jaxent.soft_cross_entropy(logits / 4.0, jax.nn.softmax(teacher / 4.0))
     assert jnp.allclose(distill.distillation_loss(logits, labels, teacher, 1.0, 4.0), 16 * soft,
                         rtol=1e-5)
+
+
+def test_tiny_lm_packing_pads_with_ignore_index():
+    import numpy as np
+    import tiny_lm
+
+    rows = tiny_lm.pack_rows([[5, 6, 2], [7, 2], [8, 9, 10, 11, 2]], seq_len=4)
+    assert rows.shape == (3, 5)
+    np.testing.assert_array_equal(rows[0], [5, 6, 2, 7, 2])
+    inputs, targets = tiny_lm.inputs_and_targets(rows)
+    np.testing.assert_array_equal(targets[2], [-100, -100, -100, -100])  # a lone "2" then pads
+    np.testing.assert_array_equal(inputs[1], [8, 9, 10, 11])
+    assert tiny_lm.detokenize(tiny_lm.tokenize("f(x), y.")) == "f(x), y."
+
+
+@pytest.mark.parametrize("options", [{}, {"z_loss": 1e-3}, {"reduction": "sum"}])
+def test_tiny_lm_fused_loss_matches_naive_head(options):
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import tiny_lm
+
+    h = jax.random.normal(jax.random.key(0), (12, 8))
+    e = jax.random.normal(jax.random.key(1), (50, 8))
+    y = jnp.array([1, 2, 3, -100, 4, 5, 6, 7, 8, 9, -100, 0])
+    fused = functools.partial(tiny_lm.fused_loss, targets=y, **options)
+    naive = functools.partial(tiny_lm.naive_loss, targets=y, **options)
+    got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h, e)
+    want = jax.value_and_grad(naive, argnums=(0, 1))(h, e)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert jnp.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_lm_learns(tmp_path):
+    import tiny_lm
+
+    result = tiny_lm.main([
+        "--corpus", "pydoc", "--vocab-size", "512", "--seq-len", "32", "--d-model", "32",
+        "--layers", "1", "--heads", "2", "--batch-size", "8", "--steps", "40",
+        "--eval-every", "20", "--sample-tokens", "5", "--out", str(tmp_path), "--no-progress",
+    ])
+    (_, untrained), *_, (_, final) = result["val_loss"]
+    assert final < untrained - 0.5
+    assert result["train_loss"][-1][1] < result["train_loss"][0][1]
+    assert result["tokens_per_s"] > 0
+    assert result["sample"].startswith("The")
+    assert (tmp_path / "tiny_lm.json").exists()

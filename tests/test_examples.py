@@ -76,11 +76,12 @@ def test_tiny_lm_packing_pads_with_ignore_index():
     import numpy as np
     import tiny_lm
 
-    rows = tiny_lm.pack_rows([[5, 6, 2], [7, 2], [8, 9, 10, 11, 2]], seq_len=4)
+    rows = tiny_lm.pack_rows([[5, 6, 2], [7, 2], [8, 9, 10, 11, 12, 13, 2]], seq_len=4)
     assert rows.shape == (3, 5)
-    np.testing.assert_array_equal(rows[0], [5, 6, 2, 7, 2])
+    np.testing.assert_array_equal(rows[0], [5, 6, 2, 7, 2])  # two documents share a row
+    np.testing.assert_array_equal(rows[2], [13, 2, 0, 0, 0])  # a long one's tail, padded
     inputs, targets = tiny_lm.inputs_and_targets(rows)
-    np.testing.assert_array_equal(targets[2], [-100, -100, -100, -100])  # a lone "2" then pads
+    np.testing.assert_array_equal(targets[2], [2, -100, -100, -100])
     np.testing.assert_array_equal(inputs[1], [8, 9, 10, 11])
     assert tiny_lm.detokenize(tiny_lm.tokenize("f(x), y.")) == "f(x), y."
 

@@ -452,3 +452,17 @@ def test_out_of_range_labels_reported_by_checkify(rng):
     assert err.get() is None
     err, _ = checked(x, jnp.array([0, 7, 2, 3]))
     assert "outside [0, 5)" in err.get()
+
+
+def test_cross_entropy_and_grad_donates_and_matches(rng):
+    x_np = rng.normal(size=(16, 40)).astype(np.float32)
+    y = jnp.asarray(rng.integers(0, 40, size=16))
+    want = jax.value_and_grad(lambda a: jaxent.cross_entropy(a, y, label_smoothing=0.1))(
+        jnp.asarray(x_np))
+    x = jnp.asarray(x_np)
+    loss, grad = jaxent.cross_entropy_and_grad(x, y, label_smoothing=0.1)
+    np.testing.assert_allclose(loss, want[0], rtol=1e-6)
+    np.testing.assert_allclose(grad, want[1], rtol=1e-6, atol=1e-8)
+    assert x.is_deleted(), "the logits were not donated"
+    lowered = jaxent.cross_entropy_and_grad.lower(jnp.asarray(x_np), y)
+    assert lowered.compile().memory_analysis().temp_size_in_bytes < x_np.nbytes

@@ -57,16 +57,53 @@ class _Plan:
 # ---------------------------------------------------------------------------- block math
 
 
+# XLA:CPU has no bfloat16 dynamic-slice / dynamic-update-slice: it runs them in float32 and
+# hoists the convert of a loop-invariant operand out of the loop, i.e. a full float32 copy of
+# the kernel; a bfloat16 carry updated in place costs a full pass per block. So bf16 blocks
+# are moved as uint16 bits: slices read through an optimization barrier (which keeps the
+# bitcast fused at block size), updates go into a uint16 carry.
+def _bits_dtype(dtype):
+    return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else None
+
+
+def dslice(x: jax.Array, start, size: int, axis: int) -> jax.Array:
+    """``lax.dynamic_slice_in_dim`` that never copies a bf16 operand as a whole."""
+    bits = _bits_dtype(x.dtype)
+    if bits is None:
+        return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+    x, start = lax.optimization_barrier((x, start))
+    out = lax.dynamic_slice_in_dim(lax.bitcast_convert_type(x, bits), start, size, axis=axis)
+    return lax.bitcast_convert_type(out, x.dtype)
+
+
+def carry_zeros(shape, dtype) -> jax.Array:
+    """A zero buffer for :func:`dupdate` (uint16 bits for bf16)."""
+    return jnp.zeros(shape, _bits_dtype(dtype) or dtype)
+
+
+def dupdate(buf: jax.Array, upd: jax.Array, start, axis: int, dtype) -> jax.Array:
+    """Write ``upd`` (cast to ``dtype``) into a :func:`carry_zeros` buffer in place."""
+    upd = upd.astype(dtype)
+    if _bits_dtype(dtype) is not None:
+        upd = lax.bitcast_convert_type(upd, buf.dtype)
+    return lax.dynamic_update_slice_in_dim(buf, upd, start, axis=axis)
+
+
+def carry_value(buf: jax.Array, dtype) -> jax.Array:
+    """The ``dtype`` array held by a :func:`carry_zeros` buffer."""
+    return buf if buf.dtype == dtype else lax.bitcast_convert_type(buf, dtype)
+
+
 def kernel_block(kernel: jax.Array, start, size: int, layout: str) -> jax.Array:
     """Columns ``[start, start + size)`` of the vocabulary: ``[D, size]`` or ``[size, D]``."""
-    return lax.dynamic_slice_in_dim(kernel, start, size, axis=1 if layout == "dv" else 0)
+    return dslice(kernel, start, size, axis=1 if layout == "dv" else 0)
 
 
 def vocab_slice(v: jax.Array | None, start, size: int) -> jax.Array | None:
     """``v[..., start:start + size]`` along the last axis (``None`` stays ``None``)."""
     if v is None:
         return None
-    return lax.dynamic_slice_in_dim(v, start, size, axis=v.ndim - 1)
+    return dslice(v, start, size, axis=v.ndim - 1)
 
 
 def block_logits(
@@ -251,17 +288,16 @@ def _vocab_backward(plan: _Plan, h, kernel, bias, labels, counted, weight, lse, 
         dx = block_dlogits(z, lse, labels - start, coefs, counted,
                            vocab_slice(weight, start, size), opts)
         dh = dh + block_dhidden(dx, kb, plan.layout)
-        dkb = block_dkernel(h, dx, plan.layout).astype(dk.dtype)
-        dk = lax.dynamic_update_slice_in_dim(dk, dkb, start, axis=1 if plan.layout == "dv" else 0)
+        dkb = block_dkernel(h, dx, plan.layout)
+        dk = dupdate(dk, dkb, start, 1 if plan.layout == "dv" else 0, kernel.dtype)
         if db is not None:
-            db = lax.dynamic_update_slice_in_dim(
-                db, jnp.sum(dx, axis=0).astype(db.dtype), start, axis=0)
+            db = dupdate(db, jnp.sum(dx, axis=0), start, 0, bias.dtype)
         return dh, dk, db
 
     carry = (
         jnp.zeros(h.shape, acc),
-        jnp.zeros(kernel.shape, kernel.dtype),
-        None if bias is None else jnp.zeros(bias.shape, bias.dtype),
+        carry_zeros(kernel.shape, kernel.dtype),
+        None if bias is None else carry_zeros(bias.shape, bias.dtype),
     )
     nb, tail = _blocks(v, plan.block_v)
     if nb:
@@ -269,7 +305,8 @@ def _vocab_backward(plan: _Plan, h, kernel, bias, labels, counted, weight, lse, 
             0, nb, lambda j, c: step(j * plan.block_v, plan.block_v, c), carry)
     if tail:
         carry = step(nb * plan.block_v, tail, carry)
-    return carry
+    dh, dk, db = carry
+    return dh, carry_value(dk, kernel.dtype), None if db is None else carry_value(db, bias.dtype)
 
 
 def _rows_fwd(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
@@ -395,11 +432,11 @@ def _token_primal(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
 def _token_bwd(plan: _Plan, res, cts):
     dh, dk, db, row_w, weight = res
     g = cts[0]
-    scale = lambda a, dt: None if a is None else (a * g.astype(a.dtype)).astype(dt)  # noqa: E731
+    scale = lambda a: None if a is None else a * g.astype(a.dtype)  # noqa: E731
     return (
-        scale(dh, dh.dtype),
-        scale(dk, dk.dtype),
-        scale(db, db.dtype),
+        scale(dh),
+        scale(dk),
+        scale(db),
         None,
         jnp.zeros_like(row_w),
         None,

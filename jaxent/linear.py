@@ -49,8 +49,9 @@ class _Plan:
     opts: _core.Options
     num_classes: int
     layout: str
-    block_v: int
-    block_n: int
+    block_v: int  # vocabulary block of the vocabulary schedule
+    block_n: int  # token block of the token schedule
+    block_dw: int  # vocabulary slice of the token schedule's kernel-gradient update
     aux: bool
 
 
@@ -369,7 +370,7 @@ def _token_step(plan: _Plan, hb, kernel, bias, yb, row_wb, countedb, weight):
 
 def _accumulate_dkernel(plan: _Plan, dk, hb, dx):
     """``dk += hb^T @ dx`` in vocabulary slices, in place (no full-size temporary)."""
-    v, bv = plan.num_classes, plan.block_v
+    v, bv = plan.num_classes, plan.block_dw
     axis = 1 if plan.layout == "dv" else 0
 
     def add(start, size, dk):
@@ -460,15 +461,18 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
 
 
-def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int]:
-    """Default ``(block_size, token_block_size)`` for ``n`` tokens, width ``d``, vocab ``v``.
+def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int, int]:
+    """Default ``(block_size, token_block_size, dkernel_block)`` for ``n`` tokens, width
+    ``d``, vocabulary ``v``.
 
-    Vocabulary blocks hold ``[n, block_size]`` float32 temporaries, token blocks
-    ``[token_block_size, v]``; both aim at about 8M elements (32 MB) each.
+    Every blocked temporary aims at about 8M float32 elements (32 MB): ``[n, block_size]``
+    logits in the vocabulary schedule; ``[token_block_size, v]`` logits and
+    ``[d, block_size]`` kernel-gradient slices in the token schedule.
     """
     bv = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(n, 1))))
     bn = min(max(n, 1), max(16, _pow2_floor(_BLOCK_ELEMS / v)))
-    return bv, bn
+    bw = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(d, 1))))
+    return bv, bn, bw
 
 
 def _positive_int(value, name: str) -> int:
@@ -530,7 +534,8 @@ def linear_cross_entropy(
       temperature: logits are divided by it first.
       kernel_layout: ``"dv"`` for ``[D, V]`` kernels, ``"vd"`` for ``[V, D]`` tables.
       block_size: vocabulary columns per block (default: from the shapes, about 32 MB of
-        float32 logits per block).
+        float32 temporaries per block); also the slice width of the token schedule's
+        kernel-gradient update.
       token_block_size: tokens per block of the token schedule (default: from the shapes).
       impl: ``"auto"``, ``"vocab"`` (vocabulary blocks, recompute in the backward) or
         ``"token"`` (gradient made in the forward; float32/float64 and ``"mean"``/``"sum"``
@@ -618,17 +623,19 @@ def linear_cross_entropy(
     _checks.label_values(y, v, ignore_index, mask)
 
     n = math.prod(batch_shape)
-    bv, bn = auto_block_sizes(n, d, v)
+    dtype = jnp.result_type(h.dtype, k.dtype)
+    acc = _core.compute_dtype(dtype)
+    use_token = impl == "token" or (impl == "auto" and n > 0)
+    use_token = use_token and reduction != "none" and acc == dtype
+    bv, bn, bw = auto_block_sizes(n, d, v)
     if block_size is not None:
-        bv = min(_positive_int(block_size, "block_size"), v)
+        bv = bw = min(_positive_int(block_size, "block_size"), v)
     if token_block_size is not None:
         bn = min(_positive_int(token_block_size, "token_block_size"), max(n, 1))
 
-    dtype = jnp.result_type(h.dtype, k.dtype)
     h2 = h.reshape(n, d).astype(dtype)
     k = k.astype(dtype)
     b = None if b is None else b.astype(dtype)
-    acc = _core.compute_dtype(dtype)
     y = y.reshape(-1)
     counted = y != ignore_index
     if mask is not None:
@@ -637,9 +644,7 @@ def linear_cross_entropy(
     row_w = jnp.where(counted, w_y, 0.0)
     wc = None if w is None else w.astype(acc)
 
-    use_token = impl == "token" or (impl == "auto" and n > 0)
-    use_token = use_token and reduction != "none" and acc == dtype
-    plan = _Plan(_core.Options(eps, zl, temp, cap), v, kernel_layout, bv, bn, return_aux)
+    plan = _Plan(_core.Options(eps, zl, temp, cap), v, kernel_layout, bv, bn, bw, return_aux)
     if use_token:
         total, (lse, arg) = _token_sum(plan, h2, k, b, y, row_w, counted, wc)
         loss = _core.reduce(total, row_w.sum(), reduction)

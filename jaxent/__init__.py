@@ -1,5 +1,6 @@
 """jaxent: cross-entropy losses for JAX with PyTorch semantics and hand-written gradients."""
 
+from jaxent import sharded as sharded
 from jaxent.linear import linear_cross_entropy as linear_cross_entropy
 from jaxent.losses import binary_cross_entropy as binary_cross_entropy
 from jaxent.losses import cross_entropy as cross_entropy

@@ -135,6 +135,43 @@ def block_dkernel(h: jax.Array, dx: jax.Array, layout: str) -> jax.Array:
     return lax.dot_general(dx, h, (((0,), (0,)), ((), ())), preferred_element_type=acc)
 
 
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; older: ``aval.vma``
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def varying_like(carry, *refs):
+    """Mark a loop's initial ``carry`` as varying over the manual mesh axes ``refs`` vary over.
+
+    Inside ``jax.shard_map`` (``check_vma=True``) a ``fori_loop`` needs its carry to have the
+    same type in and out; zeros made here are replicated while the block updates computed
+    from sharded operands are varying. Outside ``shard_map`` this returns ``carry`` as is.
+    """
+    axes = frozenset().union(*(_varying_axes(r) for r in jax.tree.leaves(refs)))
+    if not axes:
+        return carry
+
+    def cast(a):
+        missing = tuple(n for n in axes if n not in _varying_axes(a))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, carry)
+
+
+def psum_to_type(ct: jax.Array | None, ref: jax.Array | None) -> jax.Array | None:
+    """Sum a cotangent over the manual mesh axes it varies over but its primal ``ref`` does not.
+
+    Inside ``jax.shard_map``, an input replicated over an axis (the kernel, over the
+    data-parallel axis) gets a partial gradient on each device; a ``custom_vjp`` must return
+    their sum (``psum``), typed like the input. A no-op outside ``shard_map``.
+    """
+    if ct is None or ref is None:
+        return ct
+    extra = tuple(n for n in _varying_axes(ct) if n not in _varying_axes(ref))
+    return lax.psum(ct, extra) if extra else ct
+
+
 def _safe_max(m: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
@@ -265,7 +302,8 @@ def _vocab_forward(plan: _Plan, h, kernel, bias, labels, weight):
         z = _core.transform(block_logits(h, kb, vocab_slice(bias, start, size), plan.layout), opts)
         return update_stats(st, z, labels - start, vocab_slice(weight, start, size), start)
 
-    st = init_stats(h.shape[0], acc, smoothing, plan.aux)
+    st = varying_like(init_stats(h.shape[0], acc, smoothing, plan.aux),
+                      h, kernel, bias, labels, weight)
     nb, tail = _blocks(v, plan.block_v)
     if nb:
         st = lax.fori_loop(0, nb, lambda j, st: step(j * plan.block_v, plan.block_v, st), st)
@@ -295,11 +333,11 @@ def _vocab_backward(plan: _Plan, h, kernel, bias, labels, counted, weight, lse, 
             db = dupdate(db, jnp.sum(dx, axis=0), start, 0, bias.dtype)
         return dh, dk, db
 
-    carry = (
+    carry = varying_like((
         jnp.zeros(h.shape, acc),
         carry_zeros(kernel.shape, kernel.dtype),
         None if bias is None else carry_zeros(bias.shape, bias.dtype),
-    )
+    ), h, kernel, bias, labels, counted, weight, lse, coefs)
     nb, tail = _blocks(v, plan.block_v)
     if nb:
         carry = lax.fori_loop(
@@ -325,9 +363,9 @@ def _rows_bwd(plan: _Plan, res, cts):
     coefs = grad_coefs(g, lse, labels, row_w, counted, weight, plan.opts, plan.num_classes)
     dh, dk, db = _vocab_backward(plan, h, kernel, bias, labels, counted, weight, lse, coefs)
     return (
-        dh.astype(h.dtype),
-        dk,
-        db,
+        psum_to_type(dh.astype(h.dtype), h),
+        psum_to_type(dk, kernel),
+        psum_to_type(db, bias),
         None,
         jnp.zeros_like(row_w),
         None,
@@ -415,6 +453,7 @@ def _token_fwd(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
         jnp.zeros((n,), acc),
         jnp.zeros((n,), jnp.int32) if plan.aux else None,
     )
+    carry = varying_like(carry, h, kernel, bias, labels, row_w, counted, weight)
     nb, tail = _blocks(n, plan.block_n)
     if nb:
         carry = lax.fori_loop(
@@ -422,7 +461,9 @@ def _token_fwd(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
     if tail:
         carry = step(nb * plan.block_n, tail, carry)
     total, dh, dk, db, lse, arg = carry
-    return (total, (lse, arg)), (dh, dk, db, row_w, weight)
+    # Zero-size slices carry the inputs' types (for psum_to_type inside shard_map).
+    types = (h[:0], kernel[:0], None if bias is None else bias[:0])
+    return (total, (lse, arg)), (dh, dk, db, row_w, weight, types)
 
 
 def _token_primal(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
@@ -431,13 +472,13 @@ def _token_primal(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
 
 
 def _token_bwd(plan: _Plan, res, cts):
-    dh, dk, db, row_w, weight = res
+    dh, dk, db, row_w, weight, (h_t, k_t, b_t) = res
     g = cts[0]
     scale = lambda a: None if a is None else a * g.astype(a.dtype)  # noqa: E731
     return (
-        scale(dh),
-        scale(dk),
-        scale(db),
+        psum_to_type(scale(dh), h_t),
+        psum_to_type(scale(dk), k_t),
+        psum_to_type(scale(db), b_t),
         None,
         jnp.zeros_like(row_w),
         None,

@@ -283,6 +283,188 @@ def cross_entropy(
     return _reduce(losses.reshape(batch_shape), row_w, reduction, token_axis_name)
 
 
+# --------------------------------------------------------------- fused linear rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearShard:
+    """Static configuration of the vocabulary-parallel linear loss."""
+
+    shard: _Shard  # global options, vocabulary axis and global vocabulary size
+    plan: _linear._Plan  # this shard's block walk (num_classes = local vocabulary)
+
+
+def _lin_fwd(sp: _LinearShard, h, kernel, bias, labels, row_w, counted, weight):
+    cfg, local = sp.shard, sp.plan.num_classes
+    off = _shard_offset(cfg.axis_name, local)
+    w_loc = _local_weight(weight, off, local)
+    m, log_s, zy, wz, _ = _linear._vocab_forward(sp.plan, h, kernel, bias, labels - off, w_loc)
+    wsum = None if wz is None else _class_weight_sum(w_loc, local)
+    m, log_s, zy, wz = combine_stats(m, log_s, zy, wz, wsum, cfg.axis_name)
+    loss = _linear.row_losses(m, log_s, zy, wz, labels, row_w, counted, weight, cfg.opts,
+                              cfg.num_classes)
+    return loss, (h, kernel, bias, labels, row_w, counted, weight, m + log_s)
+
+
+def _lin_bwd(sp: _LinearShard, res, g):
+    h, kernel, bias, labels, row_w, counted, weight, lse = res
+    cfg, local = sp.shard, sp.plan.num_classes
+    off = _shard_offset(cfg.axis_name, local)
+    coefs = _linear.grad_coefs(g, lse, labels, row_w, counted, weight, cfg.opts,
+                               cfg.num_classes)
+    dh, dk, db = _linear._vocab_backward(sp.plan, h, kernel, bias, labels - off, counted,
+                                         _local_weight(weight, off, local), lse, coefs)
+    # Every shard holds a partial d hidden (its classes' share): the one collective, [N, D].
+    dh = lax.psum(dh, cfg.axis_name)
+    # Inputs replicated over other axes (the kernel over the token axis) sum their partials.
+    dh, dk, db = (_linear.psum_to_type(ct, ref) for ct, ref in ((dh, h), (dk, kernel), (db, bias)))
+    dw = None if weight is None else jnp.zeros_like(weight)
+    return dh.astype(h.dtype), dk, db, None, jnp.zeros_like(row_w), None, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lin_rows(sp: _LinearShard, h, kernel, bias, labels, row_w, counted, weight):
+    """Per-token losses ``[N]`` of ``h [N, D] @ kernel`` (this shard's ``V/k`` columns).
+
+    The forward walks the local vocabulary in blocks (:mod:`jaxent.linear`'s online
+    statistics) and combines the ``[N]`` statistics across shards; the backward recomputes
+    each local block with the global ``lse`` and sums ``d hidden`` over the axis (``psum``).
+    """
+    return _lin_fwd(sp, h, kernel, bias, labels, row_w, counted, weight)[0]
+
+
+_lin_rows.defvjp(_lin_fwd, _lin_bwd)
+
+
+def _check_linear_like_core(hidden, kernel_shape, labels, **kw) -> None:
+    """Run :func:`jaxent.linear_cross_entropy`'s own validation on the global shapes.
+
+    Tracing it abstractly (``jax.eval_shape``: nothing is computed) raises exactly its errors
+    for shapes, layouts, dtypes and options; concrete ``labels`` get its value check.
+    """
+    spec = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+    kw = {k: spec(v) if k in ("bias", "weight", "where") else v for k, v in kw.items()}
+    k = jax.ShapeDtypeStruct(kernel_shape[0], kernel_shape[1])
+    jax.eval_shape(
+        lambda h, k, b, w, m: _linear.linear_cross_entropy(
+            h, k, labels, **{**kw, "bias": b, "weight": w, "where": m}),
+        spec(hidden), k, kw.get("bias"), kw.get("weight"), kw.get("where"))
+
+
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    kernel: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis_name: AxisName,
+    token_axis_name: AxisName | None = None,
+    bias: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+    kernel_layout: str = "dv",
+    block_size: int | None = None,
+) -> jax.Array:
+    r"""Vocabulary-parallel :func:`jaxent.linear_cross_entropy`, inside ``jax.shard_map``.
+
+    Each device holds the columns ``[i V/k, (i + 1) V/k)`` of the kernel (``[D, V/k]``, or
+    ``[V/k, D]`` with ``kernel_layout="vd"``) and of the bias, and the whole ``hidden`` of
+    its tokens. The result equals :func:`jaxent.linear_cross_entropy` on the full kernel:
+
+    .. math::
+        (1-\epsilon)\, w_y (\ell - z_y) + \frac{\epsilon}{V} \sum_c w_c (\ell - z_c)
+        + \lambda_z \ell^2,\qquad z = \mathrm{cap}\,\tanh\!\big((hW + b) / (T\,\mathrm{cap})\big).
+
+    Each shard walks its ``V/k`` classes in blocks of ``block_size`` (extra memory
+    ``O(N * block_size)``), the ``[N]`` row statistics are combined with ``pmax``/``psum``,
+    and the backward recomputes the local blocks and sums ``d hidden [N, D]`` over
+    ``axis_name`` (``psum``); ``d kernel`` and ``d bias`` stay local.
+    No ``[N, V]`` array exists anywhere.
+
+    Args:
+      hidden: float ``[..., D]``, this device's tokens (the same on every shard of
+        ``axis_name``).
+      kernel: this device's float ``[D, V/k]`` (``"dv"``) or ``[V/k, D]`` (``"vd"``) block.
+      labels: integer global class ids, ``hidden.shape[:-1]``.
+      axis_name: the mesh axis (or tuple of axes) the vocabulary is sharded over.
+      token_axis_name: the mesh axis (or axes) the tokens are sharded over, if any
+        (``"mean"``/``"sum"`` are then over all tokens).
+      bias: optional this device's ``[V/k]`` block.
+      weight: optional full per-class weights ``[V]`` (replicated).
+      ignore_index, label_smoothing, reduction, where, z_loss, logit_softcap, temperature,
+        kernel_layout: as in :func:`jaxent.linear_cross_entropy`.
+      block_size: local vocabulary columns per block (default: from the local shapes, as in
+        :func:`jaxent.linear.auto_block_sizes`).
+
+    Returns:
+      A float32 scalar, the same on every device, or for ``"none"`` this device's
+      per-token losses shaped like ``labels``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> h = jax.random.normal(jax.random.key(0), (6, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 50)) / 4
+      >>> y = jnp.array([1, 7, 49, 0, -100, 3])
+      >>> loss = jax.shard_map(
+      ...     lambda h, w, y: jaxent.sharded.linear_cross_entropy(h, w, y, axis_name="model"),
+      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P())(h, w, y)
+      >>> bool(jnp.allclose(loss, jaxent.cross_entropy(h @ w, y), rtol=1e-5))
+      True
+    """
+    h = _checks.float_array(hidden, "hidden")
+    k = _checks.float_array(kernel, "kernel")
+    if kernel_layout not in _linear.LAYOUTS:
+        raise ValueError(f"`kernel_layout` must be one of {_linear.LAYOUTS}, got "
+                         f"{kernel_layout!r}")
+    if k.ndim != 2:
+        raise ValueError(
+            f"`kernel` must be 2-D, [D, V] for kernel_layout='dv' or [V, D] for 'vd', got "
+            f"shape {tuple(k.shape)}")
+    vax = 1 if kernel_layout == "dv" else 0
+    local = k.shape[vax]
+    v = _vocab_size(local, axis_name)
+    kshape = tuple(v if i == vax else s for i, s in enumerate(k.shape))
+    b = None if bias is None else _checks.float_array(bias, "bias")
+    if b is not None and b.ndim == 1 and b.shape[0] == local:
+        b_global = jax.ShapeDtypeStruct((v,), b.dtype)
+    else:
+        b_global = b
+    _check_linear_like_core(
+        h, (kshape, k.dtype), labels, bias=b_global, weight=weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
+        logit_softcap=logit_softcap, temperature=temperature, kernel_layout=kernel_layout)
+    eps, zl, temp, cap = _checks.options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        temperature=temperature, logit_softcap=logit_softcap,
+    )
+    batch_shape = h.shape[:-1]
+    y = jnp.asarray(labels).reshape(-1)
+    mask = None if where is None else jnp.asarray(where)
+    w = _checks.class_weight(weight, v)
+    n, d = math.prod(batch_shape), h.shape[-1]
+    bv = _linear.auto_block_sizes(n, d, local)[0]
+    if block_size is not None:
+        bv = min(_linear._positive_int(block_size, "block_size"), local)
+    dtype = jnp.result_type(h.dtype, k.dtype)
+    acc = _core.compute_dtype(dtype)
+    opts = _core.Options(eps, zl, temp, cap)
+    plan = _linear._Plan(opts, local, kernel_layout, bv, 1, bv, False)
+    sp = _LinearShard(_Shard(opts, axis_name, v), plan)
+    counted = _counted(y, ignore_index, mask)
+    row_w = _row_weights(y, counted, w, v, acc)
+    wc = None if w is None else w.astype(acc)
+    losses = _lin_rows(sp, h.reshape(n, d).astype(dtype), k.astype(dtype),
+                       None if b is None else b.astype(dtype), y, row_w, counted, wc)
+    return _reduce(losses.reshape(batch_shape), row_w, reduction, token_axis_name)
+
+
 # ------------------------------------------------------------------- mesh-level wrappers
 
 
@@ -403,4 +585,99 @@ def _shard_ce(x, y, w, mask, mesh, kw):
 
     specs = (x_spec, y_spec, P(), None if mask is None else y_spec)
     args = _place(mesh, specs, (x, y, w, mask))
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+
+
+def shard_linear_cross_entropy(
+    hidden: ArrayLike,
+    kernel: ArrayLike,
+    labels: ArrayLike,
+    *,
+    mesh: Mesh,
+    vocab_axis: AxisName = "model",
+    token_axis: AxisName | None = None,
+    bias: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+    kernel_layout: str = "dv",
+    block_size: int | None = None,
+) -> jax.Array:
+    """:func:`jaxent.linear_cross_entropy` on global arrays, vocabulary-parallel over ``mesh``.
+
+    Wraps ``jax.shard_map`` around :func:`linear_cross_entropy`: the kernel's vocabulary axis
+    (and the bias) is split over ``vocab_axis``, the first axis of ``hidden`` and ``labels``
+    (the tokens or the batch) over ``token_axis`` when given. Values and gradients (w.r.t.
+    ``hidden``, ``kernel``, ``bias``) equal :func:`jaxent.linear_cross_entropy`'s; per device
+    the vocabulary is walked in blocks, so no device ever holds more than ``N/d x block_size``
+    logits (``d`` the ``token_axis`` size).
+
+    Args:
+      hidden: float ``[..., D]`` (global); its first axis divisible by the ``token_axis`` size.
+      kernel: float ``[D, V]`` (``"dv"``) or ``[V, D]`` (``"vd"``), ``V`` divisible by the
+        ``vocab_axis`` size.
+      labels: integer class ids, ``hidden.shape[:-1]``.
+      mesh: a ``jax.sharding.Mesh``.
+      vocab_axis: mesh axis (or tuple of axes) for the vocabulary.
+      token_axis: mesh axis (or axes) for the tokens, or None (replicated).
+      bias, weight, ignore_index, label_smoothing, reduction, where, z_loss, logit_softcap,
+        temperature, kernel_layout: as in :func:`jaxent.linear_cross_entropy`.
+      block_size: vocabulary columns per block on each device (default: from the local
+        shapes).
+
+    Returns:
+      A float32 scalar (replicated), or for ``"none"`` per-token losses shaped like
+      ``labels``, sharded like them.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> h = jax.random.normal(jax.random.key(0), (2, 3, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 50)) / 4
+      >>> y = jnp.array([[1, 7, 49], [0, -100, 3]])
+      >>> loss = jaxent.sharded.shard_linear_cross_entropy(h, w, y, mesh=mesh,
+      ...                                                  token_axis="data")
+      >>> bool(jnp.allclose(loss, jaxent.linear_cross_entropy(h, w, y), rtol=1e-5))
+      True
+    """
+    h = _checks.float_array(hidden, "hidden")
+    k = _checks.float_array(kernel, "kernel")
+    b = None if bias is None else _checks.float_array(bias, "bias")
+    w = None if weight is None else _checks.float_array(weight, "weight")
+    mask = None if where is None else jnp.asarray(where)
+    y = jnp.asarray(labels)
+    kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+              z_loss=z_loss, logit_softcap=logit_softcap, temperature=temperature,
+              kernel_layout=kernel_layout)
+    _check_linear_like_core(h, (k.shape, k.dtype), y, bias=b, weight=w, where=mask, **kw)
+    vax = 1 if kernel_layout == "dv" else 0
+    _divisible(k.shape[vax], mesh, vocab_axis, "the vocabulary size V")
+    if token_axis is not None:
+        if h.ndim < 2:
+            raise ValueError("`token_axis` needs hidden with a token axis, got rank 1")
+        _divisible(h.shape[0], mesh, token_axis, "hidden.shape[0]")
+    kw.update(axis_name=vocab_axis, token_axis_name=token_axis, block_size=block_size)
+    return _shard_lin(h, k, y, b, w, mask, mesh, tuple(sorted(kw.items())))
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7))
+def _shard_lin(h, k, y, b, w, mask, mesh, kw):
+    kw = dict(kw)
+    tok, vocab = kw["token_axis_name"], kw["axis_name"]
+    h_spec = _spec(h.ndim, d0=tok)
+    y_spec = _spec(y.ndim, d0=tok) if y.ndim else P()
+    k_spec = P(None, vocab) if kw["kernel_layout"] == "dv" else P(vocab, None)
+    specs = (h_spec, k_spec, y_spec, None if b is None else P(vocab), None if w is None else P(),
+             None if mask is None else y_spec)
+    out_spec = y_spec if kw["reduction"] == "none" else P()
+
+    def body(h, k, y, b, w, mask):
+        return linear_cross_entropy(h, k, y, bias=b, weight=w, where=mask, **kw)
+
+    args = _place(mesh, specs, (h, k, y, b, w, mask))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)

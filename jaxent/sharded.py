@@ -252,7 +252,8 @@ def cross_entropy(
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
       >>> from jax.sharding import PartitionSpec as P
-      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> from jax.sharding import AxisType
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
       >>> x = jnp.array([[1.5, 0.3, 2.1], [2.0, 1.0, 0.1], [0.1, 2.2, 1.0]])
       >>> y = jnp.array([2, 0, 1])
       >>> loss = jax.shard_map(
@@ -398,8 +399,9 @@ def linear_cross_entropy(
       weight: optional full per-class weights ``[V]`` (replicated).
       ignore_index, label_smoothing, reduction, where, z_loss, logit_softcap, temperature,
         kernel_layout: as in :func:`jaxent.linear_cross_entropy`.
-      block_size: local vocabulary columns per block (default: from the local shapes, as in
-        :func:`jaxent.linear.auto_block_sizes`).
+      block_size: local vocabulary columns per block. The default gives each of the ``k``
+        shards ``1/k`` of the single-device block budget (:func:`jaxent.linear.
+        auto_block_sizes` for ``k N`` rows), so per-device memory shrinks with ``k``.
 
     Returns:
       A float32 scalar, the same on every device, or for ``"none"`` this device's
@@ -408,7 +410,8 @@ def linear_cross_entropy(
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
       >>> from jax.sharding import PartitionSpec as P
-      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> from jax.sharding import AxisType
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
       >>> h = jax.random.normal(jax.random.key(0), (6, 8))
       >>> w = jax.random.normal(jax.random.key(1), (8, 50)) / 4
       >>> y = jnp.array([1, 7, 49, 0, -100, 3])
@@ -449,7 +452,9 @@ def linear_cross_entropy(
     mask = None if where is None else jnp.asarray(where)
     w = _checks.class_weight(weight, v)
     n, d = math.prod(batch_shape), h.shape[-1]
-    bv = _linear.auto_block_sizes(n, d, local)[0]
+    # The single-device block budget split over the k vocabulary shards: per-device
+    # work-space shrinks with k (as if each shard walked k times more rows).
+    bv = _linear.auto_block_sizes(n * lax.axis_size(axis_name), d, local)[0]
     if block_size is not None:
         bv = min(_linear._positive_int(block_size, "block_size"), local)
     dtype = jnp.result_type(h.dtype, k.dtype)
@@ -627,8 +632,8 @@ def shard_linear_cross_entropy(
       token_axis: mesh axis (or axes) for the tokens, or None (replicated).
       bias, weight, ignore_index, label_smoothing, reduction, where, z_loss, logit_softcap,
         temperature, kernel_layout: as in :func:`jaxent.linear_cross_entropy`.
-      block_size: vocabulary columns per block on each device (default: from the local
-        shapes).
+      block_size: vocabulary columns per block on each device (default: ``1/k`` of the
+        single-device block budget per device, ``k`` the ``vocab_axis`` size).
 
     Returns:
       A float32 scalar (replicated), or for ``"none"`` per-token losses shaped like

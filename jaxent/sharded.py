@@ -233,6 +233,10 @@ def cross_entropy(
     with :math:`\ell` and :math:`z_y` combined across shards (``pmax``/``psum`` of ``[N]``
     row statistics). The backward is local to each shard.
 
+    Use it in a ``shard_map`` with ``check_vma=True`` (the default): gradients through the
+    token-axis ``psum`` of ``"mean"``/``"sum"`` rely on JAX's varying/invariant typing and
+    are wrong under ``check_vma=False``.
+
     Args:
       logits: this device's float block ``[..., C/k, ...]``, classes along ``axis``.
       labels: integer global class ids, ``logits.shape`` without ``axis`` (the same on every
@@ -386,6 +390,10 @@ def linear_cross_entropy(
     and the backward recomputes the local blocks and sums ``d hidden [N, D]`` over
     ``axis_name`` (``psum``); ``d kernel`` and ``d bias`` stay local.
     No ``[N, V]`` array exists anywhere.
+
+    Use it in a ``shard_map`` with ``check_vma=True`` (the default): the kernel gradient is
+    summed over the token axis because the kernel is typed as replicated there, and the
+    token-axis ``psum`` of the reduction is differentiated through that typing.
 
     Args:
       hidden: float ``[..., D]``, this device's tokens (the same on every shard of

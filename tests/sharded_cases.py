@@ -314,3 +314,24 @@ def test_linear_temp_memory_per_device_at_8_shards():
     print(f"temp bytes: single device {ref / 2**20:.1f} MiB, per device at 8 shards "
           f"{got / 2**20:.1f} MiB, ratio {got / ref:.3f}")
     assert got <= ref / 6
+
+
+def test_linear_inside_data_parallel_shard_map(rng):
+    """The single-device jaxent.linear_cross_entropy on local tokens in a data-parallel
+    shard_map (kernel replicated): its custom_vjp returns the kernel gradient summed over
+    the data axis, typed like the kernel, for both block schedules."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    h, k, b, y, _ = _draw_linear(rng, {}, "dv")
+
+    for impl in ("vocab", "token"):
+        def loss(h, k, b, y, impl=impl):
+            part = jaxent.linear_cross_entropy(h, k, y, bias=b, reduction="sum", impl=impl,
+                                               block_size=16)
+            return jax.lax.psum(part, "data")
+
+        fn = jax.jit(jax.value_and_grad(jax.shard_map(
+            loss, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")), out_specs=P()),
+            argnums=(0, 1, 2)))
+        ref = jax.value_and_grad(lambda h, k, b: jaxent.linear_cross_entropy(
+            h, k, y, bias=b, reduction="sum"), argnums=(0, 1, 2))(h, k, b)
+        _close(fn(h, k, b, y), ref, atol=2e-5)

@@ -1,0 +1,704 @@
+r"""Fused linear + cross-entropy: ``cross_entropy(hidden @ kernel + bias, labels)`` in blocks.
+
+The ``[tokens, vocab]`` logits are never materialized. Two schedules share the per-block
+math below (kept as small functions so that a vocabulary-parallel version can reuse them):
+
+* **vocabulary blocks** (any dtype, any reduction): the forward walks the vocabulary in blocks
+  of ``block_size`` columns keeping, per token, an online max ``m`` and sum ``s`` of
+  ``exp(z - m)`` (plus the label's logit and, for label smoothing, the weighted logit sum);
+  the backward recomputes each block's logits from ``lse = m + log s`` and writes
+  ``d hidden += dz @ W_b^T`` (float32 carry), ``d W_b = hidden^T @ dz`` (one matmul
+  accumulating in float32, written straight into the output) and ``d bias_b``. Extra memory
+  ``O(N * block_size)``; four matmuls in all.
+* **token blocks** (float32/float64 with ``reduction="mean"`` or ``"sum"``, under
+  differentiation): each block of ``token_block_size`` tokens computes its full logits row,
+  the loss *and* its gradient in the forward pass (Liger-Kernel style), so the backward only
+  scales by the incoming cotangent: three matmuls instead of four. ``d kernel`` is
+  accumulated in place, in vocabulary slices, in the (float32) gradient buffer itself.
+  Extra memory ``O(token_block_size * V)``.
+
+Per token, with ``x = hidden @ kernel + bias`` accumulated in float32,
+``z = cap * tanh((x / T) / cap)`` and ``lse = logsumexp(z)``, the loss and its gradient are
+those of :func:`jaxent.cross_entropy` (see :mod:`jaxent._core`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxent import _checks, _core
+
+LAYOUTS = ("dv", "vd")
+IMPLS = ("auto", "vocab", "token")
+
+# Auto block sizes aim at this many float32 elements per [rows, block] temporary (32 MB).
+_BLOCK_ELEMS = 8 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static configuration (hashable; a ``nondiff_argnums`` argument)."""
+
+    opts: _core.Options
+    num_classes: int
+    layout: str
+    block_v: int  # vocabulary block of the vocabulary schedule
+    block_n: int  # token block of the token schedule
+    block_dw: int  # vocabulary slice of the token schedule's kernel-gradient update
+    aux: bool
+
+
+# ---------------------------------------------------------------------------- block math
+
+
+# XLA:CPU has no bfloat16 dynamic-slice / dynamic-update-slice: it runs them in float32 and
+# hoists the convert of a loop-invariant operand out of the loop, i.e. a full float32 copy of
+# the kernel; a bfloat16 carry updated in place costs a full pass per block. So bf16 blocks
+# are moved as uint16 bits: slices read through an optimization barrier (which keeps the
+# bitcast fused at block size), updates go into a uint16 carry.
+def _bits_dtype(dtype):
+    return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else None
+
+
+def dslice(x: jax.Array, start, size: int, axis: int) -> jax.Array:
+    """``lax.dynamic_slice_in_dim`` that never copies a bf16 operand as a whole."""
+    bits = _bits_dtype(x.dtype)
+    if bits is None:
+        return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+    x, start = lax.optimization_barrier((x, start))
+    out = lax.dynamic_slice_in_dim(lax.bitcast_convert_type(x, bits), start, size, axis=axis)
+    return lax.bitcast_convert_type(out, x.dtype)
+
+
+def carry_zeros(shape, dtype) -> jax.Array:
+    """A zero buffer for :func:`dupdate` (uint16 bits for bf16)."""
+    return jnp.zeros(shape, _bits_dtype(dtype) or dtype)
+
+
+def dupdate(buf: jax.Array, upd: jax.Array, start, axis: int, dtype) -> jax.Array:
+    """Write ``upd`` (cast to ``dtype``) into a :func:`carry_zeros` buffer in place."""
+    upd = upd.astype(dtype)
+    if _bits_dtype(dtype) is not None:
+        upd = lax.bitcast_convert_type(upd, buf.dtype)
+    return lax.dynamic_update_slice_in_dim(buf, upd, start, axis=axis)
+
+
+def carry_value(buf: jax.Array, dtype) -> jax.Array:
+    """The ``dtype`` array held by a :func:`carry_zeros` buffer."""
+    return buf if buf.dtype == dtype else lax.bitcast_convert_type(buf, dtype)
+
+
+def kernel_block(kernel: jax.Array, start, size: int, layout: str) -> jax.Array:
+    """Columns ``[start, start + size)`` of the vocabulary: ``[D, size]`` or ``[size, D]``."""
+    return dslice(kernel, start, size, axis=1 if layout == "dv" else 0)
+
+
+def vocab_slice(v: jax.Array | None, start, size: int) -> jax.Array | None:
+    """``v[..., start:start + size]`` along the last axis (``None`` stays ``None``)."""
+    if v is None:
+        return None
+    return dslice(v, start, size, axis=v.ndim - 1)
+
+
+def block_logits(
+    h: jax.Array, kb: jax.Array, bb: jax.Array | None, layout: str
+) -> jax.Array:
+    """Raw logits ``h @ kb (+ bb)`` of one block, accumulated in float32: ``[N, B]``."""
+    acc = _core.compute_dtype(h.dtype)
+    dims = (((1,), (0,)), ((), ())) if layout == "dv" else (((1,), (1,)), ((), ()))
+    x = lax.dot_general(h, kb, dims, preferred_element_type=acc)
+    if bb is not None:
+        x = x + bb.astype(acc)[None, :]
+    return x
+
+
+def block_dhidden(dx: jax.Array, kb: jax.Array, layout: str) -> jax.Array:
+    """``dx @ kb^T``: ``[N, B] x kernel block -> [N, D]`` in float32."""
+    acc = _core.compute_dtype(kb.dtype)
+    dims = (((1,), (1,)), ((), ())) if layout == "dv" else (((1,), (0,)), ((), ()))
+    return lax.dot_general(dx.astype(kb.dtype), kb, dims, preferred_element_type=acc)
+
+
+def block_dkernel(h: jax.Array, dx: jax.Array, layout: str) -> jax.Array:
+    """``h^T @ dx`` in the kernel's layout (``[D, B]`` or ``[B, D]``), float32 accumulation."""
+    acc = _core.compute_dtype(h.dtype)
+    dx = dx.astype(h.dtype)
+    if layout == "dv":
+        return lax.dot_general(h, dx, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    return lax.dot_general(dx, h, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; older: ``aval.vma``
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def varying_like(carry, *refs):
+    """Mark a loop's initial ``carry`` as varying over the manual mesh axes ``refs`` vary over.
+
+    Inside ``jax.shard_map`` (``check_vma=True``) a ``fori_loop`` needs its carry to have the
+    same type in and out; zeros made here are replicated while the block updates computed
+    from sharded operands are varying. Outside ``shard_map`` this returns ``carry`` as is.
+    """
+    axes = frozenset().union(*(_varying_axes(r) for r in jax.tree.leaves(refs)))
+    if not axes:
+        return carry
+
+    def cast(a):
+        missing = tuple(n for n in axes if n not in _varying_axes(a))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, carry)
+
+
+def psum_to_type(ct: jax.Array | None, ref: jax.Array | None) -> jax.Array | None:
+    """Sum a cotangent over the manual mesh axes it varies over but its primal ``ref`` does not.
+
+    Inside ``jax.shard_map``, an input replicated over an axis (the kernel, over the
+    data-parallel axis) gets a partial gradient on each device; a ``custom_vjp`` must return
+    their sum (``psum``), typed like the input. A no-op outside ``shard_map``.
+    """
+    if ct is None or ref is None:
+        return ct
+    extra = tuple(n for n in _varying_axes(ct) if n not in _varying_axes(ref))
+    return lax.psum(ct, extra) if extra else ct
+
+
+def _safe_max(m: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def init_stats(n: int, dtype, smoothing: bool, aux: bool) -> dict:
+    """Online statistics per row before any block: ``m=-inf, s=0, ...``."""
+    st = {
+        "m": jnp.full((n,), -jnp.inf, dtype),
+        "s": jnp.zeros((n,), dtype),
+        "zy": jnp.zeros((n,), dtype),
+    }
+    if smoothing:
+        st["wz"] = jnp.zeros((n,), dtype)  # sum_c w_c (z_c - m_safe) over seen classes
+        st["wseen"] = jnp.zeros((), dtype)  # sum_c w_c over seen classes
+    if aux:
+        st["arg"] = jnp.zeros((n,), jnp.int32)
+    return st
+
+
+def update_stats(
+    st: dict, z: jax.Array, y_local: jax.Array, wb: jax.Array | None, start
+) -> dict:
+    """Fold one block of transformed logits ``z [N, B]`` into the online statistics.
+
+    ``y_local = labels - start`` (matches nothing when outside the block); ``wb`` the block's
+    class weights (or None); ``start`` the block's first class id (for the argmax).
+    """
+    bm = jnp.max(z, axis=1)
+    m_new = jnp.maximum(st["m"], bm)
+    old_safe, new_safe = _safe_max(st["m"]), _safe_max(m_new)
+    zs = z - new_safe[:, None]
+    out = dict(st)
+    out["m"] = m_new
+    out["s"] = st["s"] * jnp.exp(old_safe - new_safe) + jnp.sum(jnp.exp(zs), axis=1)
+    cols = lax.broadcasted_iota(y_local.dtype, z.shape, 1)
+    out["zy"] = st["zy"] + jnp.sum(jnp.where(cols == y_local[:, None], z, 0.0), axis=1)
+    if "wz" in st:
+        wsum = jnp.asarray(z.shape[1], z.dtype) if wb is None else jnp.sum(wb).astype(z.dtype)
+        shifted = jnp.sum(zs if wb is None else zs * wb[None, :].astype(z.dtype), axis=1)
+        out["wz"] = st["wz"] - st["wseen"] * (new_safe - old_safe) + shifted
+        out["wseen"] = st["wseen"] + wsum
+    if "arg" in st:
+        barg = jnp.argmax(z, axis=1).astype(jnp.int32) + start
+        out["arg"] = jnp.where(bm > st["m"], barg, st["arg"])
+    return out
+
+
+def row_losses(
+    m: jax.Array,
+    log_s: jax.Array,
+    zy: jax.Array,
+    wz: jax.Array | None,
+    labels: jax.Array,
+    row_w: jax.Array,
+    counted: jax.Array,
+    weight: jax.Array | None,
+    opts: _core.Options,
+    num_classes: int,
+) -> jax.Array:
+    """Per-row loss from the statistics (``wz = sum_c w_c (z_c - m)``), as in the core."""
+    eps = opts.label_smoothing
+    loss = (1.0 - eps) * row_w * (log_s - (zy - m))
+    if eps > 0.0:
+        big_w = _core._class_sum(weight, num_classes, m.dtype)
+        loss = loss + (eps / num_classes) * (big_w * log_s - wz)
+    if opts.z_loss > 0.0:
+        loss = loss + opts.z_loss * jnp.square(m + log_s)
+    valid = (labels >= 0) & (labels < num_classes)
+    return jnp.where(counted, jnp.where(valid, loss, jnp.nan), 0.0)
+
+
+def grad_coefs(
+    g: jax.Array,
+    lse: jax.Array,
+    labels: jax.Array,
+    row_w: jax.Array,
+    counted: jax.Array,
+    weight: jax.Array | None,
+    opts: _core.Options,
+    num_classes: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-row coefficients ``(cp, cy, cw)`` of ``dz = cp p - cy [c = y] - cw w_c``."""
+    eps = opts.label_smoothing
+    valid = (labels >= 0) & (labels < num_classes)
+    g = jnp.where(counted, jnp.where(valid, g, jnp.nan), 0.0).astype(lse.dtype)
+    a = (1.0 - eps) * row_w + 2.0 * opts.z_loss * lse
+    if eps > 0.0:
+        a = a + (eps / num_classes) * _core._class_sum(weight, num_classes, lse.dtype)
+    return g * a, g * (1.0 - eps) * row_w, g * (eps / num_classes)
+
+
+def block_dlogits(
+    z: jax.Array,
+    lse: jax.Array,
+    y_local: jax.Array,
+    coefs: tuple[jax.Array, jax.Array, jax.Array],
+    counted: jax.Array,
+    wb: jax.Array | None,
+    opts: _core.Options,
+) -> jax.Array:
+    """Gradient w.r.t. the raw logits of one block, given the global ``lse`` per row."""
+    cp, cy, cw = coefs
+    cols = lax.broadcasted_iota(y_local.dtype, z.shape, 1)
+    dz = jnp.exp(z - lse[:, None]) * cp[:, None]
+    dz = dz - jnp.where(cols == y_local[:, None], cy[:, None], 0.0)
+    if opts.label_smoothing > 0.0:
+        dz = dz - cw[:, None] * (1.0 if wb is None else wb[None, :].astype(z.dtype))
+    dz = jnp.where(counted[:, None], dz, 0.0)
+    return _core.transform_vjp(dz, z, opts)
+
+
+def _blocks(total: int, size: int) -> tuple[int, int]:
+    """(number of full blocks, size of the ragged tail)."""
+    return total // size, total % size
+
+
+# ------------------------------------------------------------------- vocabulary schedule
+
+
+def _vocab_forward(plan: _Plan, h, kernel, bias, labels, weight):
+    """Online statistics over vocabulary blocks: returns ``(m, log_s, zy, wz, argmax)``."""
+    opts, v = plan.opts, plan.num_classes
+    acc = _core.compute_dtype(h.dtype)
+    smoothing = opts.label_smoothing > 0.0
+
+    def step(start, size, st):
+        kb = kernel_block(kernel, start, size, plan.layout)
+        z = _core.transform(block_logits(h, kb, vocab_slice(bias, start, size), plan.layout), opts)
+        return update_stats(st, z, labels - start, vocab_slice(weight, start, size), start)
+
+    st = varying_like(init_stats(h.shape[0], acc, smoothing, plan.aux),
+                      h, kernel, bias, labels, weight)
+    nb, tail = _blocks(v, plan.block_v)
+    if nb:
+        st = lax.fori_loop(0, nb, lambda j, st: step(j * plan.block_v, plan.block_v, st), st)
+    if tail:
+        st = step(nb * plan.block_v, tail, st)
+    m = _safe_max(st["m"])
+    log_s = jnp.log(st["s"])
+    return m, log_s, st["zy"], st.get("wz"), st.get("arg")
+
+
+def _vocab_backward(plan: _Plan, h, kernel, bias, labels, counted, weight, lse, coefs):
+    """Recompute each vocabulary block; return float32-accumulated ``(dh, dkernel, dbias)``."""
+    opts, v = plan.opts, plan.num_classes
+    acc = _core.compute_dtype(h.dtype)
+
+    def step(start, size, carry):
+        dh, dk, db = carry
+        kb = kernel_block(kernel, start, size, plan.layout)
+        bb = vocab_slice(bias, start, size)
+        z = _core.transform(block_logits(h, kb, bb, plan.layout), opts)
+        dx = block_dlogits(z, lse, labels - start, coefs, counted,
+                           vocab_slice(weight, start, size), opts)
+        dh = dh + block_dhidden(dx, kb, plan.layout)
+        dkb = block_dkernel(h, dx, plan.layout)
+        dk = dupdate(dk, dkb, start, 1 if plan.layout == "dv" else 0, kernel.dtype)
+        if db is not None:
+            db = dupdate(db, jnp.sum(dx, axis=0), start, 0, bias.dtype)
+        return dh, dk, db
+
+    carry = varying_like((
+        jnp.zeros(h.shape, acc),
+        carry_zeros(kernel.shape, kernel.dtype),
+        None if bias is None else carry_zeros(bias.shape, bias.dtype),
+    ), h, kernel, bias, labels, counted, weight, lse, coefs)
+    nb, tail = _blocks(v, plan.block_v)
+    if nb:
+        carry = lax.fori_loop(
+            0, nb, lambda j, c: step(j * plan.block_v, plan.block_v, c), carry)
+    if tail:
+        carry = step(nb * plan.block_v, tail, carry)
+    dh, dk, db = carry
+    return dh, carry_value(dk, kernel.dtype), None if db is None else carry_value(db, bias.dtype)
+
+
+def _rows_fwd(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
+    m, log_s, zy, wz, arg = _vocab_forward(plan, h, kernel, bias, labels, weight)
+    loss = row_losses(m, log_s, zy, wz, labels, row_w, counted, weight, plan.opts,
+                      plan.num_classes)
+    lse = m + log_s
+    out = (loss, (lse, arg))
+    return out, (h, kernel, bias, labels, row_w, counted, weight, lse)
+
+
+def _rows_bwd(plan: _Plan, res, cts):
+    h, kernel, bias, labels, row_w, counted, weight, lse = res
+    g = cts[0]
+    coefs = grad_coefs(g, lse, labels, row_w, counted, weight, plan.opts, plan.num_classes)
+    dh, dk, db = _vocab_backward(plan, h, kernel, bias, labels, counted, weight, lse, coefs)
+    return (
+        psum_to_type(dh.astype(h.dtype), h),
+        psum_to_type(dk, kernel),
+        psum_to_type(db, bias),
+        None,
+        jnp.zeros_like(row_w),
+        None,
+        None if weight is None else jnp.zeros_like(weight),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rows(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
+    """Per-token losses ``[N]`` and ``(lse [N], argmax [N] or None)``; vocabulary schedule."""
+    return _rows_fwd(plan, h, kernel, bias, labels, row_w, counted, weight)[0]
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+# ------------------------------------------------------------------------ token schedule
+
+
+def _token_step(plan: _Plan, hb, kernel, bias, yb, row_wb, countedb, weight):
+    """One token block, full vocabulary: loss sum, ``dx [Nb, V]``, lse, argmax."""
+    opts, v = plan.opts, plan.num_classes
+    x = block_logits(hb, kernel, bias, plan.layout)
+    z = _core.transform(x, opts)
+    m = _safe_max(_core.row_max(z))
+    zs = z - m[:, None]
+    log_s = jnp.log(_core.row_sum(jnp.exp(zs)))
+    safe = jnp.clip(yb, 0, v - 1)
+    zy = jnp.take_along_axis(z, safe[:, None], axis=1)[:, 0]
+    wz = None
+    if opts.label_smoothing > 0.0:
+        wz = _core.row_sum(zs if weight is None else zs * weight[None, :].astype(z.dtype))
+    loss = row_losses(m, log_s, zy, wz, yb, row_wb, countedb, weight, opts, v)
+    lse = m + log_s
+    coefs = grad_coefs(jnp.ones_like(lse), lse, yb, row_wb, countedb, weight, opts, v)
+    dx = block_dlogits(z, lse, yb, coefs, countedb, weight, opts)
+    arg = jnp.argmax(z, axis=1).astype(jnp.int32) if plan.aux else None
+    return jnp.sum(loss), dx, lse, arg
+
+
+def _accumulate_dkernel(plan: _Plan, dk, hb, dx):
+    """``dk += hb^T @ dx`` in vocabulary slices, in place (no full-size temporary)."""
+    v, bv = plan.num_classes, plan.block_dw
+    axis = 1 if plan.layout == "dv" else 0
+
+    def add(start, size, dk):
+        upd = block_dkernel(hb, vocab_slice(dx, start, size), plan.layout)
+        cur = lax.dynamic_slice_in_dim(dk, start, size, axis=axis)
+        return lax.dynamic_update_slice_in_dim(dk, cur + upd.astype(dk.dtype), start, axis=axis)
+
+    nb, tail = _blocks(v, bv)
+    if nb:
+        dk = lax.fori_loop(0, nb, lambda j, dk: add(j * bv, bv, dk), dk)
+    if tail:
+        dk = add(nb * bv, tail, dk)
+    return dk
+
+
+def _token_fwd(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
+    """Loss sum and its gradient (for a unit cotangent), walking token blocks."""
+    n = h.shape[0]
+    acc = _core.compute_dtype(h.dtype)
+
+    def step(start, size, carry):
+        total, dh, dk, db, lse, arg = carry
+        sl = lambda a: lax.dynamic_slice_in_dim(a, start, size, axis=0)  # noqa: E731
+        hb = sl(h)
+        tot_b, dx, lse_b, arg_b = _token_step(
+            plan, hb, kernel, bias, sl(labels), sl(row_w), sl(counted), weight)
+        dh = lax.dynamic_update_slice_in_dim(
+            dh, block_dhidden(dx, kernel, plan.layout).astype(dh.dtype), start, axis=0)
+        dk = _accumulate_dkernel(plan, dk, hb, dx)
+        if db is not None:
+            db = db + jnp.sum(dx, axis=0).astype(db.dtype)
+        lse = lax.dynamic_update_slice_in_dim(lse, lse_b, start, axis=0)
+        if arg is not None:
+            arg = lax.dynamic_update_slice_in_dim(arg, arg_b, start, axis=0)
+        return total + tot_b, dh, dk, db, lse, arg
+
+    carry = (
+        jnp.zeros((), acc),
+        jnp.zeros(h.shape, h.dtype),
+        jnp.zeros(kernel.shape, acc),
+        None if bias is None else jnp.zeros(bias.shape, acc),
+        jnp.zeros((n,), acc),
+        jnp.zeros((n,), jnp.int32) if plan.aux else None,
+    )
+    carry = varying_like(carry, h, kernel, bias, labels, row_w, counted, weight)
+    nb, tail = _blocks(n, plan.block_n)
+    if nb:
+        carry = lax.fori_loop(
+            0, nb, lambda i, c: step(i * plan.block_n, plan.block_n, c), carry)
+    if tail:
+        carry = step(nb * plan.block_n, tail, carry)
+    total, dh, dk, db, lse, arg = carry
+    # Zero-size slices carry the inputs' types (for psum_to_type inside shard_map).
+    types = (h[:0], kernel[:0], None if bias is None else bias[:0])
+    return (total, (lse, arg)), (dh, dk, db, row_w, weight, types)
+
+
+def _token_primal(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
+    loss, (lse, arg) = _rows_fwd(plan, h, kernel, bias, labels, row_w, counted, weight)[0]
+    return loss.sum(), (lse, arg)
+
+
+def _token_bwd(plan: _Plan, res, cts):
+    dh, dk, db, row_w, weight, (h_t, k_t, b_t) = res
+    g = cts[0]
+    scale = lambda a: None if a is None else a * g.astype(a.dtype)  # noqa: E731
+    return (
+        psum_to_type(scale(dh), h_t),
+        psum_to_type(scale(dk), k_t),
+        psum_to_type(scale(db), b_t),
+        None,
+        jnp.zeros_like(row_w),
+        None,
+        None if weight is None else jnp.zeros_like(weight),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _token_sum(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
+    """Sum of per-token losses and ``(lse, argmax)``; the gradient is made in the forward."""
+    return _token_primal(plan, h, kernel, bias, labels, row_w, counted, weight)
+
+
+_token_sum.defvjp(_token_fwd, _token_bwd)
+
+
+# ----------------------------------------------------------------------------- front end
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
+
+
+def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int, int]:
+    """Default ``(block_size, token_block_size, dkernel_block)`` for ``n`` tokens, width
+    ``d``, vocabulary ``v``.
+
+    Every blocked temporary aims at about 8M float32 elements (32 MB): ``[n, block_size]``
+    logits in the vocabulary schedule; ``[token_block_size, v]`` logits and
+    ``[d, block_size]`` kernel-gradient slices in the token schedule.
+    """
+    bv = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(n, 1))))
+    bn = min(max(n, 1), max(16, _pow2_floor(_BLOCK_ELEMS / v)))
+    bw = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(d, 1))))
+    return bv, bn, bw
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive Python int or None, got {value!r}")
+    return value
+
+
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    kernel: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+    kernel_layout: str = "dv",
+    block_size: int | None = None,
+    token_block_size: int | None = None,
+    impl: str = "auto",
+    return_aux: bool = False,
+):
+    r"""``cross_entropy(hidden @ kernel + bias, labels)`` without materializing the logits.
+
+    With :math:`x = h W + b` accumulated in float32,
+    :math:`z = \mathrm{cap}\,\tanh(x / (T\,\mathrm{cap}))` (the cap optional) and
+    :math:`\ell = \log\sum_c e^{z_c}` over the :math:`V` classes, each counted token
+    contributes
+
+    .. math::
+        (1-\epsilon)\, w_y (\ell - z_y) + \frac{\epsilon}{V} \sum_c w_c (\ell - z_c)
+        + \lambda_z \ell^2 ,
+
+    exactly :func:`jaxent.cross_entropy` on the product. The vocabulary (and, for
+    float32 ``"mean"``/``"sum"`` under differentiation, the tokens) is walked in blocks
+    with a hand-written ``jax.custom_vjp``: extra memory is ``O(N * block_size)`` (or
+    ``O(token_block_size * V)``), never ``O(N * V)``.
+
+    Args:
+      hidden: float ``[..., D]`` (e.g. ``[batch, seq, D]``); bf16/f16 accumulate in float32.
+      kernel: float ``[D, V]`` (Flax ``nnx.Linear``/``Dense``, ``kernel_layout="dv"``) or
+        ``[V, D]`` (a tied ``nnx.Embed`` table, ``kernel_layout="vd"``).
+      labels: integer ``[...]``, ``hidden.shape[:-1]``.
+      bias: optional float ``[V]``.
+      weight: optional per-class weights ``[V]`` (constants, no gradient).
+      ignore_index: label value that counts for nothing.
+      label_smoothing: in ``[0, 1]``, PyTorch's definition over all ``V`` classes.
+      reduction: ``"mean"`` (divides by the summed weights of counted labels), ``"sum"`` or
+        ``"none"`` (shape of ``labels``).
+      where: optional boolean mask shaped like ``labels``.
+      z_loss: coefficient of ``logsumexp(z)**2`` per counted token.
+      logit_softcap: if given, logits become ``cap * tanh(logits / cap)``.
+      temperature: logits are divided by it first.
+      kernel_layout: ``"dv"`` for ``[D, V]`` kernels, ``"vd"`` for ``[V, D]`` tables.
+      block_size: vocabulary columns per block (default: from the shapes, about 32 MB of
+        float32 temporaries per block); also the slice width of the token schedule's
+        kernel-gradient update.
+      token_block_size: tokens per block of the token schedule (default: from the shapes).
+      impl: ``"auto"``, ``"vocab"`` (vocabulary blocks, recompute in the backward) or
+        ``"token"`` (gradient made in the forward; float32/float64 and ``"mean"``/``"sum"``
+        only, otherwise falls back to ``"vocab"``).
+      return_aux: also return a dict of per-token extras computed in the same pass, shaped
+        like ``labels`` and carrying no gradient: ``"lse"`` (log-sum-exp of ``z``),
+        ``"z_loss"`` (``z_loss * lse**2``, 0 where not counted), ``"argmax"`` (predicted
+        class, int32) and the scalar ``"accuracy"`` over counted tokens.
+
+    Returns:
+      float32 (float64 for float64 inputs) scalar, or ``labels.shape`` for ``"none"``;
+      with ``return_aux=True`` a pair ``(loss, aux)``. Gradients w.r.t. ``hidden``,
+      ``kernel`` and ``bias`` come back in their dtypes. Labels outside ``[0, V)`` raise
+      ``ValueError`` when concrete; under ``jit`` their losses are ``nan``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> h = jax.random.normal(jax.random.key(0), (2, 3, 8))     # [batch, seq, D]
+      >>> w = jax.random.normal(jax.random.key(1), (8, 50)) / 4   # [D, V]
+      >>> y = jnp.array([[1, 7, 49], [0, -100, 3]])
+      >>> loss = jaxent.linear_cross_entropy(h, w, y, block_size=16)
+      >>> ref = jaxent.cross_entropy(h @ w, y)
+      >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
+      True
+      >>> dh, dw = jax.grad(jaxent.linear_cross_entropy, argnums=(0, 1))(h, w, y)
+      >>> dh.shape, dw.shape
+      ((2, 3, 8), (8, 50))
+
+      A Flax NNX language-model head with tied embeddings (the table is ``[V, D]``)::
+
+        class LM(nnx.Module):
+            def __init__(self, vocab, dim, *, rngs):
+                self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+                ...
+
+            def loss(self, tokens, labels):
+                h = self.body(self.embed(tokens))                  # [B, T, D]
+                return jaxent.linear_cross_entropy(
+                    h, self.embed.embedding.value, labels, kernel_layout="vd",
+                    z_loss=1e-4)
+
+    References:
+      Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models" (2024),
+      https://arxiv.org/abs/2411.09009;
+      Hsu et al., "Liger Kernel" (2024), https://arxiv.org/abs/2410.10989.
+    """
+    h = _checks.float_array(hidden, "hidden")
+    k = _checks.float_array(kernel, "kernel")
+    if kernel_layout not in LAYOUTS:
+        raise ValueError(f"`kernel_layout` must be one of {LAYOUTS}, got {kernel_layout!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}")
+    if h.ndim < 1:
+        raise ValueError("`hidden` must have shape [..., D] (at least one dimension), "
+                         "got a scalar")
+    if k.ndim != 2:
+        raise ValueError(
+            f"`kernel` must be 2-D, [D, V] for kernel_layout='dv' or [V, D] for 'vd', got "
+            f"shape {tuple(k.shape)}")
+    d = h.shape[-1]
+    kd, v = (k.shape[0], k.shape[1]) if kernel_layout == "dv" else (k.shape[1], k.shape[0])
+    if kd != d:
+        other = "vd" if kernel_layout == "dv" else "dv"
+        swapped = k.shape[1] if kernel_layout == "dv" else k.shape[0]
+        hint = f"; it looks transposed, pass kernel_layout={other!r}" if swapped == d else ""
+        raise ValueError(
+            f"`kernel` must have shape {'[D, V]' if kernel_layout == 'dv' else '[V, D]'} "
+            f"with D = hidden.shape[-1] = {d} (kernel_layout={kernel_layout!r}), got shape "
+            f"{tuple(k.shape)}{hint}")
+    b = None
+    if bias is not None:
+        b = _checks.float_array(bias, "bias")
+        if b.shape != (v,):
+            raise ValueError(
+                f"`bias` must have shape ({v},) (one per class, V from `kernel`), got shape "
+                f"{tuple(b.shape)}")
+    eps, zl, temp, cap = _checks.options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        temperature=temperature, logit_softcap=logit_softcap,
+    )
+    batch_shape = h.shape[:-1]
+    y = _checks.int_labels(labels, batch_shape)
+    mask = _checks.where_mask(where, batch_shape)
+    w = _checks.class_weight(weight, v)
+    _checks.label_values(y, v, ignore_index, mask)
+
+    n = math.prod(batch_shape)
+    dtype = jnp.result_type(h.dtype, k.dtype)
+    acc = _core.compute_dtype(dtype)
+    use_token = impl == "token" or (impl == "auto" and n > 0)
+    use_token = use_token and reduction != "none" and acc == dtype
+    bv, bn, bw = auto_block_sizes(n, d, v)
+    if block_size is not None:
+        bv = bw = min(_positive_int(block_size, "block_size"), v)
+    if token_block_size is not None:
+        bn = min(_positive_int(token_block_size, "token_block_size"), max(n, 1))
+
+    h2 = h.reshape(n, d).astype(dtype)
+    k = k.astype(dtype)
+    b = None if b is None else b.astype(dtype)
+    y = y.reshape(-1)
+    counted = y != ignore_index
+    if mask is not None:
+        counted = counted & mask.reshape(-1)
+    w_y = jnp.ones_like(y, acc) if w is None else w.astype(acc)[jnp.clip(y, 0, v - 1)]
+    row_w = jnp.where(counted, w_y, 0.0)
+    wc = None if w is None else w.astype(acc)
+
+    plan = _Plan(_core.Options(eps, zl, temp, cap), v, kernel_layout, bv, bn, bw, return_aux)
+    if use_token:
+        total, (lse, arg) = _token_sum(plan, h2, k, b, y, row_w, counted, wc)
+        loss = _core.reduce(total, row_w.sum(), reduction)
+    else:
+        losses, (lse, arg) = _rows(plan, h2, k, b, y, row_w, counted, wc)
+        loss = _core.reduce(losses.reshape(batch_shape), row_w.sum(), reduction)
+    if not return_aux:
+        return loss
+    lse = lax.stop_gradient(lse)
+    aux = {
+        "lse": lse.reshape(batch_shape),
+        "z_loss": jnp.where(counted, zl * jnp.square(lse), 0.0).reshape(batch_shape),
+        "argmax": arg.reshape(batch_shape),
+        "accuracy": jnp.sum(counted & (arg == y)) / jnp.maximum(jnp.sum(counted), 1),
+    }
+    return loss, aux

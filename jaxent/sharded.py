@@ -1,0 +1,696 @@
+r"""Vocabulary-parallel cross-entropy over a mesh axis, with JAX's own SPMD machinery.
+
+When the output layer is sharded along the vocabulary, each device holds ``C / k`` of the
+classes (``k`` devices along the mesh axis ``axis_name``). The losses here give the numbers
+of :func:`jaxent.cross_entropy` and :func:`jaxent.linear_cross_entropy` on the full
+vocabulary while every device only ever touches its own slice: per row, each shard computes
+local statistics of its transformed logits ``z`` (``m_i = max z``,
+``log s_i = log sum exp(z - m_i)``, the label's logit when the label falls in its range,
+``sum_c w_c (z_c - m_i)`` for label smoothing) and one collective round combines them:
+
+.. math::
+    m = \max_i m_i \;(\texttt{pmax}),\qquad
+    \log s = \log \textstyle\sum_i e^{m_i + \log s_i - m} \;(\texttt{psum}),\qquad
+    z_y = \textstyle\sum_i z_y^{(i)} \;(\texttt{psum}),
+
+then the loss is the core's (:mod:`jaxent._core`), with label smoothing over the *full*
+vocabulary (PyTorch's definition, not a per-shard one). The backward needs no collective for
+the logits: each shard writes ``d loss / d z_c`` for its own classes from the global
+``lse = m + log s``; the fused linear version adds one ``psum`` of ``d hidden`` (``[N, D]``)
+over the vocabulary axis, and ``d kernel`` stays local. No ``[N, C]`` array is gathered.
+
+Two ways in:
+
+* :func:`cross_entropy` and :func:`linear_cross_entropy` are called *inside* the user's
+  ``jax.shard_map`` on local blocks, given the vocabulary ``axis_name`` (and, when tokens are
+  sharded too, ``token_axis_name`` so that ``"mean"``/``"sum"`` are global);
+* :func:`shard_cross_entropy` and :func:`shard_linear_cross_entropy` take global arrays, a
+  ``mesh`` and the axis names, and wrap ``jax.shard_map`` themselves.
+
+Labels are global class ids, replicated along the vocabulary axis; a label belongs to the
+shard whose range ``[i C/k, (i + 1) C/k)`` contains it. Class weights are the full ``[C]``
+vector (small), replicated; each shard reads its slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Hashable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
+
+from jaxent import _checks, _core
+from jaxent import linear as _linear
+
+AxisName = Hashable  # a mesh axis name, or a tuple of them
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """Static configuration of a vocabulary-parallel loss (hashable, a nondiff argument)."""
+
+    opts: _core.Options
+    axis_name: AxisName  # the vocabulary axis (or axes)
+    num_classes: int  # the global vocabulary size C
+
+
+# ------------------------------------------------------------------------ shard helpers
+
+
+def _shard_offset(axis_name: AxisName, local: int) -> jax.Array:
+    """First global class id held by this shard: ``axis_index * local``."""
+    return lax.axis_index(axis_name).astype(jnp.int32) * local
+
+
+def _local_weight(weight: jax.Array | None, offset, local: int) -> jax.Array | None:
+    """This shard's slice ``weight[offset:offset + local]`` of the full ``[C]`` weights."""
+    return None if weight is None else lax.dynamic_slice_in_dim(weight, offset, local)
+
+
+def _class_weight_sum(weight: jax.Array | None, local: int) -> jax.Array | float:
+    return float(local) if weight is None else jnp.sum(weight)
+
+
+def combine_stats(
+    m: jax.Array,
+    log_s: jax.Array,
+    zy: jax.Array,
+    wz: jax.Array | None,
+    wsum,
+    axis_name: AxisName,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    r"""Merge per-shard row statistics into the global ones with one ``pmax`` and ``psum``.
+
+    Each shard has ``m_i`` (its finite row max, 0 where none), ``log s_i = log sum_c
+    exp(z_c - m_i)`` (``-inf`` when all its logits are ``-inf``), its part ``zy_i`` of the
+    label's logit (0 when the label is elsewhere) and, for smoothing, ``wz_i = sum_c w_c
+    (z_c - m_i)`` over its classes with ``wsum_i = sum_c w_c``. With ``m = max_i m_i`` over
+    shards that have a finite logit (0 if none):
+
+    .. math::
+        \log s = \log \sum_i e^{m_i + \log s_i - m},\qquad
+        wz = \sum_i \left(wz_i - wsum_i (m - m_i)\right),\qquad zy = \sum_i zy_i .
+
+    Args:
+      m, log_s, zy: ``[N]`` local statistics (accumulation dtype).
+      wz: ``[N]`` or None (no smoothing).
+      wsum: scalar, this shard's class-weight sum (used only with ``wz``).
+      axis_name: the vocabulary mesh axis.
+
+    Returns:
+      ``(m, log_s, zy, wz)`` over the full vocabulary, identical on every shard.
+    """
+    has = log_s > -jnp.inf
+    m_glob = lax.pmax(jnp.where(has, m, -jnp.inf), axis_name)
+    m_glob = jnp.where(jnp.isfinite(m_glob), m_glob, 0.0)
+    # m_i + log s_i - m <= log(local classes): never overflows; empty shards add exp(-inf) = 0.
+    log_s_glob = jnp.log(lax.psum(jnp.exp(m + log_s - m_glob), axis_name))
+    wz_glob = None
+    if wz is not None:
+        wz_glob = lax.psum(wz - wsum * (m_glob - m), axis_name)
+    return m_glob, log_s_glob, lax.psum(zy, axis_name), wz_glob
+
+
+def _local_label_logit(z: jax.Array, y_local: jax.Array) -> jax.Array:
+    """``z[r, y_local[r]]`` where ``0 <= y_local < local``, else 0 (a masked sum, no gather)."""
+    cols = lax.broadcasted_iota(y_local.dtype, z.shape, 1)
+    return _core.row_sum(jnp.where(cols == y_local[:, None], z, 0.0))
+
+
+# ------------------------------------------------------------------ cross-entropy rows
+
+
+def _ce_local_stats(x, labels, weight, cfg: _Shard):
+    """Local ``(m, log_s, zy, wz, wsum)`` of this shard's logits ``x [N, C/k]``."""
+    local = x.shape[1]
+    off = _shard_offset(cfg.axis_name, local)
+    m, log_s = _core.shifted_stats(x, cfg.opts)
+    z = _core.transform(x, cfg.opts)
+    zy = _local_label_logit(z, labels - off)
+    wz = wsum = None
+    if cfg.opts.label_smoothing > 0.0:
+        w_loc = _local_weight(weight, off, local)
+        zs = z - m[:, None]
+        wz = _core.row_sum(zs if w_loc is None else zs * w_loc[None, :])
+        wsum = _class_weight_sum(w_loc, local)
+    return m, log_s, zy, wz, wsum
+
+
+def _ce_fwd(x, labels, row_w, counted, weight, cfg: _Shard):
+    m, log_s, zy, wz, wsum = _ce_local_stats(x, labels, weight, cfg)
+    m, log_s, zy, wz = combine_stats(m, log_s, zy, wz, wsum, cfg.axis_name)
+    loss = _linear.row_losses(m, log_s, zy, wz, labels, row_w, counted, weight, cfg.opts,
+                              cfg.num_classes)
+    return loss, (x, labels, row_w, counted, weight, m + log_s)
+
+
+def _ce_bwd(cfg: _Shard, res, g):
+    x, labels, row_w, counted, weight, lse = res
+    local = x.shape[1]
+    off = _shard_offset(cfg.axis_name, local)
+    coefs = _linear.grad_coefs(g, lse, labels, row_w, counted, weight, cfg.opts,
+                               cfg.num_classes)
+    z = _core.transform(x, cfg.opts)
+    dx = _linear.block_dlogits(z, lse, labels - off, coefs, counted,
+                               _local_weight(weight, off, local), cfg.opts)
+    dw = None if weight is None else jnp.zeros_like(weight)
+    return dx.astype(x.dtype), None, jnp.zeros_like(row_w), None, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _ce_rows(x, labels, row_w, counted, weight, cfg: _Shard):
+    """Per-row losses ``[N]`` of this shard's logits ``x [N, C/k]`` over the full vocabulary.
+
+    ``labels [N]`` are global class ids, ``row_w [N]`` is ``w[y]`` on counted rows (0 else),
+    ``weight`` the full ``[C]`` class weights (or None). The result is the same on every
+    shard of ``cfg.axis_name``; the backward is local (no collective).
+    """
+    return _ce_fwd(x, labels, row_w, counted, weight, cfg)[0]
+
+
+_ce_rows.defvjp(_ce_fwd, _ce_bwd)
+
+
+# --------------------------------------------------------------------- shared front end
+
+
+def _row_weights(y, counted, w, num_classes, dtype):
+    w_y = jnp.ones_like(y, dtype) if w is None else w.astype(dtype)[jnp.clip(y, 0, num_classes - 1)]
+    return jnp.where(counted, w_y, 0.0)
+
+
+def _counted(y, ignore_index, mask):
+    counted = y != ignore_index
+    return counted if mask is None else counted & mask.reshape(-1)
+
+
+def _reduce(losses, row_w, reduction, token_axis_name):
+    """The core's reduction; ``"mean"``/``"sum"`` summed over ``token_axis_name`` too."""
+    if reduction == "none" or token_axis_name is None:
+        return _core.reduce(losses, row_w.sum(), reduction)
+    total = lax.psum(losses.sum(), token_axis_name)
+    return _core.reduce(total, lax.psum(row_w.sum(), token_axis_name), reduction)
+
+
+def _vocab_size(local: int, axis_name: AxisName) -> int:
+    return local * lax.axis_size(axis_name)
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis_name: AxisName,
+    token_axis_name: AxisName | None = None,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+) -> jax.Array:
+    r"""Vocabulary-parallel :func:`jaxent.cross_entropy`, called inside ``jax.shard_map``.
+
+    Each device passes its block of the logits, holding classes
+    ``[i C/k, (i + 1) C/k)`` of the ``C`` classes, ``i`` its index along ``axis_name``
+    (``k`` devices). The result equals :func:`jaxent.cross_entropy` on the full logits
+    (same formula, label smoothing over all ``C`` classes):
+
+    .. math::
+        (1-\epsilon)\, w_y (\ell - z_y) + \frac{\epsilon}{C} \sum_c w_c (\ell - z_c)
+        + \lambda_z \ell^2,
+
+    with :math:`\ell` and :math:`z_y` combined across shards (``pmax``/``psum`` of ``[N]``
+    row statistics). The backward is local to each shard.
+
+    Use it in a ``shard_map`` with ``check_vma=True`` (the default): gradients through the
+    token-axis ``psum`` of ``"mean"``/``"sum"`` rely on JAX's varying/invariant typing and
+    are wrong under ``check_vma=False``.
+
+    Args:
+      logits: this device's float block ``[..., C/k, ...]``, classes along ``axis``.
+      labels: integer global class ids, ``logits.shape`` without ``axis`` (the same on every
+        shard of ``axis_name``).
+      axis_name: the mesh axis (or tuple of axes) the classes are sharded over.
+      token_axis_name: the mesh axis (or axes) the tokens are sharded over, if any; then
+        ``"mean"`` and ``"sum"`` are over all tokens (``psum``), as on one device.
+      axis: the class axis of the block.
+      weight: optional full per-class weights ``[C]`` (replicated; each shard reads its slice).
+      ignore_index, label_smoothing, reduction, where, z_loss, logit_softcap, temperature:
+        as in :func:`jaxent.cross_entropy`.
+
+    Returns:
+      A float32 scalar, the same on every device (global over ``token_axis_name``), or for
+      ``"none"`` this device's per-element losses shaped like ``labels``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> from jax.sharding import PartitionSpec as P
+      >>> from jax.sharding import AxisType
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
+      >>> x = jnp.array([[1.5, 0.3, 2.1], [2.0, 1.0, 0.1], [0.1, 2.2, 1.0]])
+      >>> y = jnp.array([2, 0, 1])
+      >>> loss = jax.shard_map(
+      ...     lambda x, y: jaxent.sharded.cross_entropy(x, y, axis_name="model"),
+      ...     mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P())(x, y)
+      >>> round(float(loss), 4)
+      0.4364
+    """
+    x = _checks.float_array(logits, "logits")
+    ax = _checks.normalize_axis(axis, x.ndim)
+    eps, zl, temp, cap = _checks.options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        temperature=temperature, logit_softcap=logit_softcap,
+    )
+    c = _vocab_size(x.shape[ax], axis_name)
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
+    y = _checks.int_labels(labels, batch_shape)
+    mask = _checks.where_mask(where, batch_shape)
+    w = _checks.class_weight(weight, c)
+    _checks.label_values(y, c, ignore_index, mask)
+
+    cfg = _Shard(_core.Options(eps, zl, temp, cap), axis_name, c)
+    rows = jnp.moveaxis(x, ax, -1).reshape(-1, x.shape[ax])
+    y = y.reshape(-1)
+    counted = _counted(y, ignore_index, mask)
+    row_w = _row_weights(y, counted, w, c, _core.compute_dtype(x.dtype))
+    losses = _ce_rows(rows, y, row_w, counted, w, cfg)
+    return _reduce(losses.reshape(batch_shape), row_w, reduction, token_axis_name)
+
+
+# --------------------------------------------------------------- fused linear rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearShard:
+    """Static configuration of the vocabulary-parallel linear loss."""
+
+    shard: _Shard  # global options, vocabulary axis and global vocabulary size
+    plan: _linear._Plan  # this shard's block walk (num_classes = local vocabulary)
+
+
+def _lin_fwd(sp: _LinearShard, h, kernel, bias, labels, row_w, counted, weight):
+    cfg, local = sp.shard, sp.plan.num_classes
+    off = _shard_offset(cfg.axis_name, local)
+    w_loc = _local_weight(weight, off, local)
+    m, log_s, zy, wz, _ = _linear._vocab_forward(sp.plan, h, kernel, bias, labels - off, w_loc)
+    wsum = None if wz is None else _class_weight_sum(w_loc, local)
+    m, log_s, zy, wz = combine_stats(m, log_s, zy, wz, wsum, cfg.axis_name)
+    loss = _linear.row_losses(m, log_s, zy, wz, labels, row_w, counted, weight, cfg.opts,
+                              cfg.num_classes)
+    return loss, (h, kernel, bias, labels, row_w, counted, weight, m + log_s)
+
+
+def _lin_bwd(sp: _LinearShard, res, g):
+    h, kernel, bias, labels, row_w, counted, weight, lse = res
+    cfg, local = sp.shard, sp.plan.num_classes
+    off = _shard_offset(cfg.axis_name, local)
+    coefs = _linear.grad_coefs(g, lse, labels, row_w, counted, weight, cfg.opts,
+                               cfg.num_classes)
+    dh, dk, db = _linear._vocab_backward(sp.plan, h, kernel, bias, labels - off, counted,
+                                         _local_weight(weight, off, local), lse, coefs)
+    # Every shard holds a partial d hidden (its classes' share): the one collective, [N, D].
+    dh = lax.psum(dh, cfg.axis_name)
+    # Inputs replicated over other axes (the kernel over the token axis) sum their partials.
+    dh, dk, db = (_linear.psum_to_type(ct, ref) for ct, ref in ((dh, h), (dk, kernel), (db, bias)))
+    dw = None if weight is None else jnp.zeros_like(weight)
+    return dh.astype(h.dtype), dk, db, None, jnp.zeros_like(row_w), None, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lin_rows(sp: _LinearShard, h, kernel, bias, labels, row_w, counted, weight):
+    """Per-token losses ``[N]`` of ``h [N, D] @ kernel`` (this shard's ``V/k`` columns).
+
+    The forward walks the local vocabulary in blocks (:mod:`jaxent.linear`'s online
+    statistics) and combines the ``[N]`` statistics across shards; the backward recomputes
+    each local block with the global ``lse`` and sums ``d hidden`` over the axis (``psum``).
+    """
+    return _lin_fwd(sp, h, kernel, bias, labels, row_w, counted, weight)[0]
+
+
+_lin_rows.defvjp(_lin_fwd, _lin_bwd)
+
+
+def _check_linear_like_core(hidden, kernel_shape, labels, **kw) -> None:
+    """Run :func:`jaxent.linear_cross_entropy`'s own validation on the global shapes.
+
+    Tracing it abstractly (``jax.eval_shape``: nothing is computed) raises exactly its errors
+    for shapes, layouts, dtypes and options; concrete ``labels`` get its value check.
+    """
+    spec = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+    kw = {k: spec(v) if k in ("bias", "weight", "where") else v for k, v in kw.items()}
+    k = jax.ShapeDtypeStruct(kernel_shape[0], kernel_shape[1])
+    jax.eval_shape(
+        lambda h, k, b, w, m: _linear.linear_cross_entropy(
+            h, k, labels, **{**kw, "bias": b, "weight": w, "where": m}),
+        spec(hidden), k, kw.get("bias"), kw.get("weight"), kw.get("where"))
+
+
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    kernel: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis_name: AxisName,
+    token_axis_name: AxisName | None = None,
+    bias: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+    kernel_layout: str = "dv",
+    block_size: int | None = None,
+) -> jax.Array:
+    r"""Vocabulary-parallel :func:`jaxent.linear_cross_entropy`, inside ``jax.shard_map``.
+
+    Each device holds the columns ``[i V/k, (i + 1) V/k)`` of the kernel (``[D, V/k]``, or
+    ``[V/k, D]`` with ``kernel_layout="vd"``) and of the bias, and the whole ``hidden`` of
+    its tokens. The result equals :func:`jaxent.linear_cross_entropy` on the full kernel:
+
+    .. math::
+        (1-\epsilon)\, w_y (\ell - z_y) + \frac{\epsilon}{V} \sum_c w_c (\ell - z_c)
+        + \lambda_z \ell^2,\qquad z = \mathrm{cap}\,\tanh\!\big((hW + b) / (T\,\mathrm{cap})\big).
+
+    Each shard walks its ``V/k`` classes in blocks of ``block_size`` (extra memory
+    ``O(N * block_size)``), the ``[N]`` row statistics are combined with ``pmax``/``psum``,
+    and the backward recomputes the local blocks and sums ``d hidden [N, D]`` over
+    ``axis_name`` (``psum``); ``d kernel`` and ``d bias`` stay local.
+    No ``[N, V]`` array exists anywhere.
+
+    Use it in a ``shard_map`` with ``check_vma=True`` (the default): the kernel gradient is
+    summed over the token axis because the kernel is typed as replicated there, and the
+    token-axis ``psum`` of the reduction is differentiated through that typing.
+
+    Args:
+      hidden: float ``[..., D]``, this device's tokens (the same on every shard of
+        ``axis_name``).
+      kernel: this device's float ``[D, V/k]`` (``"dv"``) or ``[V/k, D]`` (``"vd"``) block.
+      labels: integer global class ids, ``hidden.shape[:-1]``.
+      axis_name: the mesh axis (or tuple of axes) the vocabulary is sharded over.
+      token_axis_name: the mesh axis (or axes) the tokens are sharded over, if any
+        (``"mean"``/``"sum"`` are then over all tokens).
+      bias: optional this device's ``[V/k]`` block.
+      weight: optional full per-class weights ``[V]`` (replicated).
+      ignore_index, label_smoothing, reduction, where, z_loss, logit_softcap, temperature,
+        kernel_layout: as in :func:`jaxent.linear_cross_entropy`.
+      block_size: local vocabulary columns per block. The default gives each of the ``k``
+        shards ``1/k`` of the single-device block budget (:func:`jaxent.linear.
+        auto_block_sizes` for ``k N`` rows), so per-device memory shrinks with ``k``.
+
+    Returns:
+      A float32 scalar, the same on every device, or for ``"none"`` this device's
+      per-token losses shaped like ``labels``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> from jax.sharding import PartitionSpec as P
+      >>> from jax.sharding import AxisType
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
+      >>> h = jax.random.normal(jax.random.key(0), (6, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 50)) / 4
+      >>> y = jnp.array([1, 7, 49, 0, -100, 3])
+      >>> loss = jax.shard_map(
+      ...     lambda h, w, y: jaxent.sharded.linear_cross_entropy(h, w, y, axis_name="model"),
+      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P())(h, w, y)
+      >>> bool(jnp.allclose(loss, jaxent.cross_entropy(h @ w, y), rtol=1e-5))
+      True
+    """
+    h = _checks.float_array(hidden, "hidden")
+    k = _checks.float_array(kernel, "kernel")
+    if kernel_layout not in _linear.LAYOUTS:
+        raise ValueError(f"`kernel_layout` must be one of {_linear.LAYOUTS}, got "
+                         f"{kernel_layout!r}")
+    if k.ndim != 2:
+        raise ValueError(
+            f"`kernel` must be 2-D, [D, V] for kernel_layout='dv' or [V, D] for 'vd', got "
+            f"shape {tuple(k.shape)}")
+    vax = 1 if kernel_layout == "dv" else 0
+    local = k.shape[vax]
+    v = _vocab_size(local, axis_name)
+    kshape = tuple(v if i == vax else s for i, s in enumerate(k.shape))
+    b = None if bias is None else _checks.float_array(bias, "bias")
+    if b is not None and b.ndim == 1 and b.shape[0] == local:
+        b_global = jax.ShapeDtypeStruct((v,), b.dtype)
+    else:
+        b_global = b
+    _check_linear_like_core(
+        h, (kshape, k.dtype), labels, bias=b_global, weight=weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
+        logit_softcap=logit_softcap, temperature=temperature, kernel_layout=kernel_layout)
+    eps, zl, temp, cap = _checks.options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        temperature=temperature, logit_softcap=logit_softcap,
+    )
+    batch_shape = h.shape[:-1]
+    y = jnp.asarray(labels).reshape(-1)
+    mask = None if where is None else jnp.asarray(where)
+    w = _checks.class_weight(weight, v)
+    n, d = math.prod(batch_shape), h.shape[-1]
+    # The single-device block budget split over the k vocabulary shards: per-device
+    # work-space shrinks with k (as if each shard walked k times more rows).
+    bv = _linear.auto_block_sizes(n * lax.axis_size(axis_name), d, local)[0]
+    if block_size is not None:
+        bv = min(_linear._positive_int(block_size, "block_size"), local)
+    dtype = jnp.result_type(h.dtype, k.dtype)
+    acc = _core.compute_dtype(dtype)
+    opts = _core.Options(eps, zl, temp, cap)
+    plan = _linear._Plan(opts, local, kernel_layout, bv, 1, bv, False)
+    sp = _LinearShard(_Shard(opts, axis_name, v), plan)
+    counted = _counted(y, ignore_index, mask)
+    row_w = _row_weights(y, counted, w, v, acc)
+    wc = None if w is None else w.astype(acc)
+    losses = _lin_rows(sp, h.reshape(n, d).astype(dtype), k.astype(dtype),
+                       None if b is None else b.astype(dtype), y, row_w, counted, wc)
+    return _reduce(losses.reshape(batch_shape), row_w, reduction, token_axis_name)
+
+
+# ------------------------------------------------------------------- mesh-level wrappers
+
+
+def _axis_size(mesh: Mesh, names: AxisName | None) -> int:
+    if names is None:
+        return 1
+    names = names if isinstance(names, tuple) else (names,)
+    for n in names:
+        if n not in mesh.shape:
+            raise ValueError(f"mesh axis {n!r} is not in the mesh's axes {tuple(mesh.shape)}")
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def _divisible(size: int, mesh: Mesh, names: AxisName | None, what: str) -> None:
+    k = _axis_size(mesh, names)
+    if size % k:
+        raise ValueError(f"{what} ({size}) must be divisible by the size of mesh axis "
+                         f"{names!r} ({k})")
+
+
+def _place(mesh: Mesh, specs, args):
+    """Reshard ``args`` to ``specs`` on a mesh with explicit axes (auto axes need nothing:
+    ``shard_map`` reshards its inputs itself)."""
+    if not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return args
+    return tuple(a if a is None else jax.reshard(a, NamedSharding(mesh, s))
+                 for a, s in zip(args, specs, strict=True))
+
+
+def _spec(ndim: int, **dims) -> P:
+    """A PartitionSpec of rank ``ndim`` with the given ``{dim: axis}`` entries."""
+    entries = [None] * ndim
+    for d, name in dims.items():
+        entries[int(d[1:])] = name
+    return P(*entries)
+
+
+def shard_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    mesh: Mesh,
+    vocab_axis: AxisName = "model",
+    token_axis: AxisName | None = None,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """:func:`jaxent.cross_entropy` on global arrays, vocabulary-parallel over ``mesh``.
+
+    Wraps ``jax.shard_map`` around :func:`cross_entropy`: the class axis of ``logits`` is
+    split over ``vocab_axis``, the first other axis (the tokens) over ``token_axis`` when given
+    (a 2-D data x model mesh). Inputs may already be placed with those shardings (no data
+    moves then) or anywhere else (JAX reshards them). Values and gradients equal
+    :func:`jaxent.cross_entropy`'s; every option of it is supported.
+
+    Args:
+      logits: float ``[..., C, ...]`` (global), ``C`` divisible by the ``vocab_axis`` size.
+      labels: integer global class ids, ``logits.shape`` without ``axis``.
+      mesh: a ``jax.sharding.Mesh`` (e.g. ``jax.make_mesh((2, 4), ("data", "model"))``).
+      vocab_axis: mesh axis (or tuple of axes) for the classes.
+      token_axis: mesh axis (or axes) for the tokens, or None (tokens replicated).
+      axis, weight, ignore_index, label_smoothing, reduction, where, z_loss, logit_softcap,
+        temperature: as in :func:`jaxent.cross_entropy`.
+
+    Returns:
+      A float32 scalar (replicated), or for ``"none"`` losses shaped like ``labels`` and
+      sharded like them.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> x = jnp.array([[1.5, 0.3, 2.1], [2.0, 1.0, 0.1], [0.1, 2.2, 1.0]])
+      >>> y = jnp.array([2, 0, 1])
+      >>> loss = jaxent.sharded.shard_cross_entropy(x, y, mesh=mesh, token_axis="data")
+      >>> round(float(loss), 4)
+      0.4364
+    """
+    x = _checks.float_array(logits, "logits")
+    ax = _checks.normalize_axis(axis, x.ndim)
+    _checks.options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                    temperature=temperature, logit_softcap=logit_softcap)
+    c = x.shape[ax]
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
+    y = _checks.int_labels(labels, batch_shape)
+    mask = _checks.where_mask(where, batch_shape)
+    w = _checks.class_weight(weight, c)
+    _checks.label_values(y, c, ignore_index, mask)
+    _divisible(c, mesh, vocab_axis, "the number of classes")
+    tok_dim = 0 if ax != 0 else 1
+    if token_axis is not None:
+        if x.ndim < 2:
+            raise ValueError("`token_axis` needs logits with a token axis, got rank 1")
+        _divisible(x.shape[tok_dim], mesh, token_axis, f"logits.shape[{tok_dim}]")
+    kw = dict(axis_name=vocab_axis, token_axis_name=token_axis, axis=ax,
+              ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+              z_loss=z_loss, logit_softcap=logit_softcap, temperature=temperature)
+    return _shard_ce(x, y, w, mask, mesh, tuple(sorted(kw.items())))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _shard_ce(x, y, w, mask, mesh, kw):
+    kw = dict(kw)
+    ax, tok = kw["axis"], kw["token_axis_name"]
+    tok_dim = 0 if ax != 0 else 1
+    x_spec = _spec(x.ndim, **{f"d{ax}": kw["axis_name"], f"d{tok_dim}": tok})
+    y_spec = _spec(y.ndim, d0=tok) if y.ndim else P()
+    out_spec = y_spec if kw["reduction"] == "none" else P()
+
+    def body(x, y, w, mask):
+        return cross_entropy(x, y, weight=w, where=mask, **kw)
+
+    specs = (x_spec, y_spec, P(), None if mask is None else y_spec)
+    args = _place(mesh, specs, (x, y, w, mask))
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+
+
+def shard_linear_cross_entropy(
+    hidden: ArrayLike,
+    kernel: ArrayLike,
+    labels: ArrayLike,
+    *,
+    mesh: Mesh,
+    vocab_axis: AxisName = "model",
+    token_axis: AxisName | None = None,
+    bias: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+    kernel_layout: str = "dv",
+    block_size: int | None = None,
+) -> jax.Array:
+    """:func:`jaxent.linear_cross_entropy` on global arrays, vocabulary-parallel over ``mesh``.
+
+    Wraps ``jax.shard_map`` around :func:`linear_cross_entropy`: the kernel's vocabulary axis
+    (and the bias) is split over ``vocab_axis``, the first axis of ``hidden`` and ``labels``
+    (the tokens or the batch) over ``token_axis`` when given. Values and gradients (w.r.t.
+    ``hidden``, ``kernel``, ``bias``) equal :func:`jaxent.linear_cross_entropy`'s; per device
+    the vocabulary is walked in blocks, so no device ever holds more than ``N/d x block_size``
+    logits (``d`` the ``token_axis`` size).
+
+    Args:
+      hidden: float ``[..., D]`` (global); its first axis divisible by the ``token_axis`` size.
+      kernel: float ``[D, V]`` (``"dv"``) or ``[V, D]`` (``"vd"``), ``V`` divisible by the
+        ``vocab_axis`` size.
+      labels: integer class ids, ``hidden.shape[:-1]``.
+      mesh: a ``jax.sharding.Mesh``.
+      vocab_axis: mesh axis (or tuple of axes) for the vocabulary.
+      token_axis: mesh axis (or axes) for the tokens, or None (replicated).
+      bias, weight, ignore_index, label_smoothing, reduction, where, z_loss, logit_softcap,
+        temperature, kernel_layout: as in :func:`jaxent.linear_cross_entropy`.
+      block_size: vocabulary columns per block on each device (default: ``1/k`` of the
+        single-device block budget per device, ``k`` the ``vocab_axis`` size).
+
+    Returns:
+      A float32 scalar (replicated), or for ``"none"`` per-token losses shaped like
+      ``labels``, sharded like them.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> h = jax.random.normal(jax.random.key(0), (2, 3, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 50)) / 4
+      >>> y = jnp.array([[1, 7, 49], [0, -100, 3]])
+      >>> loss = jaxent.sharded.shard_linear_cross_entropy(h, w, y, mesh=mesh,
+      ...                                                  token_axis="data")
+      >>> bool(jnp.allclose(loss, jaxent.linear_cross_entropy(h, w, y), rtol=1e-5))
+      True
+    """
+    h = _checks.float_array(hidden, "hidden")
+    k = _checks.float_array(kernel, "kernel")
+    b = None if bias is None else _checks.float_array(bias, "bias")
+    w = None if weight is None else _checks.float_array(weight, "weight")
+    mask = None if where is None else jnp.asarray(where)
+    y = jnp.asarray(labels)
+    kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+              z_loss=z_loss, logit_softcap=logit_softcap, temperature=temperature,
+              kernel_layout=kernel_layout)
+    _check_linear_like_core(h, (k.shape, k.dtype), y, bias=b, weight=w, where=mask, **kw)
+    vax = 1 if kernel_layout == "dv" else 0
+    _divisible(k.shape[vax], mesh, vocab_axis, "the vocabulary size V")
+    if token_axis is not None:
+        if h.ndim < 2:
+            raise ValueError("`token_axis` needs hidden with a token axis, got rank 1")
+        _divisible(h.shape[0], mesh, token_axis, "hidden.shape[0]")
+    kw.update(axis_name=vocab_axis, token_axis_name=token_axis, block_size=block_size)
+    return _shard_lin(h, k, y, b, w, mask, mesh, tuple(sorted(kw.items())))
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7))
+def _shard_lin(h, k, y, b, w, mask, mesh, kw):
+    kw = dict(kw)
+    tok, vocab = kw["token_axis_name"], kw["axis_name"]
+    h_spec = _spec(h.ndim, d0=tok)
+    y_spec = _spec(y.ndim, d0=tok) if y.ndim else P()
+    k_spec = P(None, vocab) if kw["kernel_layout"] == "dv" else P(vocab, None)
+    specs = (h_spec, k_spec, y_spec, None if b is None else P(vocab), None if w is None else P(),
+             None if mask is None else y_spec)
+    out_spec = y_spec if kw["reduction"] == "none" else P()
+
+    def body(h, k, y, b, w, mask):
+        return linear_cross_entropy(h, k, y, bias=b, weight=w, where=mask, **kw)
+
+    args = _place(mesh, specs, (h, k, y, b, w, mask))
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)

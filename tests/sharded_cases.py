@@ -1,0 +1,337 @@
+"""Vocabulary-parallel losses on 8 simulated CPU devices (run by tests/test_sharded.py).
+
+This module needs ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts,
+so it is not collected with the rest of the suite (its name does not match ``test_*.py``);
+``tests/test_sharded.py`` runs it in a subprocess of its own:
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/sharded_cases.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jaxent  # noqa: E402
+from jaxent import sharded  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_"
+    "device_count=8 before JAX starts (tests/test_sharded.py does this in a subprocess)")
+
+N, V, D = 16, 64, 8  # tokens, vocabulary (8 per shard at 8 shards), hidden width
+MESHES = {
+    "model8": ((8,), ("model",), None),  # 1-D: vocabulary over 8 devices, tokens replicated
+    "data2xmodel4": ((2, 4), ("data", "model"), "data"),  # 2-D: tokens x vocabulary
+}
+REDUCTIONS = ["mean", "sum", "none"]
+# Option sets covering every option of the core (weight, ignore_index as a valid class id,
+# PyTorch label smoothing over the full vocabulary, z-loss, soft-cap, temperature, where).
+OPTIONS = {
+    "plain": {},
+    "weight_ignore_smooth": {"weight": True, "ignore_index": 2, "label_smoothing": 0.15},
+    "zloss_cap_temp": {"z_loss": 1e-3, "logit_softcap": 3.0, "temperature": 1.3,
+                       "label_smoothing": 0.1},
+    "where_weight": {"where": True, "weight": True},
+}
+
+
+def _mesh(name, axis_types=None):
+    shape, names, tok = MESHES[name]
+    return jax.make_mesh(shape, names, axis_types=axis_types), tok
+
+
+def _draw(rng, opts, *, shape=(N, V)):
+    c = shape[-1]
+    x = rng.normal(scale=2.0, size=shape).astype(np.float32)
+    y = rng.integers(0, c, size=shape[:-1]).astype(np.int32)
+    flat = y.reshape(-1)
+    flat[rng.choice(flat.size, size=2, replace=False)] = opts.get("ignore_index", -100)
+    kw = {k: v for k, v in opts.items() if k not in ("weight", "where")}
+    if opts.get("weight"):
+        kw["weight"] = jnp.asarray(rng.uniform(0.2, 2.0, size=c).astype(np.float32))
+    if opts.get("where"):
+        kw["where"] = jnp.asarray(rng.random(size=y.shape) > 0.3)
+    return x, jnp.asarray(y), kw
+
+
+def _value_and_grads(fn, args, cot):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(jax.tree.map(lambda o, c: jnp.asarray(c, o.dtype), out, cot))
+
+
+def _close(a, b, rtol=2e-5, atol=2e-6):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------- cross-entropy
+
+
+def _all_reductions(fn, **kw):
+    """``fn`` evaluated for every reduction at once (one compilation covers all three)."""
+    return lambda *args: tuple(fn(*args, reduction=r, **kw) for r in REDUCTIONS)
+
+
+def _cotangents(rng, labels_shape):
+    return tuple(rng.normal(size=() if r != "none" else labels_shape) for r in REDUCTIONS)
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("opt_name", list(OPTIONS))
+def test_cross_entropy_matches_single_device(rng, mesh_name, opt_name):
+    """Values and gradients of every reduction (one vjp over the three of them)."""
+    mesh, tok = _mesh(mesh_name)
+    x, y, kw = _draw(rng, OPTIONS[opt_name])
+    cot = _cotangents(rng, y.shape)
+    ref = _value_and_grads(
+        jax.jit(_all_reductions(lambda a, **o: jaxent.cross_entropy(a, y, **o), **kw)),
+        (jnp.asarray(x),), cot)
+    got = _value_and_grads(
+        jax.jit(_all_reductions(lambda a, **o: sharded.shard_cross_entropy(
+            a, y, mesh=mesh, token_axis=tok, **o), **kw)),
+        (jnp.asarray(x),), cot)
+    _close(got, ref)
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_cross_entropy_class_axis_1(rng, mesh_name):
+    """PyTorch's (N, C, d) layout: the class axis is 1, tokens (axis 0) over the data axis."""
+    mesh, tok = _mesh(mesh_name)
+    x, y, kw = _draw(rng, {"label_smoothing": 0.1}, shape=(4, 3, V))
+    x = np.moveaxis(x, -1, 1)
+    ref = _value_and_grads(lambda a: jaxent.cross_entropy(a, y, axis=1, **kw), (x,), 1.0)
+    got = _value_and_grads(lambda a: sharded.shard_cross_entropy(
+        a, y, mesh=mesh, token_axis=tok, axis=1, **kw), (x,), 1.0)
+    _close(got, ref)
+
+
+def test_cross_entropy_shard_with_only_minus_inf(rng):
+    """A shard whose logits are all -inf for some rows (a masked vocabulary range)."""
+    mesh, _ = _mesh("model8")
+    x, y, kw = _draw(rng, {})
+    x[:4, : V // 8] = -np.inf  # rows 0..3: the first shard holds only -inf
+    y = jnp.where(jnp.arange(N) < 4, V - 1, y)
+    ref = _value_and_grads(lambda a: jaxent.cross_entropy(a, y, z_loss=1e-3), (x,), 1.0)
+    got = _value_and_grads(lambda a: sharded.shard_cross_entropy(a, y, mesh=mesh, z_loss=1e-3),
+                           (x,), 1.0)
+    _close(got, ref)
+
+
+def test_cross_entropy_bf16(rng):
+    mesh, tok = _mesh("data2xmodel4")
+    x, y, kw = _draw(rng, {"label_smoothing": 0.1})
+    xb = jnp.asarray(x, jnp.bfloat16)
+    ref = _value_and_grads(lambda a: jaxent.cross_entropy(a, y, **kw), (xb,), 1.0)
+    got = _value_and_grads(
+        lambda a: sharded.shard_cross_entropy(a, y, mesh=mesh, token_axis=tok, **kw), (xb,), 1.0)
+    assert got[0].dtype == jnp.float32 and got[1][0].dtype == jnp.bfloat16
+    _close(got, ref, rtol=1e-2, atol=1e-3)
+
+
+def test_out_of_range_labels():
+    """Concrete labels: the core's ValueError; traced labels: nan, as in the core."""
+    mesh, tok = _mesh("data2xmodel4")
+    x = jnp.zeros((N, V))
+    y = jnp.zeros((N,), jnp.int32).at[5].set(V)
+    with pytest.raises(ValueError) as ref_err:
+        jaxent.cross_entropy(x, y)
+    with pytest.raises(ValueError) as err:
+        sharded.shard_cross_entropy(x, y, mesh=mesh, token_axis=tok)
+    assert str(err.value) == str(ref_err.value)
+    out = jax.jit(lambda x, y: sharded.shard_cross_entropy(
+        x, y, mesh=mesh, token_axis=tok, reduction="none"))(x, y)
+    out = np.asarray(out)
+    assert np.isnan(out[5]) and np.isfinite(np.delete(out, 5)).all()
+    h, k = jnp.zeros((N, D)), jnp.zeros((D, V))
+    with pytest.raises(ValueError) as ref_err:
+        jaxent.linear_cross_entropy(h, k, y)
+    with pytest.raises(ValueError) as err:
+        sharded.shard_linear_cross_entropy(h, k, y, mesh=mesh, token_axis=tok)
+    assert str(err.value) == str(ref_err.value)
+
+
+def test_bad_arguments_same_errors_as_core():
+    mesh, _ = _mesh("model8")
+    x, y = jnp.zeros((N, V)), jnp.zeros((N,), jnp.int32)
+    for kw in ({"reduction": "avg"}, {"label_smoothing": 2.0}, {"weight": jnp.ones(3)}):
+        with pytest.raises(ValueError) as ref_err:
+            jaxent.cross_entropy(x, y, **kw)
+        with pytest.raises(ValueError) as err:
+            sharded.shard_cross_entropy(x, y, mesh=mesh, **kw)
+        assert str(err.value) == str(ref_err.value)
+    with pytest.raises(ValueError, match="divisible"):
+        sharded.shard_cross_entropy(jnp.zeros((N, 60)), y, mesh=mesh)
+    with pytest.raises(ValueError) as ref_err:
+        jaxent.linear_cross_entropy(jnp.zeros((N, D)), jnp.zeros((V, D)), y)
+    with pytest.raises(ValueError) as err:
+        sharded.shard_linear_cross_entropy(jnp.zeros((N, D)), jnp.zeros((V, D)), y, mesh=mesh)
+    assert str(err.value) == str(ref_err.value)
+
+
+def test_inside_user_shard_map_auto_mesh(rng):
+    """The per-shard function in the user's own jitted shard_map on an Auto-typed 2-D mesh."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    x, y, kw = _draw(rng, {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3})
+    w = kw.pop("weight")
+
+    def loss(x, y, w):
+        return sharded.cross_entropy(x, y, axis_name="model", token_axis_name="data",
+                                     weight=w, **kw)
+
+    fn = jax.jit(jax.value_and_grad(jax.shard_map(
+        loss, mesh=mesh, in_specs=(P("data", "model"), P("data"), P()), out_specs=P())))
+    got = fn(x, y, w)
+    ref = jax.value_and_grad(lambda a: jaxent.cross_entropy(a, y, weight=w, **kw))(x)
+    _close(got, ref)
+
+
+# ----------------------------------------------------------------- fused linear
+
+
+def _draw_linear(rng, opts, layout):
+    x, y, kw = _draw(rng, opts)
+    h = rng.normal(size=(N, D)).astype(np.float32)
+    k = (rng.normal(size=(D, V)) / 2).astype(np.float32)
+    if layout == "vd":
+        k = k.T.copy()
+    b = rng.normal(size=(V,)).astype(np.float32)
+    return h, k, b, y, kw
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("opt_name", list(OPTIONS))
+def test_linear_matches_single_device(rng, mesh_name, opt_name):
+    """Values and gradients (hidden, kernel, bias) of every reduction."""
+    mesh, tok = _mesh(mesh_name)
+    layout = "vd" if opt_name == "zloss_cap_temp" else "dv"
+    h, k, b, y, kw = _draw_linear(rng, OPTIONS[opt_name], layout)
+    kw["kernel_layout"] = layout
+    cot = _cotangents(rng, y.shape)
+    ref = _value_and_grads(jax.jit(_all_reductions(
+        lambda h, k, b, **o: jaxent.linear_cross_entropy(h, k, y, bias=b, block_size=16, **o),
+        **kw)), (h, k, b), cot)
+    got = _value_and_grads(jax.jit(_all_reductions(
+        lambda h, k, b, **o: sharded.shard_linear_cross_entropy(
+            h, k, y, bias=b, mesh=mesh, token_axis=tok, block_size=4, **o), **kw)),
+        (h, k, b), cot)
+    _close(got, ref, rtol=2e-5, atol=5e-6)
+
+
+def test_linear_batch_layout_no_bias(rng):
+    """``hidden [B, T, D]`` with the batch over the data axis, default block sizes."""
+    mesh, tok = _mesh("data2xmodel4")
+    h = rng.normal(size=(4, 4, D)).astype(np.float32)
+    k = (rng.normal(size=(D, V)) / 2).astype(np.float32)
+    y = jnp.asarray(rng.integers(0, V, size=(4, 4)), jnp.int32)
+    ref = _value_and_grads(lambda h, k: jaxent.linear_cross_entropy(h, k, y), (h, k), 1.0)
+    got = _value_and_grads(lambda h, k: sharded.shard_linear_cross_entropy(
+        h, k, y, mesh=mesh, token_axis=tok), (h, k), 1.0)
+    _close(got, ref, atol=5e-6)
+
+
+# ------------------------------------------------------------- compiled programs
+
+
+def _all_gathers(text: str) -> list[tuple[int, ...]]:
+    """Result shapes of the all-gathers in an HLO module's text."""
+    shapes = []
+    for line in text.splitlines():
+        m = re.search(r"=\s*\(?(\w+)\[([\d,]*)\][^=]*\ball-gather(-start)?\(", line)
+        if m:
+            shapes.append(tuple(int(s) for s in m.group(2).split(",") if s))
+    return shapes
+
+
+def _no_full_logits_gather(text: str, n: int, v: int) -> None:
+    for shape in _all_gathers(text):
+        assert not (n in shape and v in shape), f"all-gather of logits-sized {shape}"
+        assert v not in shape, f"all-gather along the vocabulary: {shape}"
+
+
+def test_hlo_has_no_logits_all_gather():
+    """Neither the sharded losses nor their gradients gather [N, V] (or any vocab-sized) data."""
+    n, v, d = 64, 1024, 32
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    sh = lambda *spec: NamedSharding(mesh, P(*spec))  # noqa: E731
+    x = jax.ShapeDtypeStruct((n, v), jnp.float32, sharding=sh("data", "model"))
+    y = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sh("data"))
+    h = jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=sh("data"))
+    k = jax.ShapeDtypeStruct((d, v), jnp.float32, sharding=sh(None, "model"))
+    ce = jax.jit(jax.value_and_grad(lambda x, y: sharded.shard_cross_entropy(
+        x, y, mesh=mesh, token_axis="data", label_smoothing=0.1, z_loss=1e-4)))
+    _no_full_logits_gather(ce.lower(x, y).compile().as_text(), n, v)
+    lin = jax.jit(jax.value_and_grad(lambda h, k, y: sharded.shard_linear_cross_entropy(
+        h, k, y, mesh=mesh, token_axis="data", label_smoothing=0.1), argnums=(0, 1)))
+    text = lin.lower(h, k, y).compile().as_text()
+    _no_full_logits_gather(text, n, v)
+    assert "all-reduce" in text  # the [N] statistics and d hidden are reduced, nothing else
+
+
+def test_gspmd_plain_jit_cross_entropy(rng):
+    """jaxent.cross_entropy under plain jit on logits sharded (tokens x vocabulary) on an
+    Auto-typed mesh: GSPMD partitions it without gathering the logits."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    x, y, kw = _draw(rng, {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3})
+    xs = jax.device_put(x, NamedSharding(mesh, P("data", "model")))
+    ys = jax.device_put(y, NamedSharding(mesh, P("data")))
+    fn = jax.jit(jax.value_and_grad(lambda a, b: jaxent.cross_entropy(a, b, **kw)))
+    _no_full_logits_gather(fn.lower(xs, ys).compile().as_text(), N, V)
+    got = fn(xs, ys)
+    assert got[1].sharding.spec == P("data", "model")
+    _close(got, jax.value_and_grad(lambda a: jaxent.cross_entropy(a, y, **kw))(x))
+
+
+# ------------------------------------------------------------------------- memory
+
+
+def test_linear_temp_memory_per_device_at_8_shards():
+    """Per-device temporaries of the vocabulary-parallel linear loss (value and gradients) at
+    8 vocabulary shards are at most 1/6 of the single-device function's at the same shape."""
+    n, d, v = 2048, 512, 131072  # 2K tokens, a 128K vocabulary (Llama 3 sized)
+    mesh = jax.make_mesh((8,), ("model",))
+    sh = lambda *spec: NamedSharding(mesh, P(*spec))  # noqa: E731
+    h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    k = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+    single = jax.jit(jax.value_and_grad(
+        lambda h, k, y: jaxent.linear_cross_entropy(h, k, y), argnums=(0, 1)))
+    ref = single.lower(h, k, y).compile().memory_analysis().temp_size_in_bytes
+    hs = jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=sh())
+    ks = jax.ShapeDtypeStruct((d, v), jnp.float32, sharding=sh(None, "model"))
+    ys = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sh())
+    par = jax.jit(jax.value_and_grad(
+        lambda h, k, y: sharded.shard_linear_cross_entropy(h, k, y, mesh=mesh), argnums=(0, 1)))
+    got = par.lower(hs, ks, ys).compile().memory_analysis().temp_size_in_bytes
+    print(f"temp bytes: single device {ref / 2**20:.1f} MiB, per device at 8 shards "
+          f"{got / 2**20:.1f} MiB, ratio {got / ref:.3f}")
+    assert got <= ref / 6
+
+
+def test_linear_inside_data_parallel_shard_map(rng):
+    """The single-device jaxent.linear_cross_entropy on local tokens in a data-parallel
+    shard_map (kernel replicated): its custom_vjp returns the kernel gradient summed over
+    the data axis, typed like the kernel, for both block schedules."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    h, k, b, y, _ = _draw_linear(rng, {}, "dv")
+
+    for impl in ("vocab", "token"):
+        def loss(h, k, b, y, impl=impl):
+            part = jaxent.linear_cross_entropy(h, k, y, bias=b, reduction="sum", impl=impl,
+                                               block_size=16)
+            return jax.lax.psum(part, "data")
+
+        fn = jax.jit(jax.value_and_grad(jax.shard_map(
+            loss, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")), out_specs=P()),
+            argnums=(0, 1, 2)))
+        ref = jax.value_and_grad(lambda h, k, b: jaxent.linear_cross_entropy(
+            h, k, y, bias=b, reduction="sum"), argnums=(0, 1, 2))(h, k, b)
+        _close(fn(h, k, b, y), ref, atol=2e-5)

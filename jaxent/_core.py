@@ -122,6 +122,10 @@ def shifted_stats(x: jax.Array, opts: Options) -> tuple[jax.Array, jax.Array]:
     """
     n, c = x.shape
     k = _split(c)
+    if k == 1:
+        m = transform(row_max(x), opts)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        return m, jnp.log(jnp.exp(transform(x, opts) - m[:, None]).sum(axis=-1))
     xr = x.reshape(n * k, c // k)
     m = transform(row_max(xr).reshape(n, k).max(axis=-1), opts)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -154,8 +158,29 @@ def _pick(x, labels, opts: Options):
     """Transformed target logits ``z_y [N]`` (clamped index) and whether labels are in range."""
     c = x.shape[1]
     safe = jnp.clip(labels, 0, c - 1)
-    z_y = transform(jnp.take_along_axis(_fresh(x), safe[:, None], axis=1)[:, 0], opts)
+    if _classes_explicitly_sharded(x):
+        # A gather across an explicitly sharded axis is refused; a masked sum reduces
+        # (one psum of [N]) instead of gathering logits.
+        onehot = jax.lax.broadcasted_iota(safe.dtype, x.shape, 1) == safe[:, None]
+        z_y = transform(jnp.where(onehot, x, jnp.zeros((), x.dtype)).sum(axis=1), opts)
+    else:
+        z_y = transform(jnp.take_along_axis(_fresh(x), safe[:, None], axis=1)[:, 0], opts)
     return z_y, (labels >= 0) & (labels < c)
+
+
+def take_class(values: jax.Array, labels: jax.Array) -> jax.Array:
+    """``values[clip(labels)]`` for a per-class vector, laid out like ``labels``."""
+    safe = jnp.clip(labels, 0, values.shape[0] - 1)
+    sharding = getattr(jax.typeof(labels), "sharding", None)
+    if sharding is not None and getattr(sharding, "spec", None) and any(sharding.spec):
+        return values.at[safe].get(out_sharding=sharding)  # explicit mesh: say where
+    return values[safe]
+
+
+def _classes_explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x [N, C]`` carries an explicit sharding of its class axis (explicit mesh)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and len(spec) > 1 and spec[1] is not None
 
 
 def _label_loss(x, z_y, m, log_s, row_w, weight, opts: Options):

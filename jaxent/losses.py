@@ -128,7 +128,7 @@ def _labels_loss(x, y, w, mask, ax, ignore_index, opts, reduction):
     if mask is not None:
         counted = counted & mask.reshape(-1)
     dtype = _loss_dtype(x.dtype)
-    w_y = jnp.ones_like(y, dtype) if w is None else w.astype(dtype)[jnp.clip(y, 0, c - 1)]
+    w_y = jnp.ones_like(y, dtype) if w is None else _core.take_class(w.astype(dtype), y)
     row_w = jnp.where(counted, w_y, 0.0)
     losses = _core.label_rows(_rows(x, ax), y, row_w, counted, w, opts)
     return _core.reduce(losses.reshape(batch_shape), row_w.sum(), reduction)

@@ -276,16 +276,20 @@ def test_hlo_has_no_logits_all_gather():
     assert "all-reduce" in text  # the [N] statistics and d hidden are reduced, nothing else
 
 
-def test_gspmd_plain_jit_cross_entropy(rng):
-    """jaxent.cross_entropy under plain jit on logits sharded (tokens x vocabulary) on an
-    Auto-typed mesh: GSPMD partitions it without gathering the logits."""
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_gspmd_plain_jit_cross_entropy(rng, axis_type):
+    """jaxent.cross_entropy under plain jit on logits sharded (tokens x vocabulary), on an
+    Auto-typed mesh (GSPMD propagation) and on an Explicit one (sharding in types): no
+    gather of the logits either way."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"),
+                         axis_types=(getattr(AxisType, axis_type),) * 2)
     x, y, kw = _draw(rng, {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3})
     xs = jax.device_put(x, NamedSharding(mesh, P("data", "model")))
     ys = jax.device_put(y, NamedSharding(mesh, P("data")))
     fn = jax.jit(jax.value_and_grad(lambda a, b: jaxent.cross_entropy(a, b, **kw)))
-    _no_full_logits_gather(fn.lower(xs, ys).compile().as_text(), N, V)
-    got = fn(xs, ys)
+    with jax.set_mesh(mesh):
+        _no_full_logits_gather(fn.lower(xs, ys).compile().as_text(), N, V)
+        got = fn(xs, ys)
     assert got[1].sharding.spec == P("data", "model")
     _close(got, jax.value_and_grad(lambda a: jaxent.cross_entropy(a, y, **kw))(x))
 

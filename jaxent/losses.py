@@ -121,7 +121,6 @@ def cross_entropy(
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def _labels_loss(x, y, w, mask, ax, ignore_index, opts, reduction):
-    c = x.shape[ax]
     batch_shape = y.shape
     y = y.reshape(-1)
     counted = y != ignore_index

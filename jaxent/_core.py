@@ -121,7 +121,8 @@ def shifted_stats(x: jax.Array, opts: Options) -> tuple[jax.Array, jax.Array]:
     reductions slow down 2-3x beyond 32K; a 3-D view would be folded back into one row).
     """
     n, c = x.shape
-    k = _split(c)
+    # 16-bit rows are not split: XLA:CPU would then materialize their float32 upcast.
+    k = _split(c) if x.dtype == compute_dtype(x.dtype) else 1
     if k == 1:
         m = transform(row_max(x), opts)
         m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -132,6 +133,7 @@ def shifted_stats(x: jax.Array, opts: Options) -> tuple[jax.Array, jax.Array]:
     e = jnp.exp(transform(xr, opts) - jnp.repeat(m, k)[:, None])
     log_s = jnp.log(e.sum(axis=-1).reshape(n, k).sum(axis=-1))
     return m, log_s
+
 
 
 def _fresh(x: jax.Array) -> jax.Array:

@@ -359,6 +359,20 @@ def test_compiled_memory_no_more_than_optax(dtype, residual):
     assert ours <= bound, f"jaxent {ours / 1e6:.1f} MB, optax {theirs / 1e6:.1f} MB"
 
 
+@pytest.mark.parametrize("shape", [(4096, 32000), (2048, 128256)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_keeps_no_logits_sized_temporaries(shape, dtype):
+    """The loss alone (and value_and_grad in both residual modes) at LM vocabularies needs
+    well under 1% of the logits' bytes of temporaries: no upcast copy, no probabilities."""
+    x = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+    y = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+    logits_bytes = shape[0] * shape[1] * jnp.dtype(dtype).itemsize
+    for fn in [jaxent.cross_entropy,
+               jax.value_and_grad(jaxent.cross_entropy),
+               jax.value_and_grad(lambda a, b: jaxent.cross_entropy(a, b, residual="lse"))]:
+        assert _temp_bytes(fn, x, y) < 0.01 * logits_bytes
+
+
 # ------------------------------------------------------------------- numerical safety
 
 

@@ -1,0 +1,338 @@
+"""The public losses: cross-entropy with integer labels or probability targets, NLL, binary.
+
+All functions are pure and compose with ``jax.jit``, ``jax.vmap`` and ``jax.grad``. They follow
+PyTorch's ``torch.nn.functional`` semantics (``weight``, ``ignore_index``,
+``label_smoothing``, ``reduction``) with one deliberate difference: a ``"mean"`` over zero
+counted elements is ``0.0`` with zero gradient, where PyTorch returns ``nan``, so that a fully
+padded micro-batch cannot poison training.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxent import _checks, _core
+
+
+def _rows(logits: jax.Array, axis: int) -> jax.Array:
+    """Move the class axis last and flatten the rest: ``[..., C] -> [N, C]``."""
+    x = jnp.moveaxis(logits, axis, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _loss_dtype(dtype) -> jnp.dtype:
+    return _core.compute_dtype(dtype)
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+) -> jax.Array:
+    r"""Softmax cross-entropy with integer class labels (``F.cross_entropy``).
+
+    With :math:`z = \mathrm{cap}\,\tanh(x / (T\,\mathrm{cap}))` (the cap optional),
+    :math:`\ell = \log\sum_c e^{z_c}`, class weights :math:`w`, smoothing :math:`\epsilon`
+    and :math:`C` classes, each counted element contributes
+
+    .. math::
+        (1-\epsilon)\, w_y (\ell - z_y) + \frac{\epsilon}{C} \sum_c w_c (\ell - z_c)
+        + \lambda_z \ell^2 .
+
+    ``"mean"`` divides the sum by :math:`\sum w_y` over counted elements (PyTorch).
+    Gradients are hand-written (``jax.custom_vjp``): the forward keeps one float per row.
+
+    Args:
+      logits: float array ``[..., C, ...]``, classes along ``axis``; bf16/f16 are
+        accumulated in float32.
+      labels: integer array, ``logits.shape`` without ``axis``.
+      axis: the class axis; PyTorch's ``(N, C, d1, ..., dk)`` layout is ``axis=1``.
+      weight: optional per-class weights ``[C]`` (treated as constants).
+      ignore_index: label value that counts for nothing (may be a valid class id).
+      label_smoothing: in ``[0, 1]``, PyTorch's definition including ``weight``.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``labels``).
+      where: optional boolean mask shaped like ``labels``; ``False`` is excluded like
+        an ignored label.
+      z_loss: coefficient of ``logsumexp(z)**2`` per counted element (PaLM).
+      logit_softcap: if given, logits become ``cap * tanh(logits / cap)`` (Gemma 2).
+      temperature: logits are divided by it before everything else.
+
+    Returns:
+      float32 (float64 for float64 logits) scalar, or ``labels.shape`` for ``"none"``.
+      Labels outside ``[0, C)`` raise ``ValueError`` when concrete; under ``jit`` their
+      losses are ``nan`` (and ``jax.experimental.checkify`` reports them).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> logits = jnp.array([[0.5, 0.2, 0.3], [0.1, 0.8, 0.1]])
+      >>> round(float(jaxent.cross_entropy(logits, jnp.array([0, 1]))), 4)
+      0.8148
+      >>> round(float(jaxent.cross_entropy(jnp.array([[2.0, 1.0, 0.1]]), jnp.array([0]))), 4)
+      0.417
+      >>> x = jnp.array([[1.5, 0.3, 2.1], [2.0, 1.0, 0.1], [0.1, 2.2, 1.0]])
+      >>> y = jnp.array([2, 0, 1])
+      >>> round(float(jaxent.cross_entropy(x, y)), 4)
+      0.4364
+      >>> round(float(jaxent.cross_entropy(x, y, weight=jnp.array([1.0, 2.0, 3.0]))), 4)
+      0.4567
+
+    References:
+      PyTorch ``torch.nn.CrossEntropyLoss``:
+      https://pytorch.org/docs/stable/generated/torch.nn.CrossEntropyLoss.html
+    """
+    x = _checks.float_array(logits, "logits")
+    ax = _checks.normalize_axis(axis, x.ndim)
+    eps, zl, temp, cap = _checks.options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        temperature=temperature, logit_softcap=logit_softcap,
+    )
+    c = x.shape[ax]
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
+    y = _checks.int_labels(labels, batch_shape)
+    mask = _checks.where_mask(where, batch_shape)
+    w = _checks.class_weight(weight, c)
+    _checks.label_values(y, c, ignore_index, mask)
+
+    return _labels_loss(x, y, w, mask, ax, ignore_index, _core.Options(eps, zl, temp, cap),
+                        reduction)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _labels_loss(x, y, w, mask, ax, ignore_index, opts, reduction):
+    c = x.shape[ax]
+    batch_shape = y.shape
+    y = y.reshape(-1)
+    counted = y != ignore_index
+    if mask is not None:
+        counted = counted & mask.reshape(-1)
+    dtype = _loss_dtype(x.dtype)
+    w_y = jnp.ones_like(y, dtype) if w is None else w.astype(dtype)[jnp.clip(y, 0, c - 1)]
+    row_w = jnp.where(counted, w_y, 0.0)
+    losses = _core.label_rows(_rows(x, ax), y, row_w, counted, w, opts)
+    return _core.reduce(losses.reshape(batch_shape), row_w.sum(), reduction)
+
+
+def soft_cross_entropy(
+    logits: ArrayLike,
+    targets: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+) -> jax.Array:
+    r"""Softmax cross-entropy with probability targets (one-hot or soft).
+
+    With the smoothed targets :math:`t' = (1-\epsilon) t + \epsilon / C` and the notation of
+    :func:`cross_entropy`, each counted element contributes
+
+    .. math:: \sum_c w_c t'_c (\ell - z_c) + \lambda_z \ell^2,
+
+    with :math:`0 \cdot \log 0 = 0`: a class with no target mass contributes nothing even at a
+    ``-inf`` logit. ``"mean"`` divides by the number of counted elements (PyTorch, also
+    with ``weight``). Differentiable in ``logits`` and in ``targets`` (distillation).
+
+    Args:
+      logits: float array ``[..., C, ...]``, classes along ``axis``.
+      targets: float array, same shape as ``logits``; each slice along ``axis`` is a
+        distribution (not checked, as in PyTorch).
+      axis, weight, label_smoothing, reduction, where, z_loss, logit_softcap, temperature:
+        as in :func:`cross_entropy`; ``where`` is shaped like ``logits`` without ``axis``.
+
+    Returns:
+      float32 scalar, or ``logits.shape`` without ``axis`` for ``"none"``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> logits = jnp.array([[2.0, 1.0, 0.1]])
+      >>> onehot = jax.nn.one_hot(jnp.array([0]), 3)
+      >>> round(float(jaxent.soft_cross_entropy(logits, onehot)), 4)
+      0.417
+      >>> teacher = jax.nn.softmax(jnp.array([[1.0, 3.0, 0.0]]) / 2.0)
+      >>> round(float(jaxent.soft_cross_entropy(logits, teacher, temperature=2.0)), 4)
+      1.1373
+    """
+    x = _checks.float_array(logits, "logits")
+    ax = _checks.normalize_axis(axis, x.ndim)
+    eps, zl, temp, cap = _checks.options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        temperature=temperature, logit_softcap=logit_softcap,
+    )
+    t = jnp.asarray(targets)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        raise TypeError(
+            f"`targets` must be floating-point probabilities, got dtype {t.dtype}; for integer "
+            "class labels use jaxent.cross_entropy"
+        )
+    _checks.expect_shape(t, x.shape, "targets", "the same shape as logits")
+    c = x.shape[ax]
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
+    mask = _checks.where_mask(where, batch_shape)
+    w = _checks.class_weight(weight, c)
+
+    return _targets_loss(x, t, w, mask, ax, _core.Options(eps, zl, temp, cap), reduction)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _targets_loss(x, t, w, mask, ax, opts, reduction):
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
+    n = _rows(x, ax).shape[0]
+    counted = jnp.ones((n,), bool) if mask is None else mask.reshape(-1)
+    losses = _core.target_rows(_rows(x, ax), _rows(t, ax), counted, w, opts)
+    return _core.reduce(losses.reshape(batch_shape), counted.sum(), reduction)
+
+
+def nll_loss(
+    log_probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Negative log-likelihood of integer labels given log-probabilities (``F.nll_loss``).
+
+    .. math:: -w_y \log p_y, \qquad \text{mean} = \frac{\sum -w_y \log p_y}{\sum w_y}
+
+    Args:
+      log_probs: float array ``[..., C, ...]`` (e.g. ``jax.nn.log_softmax``), classes
+        along ``axis``.
+      labels, axis, weight, ignore_index, reduction, where: as in :func:`cross_entropy`.
+
+    Returns:
+      A scalar, or ``labels.shape`` for ``"none"``, in the accumulation dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> x = jnp.array([[1.5, 0.3, 2.1], [2.0, 1.0, 0.1], [0.1, 2.2, 1.0]])
+      >>> y = jnp.array([2, 0, 1])
+      >>> round(float(jaxent.nll_loss(jax.nn.log_softmax(x), y)), 4)
+      0.4364
+    """
+    lp = _checks.float_array(log_probs, "log_probs")
+    ax = _checks.normalize_axis(axis, lp.ndim)
+    _checks.options(reduction=reduction)
+    c = lp.shape[ax]
+    batch_shape = lp.shape[:ax] + lp.shape[ax + 1 :]
+    y = _checks.int_labels(labels, batch_shape)
+    mask = _checks.where_mask(where, batch_shape)
+    w = _checks.class_weight(weight, c)
+    _checks.label_values(y, c, ignore_index, mask)
+
+    return _nll(lp, y, w, mask, ax, ignore_index, reduction)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _nll(lp, y, w, mask, ax, ignore_index, reduction):
+    c = lp.shape[ax]
+    batch_shape = y.shape
+    dtype = _loss_dtype(lp.dtype)
+    y = y.reshape(-1)
+    counted = y != ignore_index
+    if mask is not None:
+        counted = counted & mask.reshape(-1)
+    valid = (y >= 0) & (y < c)
+    safe = jnp.clip(y, 0, c - 1)
+    picked = jnp.take_along_axis(_rows(lp, ax), safe[:, None], axis=1)[:, 0].astype(dtype)
+    w_y = jnp.ones_like(picked) if w is None else w.astype(dtype)[safe]
+    row_w = jnp.where(counted, w_y, 0.0)
+    # Select, never multiply, so that -inf log-probabilities of ignored rows stay out.
+    losses = jnp.where(counted, jnp.where(valid, -row_w * picked, jnp.nan), 0.0)
+    return _core.reduce(losses.reshape(batch_shape), row_w.sum(), reduction)
+
+
+def binary_cross_entropy(
+    logits: ArrayLike,
+    targets: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    pos_weight: ArrayLike | None = None,
+    reduction: str = "mean",
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Sigmoid binary cross-entropy on logits (``F.binary_cross_entropy_with_logits``).
+
+    With :math:`\sigma` the sigmoid, target :math:`t \in [0, 1]`, positive-class weight
+    :math:`p` and element weight :math:`w`:
+
+    .. math:: -w \left[p\, t \log \sigma(x) + (1 - t) \log (1 - \sigma(x))\right],
+
+    computed as :math:`w[(1-t)x + (1 + (p - 1)t)\,\mathrm{softplus}(-x)]`, finite for any
+    finite ``x``. ``"mean"`` averages over the counted elements.
+
+    Args:
+      logits: float array of any shape.
+      targets: float array, same shape, values in ``[0, 1]``.
+      weight: optional weights broadcastable to ``logits``.
+      pos_weight: optional weights of positive examples, broadcastable to ``logits`` (one
+        per class along the last axis, as in PyTorch).
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      where: optional boolean mask shaped like ``logits``.
+
+    Returns:
+      float32 scalar, or ``logits.shape`` for ``"none"``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> x = jnp.array([0.8, -1.2, 2.5])
+      >>> t = jnp.array([1.0, 0.0, 1.0])
+      >>> round(float(jaxent.binary_cross_entropy(x, t)), 4)
+      0.2378
+    """
+    x = _checks.float_array(logits, "logits")
+    _checks.options(reduction=reduction)
+    t = _checks.float_array(targets, "targets")
+    _checks.expect_shape(t, x.shape, "targets", "the same shape as logits")
+    mask = _checks.where_mask(where, x.shape)
+    pw = None if pos_weight is None else _broadcastable(pos_weight, x.shape, "pos_weight")
+    w = None if weight is None else _broadcastable(weight, x.shape, "weight")
+    return _binary(x, t, w, pw, mask, reduction)
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _binary(x, t, w, pw, mask, reduction):
+    dtype = _loss_dtype(x.dtype)
+    x, t = x.astype(dtype), t.astype(dtype)
+    softplus_neg = jax.nn.softplus(-x)
+    if pw is None:
+        losses = (1.0 - t) * x + softplus_neg
+    else:
+        losses = (1.0 - t) * x + (1.0 + (pw.astype(dtype) - 1.0) * t) * softplus_neg
+    if w is not None:
+        losses = losses * w.astype(dtype)
+    if mask is None:
+        return _core.reduce(losses, jnp.asarray(losses.size, dtype), reduction)
+    losses = jnp.where(mask, losses, 0.0)
+    return _core.reduce(losses, mask.sum(), reduction)
+
+
+def _broadcastable(value: ArrayLike, shape: tuple[int, ...], name: str) -> jax.Array:
+    arr = _checks.float_array(value, name)
+    try:
+        ok = jnp.broadcast_shapes(arr.shape, shape) == tuple(shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`{name}` must be broadcastable to the logits' shape {shape}, got shape {arr.shape}"
+        )
+    return jnp.broadcast_to(arr, shape)

@@ -103,7 +103,7 @@ class Case:
 CE_SHAPES = ((8192, 1000), (4096, 32000), (2048, 128256), (65536, 10))
 LINEAR_SHAPES = ((4096, 1024, 32000), (2048, 2048, 128256))
 QUICK_CE_SHAPES = ((2048, 1000), (512, 32000), (128, 128256), (16384, 10))
-QUICK_LINEAR_SHAPES = ((512, 256, 32000),)
+QUICK_LINEAR_SHAPES = ((256, 256, 32000),)
 
 
 def default_cases(quick: bool = False) -> list[Case]:
@@ -379,6 +379,30 @@ def _build_cut_ce(case: Case, inputs: dict) -> Runner | None:
     return runner
 
 
+def load_extra(spec: str) -> list[Contender]:
+    """Contenders from ``NAME=path/to/file.py:function`` (a CE loss ``f(logits, labels)``).
+
+    Gives two contenders, ``NAME`` and ``NAME (donated logits)``: a way to measure a candidate
+    formulation beside the others without touching the package.
+    """
+    import importlib.util
+
+    name, _, target = spec.partition("=")
+    path, _, attr = target.rpartition(":")
+    mod_spec = importlib.util.spec_from_file_location(f"_bench_extra_{attr}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    fn = getattr(module, attr)
+
+    def build(case: Case, inputs: dict, donate: bool = False) -> Runner | None:
+        if case.kind != CE or (donate and case.mode == FWD):
+            return None
+        return jax_runner(fn, case, inputs, donate=donate)
+
+    return [Contender(name, build),
+            Contender(f"{name} (donated logits)", lambda c, i: build(c, i, donate=True))]
+
+
 def _importable(module: str) -> bool:
     import importlib.util
 
@@ -538,6 +562,11 @@ def run_case(case: Case, contenders: Sequence[Contender], rounds: int,
     return results
 
 
+def case_rounds(case: Case, rounds: int) -> int:
+    """Timed rounds for a case: the matmul-bound linear cases get half (at least 2)."""
+    return max(2, rounds // 2) if case.kind == LINEAR else rounds
+
+
 def run_suite(cases: Sequence[Case], contenders: Sequence[Contender], rounds: int = 5,
               progress: bool = True, copy_bytes: int = 256 * 2**20) -> dict[str, Any]:
     """Run every case; returns ``{"copy_bandwidth": ..., "results": [Result, ...]}``."""
@@ -547,11 +576,12 @@ def run_suite(cases: Sequence[Case], contenders: Sequence[Contender], rounds: in
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(cases) * rounds, desc="bench", unit="round", file=sys.stderr)
+        total = sum(case_rounds(c, rounds) for c in cases)
+        bar = tqdm(total=total, desc="bench", unit="round", file=sys.stderr)
     for case in cases:
         if bar:
             bar.set_postfix_str(case.name)
-        results += run_case(case, contenders, rounds, copy["reference"],
+        results += run_case(case, contenders, case_rounds(case, rounds), copy["reference"],
                             on_step=bar.update if bar else None)
     if bar:
         bar.close()
@@ -587,7 +617,25 @@ def to_json(suite: dict[str, Any]) -> str:
     """The results as JSON (times in seconds, memory in bytes)."""
     return json.dumps({"copy_bandwidth": suite["copy_bandwidth"],
                        "environment": environment(),
+                       "argv": sys.argv[1:],
+                       "notes": suite.get("notes", []),
                        "results": [dataclasses.asdict(r) for r in suite["results"]]}, indent=1)
+
+
+def load_json(paths: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Merge saved ``--json`` runs (the first run's copy bandwidth heads the table)."""
+    results: list[Result] = []
+    notes: list[str] = []
+    copy = None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        copy = copy or data["copy_bandwidth"]
+        results += [Result(**r) for r in data["results"]]
+        notes.append(f"from {path}: `python -m jaxent.bench {' '.join(data.get('argv', []))}`, "
+                     f"copy bandwidth {data['copy_bandwidth']['reference']:.1f} GB/s")
+        notes += [n for n in data.get("notes", []) if n not in notes]
+    return {"copy_bandwidth": copy, "results": results}, notes
 
 
 def plot(suite: dict[str, Any], path: str) -> None:
@@ -664,6 +712,22 @@ def results_markdown(suite: dict[str, Any], argv: Sequence[str], notes: Sequence
     return "\n".join(head) + to_markdown(suite) + "\n"
 
 
+ANALYSIS_HEADING = "## Analysis"
+
+
+def write_results(path: str, generated: str) -> None:
+    """Write ``generated``, keeping a hand-written ``## Analysis`` section of an existing file."""
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if ANALYSIS_HEADING in old:
+            kept = "\n" + old[old.index(ANALYSIS_HEADING):]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(generated + kept)
+
+
 # -------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxent.bench", description=__doc__.split("\n")[0])
@@ -675,7 +739,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="write RESULTS.md (default benchmarks/RESULTS.md)")
     p.add_argument("--gpu", action="store_true", help="run on the GPU (adds Liger, Apple CCE)")
     p.add_argument("--only", default="", help="substring filter on case names")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=FILE.py:FUNC",
+                   help="add a CE loss f(logits, labels) as a contender (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--from-json", nargs="+", metavar="FILE.json",
+                   help="report (table, --plot, --write) saved --json runs instead of running")
     return p.parse_args(argv)
 
 
@@ -690,18 +758,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-    cases = [c for c in default_cases(args.quick) if args.only in c.name]
     contenders, notes = default_contenders(args.gpu)
-    rounds = args.rounds or (3 if args.quick else 5)
-    suite = run_suite(cases, contenders, rounds, progress=not args.no_progress)
+    if args.from_json:
+        suite, notes = load_json(args.from_json)
+    else:
+        cases = [c for c in default_cases(args.quick) if args.only in c.name]
+        for spec in args.extra:
+            contenders += load_extra(spec)
+        rounds = args.rounds or (3 if args.quick else 5)
+        suite = run_suite(cases, contenders, rounds, progress=not args.no_progress)
+        suite["notes"] = notes
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     print(to_json(suite) if args.json else to_markdown(suite))
     if args.plot:
         plot(suite, args.plot)
     if args.write:
-        with open(args.write, "w") as f:
-            f.write(results_markdown(suite, argv, notes))
+        write_results(args.write, results_markdown(suite, argv, notes))
     return suite
 
 

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -738,7 +739,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write", nargs="?", const="benchmarks/RESULTS.md", metavar="PATH",
                    help="write RESULTS.md (default benchmarks/RESULTS.md)")
     p.add_argument("--gpu", action="store_true", help="run on the GPU (adds Liger, Apple CCE)")
-    p.add_argument("--only", default="", help="substring filter on case names")
+    p.add_argument("--only", default="", help="regular expression searched in case names")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=FILE.py:FUNC",
                    help="add a CE loss f(logits, labels) as a contender (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -762,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.from_json:
         suite, notes = load_json(args.from_json)
     else:
-        cases = [c for c in default_cases(args.quick) if args.only in c.name]
+        cases = [c for c in default_cases(args.quick) if re.search(args.only, c.name)]
         for spec in args.extra:
             contenders += load_extra(spec)
         rounds = args.rounds or (3 if args.quick else 5)

@@ -472,7 +472,8 @@ class Result:
     dtype: str
 
 
-def measure_copy_bandwidth(nbytes: int = 256 * 2**20, rounds: int = 5) -> dict[str, float]:
+def measure_copy_bandwidth(nbytes: int = 256 * 2**20, rounds: int = 5,
+                           gpu: bool = False) -> dict[str, float]:
     """Copy bandwidth (GB/s, read + write) into an existing buffer, measured now.
 
     JAX: ``x + 1`` jitted with the input donated (written in place). torch: ``out.copy_(x)``.
@@ -489,12 +490,15 @@ def measure_copy_bandwidth(nbytes: int = 256 * 2**20, rounds: int = 5) -> dict[s
     if _importable("torch"):
         import torch
 
-        src, dst = torch.ones(n), torch.empty(n)
+        dev = _torch_device(gpu)
+        src, dst = torch.ones(n, device=dev), torch.empty(n, device=dev)
         dst.copy_(src)
         times = []
         for _ in range(rounds):
             t = time.perf_counter()
             dst.copy_(src)
+            if gpu:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         out["torch_copy_"] = 2 * nbytes / statistics.median(times) / 1e9
     out["reference"] = max(out.values())
@@ -569,9 +573,10 @@ def case_rounds(case: Case, rounds: int) -> int:
 
 
 def run_suite(cases: Sequence[Case], contenders: Sequence[Contender], rounds: int = 5,
-              progress: bool = True, copy_bytes: int = 256 * 2**20) -> dict[str, Any]:
+              progress: bool = True, copy_bytes: int = 256 * 2**20,
+              gpu: bool = False) -> dict[str, Any]:
     """Run every case; returns ``{"copy_bandwidth": ..., "results": [Result, ...]}``."""
-    copy = measure_copy_bandwidth(copy_bytes)
+    copy = measure_copy_bandwidth(copy_bytes, gpu=gpu)
     results: list[Result] = []
     bar = None
     if progress:
@@ -751,10 +756,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.gpu and jax.default_backend() == "cpu":
-        raise SystemExit("--gpu: JAX sees no GPU (install jax[cuda12]) ")
-    if not args.gpu and jax.default_backend() != "cpu":
+    if not args.gpu:  # before any backend starts: a CPU run stays on the CPU
         jax.config.update("jax_platforms", "cpu")
+    elif jax.default_backend() == "cpu":
+        raise SystemExit("--gpu: JAX sees no GPU (install jax[cuda12])")
     if _importable("torch") and not args.gpu:
         import torch
 
@@ -767,7 +772,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for spec in args.extra:
             contenders += load_extra(spec)
         rounds = args.rounds or (3 if args.quick else 5)
-        suite = run_suite(cases, contenders, rounds, progress=not args.no_progress)
+        suite = run_suite(cases, contenders, rounds, progress=not args.no_progress,
+                          gpu=args.gpu)
         suite["notes"] = notes
     for n in notes:
         print(f"note: {n}", file=sys.stderr)

@@ -632,16 +632,17 @@ def load_json(paths: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """Merge saved ``--json`` runs (the first run's copy bandwidth heads the table)."""
     results: list[Result] = []
     notes: list[str] = []
-    copy = None
+    copy = env = None
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         copy = copy or data["copy_bandwidth"]
+        env = env or data.get("environment")
         results += [Result(**r) for r in data["results"]]
         notes.append(f"from {path}: `python -m jaxent.bench {' '.join(data.get('argv', []))}`, "
                      f"copy bandwidth {data['copy_bandwidth']['reference']:.1f} GB/s")
         notes += [n for n in data.get("notes", []) if n not in notes]
-    return {"copy_bandwidth": copy, "results": results}, notes
+    return {"copy_bandwidth": copy, "environment": env, "results": results}, notes
 
 
 def plot(suite: dict[str, Any], path: str) -> None:
@@ -693,18 +694,22 @@ def environment() -> dict[str, str]:
         "jax": jax.__version__,
         "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
     }
-    for mod in ("jaxlib", "optax", "torch", "jax_cce", "liger_kernel", "cut_cross_entropy"):
+    from importlib import metadata
+
+    for dist in ("jaxlib", "optax", "torch", "jax-cce", "liger-kernel", "cut-cross-entropy"):
         try:
-            m = __import__(mod)
-            env[mod] = getattr(m, "__version__", "installed")
-        except ImportError:
+            env[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             pass
     return env
 
 
 def results_markdown(suite: dict[str, Any], argv: Sequence[str], notes: Sequence[str]) -> str:
-    """The full RESULTS.md body: command line, machine, versions, date, notes and table."""
-    env = environment()
+    """The full RESULTS.md body: command line, machine, versions, date, notes and table.
+
+    For a report of saved runs, the machine, versions and date are those of the first run.
+    """
+    env = suite.get("environment") or environment()
     head = [
         "# Benchmark results",
         "",
@@ -713,6 +718,7 @@ def results_markdown(suite: dict[str, Any], argv: Sequence[str], notes: Sequence
         *(f"- {k}: {v}" for k, v in env.items()),
         "",
         *(f"- note: {n}" for n in notes),
+        "",
         "",
     ]
     return "\n".join(head) + to_markdown(suite) + "\n"

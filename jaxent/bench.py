@@ -652,31 +652,32 @@ def plot(suite: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
     rows = [r for r in suite["results"] if r.kind == CE and r.mode == FWD_BWD]
-    for (name, dtype), style in _series(rows):
-        pts = sorted((r.c, r.ratio, r.temp_bytes) for r in rows
-                     if r.contender == name and r.dtype == dtype)
-        label = f"{name} {'bf16' if dtype == 'bfloat16' else 'f32'}"
-        cs = [p[0] for p in pts]
-        ax_t.plot(cs, [p[1] for p in pts], style, marker="o", label=label)
-        mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None]
-        if mem:
-            ax_m.plot([m[0] for m in mem], [m[1] for m in mem], style, marker="o", label=label)
-    ax_t.set(xscale="log", xlabel="vocabulary size C", ylabel="time / optax",
-             title="cross-entropy value_and_grad: time ratio")
+    names = sorted({r.contender for r in rows})
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    for name in names:
+        for dtype, style in (("float32", "-"), ("bfloat16", "--")):
+            pts = sorted((r.c, r.ratio, r.temp_bytes) for r in rows
+                         if r.contender == name and r.dtype == dtype)
+            if not pts:
+                continue
+            label = f"{name} {'bf16' if dtype == 'bfloat16' else 'f32'}"
+            kw = {"color": colors[name], "linestyle": style, "marker": "o", "label": label}
+            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+            mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None]
+            if mem:
+                ax_m.plot([m[0] for m in mem], [m[1] for m in mem], **kw)
+    ax_t.set(xscale="log", yscale="log", xlabel="vocabulary size C", ylabel="time / optax",
+             title="cross-entropy value_and_grad: time ratio (f32 solid, bf16 dashed)")
     ax_t.axhline(1.0, color="gray", lw=0.8)
-    ax_m.set(xscale="log", yscale="symlog", xlabel="vocabulary size C",
-             ylabel="compiled temp MiB", title="compiled temporary memory (JAX)")
-    ax_t.legend(fontsize=7)
-    ax_m.legend(fontsize=7)
+    ax_m.set(xscale="log", xlabel="vocabulary size C", ylabel="compiled temp MiB",
+             title="compiled temporary memory (JAX contenders)")
+    ax_m.set_yscale("symlog", linthresh=1.0)
+    ax_m.set_ylim(bottom=0)
+    ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def _series(rows: Sequence[Result]) -> list[tuple[tuple[str, str], str]]:
-    keys = sorted({(r.contender, r.dtype) for r in rows})
-    return [(k, "-" if k[1] == "float32" else "--") for k in keys]
+    fig.savefig(path, dpi=110)
 
 
 def environment() -> dict[str, str]:

@@ -675,7 +675,8 @@ def plot(suite: dict[str, Any], path: str) -> None:
              title="compiled temporary memory (JAX contenders)")
     ax_m.set_yscale("symlog", linthresh=1.0)
     ax_m.set_ylim(bottom=0)
-    ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if ax_m.get_legend_handles_labels()[0]:
+        ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -76,7 +76,9 @@ def int_labels(labels: ArrayLike, shape: Sequence[int], name: str = "labels") ->
             "(one-hot or soft) targets use jaxent.soft_cross_entropy"
         )
     if not jnp.issubdtype(arr.dtype, jnp.integer):
-        raise TypeError(f"`{name}` must be an integer array of class indices, got dtype {arr.dtype}")
+        raise TypeError(
+            f"`{name}` must be an integer array of class indices, got dtype {arr.dtype}"
+        )
     expect_shape(arr, shape, name, "the logits' shape without the class axis")
     return arr
 

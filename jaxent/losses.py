@@ -9,6 +9,8 @@ padded micro-batch cannot poison training.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -104,7 +106,14 @@ def cross_entropy(
     w = _checks.class_weight(weight, c)
     _checks.label_values(y, c, ignore_index, mask)
 
-    opts = _core.Options(eps, zl, temp, cap)
+    return _labels_loss(x, y, w, mask, ax, ignore_index, _core.Options(eps, zl, temp, cap),
+                        reduction)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _labels_loss(x, y, w, mask, ax, ignore_index, opts, reduction):
+    c = x.shape[ax]
+    batch_shape = y.shape
     y = y.reshape(-1)
     counted = y != ignore_index
     if mask is not None:
@@ -158,7 +167,7 @@ def soft_cross_entropy(
       0.417
       >>> teacher = jax.nn.softmax(jnp.array([[1.0, 3.0, 0.0]]) / 2.0)
       >>> round(float(jaxent.soft_cross_entropy(logits, teacher, temperature=2.0)), 4)
-      1.3003
+      1.1373
     """
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
@@ -178,7 +187,12 @@ def soft_cross_entropy(
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
 
-    opts = _core.Options(eps, zl, temp, cap)
+    return _targets_loss(x, t, w, mask, ax, _core.Options(eps, zl, temp, cap), reduction)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _targets_loss(x, t, w, mask, ax, opts, reduction):
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     n = _rows(x, ax).shape[0]
     counted = jnp.ones((n,), bool) if mask is None else mask.reshape(-1)
     losses = _core.target_rows(_rows(x, ax), _rows(t, ax), counted, w, opts)
@@ -224,6 +238,13 @@ def nll_loss(
     w = _checks.class_weight(weight, c)
     _checks.label_values(y, c, ignore_index, mask)
 
+    return _nll(lp, y, w, mask, ax, ignore_index, reduction)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _nll(lp, y, w, mask, ax, ignore_index, reduction):
+    c = lp.shape[ax]
+    batch_shape = y.shape
     dtype = _loss_dtype(lp.dtype)
     y = y.reshape(-1)
     counted = y != ignore_index
@@ -275,23 +296,29 @@ def binary_cross_entropy(
       >>> x = jnp.array([0.8, -1.2, 2.5])
       >>> t = jnp.array([1.0, 0.0, 1.0])
       >>> round(float(jaxent.binary_cross_entropy(x, t)), 4)
-      0.2169
+      0.2378
     """
     x = _checks.float_array(logits, "logits")
     _checks.options(reduction=reduction)
     t = _checks.float_array(targets, "targets")
     _checks.expect_shape(t, x.shape, "targets", "the same shape as logits")
     mask = _checks.where_mask(where, x.shape)
+    pw = None if pos_weight is None else _broadcastable(pos_weight, x.shape, "pos_weight")
+    w = None if weight is None else _broadcastable(weight, x.shape, "weight")
+    return _binary(x, t, w, pw, mask, reduction)
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _binary(x, t, w, pw, mask, reduction):
     dtype = _loss_dtype(x.dtype)
     x, t = x.astype(dtype), t.astype(dtype)
     softplus_neg = jax.nn.softplus(-x)
-    if pos_weight is None:
+    if pw is None:
         losses = (1.0 - t) * x + softplus_neg
     else:
-        pw = _broadcastable(pos_weight, x.shape, "pos_weight").astype(dtype)
-        losses = (1.0 - t) * x + (1.0 + (pw - 1.0) * t) * softplus_neg
-    if weight is not None:
-        losses = losses * _broadcastable(weight, x.shape, "weight").astype(dtype)
+        losses = (1.0 - t) * x + (1.0 + (pw.astype(dtype) - 1.0) * t) * softplus_neg
+    if w is not None:
+        losses = losses * w.astype(dtype)
     if mask is None:
         return _core.reduce(losses, jnp.asarray(losses.size, dtype), reduction)
     losses = jnp.where(mask, losses, 0.0)

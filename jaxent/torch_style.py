@@ -28,7 +28,7 @@ class CrossEntropyLoss:
       >>> loss_fn = jaxent.CrossEntropyLoss(label_smoothing=0.1)
       >>> x = jnp.array([[1.5, 0.3, 2.1], [2.0, 1.0, 0.1]])
       >>> round(float(loss_fn(x, jnp.array([2, 0]))), 4)
-      0.5733
+      0.5663
     """
 
     weight: ArrayLike | None = None
@@ -41,6 +41,12 @@ class CrossEntropyLoss:
         common = dict(axis=_class_axis(x), weight=self.weight, reduction=self.reduction,
                       label_smoothing=self.label_smoothing)
         if jnp.issubdtype(t.dtype, jnp.floating):
+            if self.ignore_index != -100:
+                raise ValueError(
+                    f"`ignore_index`={self.ignore_index} is not supported for probability "
+                    "targets (floating-point `target`), as in PyTorch; mask with "
+                    "jaxent.soft_cross_entropy(..., where=...) instead"
+                )
             return soft_cross_entropy(x, t, **common)
         return cross_entropy(x, t, ignore_index=self.ignore_index, **common)
 

@@ -465,12 +465,13 @@ def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int, int]:
     """Default ``(block_size, token_block_size, dkernel_block)`` for ``n`` tokens, width
     ``d``, vocabulary ``v``.
 
-    Every blocked temporary aims at about 8M float32 elements (32 MB): ``[n, block_size]``
-    logits in the vocabulary schedule; ``[token_block_size, v]`` logits and
-    ``[d, block_size]`` kernel-gradient slices in the token schedule.
+    Blocked temporaries aim at about 8M float32 elements (32 MB): ``[n, block_size]``
+    logits in the vocabulary schedule and ``[d, block_size]`` kernel-gradient slices in the
+    token schedule; its ``[token_block_size, v]`` logits get 16M (64 MB).
     """
     bv = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(n, 1))))
-    bn = min(max(n, 1), max(16, _pow2_floor(_BLOCK_ELEMS / v)))
+    # token blocks get twice the budget: a 64-token block starves the matmuls at V = 128K
+    bn = min(max(n, 1), max(16, _pow2_floor(2 * _BLOCK_ELEMS / v)))
     bw = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(d, 1))))
     return bv, bn, bw
 

@@ -467,11 +467,12 @@ def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int, int]:
 
     Blocked temporaries aim at about 8M float32 elements (32 MB): ``[n, block_size]``
     logits in the vocabulary schedule and ``[d, block_size]`` kernel-gradient slices in the
-    token schedule; its ``[token_block_size, v]`` logits get 16M (64 MB).
+    token schedule; its ``[token_block_size, v]`` logits get 32M (128 MB).
     """
     bv = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(n, 1))))
-    # token blocks get twice the budget: a 64-token block starves the matmuls at V = 128K
-    bn = min(max(n, 1), max(16, _pow2_floor(2 * _BLOCK_ELEMS / v)))
+    # token blocks get 4x the budget: 64- and 128-token blocks ran 1.75x and 2.4x naive at
+    # V = 128K, 256-token blocks 0.97x-1.19x (benchmarks/linear_notes.md)
+    bn = min(max(n, 1), 256, max(16, _pow2_floor(4 * _BLOCK_ELEMS / v)))
     bw = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(d, 1))))
     return bv, bn, bw
 

@@ -506,12 +506,14 @@ def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int, int]:
     """Default ``(block_size, token_block_size, dkernel_block)`` for ``n`` tokens, width
     ``d``, vocabulary ``v``.
 
-    Every blocked temporary aims at about 8M float32 elements (32 MB): ``[n, block_size]``
-    logits in the vocabulary schedule; ``[token_block_size, v]`` logits and
-    ``[d, block_size]`` kernel-gradient slices in the token schedule.
+    Blocked temporaries aim at about 8M float32 elements (32 MB): ``[n, block_size]``
+    logits in the vocabulary schedule and ``[d, block_size]`` kernel-gradient slices in the
+    token schedule; its ``[token_block_size, v]`` logits get 32M (128 MB).
     """
     bv = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(n, 1))))
-    bn = min(max(n, 1), max(16, _pow2_floor(_BLOCK_ELEMS / v)))
+    # token blocks get 4x the budget: 64- and 128-token blocks ran 1.75x and 2.4x naive at
+    # V = 128K, 256-token blocks 0.97x-1.19x (benchmarks/linear_notes.md)
+    bn = min(max(n, 1), 256, max(16, _pow2_floor(4 * _BLOCK_ELEMS / v)))
     bw = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(d, 1))))
     return bv, bn, bw
 

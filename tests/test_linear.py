@@ -297,5 +297,5 @@ def test_memory_is_blocked(dtype):
 
 def test_auto_block_sizes():
     bv, bn, bw = linear_mod.auto_block_sizes(8192, 2048, 128256)
-    assert bv * 8192 <= 8 * 2**20 and bn * 128256 <= 8 * 2**20 and bw * 2048 <= 8 * 2**20
+    assert bv * 8192 <= 8 * 2**20 and bn * 128256 <= 32 * 2**20 and bw * 2048 <= 8 * 2**20
     assert linear_mod.auto_block_sizes(4, 8, 50) == (50, 4, 50)

@@ -254,12 +254,9 @@ def fused_loss(
     ``hidden`` is ``[N, D]``, ``embedding`` the tied ``[V, D]`` table, ``targets`` ``[N]`` with
     -100 for padding.
     """
-    if hasattr(jaxent, "linear_cross_entropy"):
-        return jaxent.linear_cross_entropy(
-            hidden, embedding, targets, kernel_layout="vd", ignore_index=IGNORE, z_loss=z_loss,
-            reduction=reduction)
-    # FALLBACK until jaxent.linear_cross_entropy lands: materializes the [N, V] logits.
-    return naive_loss(hidden, embedding, targets, z_loss=z_loss, reduction=reduction)
+    return jaxent.linear_cross_entropy(
+        hidden, embedding, targets, kernel_layout="vd", ignore_index=IGNORE, z_loss=z_loss,
+        reduction=reduction)
 
 
 def naive_loss(
@@ -418,7 +415,6 @@ def train(
 
     result["tokens_per_s"] = timed_tokens / max(timed_seconds, 1e-9)
     result["memory"] = loss_memory(batch_size * cfg.seq_len, cfg.d_model, cfg.vocab_size)
-    result["fused"] = hasattr(jaxent, "linear_cross_entropy")
     result["sample"] = generate(model, data.vocab, "The", sample_tokens, seed=seed)
     result["wall_time_s"] = time.perf_counter() - start
     if out_dir is not None:
@@ -431,12 +427,11 @@ def train(
 def report(r: dict) -> str:
     """The human-readable summary that ``main`` prints."""
     m, c = r["memory"], r["config"]
-    head = "jaxent.linear_cross_entropy" if r["fused"] else "FALLBACK naive head (no fused loss)"
     lines = [
         f"model: {r['parameters']:,} parameters, vocab {c['vocab_size']}, d_model "
         f"{c['d_model']}, {c['num_layers']} layers; {r['train_rows']} train rows, "
         f"{r['val_rows']} validation rows of {c['seq_len']} tokens",
-        f"loss: {head}",
+        "loss: jaxent.linear_cross_entropy (tied head, ignore_index padding, z-loss)",
         *(f"step {s:5d}  train {t:.3f}  val {v:.3f}"
           for (s, t), (_, v) in zip(r["train_loss"], r["val_loss"][1:], strict=True)),
         f"validation loss {r['val_loss'][-1][1]:.3f} nats/token (untrained "

@@ -16,9 +16,12 @@ Per row, with ``z = cap * tanh((x / T) / cap)`` (the soft-cap optional), ``m = m
     loss = sum_c w_c t'_c (lse - z_c) + zl lse^2,   with 0 * log 0 = 0.
 
 Differences ``lse - z`` are formed as ``log s - (z - m)`` so that large logits do not cancel.
-The forward keeps only ``lse`` per row (``O(rows)`` residuals, not the ``[rows, C]``
-probabilities); the backward recomputes ``p = exp(z - lse)`` and writes the gradient in one
-fused elementwise expression::
+Evaluated without differentiation, only the row statistics are formed. Under differentiation
+the gradient is written in one fused elementwise expression, either in the forward
+(``residual="grad"``, the default: ``e = exp(z - m)`` is computed once, summed and turned into
+the gradient in place; the backward only scales it by the cotangent, which XLA fuses) or in the
+backward (``residual="lse"``: the forward keeps ``lse`` per row, the backward recomputes
+``p = exp(z - lse)``)::
 
     d loss / d z_c = g [p_c A - (1 - e) r [c = y] - (e / C) w_c],
     A = (1 - e) r + (e / C) sum(w) + 2 zl lse          (integer labels)
@@ -224,20 +227,18 @@ def _row_scale(counted, valid, dtype):
     return jnp.where(counted, jnp.where(valid, 1.0, jnp.nan), 0.0).astype(dtype)
 
 
-def _labels_primal(x, labels, row_w, counted, weight, opts: Options):
+def _labels_lse(x, labels, row_w, counted, weight, opts: Options):
+    """Per-row losses and log-sum-exp from the row statistics (no ``[N, C]`` output)."""
     m, log_s = shifted_stats(x, opts)
     z_y, valid = _pick(x, labels, opts)
     loss = _label_loss(x, z_y, m, log_s, row_w, weight, opts)
-    return jnp.where(counted, jnp.where(valid, loss, jnp.nan), 0.0)
+    return jnp.where(counted, jnp.where(valid, loss, jnp.nan), 0.0), m + log_s
 
 
 def _labels_fwd(x, labels, row_w, counted, weight, opts: Options):
     if opts.residual == "lse":
-        m, log_s = shifted_stats(x, opts)
-        z_y, valid = _pick(x, labels, opts)
-        loss = _label_loss(x, z_y, m, log_s, row_w, weight, opts)
-        loss = jnp.where(counted, jnp.where(valid, loss, jnp.nan), 0.0)
-        return loss, (x, labels, row_w, counted, weight, m + log_s)
+        loss, lse = _labels_lse(x, labels, row_w, counted, weight, opts)
+        return loss, (x, labels, row_w, counted, weight, lse)
     # Gradient in the forward: one exp per element. e = exp(z - m) is stored once (in the
     # logits' dtype), summed, and turned into the gradient in place; the backward only
     # scales it, which XLA fuses into the producer under jit(value_and_grad).
@@ -290,7 +291,7 @@ def label_rows(x, labels, row_w, counted, weight, opts: Options):
     that contribute, ``weight [C]`` (or None) the class weights used by label smoothing.
     Returns ``[N]`` losses in the accumulation dtype; out-of-range labels give ``nan``.
     """
-    return _labels_primal(x, labels, row_w, counted, weight, opts)
+    return _labels_lse(x, labels, row_w, counted, weight, opts)[0]
 
 
 label_rows.defvjp(

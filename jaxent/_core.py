@@ -182,6 +182,17 @@ def take_class(values: jax.Array, labels: jax.Array) -> jax.Array:
     return values[safe]
 
 
+def counted_rows(labels, where, weight, ignore_index: int, dtype):
+    """Flat labels, which rows count (not ``ignore_index``, inside ``where``) and their
+    weights ``w[y]`` (0 where not counted); the mean's denominator is the sum of the latter."""
+    y = labels.reshape(-1)
+    counted = y != ignore_index
+    if where is not None:
+        counted = counted & where.reshape(-1)
+    w_y = jnp.ones(y.shape, dtype) if weight is None else take_class(weight.astype(dtype), y)
+    return y, counted, jnp.where(counted, w_y, 0.0)
+
+
 def _classes_explicitly_sharded(x: jax.Array) -> bool:
     """Whether ``x [N, C]`` carries an explicit sharding of its class axis (explicit mesh)."""
     spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)

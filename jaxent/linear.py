@@ -679,12 +679,7 @@ def linear_cross_entropy(
     h2 = h.reshape(n, d).astype(dtype)
     k = k.astype(dtype)
     b = None if b is None else b.astype(dtype)
-    y = y.reshape(-1)
-    counted = y != ignore_index
-    if mask is not None:
-        counted = counted & mask.reshape(-1)
-    w_y = jnp.ones_like(y, acc) if w is None else w.astype(acc)[jnp.clip(y, 0, v - 1)]
-    row_w = jnp.where(counted, w_y, 0.0)
+    y, counted, row_w = _core.counted_rows(y, mask, w, ignore_index, acc)
     wc = None if w is None else w.astype(acc)
 
     plan = _Plan(_core.Options(eps, zl, temp, cap), v, kernel_layout, bv, bn, bw, return_aux)

@@ -28,17 +28,6 @@ def _loss_dtype(dtype) -> jnp.dtype:
     return _core.compute_dtype(dtype)
 
 
-def _counted_rows(y, mask, w, ignore_index: int, dtype):
-    """Flat labels, which rows count (not ignored, inside ``where``) and their weights ``w[y]``
-    (0 where not counted): the mean's denominator is the sum of the latter."""
-    y = y.reshape(-1)
-    counted = y != ignore_index
-    if mask is not None:
-        counted = counted & mask.reshape(-1)
-    w_y = jnp.ones(y.shape, dtype) if w is None else _core.take_class(w.astype(dtype), y)
-    return y, counted, jnp.where(counted, w_y, 0.0)
-
-
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -133,7 +122,7 @@ def cross_entropy(
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def _labels_loss(x, y, w, mask, ax, ignore_index, opts, reduction):
     batch_shape = y.shape
-    y, counted, row_w = _counted_rows(y, mask, w, ignore_index, _loss_dtype(x.dtype))
+    y, counted, row_w = _core.counted_rows(y, mask, w, ignore_index, _loss_dtype(x.dtype))
     losses = _core.label_rows(_rows(x, ax), y, row_w, counted, w, opts)
     return _core.reduce(losses.reshape(batch_shape), row_w.sum(), reduction)
 
@@ -210,9 +199,9 @@ def soft_cross_entropy(
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _targets_loss(x, t, w, mask, ax, opts, reduction):
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
-    n = _rows(x, ax).shape[0]
-    counted = jnp.ones((n,), bool) if mask is None else mask.reshape(-1)
-    losses = _core.target_rows(_rows(x, ax), _rows(t, ax), counted, w, opts)
+    rows = _rows(x, ax)
+    counted = jnp.ones(rows.shape[:1], bool) if mask is None else mask.reshape(-1)
+    losses = _core.target_rows(rows, _rows(t, ax), counted, w, opts)
     return _core.reduce(losses.reshape(batch_shape), counted.sum(), reduction)
 
 
@@ -263,7 +252,7 @@ def _nll(lp, y, w, mask, ax, ignore_index, reduction):
     c = lp.shape[ax]
     batch_shape = y.shape
     dtype = _loss_dtype(lp.dtype)
-    y, counted, row_w = _counted_rows(y, mask, w, ignore_index, dtype)
+    y, counted, row_w = _core.counted_rows(y, mask, w, ignore_index, dtype)
     valid = (y >= 0) & (y < c)
     safe = jnp.clip(y, 0, c - 1)
     picked = jnp.take_along_axis(_rows(lp, ax), safe[:, None], axis=1)[:, 0].astype(dtype)

@@ -181,16 +181,6 @@ _ce_rows.defvjp(_ce_fwd, _ce_bwd)
 # --------------------------------------------------------------------- shared front end
 
 
-def _row_weights(y, counted, w, num_classes, dtype):
-    w_y = jnp.ones_like(y, dtype) if w is None else w.astype(dtype)[jnp.clip(y, 0, num_classes - 1)]
-    return jnp.where(counted, w_y, 0.0)
-
-
-def _counted(y, ignore_index, mask):
-    counted = y != ignore_index
-    return counted if mask is None else counted & mask.reshape(-1)
-
-
 def _reduce(losses, row_w, reduction, token_axis_name):
     """The core's reduction; ``"mean"``/``"sum"`` summed over ``token_axis_name`` too."""
     if reduction == "none" or token_axis_name is None:
@@ -281,9 +271,8 @@ def cross_entropy(
 
     cfg = _Shard(_core.Options(eps, zl, temp, cap), axis_name, c)
     rows = jnp.moveaxis(x, ax, -1).reshape(-1, x.shape[ax])
-    y = y.reshape(-1)
-    counted = _counted(y, ignore_index, mask)
-    row_w = _row_weights(y, counted, w, c, _core.compute_dtype(x.dtype))
+    y, counted, row_w = _core.counted_rows(y, mask, w, ignore_index,
+                                           _core.compute_dtype(x.dtype))
     losses = _ce_rows(rows, y, row_w, counted, w, cfg)
     return _reduce(losses.reshape(batch_shape), row_w, reduction, token_axis_name)
 
@@ -470,8 +459,7 @@ def linear_cross_entropy(
     opts = _core.Options(eps, zl, temp, cap)
     plan = _linear._Plan(opts, local, kernel_layout, bv, 1, bv, False)
     sp = _LinearShard(_Shard(opts, axis_name, v), plan)
-    counted = _counted(y, ignore_index, mask)
-    row_w = _row_weights(y, counted, w, v, acc)
+    y, counted, row_w = _core.counted_rows(y, mask, w, ignore_index, acc)
     wc = None if w is None else w.astype(acc)
     losses = _lin_rows(sp, h.reshape(n, d).astype(dtype), k.astype(dtype),
                        None if b is None else b.astype(dtype), y, row_w, counted, wc)

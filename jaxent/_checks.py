@@ -25,7 +25,7 @@ from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 REDUCTIONS = ("mean", "sum", "none")
-RESIDUALS = ("grad", "lse")
+RESIDUALS = ("auto", "grad", "lse")
 
 
 def _describe(x: jax.Array) -> str:
@@ -151,7 +151,7 @@ def options(
 
 
 def residual(value: str) -> None:
-    """What a softmax loss's forward keeps for its backward: ``"grad"`` or ``"lse"``."""
+    """What a softmax loss's forward keeps for its backward: ``"auto"``, ``"grad"`` or ``"lse"``."""
     if value not in RESIDUALS:
         raise ValueError(f"`residual` must be one of {RESIDUALS}, got {value!r}")
 

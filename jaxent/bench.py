@@ -3,7 +3,11 @@
 Run ``python -m jaxent.bench`` (``--help`` for the options). Every contender runs in the same
 process on the same inputs; after a warm-up the contenders of a case are timed interleaved
 (A B C A B C ...) and the median is reported, so slow drifts of a shared machine hit every
-contender alike. For each case and contender the table reports:
+contender alike. Before each timed call the process pauses briefly (as long as the previous
+call took, at most :data:`SETTLE_S`): freeing a large buffer costs the operating system work
+that otherwise lands on whichever call comes next (measured: a loss timed right after the
+naive path, which frees 1.5 GB, took 1.5x as long as the same loss timed after a pause).
+For each case and contender the table reports:
 
 * the median wall time of one call (value, or value and gradient);
 * the ratio to the baseline (optax for plain cross-entropy, the naive materialized path for
@@ -51,6 +55,7 @@ __all__ = [
 ]
 
 CE, LINEAR = "ce", "linear"
+SETTLE_S = 0.3  # longest pause before a timed call (see the module docstring)
 FWD, FWD_BWD = "fwd", "fwd+bwd"
 
 
@@ -543,13 +548,16 @@ def run_case(case: Case, contenders: Sequence[Contender], rounds: int,
         losses = {baseline: losses[baseline], **losses}
     check_agreement(case, losses)
     times: dict[str, list[float]] = {k: [] for k in runners}
+    last = SETTLE_S
     for _ in range(rounds):
         for name, runner in runners.items():
             if runner.prepare:
                 runner.prepare()
+            time.sleep(min(last, SETTLE_S))
             t = time.perf_counter()
             runner.call()
-            times[name].append(time.perf_counter() - t)
+            last = time.perf_counter() - t
+            times[name].append(last)
         if on_step:
             on_step()
     base = statistics.median(times[baseline]) if baseline in times else None

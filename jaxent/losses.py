@@ -41,7 +41,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     temperature: float = 1.0,
-    residual: str = "grad",
+    residual: str = "auto",
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer class labels (``F.cross_entropy``).
 
@@ -54,7 +54,7 @@ def cross_entropy(
         + \lambda_z \ell^2 .
 
     ``"mean"`` divides the sum by :math:`\sum w_y` over counted elements (PyTorch).
-    Gradients are hand-written (``jax.custom_vjp``), one ``exp`` per logit; see ``residual``.
+    Gradients are hand-written (``jax.custom_vjp``); see ``residual``.
 
     Args:
       logits: float array ``[..., C, ...]``, classes along ``axis``; bf16/f16 are
@@ -70,13 +70,18 @@ def cross_entropy(
       z_loss: coefficient of ``logsumexp(z)**2`` per counted element (PaLM).
       logit_softcap: if given, logits become ``cap * tanh(logits / cap)`` (Gemma 2).
       temperature: logits are divided by it before everything else.
-      residual: what the forward keeps for the backward when differentiated. ``"grad"``
-        (default): the gradient, computed in the forward with one ``exp`` per logit; under
-        ``jit(value_and_grad)`` the backward's scaling fuses into it and the buffer is the
-        gradient's own, so it is the fastest and adds no temporary memory. ``"lse"``: one
-        float per row (the log-sum-exp) plus the logits; the backward recomputes ``exp``
-        (a second pass, slower on CPU), for programs that differentiate much later than they
-        evaluate (e.g. under ``jax.checkpoint``). Values and gradients are the same.
+      residual: what the forward keeps for the backward when differentiated. ``"grad"``:
+        the gradient, computed in the forward with one ``exp`` per logit (four passes over
+        the logits); the backward only scales it, which XLA fuses. ``"lse"``: one float per
+        row (and a reference to the logits); the backward recomputes ``exp`` (two ``exp``
+        per logit, three passes, of which the two reductions fuse the 16-bit upcast).
+        ``"auto"`` (default) picks from the dtype and shape by CPU measurements
+        (:func:`jaxent._core.uses_lse`): ``"lse"`` for large float32 logits and for 16-bit
+        rows of 256 to 32K classes, ``"grad"`` otherwise.
+        Values and gradients are the same; both add no logits-sized temporaries and both
+        write the gradient in place when the logits are donated. Use ``"lse"`` when the
+        backward runs much later than the forward (e.g. under ``jax.checkpoint``), so that no
+        gradient-sized array is kept besides the logits in between.
 
     Returns:
       float32 (float64 for float64 logits) scalar, or ``labels.shape`` for ``"none"``.
@@ -139,7 +144,7 @@ def soft_cross_entropy(
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     temperature: float = 1.0,
-    residual: str = "grad",
+    residual: str = "auto",
 ) -> jax.Array:
     r"""Softmax cross-entropy with probability targets (one-hot or soft).
 

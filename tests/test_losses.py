@@ -345,7 +345,7 @@ def _temp_bytes(fn, *args) -> int:
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("residual", ["grad", "lse"])
+@pytest.mark.parametrize("residual", ["auto", "grad", "lse"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_compiled_memory_no_more_than_optax(dtype, residual):
     """value_and_grad at N=4096, C=32000 on abstract inputs (nothing is allocated)."""
@@ -371,6 +371,21 @@ def test_forward_keeps_no_logits_sized_temporaries(shape, dtype):
                jax.value_and_grad(jaxent.cross_entropy),
                jax.value_and_grad(lambda a, b: jaxent.cross_entropy(a, b, residual="lse"))]:
         assert _temp_bytes(fn, x, y) < 0.01 * logits_bytes
+
+
+@pytest.mark.parametrize("residual", ["grad", "lse"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_donated_logits_take_the_gradient_in_place(dtype, residual):
+    """With the logits donated, the gradient is written over them: no copy of the logits
+    (XLA inserts one when a read of the logits is not ordered before the write)."""
+    x = jax.ShapeDtypeStruct((4096, 32000), jnp.dtype(dtype))
+    y = jax.ShapeDtypeStruct((4096,), jnp.int32)
+    f = jax.jit(jax.value_and_grad(lambda a, b: jaxent.cross_entropy(a, b, residual=residual)),
+                donate_argnums=0)
+    ma = f.lower(x, y).compile().memory_analysis()
+    logits_bytes = 4096 * 32000 * jnp.dtype(dtype).itemsize
+    assert ma.alias_size_in_bytes == logits_bytes
+    assert ma.temp_size_in_bytes < 0.01 * logits_bytes
 
 
 # ------------------------------------------------------------------- numerical safety

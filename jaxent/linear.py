@@ -271,11 +271,18 @@ def block_dlogits(
     counted: jax.Array,
     wb: jax.Array | None,
     opts: _core.Options,
+    e: jax.Array | None = None,
 ) -> jax.Array:
-    """Gradient w.r.t. the raw logits of one block, given the global ``lse`` per row."""
+    """Gradient w.r.t. the raw logits of one block, given the global ``lse`` per row.
+
+    When the block holds whole rows and ``e = exp(z - m)`` was already formed (for the sum),
+    ``p = e exp(m - lse)`` reuses it: no second ``exp``, and the result can take ``e``'s
+    buffer (pass ``lse - m`` as ``lse``).
+    """
     cp, cy, cw = coefs
     cols = lax.broadcasted_iota(y_local.dtype, z.shape, 1)
-    dz = jnp.exp(z - lse[:, None]) * cp[:, None]
+    p = jnp.exp(z - lse[:, None]) if e is None else e * jnp.exp(-lse)[:, None]
+    dz = p * cp[:, None]
     dz = dz - jnp.where(cols == y_local[:, None], cy[:, None], 0.0)
     if opts.label_smoothing > 0.0:
         dz = dz - cw[:, None] * (1.0 if wb is None else wb[None, :].astype(z.dtype))
@@ -390,38 +397,45 @@ def _token_step(plan: _Plan, hb, kernel, bias, yb, row_wb, countedb, weight):
     opts, v = plan.opts, plan.num_classes
     x = block_logits(hb, kernel, bias, plan.layout)
     z = _core.transform(x, opts)
-    m = _safe_max(_core.row_max(z))
-    zs = z - m[:, None]
-    log_s = jnp.log(_core.row_sum(jnp.exp(zs)))
     safe = jnp.clip(yb, 0, v - 1)
     zy = jnp.take_along_axis(z, safe[:, None], axis=1)[:, 0]
+    arg = jnp.argmax(z, axis=1).astype(jnp.int32) if plan.aux else None
+    # max(m, z_y) == m; it orders the pick before exp(z - m) may overwrite z in place.
+    m = jnp.maximum(_safe_max(_core.row_max(z)), zy)
     wz = None
     if opts.label_smoothing > 0.0:
+        zs = z - m[:, None]
         wz = _core.row_sum(zs if weight is None else zs * weight[None, :].astype(z.dtype))
+    e = jnp.exp(z - m[:, None])
+    log_s = jnp.log(_core.row_sum(e))
     loss = row_losses(m, log_s, zy, wz, yb, row_wb, countedb, weight, opts, v)
     lse = m + log_s
     coefs = grad_coefs(jnp.ones_like(lse), lse, yb, row_wb, countedb, weight, opts, v)
-    dx = block_dlogits(z, lse, yb, coefs, countedb, weight, opts)
-    arg = jnp.argmax(z, axis=1).astype(jnp.int32) if plan.aux else None
+    # One exp per logit: p = e / s, written over e (one [Nb, V] buffer, not two).
+    dx = block_dlogits(z, log_s, yb, coefs, countedb, weight, opts, e=e)
     return jnp.sum(loss), dx, lse, arg
 
 
 def _accumulate_dkernel(plan: _Plan, dk, hb, dx):
-    """``dk += hb^T @ dx`` in vocabulary slices, in place (no full-size temporary)."""
+    """``dk += hb^T @ dx`` in vocabulary slices, in place (no full-size temporary).
+
+    Every slice is ``block_dw`` wide, the last one shifted left to end at ``V`` with the
+    columns already done masked out: a separate ragged tail step would read ``dx`` outside
+    the loop, and XLA would re-derive that slice from ``exp(z - m)``, keeping that buffer
+    alive next to ``dx`` (two ``[Nb, V]`` buffers instead of one).
+    """
     v, bv = plan.num_classes, plan.block_dw
     axis = 1 if plan.layout == "dv" else 0
 
-    def add(start, size, dk):
-        upd = block_dkernel(hb, vocab_slice(dx, start, size), plan.layout)
-        cur = lax.dynamic_slice_in_dim(dk, start, size, axis=axis)
+    def add(j, dk):
+        start = jnp.minimum(j * bv, v - bv)
+        cols = start + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
+        piece = jnp.where(cols >= j * bv, vocab_slice(dx, start, bv), 0.0)
+        upd = block_dkernel(hb, piece, plan.layout)
+        cur = lax.dynamic_slice_in_dim(dk, start, bv, axis=axis)
         return lax.dynamic_update_slice_in_dim(dk, cur + upd.astype(dk.dtype), start, axis=axis)
 
-    nb, tail = _blocks(v, bv)
-    if nb:
-        dk = lax.fori_loop(0, nb, lambda j, dk: add(j * bv, bv, dk), dk)
-    if tail:
-        dk = add(nb * bv, tail, dk)
-    return dk
+    return lax.fori_loop(0, -(-v // bv), add, dk)
 
 
 def _token_fwd(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):

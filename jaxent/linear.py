@@ -498,6 +498,21 @@ _token_sum.defvjp(_token_fwd, _token_bwd)
 # ----------------------------------------------------------------------------- front end
 
 
+def aux_dict(lse, arg, labels, counted, z_loss: float, batch_shape, total=None) -> dict:
+    """``return_aux``'s dict from flat ``[N]`` rows: ``lse``, ``z_loss`` and ``argmax`` shaped
+    ``batch_shape`` (no gradient), and the accuracy over counted rows. ``total`` sums the
+    accuracy's two counts over the token shards (a ``psum``; None on one device)."""
+    total = total or (lambda c: c)
+    lse = lax.stop_gradient(lse)
+    hits = total(jnp.sum(counted & (arg == labels)))
+    return {
+        "lse": lse.reshape(batch_shape),
+        "z_loss": jnp.where(counted, z_loss * jnp.square(lse), 0.0).reshape(batch_shape),
+        "argmax": arg.reshape(batch_shape),
+        "accuracy": hits / jnp.maximum(total(jnp.sum(counted)), 1),
+    }
+
+
 def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
 
@@ -691,11 +706,4 @@ def linear_cross_entropy(
         loss = _core.reduce(losses.reshape(batch_shape), row_w.sum(), reduction)
     if not return_aux:
         return loss
-    lse = lax.stop_gradient(lse)
-    aux = {
-        "lse": lse.reshape(batch_shape),
-        "z_loss": jnp.where(counted, zl * jnp.square(lse), 0.0).reshape(batch_shape),
-        "argmax": arg.reshape(batch_shape),
-        "accuracy": jnp.sum(counted & (arg == y)) / jnp.maximum(jnp.sum(counted), 1),
-    }
-    return loss, aux
+    return loss, aux_dict(lse, arg, y, counted, zl, batch_shape)

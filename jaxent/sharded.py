@@ -189,6 +189,13 @@ def _reduce(losses, row_w, reduction, token_axis_name):
     return _core.reduce(total, lax.psum(row_w.sum(), token_axis_name), reduction)
 
 
+def _token_total(token_axis_name: AxisName | None):
+    """Sum over the token shards (``psum``), or None when the tokens are not sharded."""
+    if token_axis_name is None:
+        return None
+    return lambda c: lax.psum(c, token_axis_name)
+
+
 def _vocab_size(local: int, axis_name: AxisName) -> int:
     return local * lax.axis_size(axis_name)
 
@@ -288,20 +295,35 @@ class _LinearShard:
     plan: _linear._Plan  # this shard's block walk (num_classes = local vocabulary)
 
 
+def _global_argmax(m_loc, log_s_loc, arg_loc, m_glob, axis_name: AxisName) -> jax.Array:
+    """The first global class id with the row's largest logit: the smallest (``pmin``) of the
+    shards' argmaxes among the shards that hold the global max (0 when a row is all -inf,
+    as on one device)."""
+    none = jnp.iinfo(jnp.int32).max
+    holds = (log_s_loc > -jnp.inf) & (m_loc == m_glob)
+    arg = lax.pmin(jnp.where(holds, arg_loc, none), axis_name)
+    return jnp.where(arg == none, 0, arg)
+
+
 def _lin_fwd(sp: _LinearShard, h, kernel, bias, labels, row_w, counted, weight):
     cfg, local = sp.shard, sp.plan.num_classes
     off = _shard_offset(cfg.axis_name, local)
     w_loc = _local_weight(weight, off, local)
-    m, log_s, zy, wz, _ = _linear._vocab_forward(sp.plan, h, kernel, bias, labels - off, w_loc)
+    m_loc, log_s_loc, zy, wz, arg = _linear._vocab_forward(sp.plan, h, kernel, bias,
+                                                           labels - off, w_loc)
     wsum = None if wz is None else _class_weight_sum(w_loc, local)
-    m, log_s, zy, wz = combine_stats(m, log_s, zy, wz, wsum, cfg.axis_name)
+    m, log_s, zy, wz = combine_stats(m_loc, log_s_loc, zy, wz, wsum, cfg.axis_name)
+    if arg is not None:
+        arg = _global_argmax(m_loc, log_s_loc, arg + off, m, cfg.axis_name)
     loss = _linear.row_losses(m, log_s, zy, wz, labels, row_w, counted, weight, cfg.opts,
                               cfg.num_classes)
-    return loss, (h, kernel, bias, labels, row_w, counted, weight, m + log_s)
+    lse = m + log_s
+    return (loss, (lse, arg)), (h, kernel, bias, labels, row_w, counted, weight, lse)
 
 
-def _lin_bwd(sp: _LinearShard, res, g):
+def _lin_bwd(sp: _LinearShard, res, cts):
     h, kernel, bias, labels, row_w, counted, weight, lse = res
+    g = cts[0]
     cfg, local = sp.shard, sp.plan.num_classes
     off = _shard_offset(cfg.axis_name, local)
     coefs = _linear.grad_coefs(g, lse, labels, row_w, counted, weight, cfg.opts,
@@ -318,7 +340,8 @@ def _lin_bwd(sp: _LinearShard, res, g):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lin_rows(sp: _LinearShard, h, kernel, bias, labels, row_w, counted, weight):
-    """Per-token losses ``[N]`` of ``h [N, D] @ kernel`` (this shard's ``V/k`` columns).
+    """Per-token losses ``[N]`` of ``h [N, D] @ kernel`` (this shard's ``V/k`` columns) and
+    ``(lse [N], argmax [N] or None)`` over the full vocabulary.
 
     The forward walks the local vocabulary in blocks (:mod:`jaxent.linear`'s online
     statistics) and combines the ``[N]`` statistics across shards; the backward recomputes
@@ -363,7 +386,8 @@ def linear_cross_entropy(
     temperature: float = 1.0,
     kernel_layout: str = "dv",
     block_size: int | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+):
     r"""Vocabulary-parallel :func:`jaxent.linear_cross_entropy`, inside ``jax.shard_map``.
 
     Each device holds the columns ``[i V/k, (i + 1) V/k)`` of the kernel (``[D, V/k]``, or
@@ -399,10 +423,14 @@ def linear_cross_entropy(
       block_size: local vocabulary columns per block. The default gives each of the ``k``
         shards ``1/k`` of the single-device block budget (:func:`jaxent.linear.
         auto_block_sizes` for ``k N`` rows), so per-device memory shrinks with ``k``.
+      return_aux: also return :func:`jaxent.linear_cross_entropy`'s aux dict: this
+        device's per-token ``"lse"``, ``"z_loss"`` and ``"argmax"`` (a global class id;
+        ties go to the smallest, as on one device) and the ``"accuracy"`` over all tokens.
 
     Returns:
       A float32 scalar, the same on every device, or for ``"none"`` this device's
-      per-token losses shaped like ``labels``.
+      per-token losses shaped like ``labels``; with ``return_aux=True`` a pair
+      ``(loss, aux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -457,13 +485,18 @@ def linear_cross_entropy(
     dtype = jnp.result_type(h.dtype, k.dtype)
     acc = _core.compute_dtype(dtype)
     opts = _core.Options(eps, zl, temp, cap)
-    plan = _linear._Plan(opts, local, kernel_layout, bv, 1, bv, False)
+    plan = _linear._Plan(opts, local, kernel_layout, bv, 1, bv, bool(return_aux))
     sp = _LinearShard(_Shard(opts, axis_name, v), plan)
     y, counted, row_w = _core.counted_rows(y, mask, w, ignore_index, acc)
     wc = None if w is None else w.astype(acc)
-    losses = _lin_rows(sp, h.reshape(n, d).astype(dtype), k.astype(dtype),
-                       None if b is None else b.astype(dtype), y, row_w, counted, wc)
-    return _reduce(losses.reshape(batch_shape), row_w, reduction, token_axis_name)
+    losses, (lse, arg) = _lin_rows(sp, h.reshape(n, d).astype(dtype), k.astype(dtype),
+                                   None if b is None else b.astype(dtype), y, row_w, counted,
+                                   wc)
+    loss = _reduce(losses.reshape(batch_shape), row_w, reduction, token_axis_name)
+    if not return_aux:
+        return loss
+    return loss, _linear.aux_dict(lse, arg, y, counted, zl, batch_shape,
+                                  _token_total(token_axis_name))
 
 
 # ------------------------------------------------------------------- mesh-level wrappers
@@ -608,7 +641,8 @@ def shard_linear_cross_entropy(
     temperature: float = 1.0,
     kernel_layout: str = "dv",
     block_size: int | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+):
     """:func:`jaxent.linear_cross_entropy` on global arrays, vocabulary-parallel over ``mesh``.
 
     Wraps ``jax.shard_map`` around :func:`linear_cross_entropy`: the kernel's vocabulary axis
@@ -630,10 +664,12 @@ def shard_linear_cross_entropy(
         temperature, kernel_layout: as in :func:`jaxent.linear_cross_entropy`.
       block_size: vocabulary columns per block on each device (default: ``1/k`` of the
         single-device block budget per device, ``k`` the ``vocab_axis`` size).
+      return_aux: also return :func:`jaxent.linear_cross_entropy`'s aux dict (per-token
+        arrays sharded like ``labels``, the accuracy replicated).
 
     Returns:
       A float32 scalar (replicated), or for ``"none"`` per-token losses shaped like
-      ``labels``, sharded like them.
+      ``labels``, sharded like them; with ``return_aux=True`` a pair ``(loss, aux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -662,7 +698,8 @@ def shard_linear_cross_entropy(
         if h.ndim < 2:
             raise ValueError("`token_axis` needs hidden with a token axis, got rank 1")
         _divisible(h.shape[0], mesh, token_axis, "hidden.shape[0]")
-    kw.update(axis_name=vocab_axis, token_axis_name=token_axis, block_size=block_size)
+    kw.update(axis_name=vocab_axis, token_axis_name=token_axis, block_size=block_size,
+              return_aux=return_aux)
     return _shard_lin(h, k, y, b, w, mask, mesh, tuple(sorted(kw.items())))
 
 
@@ -676,6 +713,9 @@ def _shard_lin(h, k, y, b, w, mask, mesh, kw):
     specs = (h_spec, k_spec, y_spec, None if b is None else P(vocab), None if w is None else P(),
              None if mask is None else y_spec)
     out_spec = y_spec if kw["reduction"] == "none" else P()
+    if kw["return_aux"]:
+        out_spec = (out_spec, {"lse": y_spec, "z_loss": y_spec, "argmax": y_spec,
+                               "accuracy": P()})
 
     def body(h, k, y, b, w, mask):
         return linear_cross_entropy(h, k, y, bias=b, weight=w, where=mask, **kw)

@@ -512,6 +512,21 @@ _token_sum.defvjp(_token_fwd, _token_bwd)
 # ----------------------------------------------------------------------------- front end
 
 
+def aux_dict(lse, arg, labels, counted, z_loss: float, batch_shape, total=None) -> dict:
+    """``return_aux``'s dict from flat ``[N]`` rows: ``lse``, ``z_loss`` and ``argmax`` shaped
+    ``batch_shape`` (no gradient), and the accuracy over counted rows. ``total`` sums the
+    accuracy's two counts over the token shards (a ``psum``; None on one device)."""
+    total = total or (lambda c: c)
+    lse = lax.stop_gradient(lse)
+    hits = total(jnp.sum(counted & (arg == labels)))
+    return {
+        "lse": lse.reshape(batch_shape),
+        "z_loss": jnp.where(counted, z_loss * jnp.square(lse), 0.0).reshape(batch_shape),
+        "argmax": arg.reshape(batch_shape),
+        "accuracy": hits / jnp.maximum(total(jnp.sum(counted)), 1),
+    }
+
+
 def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
 
@@ -574,6 +589,18 @@ def linear_cross_entropy(
     with a hand-written ``jax.custom_vjp``: extra memory is ``O(N * block_size)`` (or
     ``O(token_block_size * V)``), never ``O(N * V)``.
 
+    **Sharded inputs.** When the inputs' types carry shardings over a mesh with explicit axes
+    (``jax.make_mesh``'s default, ``AxisType.Explicit``), the loss splits as they say, under
+    plain ``jax.jit`` or eagerly: a kernel sharded along its vocabulary axis dispatches to
+    the vocabulary-parallel walk of :func:`jaxent.sharded.linear_cross_entropy` in a
+    ``jax.shard_map`` (tokens split over the mesh axes of ``hidden``'s leading axes; ``[N]``
+    row statistics and ``d hidden`` are all-reduced, no ``[N, V]`` array or whole kernel
+    is gathered); a kernel not sharded along the vocabulary runs this function on each
+    device's tokens. Values and gradients are the single-device ones. On meshes with
+    ``AxisType.Auto`` axes the placement of traced values is unknown at trace time, so
+    nothing is dispatched (XLA would gather the kernel): use
+    :func:`jaxent.sharded.shard_linear_cross_entropy` there.
+
     Args:
       hidden: float ``[..., D]`` (e.g. ``[batch, seq, D]``); bf16/f16 accumulate in float32.
       kernel: float ``[D, V]`` (Flax ``nnx.Linear``/``Dense``, ``kernel_layout="dv"``) or
@@ -592,11 +619,12 @@ def linear_cross_entropy(
       kernel_layout: ``"dv"`` for ``[D, V]`` kernels, ``"vd"`` for ``[V, D]`` tables.
       block_size: vocabulary columns per block (default: from the shapes, about 32 MB of
         float32 temporaries per block); also the slice width of the token schedule's
-        kernel-gradient update.
+        kernel-gradient update. Per device when dispatched vocabulary-parallel (above).
       token_block_size: tokens per block of the token schedule (default: from the shapes).
       impl: ``"auto"``, ``"vocab"`` (vocabulary blocks, recompute in the backward) or
         ``"token"`` (gradient made in the forward; float32/float64 and ``"mean"``/``"sum"``
-        only, otherwise falls back to ``"vocab"``).
+        only, otherwise falls back to ``"vocab"``). The vocabulary-parallel dispatch
+        (above) always walks vocabulary blocks.
       return_aux: also return a dict of per-token extras computed in the same pass, shaped
         like ``labels`` and carrying no gradient: ``"lse"`` (log-sum-exp of ``z``),
         ``"z_loss"`` (``z_loss * lse**2``, 0 where not counted), ``"argmax"`` (predicted
@@ -679,6 +707,17 @@ def linear_cross_entropy(
     w = _checks.class_weight(weight, v)
     _checks.label_values(y, v, ignore_index, mask)
 
+    from jaxent import sharded  # here: jaxent.sharded builds on this module
+
+    layout = sharded.explicit_layout(h, k, b, y, w, mask, kernel_layout)
+    if layout is not None:
+        return sharded.linear_on_explicit_mesh(
+            h, k, y, b, w, mask, layout, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss,
+            logit_softcap=logit_softcap, temperature=temperature, kernel_layout=kernel_layout,
+            block_size=block_size, token_block_size=token_block_size, impl=impl,
+            return_aux=return_aux)
+
     n = math.prod(batch_shape)
     dtype = jnp.result_type(h.dtype, k.dtype)
     acc = _core.compute_dtype(dtype)
@@ -705,11 +744,4 @@ def linear_cross_entropy(
         loss = _core.reduce(losses.reshape(batch_shape), row_w.sum(), reduction)
     if not return_aux:
         return loss
-    lse = lax.stop_gradient(lse)
-    aux = {
-        "lse": lse.reshape(batch_shape),
-        "z_loss": jnp.where(counted, zl * jnp.square(lse), 0.0).reshape(batch_shape),
-        "argmax": arg.reshape(batch_shape),
-        "accuracy": jnp.sum(counted & (arg == y)) / jnp.maximum(jnp.sum(counted), 1),
-    }
-    return loss, aux
+    return loss, aux_dict(lse, arg, y, counted, zl, batch_shape)

@@ -25,7 +25,10 @@ Two ways in:
   ``jax.shard_map`` on local blocks, given the vocabulary ``axis_name`` (and, when tokens are
   sharded too, ``token_axis_name`` so that ``"mean"``/``"sum"`` are global);
 * :func:`shard_cross_entropy` and :func:`shard_linear_cross_entropy` take global arrays, a
-  ``mesh`` and the axis names, and wrap ``jax.shard_map`` themselves.
+  ``mesh`` and the axis names, and wrap ``jax.shard_map`` themselves;
+* :func:`jaxent.linear_cross_entropy` itself, on arrays whose types carry their sharding
+  (a mesh with ``AxisType.Explicit`` axes), reads the split from them
+  (:func:`explicit_layout`) and calls the ``shard_map`` wrapper (:func:`linear_on_explicit_mesh`).
 
 Labels are global class ids, replicated along the vocabulary axis; a label belongs to the
 shard whose range ``[i C/k, (i + 1) C/k)`` contains it. Class weights are the full ``[C]``
@@ -189,6 +192,13 @@ def _reduce(losses, row_w, reduction, token_axis_name):
     return _core.reduce(total, lax.psum(row_w.sum(), token_axis_name), reduction)
 
 
+def _token_total(token_axis_name: AxisName | None):
+    """Sum over the token shards (``psum``), or None when the tokens are not sharded."""
+    if token_axis_name is None:
+        return None
+    return lambda c: lax.psum(c, token_axis_name)
+
+
 def _vocab_size(local: int, axis_name: AxisName) -> int:
     return local * lax.axis_size(axis_name)
 
@@ -288,20 +298,35 @@ class _LinearShard:
     plan: _linear._Plan  # this shard's block walk (num_classes = local vocabulary)
 
 
+def _global_argmax(m_loc, log_s_loc, arg_loc, m_glob, axis_name: AxisName) -> jax.Array:
+    """The first global class id with the row's largest logit: the smallest (``pmin``) of the
+    shards' argmaxes among the shards that hold the global max (0 when a row is all -inf,
+    as on one device)."""
+    none = jnp.iinfo(jnp.int32).max
+    holds = (log_s_loc > -jnp.inf) & (m_loc == m_glob)
+    arg = lax.pmin(jnp.where(holds, arg_loc, none), axis_name)
+    return jnp.where(arg == none, 0, arg)
+
+
 def _lin_fwd(sp: _LinearShard, h, kernel, bias, labels, row_w, counted, weight):
     cfg, local = sp.shard, sp.plan.num_classes
     off = _shard_offset(cfg.axis_name, local)
     w_loc = _local_weight(weight, off, local)
-    m, log_s, zy, wz, _ = _linear._vocab_forward(sp.plan, h, kernel, bias, labels - off, w_loc)
+    m_loc, log_s_loc, zy, wz, arg = _linear._vocab_forward(sp.plan, h, kernel, bias,
+                                                           labels - off, w_loc)
     wsum = None if wz is None else _class_weight_sum(w_loc, local)
-    m, log_s, zy, wz = combine_stats(m, log_s, zy, wz, wsum, cfg.axis_name)
+    m, log_s, zy, wz = combine_stats(m_loc, log_s_loc, zy, wz, wsum, cfg.axis_name)
+    if arg is not None:
+        arg = _global_argmax(m_loc, log_s_loc, arg + off, m, cfg.axis_name)
     loss = _linear.row_losses(m, log_s, zy, wz, labels, row_w, counted, weight, cfg.opts,
                               cfg.num_classes)
-    return loss, (h, kernel, bias, labels, row_w, counted, weight, m + log_s)
+    lse = m + log_s
+    return (loss, (lse, arg)), (h, kernel, bias, labels, row_w, counted, weight, lse)
 
 
-def _lin_bwd(sp: _LinearShard, res, g):
+def _lin_bwd(sp: _LinearShard, res, cts):
     h, kernel, bias, labels, row_w, counted, weight, lse = res
+    g = cts[0]
     cfg, local = sp.shard, sp.plan.num_classes
     off = _shard_offset(cfg.axis_name, local)
     coefs = _linear.grad_coefs(g, lse, labels, row_w, counted, weight, cfg.opts,
@@ -318,7 +343,8 @@ def _lin_bwd(sp: _LinearShard, res, g):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lin_rows(sp: _LinearShard, h, kernel, bias, labels, row_w, counted, weight):
-    """Per-token losses ``[N]`` of ``h [N, D] @ kernel`` (this shard's ``V/k`` columns).
+    """Per-token losses ``[N]`` of ``h [N, D] @ kernel`` (this shard's ``V/k`` columns) and
+    ``(lse [N], argmax [N] or None)`` over the full vocabulary.
 
     The forward walks the local vocabulary in blocks (:mod:`jaxent.linear`'s online
     statistics) and combines the ``[N]`` statistics across shards; the backward recomputes
@@ -363,7 +389,8 @@ def linear_cross_entropy(
     temperature: float = 1.0,
     kernel_layout: str = "dv",
     block_size: int | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+):
     r"""Vocabulary-parallel :func:`jaxent.linear_cross_entropy`, inside ``jax.shard_map``.
 
     Each device holds the columns ``[i V/k, (i + 1) V/k)`` of the kernel (``[D, V/k]``, or
@@ -399,10 +426,14 @@ def linear_cross_entropy(
       block_size: local vocabulary columns per block. The default gives each of the ``k``
         shards ``1/k`` of the single-device block budget (:func:`jaxent.linear.
         auto_block_sizes` for ``k N`` rows), so per-device memory shrinks with ``k``.
+      return_aux: also return :func:`jaxent.linear_cross_entropy`'s aux dict: this
+        device's per-token ``"lse"``, ``"z_loss"`` and ``"argmax"`` (a global class id;
+        ties go to the smallest, as on one device) and the ``"accuracy"`` over all tokens.
 
     Returns:
       A float32 scalar, the same on every device, or for ``"none"`` this device's
-      per-token losses shaped like ``labels``.
+      per-token losses shaped like ``labels``; with ``return_aux=True`` a pair
+      ``(loss, aux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -457,13 +488,18 @@ def linear_cross_entropy(
     dtype = jnp.result_type(h.dtype, k.dtype)
     acc = _core.compute_dtype(dtype)
     opts = _core.Options(eps, zl, temp, cap)
-    plan = _linear._Plan(opts, local, kernel_layout, bv, 1, bv, False)
+    plan = _linear._Plan(opts, local, kernel_layout, bv, 1, bv, bool(return_aux))
     sp = _LinearShard(_Shard(opts, axis_name, v), plan)
     y, counted, row_w = _core.counted_rows(y, mask, w, ignore_index, acc)
     wc = None if w is None else w.astype(acc)
-    losses = _lin_rows(sp, h.reshape(n, d).astype(dtype), k.astype(dtype),
-                       None if b is None else b.astype(dtype), y, row_w, counted, wc)
-    return _reduce(losses.reshape(batch_shape), row_w, reduction, token_axis_name)
+    losses, (lse, arg) = _lin_rows(sp, h.reshape(n, d).astype(dtype), k.astype(dtype),
+                                   None if b is None else b.astype(dtype), y, row_w, counted,
+                                   wc)
+    loss = _reduce(losses.reshape(batch_shape), row_w, reduction, token_axis_name)
+    if not return_aux:
+        return loss
+    return loss, _linear.aux_dict(lse, arg, y, counted, zl, batch_shape,
+                                  _token_total(token_axis_name))
 
 
 # ------------------------------------------------------------------- mesh-level wrappers
@@ -608,7 +644,8 @@ def shard_linear_cross_entropy(
     temperature: float = 1.0,
     kernel_layout: str = "dv",
     block_size: int | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+):
     """:func:`jaxent.linear_cross_entropy` on global arrays, vocabulary-parallel over ``mesh``.
 
     Wraps ``jax.shard_map`` around :func:`linear_cross_entropy`: the kernel's vocabulary axis
@@ -630,10 +667,12 @@ def shard_linear_cross_entropy(
         temperature, kernel_layout: as in :func:`jaxent.linear_cross_entropy`.
       block_size: vocabulary columns per block on each device (default: ``1/k`` of the
         single-device block budget per device, ``k`` the ``vocab_axis`` size).
+      return_aux: also return :func:`jaxent.linear_cross_entropy`'s aux dict (per-token
+        arrays sharded like ``labels``, the accuracy replicated).
 
     Returns:
       A float32 scalar (replicated), or for ``"none"`` per-token losses shaped like
-      ``labels``, sharded like them.
+      ``labels``, sharded like them; with ``return_aux=True`` a pair ``(loss, aux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -662,23 +701,145 @@ def shard_linear_cross_entropy(
         if h.ndim < 2:
             raise ValueError("`token_axis` needs hidden with a token axis, got rank 1")
         _divisible(h.shape[0], mesh, token_axis, "hidden.shape[0]")
-    kw.update(axis_name=vocab_axis, token_axis_name=token_axis, block_size=block_size)
+    kw.update(axis_name=vocab_axis, token_axis_name=token_axis, block_size=block_size,
+              return_aux=return_aux)
     return _shard_lin(h, k, y, b, w, mask, mesh, tuple(sorted(kw.items())))
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7))
 def _shard_lin(h, k, y, b, w, mask, mesh, kw):
+    """``jax.shard_map`` of the per-device linear loss. ``kw`` holds its keywords plus, from
+    :func:`linear_on_explicit_mesh`, ``batch_spec`` (the spec of the token axes; default:
+    the first over ``token_axis_name``). ``axis_name=None`` (vocabulary not sharded) runs
+    the single-device function on each device's tokens."""
     kw = dict(kw)
     tok, vocab = kw["token_axis_name"], kw["axis_name"]
-    h_spec = _spec(h.ndim, d0=tok)
-    y_spec = _spec(y.ndim, d0=tok) if y.ndim else P()
+    batch = kw.pop("batch_spec", None)
+    if batch is None:
+        batch = (tok,) + (None,) * (y.ndim - 1) if y.ndim else ()
+    y_spec, h_spec = P(*batch), P(*batch, None)
     k_spec = P(None, vocab) if kw["kernel_layout"] == "dv" else P(vocab, None)
     specs = (h_spec, k_spec, y_spec, None if b is None else P(vocab), None if w is None else P(),
              None if mask is None else y_spec)
     out_spec = y_spec if kw["reduction"] == "none" else P()
+    if kw["return_aux"]:
+        out_spec = (out_spec, {"lse": y_spec, "z_loss": y_spec, "argmax": y_spec,
+                               "accuracy": P()})
+    if vocab is None:
+        per_device = _token_parallel_linear
+    else:
+        per_device = linear_cross_entropy
+        kw.pop("impl", None)  # the vocabulary walk only
+        kw.pop("token_block_size", None)
 
     def body(h, k, y, b, w, mask):
-        return linear_cross_entropy(h, k, y, bias=b, weight=w, where=mask, **kw)
+        return per_device(h, k, y, bias=b, weight=w, where=mask, **kw)
 
     args = _place(mesh, specs, (h, k, y, b, w, mask))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+
+
+def _token_parallel_linear(hidden, kernel, labels, *, axis_name, token_axis_name, reduction,
+                           return_aux, ignore_index, weight, where, **kw):
+    """:func:`jaxent.linear_cross_entropy` on this device's tokens with the whole kernel
+    (its custom_vjp sums ``d kernel`` over the token axes), reduced over ``token_axis_name``."""
+    del axis_name
+    if token_axis_name is None:
+        return _linear.linear_cross_entropy(
+            hidden, kernel, labels, weight=weight, where=where, ignore_index=ignore_index,
+            reduction=reduction, return_aux=return_aux, **kw)
+    out = _linear.linear_cross_entropy(
+        hidden, kernel, labels, weight=weight, where=where, ignore_index=ignore_index,
+        reduction="none" if reduction == "none" else "sum", return_aux=return_aux, **kw)
+    loss, aux = out if return_aux else (out, None)
+    acc = _core.compute_dtype(jnp.result_type(hidden.dtype, kernel.dtype))
+    y, counted, row_w = _core.counted_rows(labels, where, weight, ignore_index, acc)
+    total = _token_total(token_axis_name)
+    if reduction != "none":
+        loss = _core.reduce(total(loss), total(row_w.sum()), reduction)
+    if aux is None:
+        return loss
+    hits = jnp.sum(counted & (aux["argmax"].reshape(-1) == y))
+    aux["accuracy"] = total(hits) / jnp.maximum(total(jnp.sum(counted)), 1)
+    return loss, aux
+
+
+# ----------------------------------------------------- plain jit on an explicit mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplicitLayout:
+    """How explicitly sharded inputs split :func:`jaxent.linear_cross_entropy`."""
+
+    mesh: jax.sharding.AbstractMesh
+    vocab: AxisName | None  # mesh axis (or axes) of the kernel's vocabulary axis
+    batch: tuple  # PartitionSpec entries of the token axes of ``hidden`` and ``labels``
+
+
+def _axes(entry) -> tuple:
+    """A PartitionSpec entry as a tuple of mesh axis names."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _entry(axes: tuple):
+    """Inverse of :func:`_axes`."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _typed_sharding(x):
+    """``(abstract mesh, spec entries as tuples of axis names)`` from ``x``'s type; the mesh
+    is None when ``x`` carries none (no mesh, or an array created without one)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None or not mesh.axis_names:
+        return None, ((),) * x.ndim
+    entries = tuple(_axes(e) for e in spec)
+    return mesh, entries + ((),) * (x.ndim - len(entries))
+
+
+def explicit_layout(hidden, kernel, bias, labels, weight, where,
+                    kernel_layout: str) -> ExplicitLayout | None:
+    """The split of :func:`jaxent.linear_cross_entropy` that its inputs' sharding types ask
+    for, or None when no input is typed over a mesh with explicit axes.
+
+    Only meshes with ``AxisType.Explicit`` axes put shardings in the types of traced values;
+    under ``AxisType.Auto`` axes a value traced by ``jax.jit`` reads as replicated (GSPMD
+    decides the layout later, at compile time), so this returns None there. Inside a
+    ``shard_map`` (some mesh axis manual) it also returns None: the caller chose the split.
+    Inputs typed as replicated over an explicit mesh also get a layout (everything
+    replicated): the blockwise walk cannot mix them with the mesh-less arrays it creates.
+    """
+    typed = [(mesh, entries) for x in (hidden, kernel, bias, labels, weight, where)
+             if x is not None for mesh, entries in [_typed_sharding(x)]]
+    meshes = {mesh for mesh, _ in typed
+              if mesh is not None and AxisType.Explicit in mesh.axis_types}
+    if not meshes:
+        return None
+    if len(meshes) != 1:
+        raise ValueError("the inputs of `linear_cross_entropy` are typed over different "
+                         f"meshes: {sorted(map(str, meshes))}")
+    mesh = meshes.pop()
+    if AxisType.Manual in mesh.axis_types or jax.sharding.get_abstract_mesh().manual_axes:
+        return None
+    size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
+    vax = 1 if kernel_layout == "dv" else 0
+    vocab = _typed_sharding(kernel)[1][vax]
+    if vocab and kernel.shape[vax] % size(vocab):
+        vocab = ()  # uneven: the kernel is gathered (shard_map needs equal blocks)
+    batch = []
+    for dim, axes in zip(hidden.shape[:-1], _typed_sharding(hidden)[1][:-1], strict=True):
+        axes = tuple(a for a in axes if a not in vocab)
+        batch.append(_entry(axes if axes and dim % size(axes) == 0 else ()))
+    return ExplicitLayout(mesh, _entry(vocab), tuple(batch))
+
+
+def linear_on_explicit_mesh(h, k, y, b, w, mask, layout: ExplicitLayout, **kw):
+    """:func:`jaxent.linear_cross_entropy` (already validated arguments) split as ``layout``
+    says: vocabulary-parallel (:func:`linear_cross_entropy`) over ``layout.vocab`` when the
+    kernel's vocabulary is sharded, tokens over the axes of ``hidden``'s token axes; inputs
+    laid out otherwise are resharded to that (e.g. a kernel sharded along ``D``)."""
+    tok = tuple(a for e in layout.batch for a in _axes(e))
+    kw.update(axis_name=layout.vocab, token_axis_name=_entry(tok), batch_spec=layout.batch)
+    return _shard_lin(h, k, y, b, w, mask, layout.mesh, tuple(sorted(kw.items())))

@@ -251,6 +251,17 @@ def _all_gathers(text: str) -> list[tuple[int, ...]]:
     return shapes
 
 
+def _all_reduces(text: str) -> list[tuple[int, ...]]:
+    """Result shapes of the all-reduces in an HLO module's text (tuple results: each)."""
+    shapes = []
+    for line in text.splitlines():
+        m = re.search(r"=\s*(\(?[^=]*?\)?)\s*all-reduce(-start)?\(", line)
+        if m:
+            for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1)):
+                shapes.append(tuple(int(s) for s in dims.split(",") if s))
+    return shapes
+
+
 def _no_full_logits_gather(text: str, n: int, v: int) -> None:
     for shape in _all_gathers(text):
         assert not (n in shape and v in shape), f"all-gather of logits-sized {shape}"
@@ -292,6 +303,89 @@ def test_gspmd_plain_jit_cross_entropy(rng, axis_type):
         got = fn(xs, ys)
     assert got[1].sharding.spec == P("data", "model")
     _close(got, jax.value_and_grad(lambda a: jaxent.cross_entropy(a, y, **kw))(x))
+
+
+# ---------------------------------------------- plain jit of the fused loss, explicit mesh
+
+# (mesh, kernel layout, kernel sharded along V?, options): the vocabulary-parallel walk on 1-D
+# and 2-D meshes in both layouts; a replicated kernel with tokens over "data" (the
+# single-device function per token shard) or with everything replicated on the mesh.
+PLAIN_JIT_CASES = {
+    "model8-dv": ("model8", "dv", True, "weight_ignore_smooth"),
+    "model8-vd": ("model8", "vd", True, "where_weight"),
+    "data2xmodel4-dv": ("data2xmodel4", "dv", True, "zloss_cap_temp"),
+    "data2xmodel4-vd": ("data2xmodel4", "vd", True, "weight_ignore_smooth"),
+    "data2xmodel4-kernel-replicated": ("data2xmodel4", "dv", False, "zloss_cap_temp"),
+    "model8-all-replicated": ("model8", "vd", False, "where_weight"),
+}
+
+
+def _all_reductions_with_aux(h, k, b, y, cot, **kw):
+    """A scalar mixing every reduction (``cot`` weights) and, as aux, the three losses and
+    the ``"mean"`` call's aux dict."""
+    outs = [jaxent.linear_cross_entropy(h, k, y, bias=b, reduction=r, return_aux=True, **kw)
+            for r in REDUCTIONS]
+    value = sum(jnp.sum(c * o[0]) for c, o in zip(cot, outs, strict=True))
+    return value, (tuple(o[0] for o in outs), outs[0][1])
+
+
+@pytest.mark.parametrize("case", list(PLAIN_JIT_CASES))
+def test_plain_jit_linear_on_explicit_mesh(rng, case):
+    """Plain jax.jit(jax.value_and_grad(jaxent.linear_cross_entropy)) on inputs placed on an
+    Explicit-axes mesh: values, aux and gradients (hidden, kernel, bias) of every reduction
+    equal the single-device function's on unplaced arrays; gradients come back sharded like
+    their inputs."""
+    mesh_name, layout, vocab_sharded, opt_name = PLAIN_JIT_CASES[case]
+    mesh, tok = _mesh(mesh_name, axis_types=(AxisType.Explicit,) * len(MESHES[mesh_name][0]))
+    h, k, b, y, kw = _draw_linear(rng, OPTIONS[opt_name], layout)
+    cot = tuple(jnp.asarray(c, jnp.float32) for c in _cotangents(rng, y.shape))
+    kw["kernel_layout"] = layout
+
+    def fn(kw):
+        return jax.jit(jax.value_and_grad(
+            lambda h, k, b, y: _all_reductions_with_aux(h, k, b, y, cot, **kw),
+            argnums=(0, 1, 2), has_aux=True))
+
+    ref = fn(kw)(h, k, b, y)
+    vocab = "model" if vocab_sharded else None
+    k_spec = P(None, vocab) if layout == "dv" else P(vocab, None)
+    place = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))  # noqa: E731
+    args = (place(h, tok), place(k, *k_spec), place(b, vocab), place(y, tok))
+    kw = {n: place(a, tok) if n == "where" else a for n, a in kw.items()}
+    got = fn(kw)(*args)
+    _close(got, ref, rtol=2e-5, atol=5e-6)
+    for g, a in zip(got[1], args, strict=False):
+        assert g.sharding.is_equivalent_to(a.sharding, a.ndim), (g.sharding, a.sharding)
+    none = got[0][1][0][2]  # reduction="none": the tokens stay split like the labels
+    assert none.sharding.is_equivalent_to(args[3].sharding, none.ndim)
+
+
+def test_plain_jit_linear_hlo_on_explicit_mesh():
+    """The compiled value and gradients of plain-jitted jaxent.linear_cross_entropy on a
+    vocabulary-sharded kernel gather nothing (neither [N, V] logits nor the [D, V] kernel):
+    only all-reduces of [N] statistics, d hidden [N, D] and the kernel's gradient block."""
+    n, v, d = 64, 1024, 32
+    seen = {}
+    for mesh_name, layout in (("model8", "vd"), ("data2xmodel4", "dv")):
+        mesh, tok = _mesh(mesh_name, axis_types=(AxisType.Explicit,) * len(MESHES[mesh_name][0]))
+        sh = lambda *spec, mesh=mesh: NamedSharding(mesh, P(*spec))  # noqa: E731
+        kshape, kspec = ((d, v), (None, "model")) if layout == "dv" else ((v, d), ("model",))
+        h = jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=sh(tok))
+        k = jax.ShapeDtypeStruct(kshape, jnp.float32, sharding=sh(*kspec))
+        b = jax.ShapeDtypeStruct((v,), jnp.float32, sharding=sh("model"))
+        y = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sh(tok))
+        fn = jax.jit(jax.value_and_grad(lambda h, k, b, y, layout=layout: (
+            jaxent.linear_cross_entropy(h, k, y, bias=b, kernel_layout=layout,
+                                        label_smoothing=0.1, z_loss=1e-4, block_size=32)),
+            argnums=(0, 1, 2)))
+        text = fn.lower(h, k, b, y).compile().as_text()
+        assert _all_gathers(text) == [], _all_gathers(text)
+        seen[mesh_name] = set(_all_reduces(text))
+        for shape in seen[mesh_name]:
+            assert v not in shape and shape != (n, v), f"vocabulary-sized all-reduce {shape}"
+    assert (n,) in seen["model8"] and (n, d) in seen["model8"]  # statistics, d hidden
+    # tokens over 2: [N/2] statistics, d hidden [N/2, D], d kernel [D, V/4] over "data"
+    assert {(n // 2,), (n // 2, d), (d, v // 4)} <= seen["data2xmodel4"], seen
 
 
 # ------------------------------------------------------------------------- memory

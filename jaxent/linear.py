@@ -535,15 +535,16 @@ def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int, int]:
     """Default ``(block_size, token_block_size, dkernel_block)`` for ``n`` tokens, width
     ``d``, vocabulary ``v``.
 
-    Blocked temporaries aim at about 8M float32 elements (32 MB): ``[n, block_size]``
-    logits in the vocabulary schedule and ``[d, block_size]`` kernel-gradient slices in the
-    token schedule; its ``[token_block_size, v]`` logits get 32M (128 MB).
+    Blocked temporaries aim at about 8M float32 elements (32 MB) for ``[n, block_size]``
+    logits in the vocabulary schedule, 16M (64 MB) for the token schedule's
+    ``[token_block_size, v]`` block (its one ``[Nb, V]`` buffer) and 2M (8 MB) for its
+    ``[d, dkernel_block]`` kernel-gradient slices. At ``V = 128256`` that is 128 tokens:
+    1.8% of the materialized path's temporaries at ``N = 8192, D = 2048`` (256 tokens,
+    3.4%, ran 1.07x naive at ``N = 2048`` against 1.21x; ``benchmarks/linear_notes.md``).
     """
     bv = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(n, 1))))
-    # token blocks get 4x the budget: 64- and 128-token blocks ran 1.75x and 2.4x naive at
-    # V = 128K, 256-token blocks 0.97x-1.19x (benchmarks/linear_notes.md)
-    bn = min(max(n, 1), 256, max(16, _pow2_floor(4 * _BLOCK_ELEMS / v)))
-    bw = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(d, 1))))
+    bn = min(max(n, 1), 256, max(16, _pow2_floor(2 * _BLOCK_ELEMS / v)))
+    bw = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / 4 / max(d, 1))))
     return bv, bn, bw
 
 

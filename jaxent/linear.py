@@ -598,9 +598,15 @@ def linear_cross_entropy(
     row statistics and ``d hidden`` are all-reduced, no ``[N, V]`` array or whole kernel
     is gathered); a kernel not sharded along the vocabulary runs this function on each
     device's tokens. Values and gradients are the single-device ones. On meshes with
-    ``AxisType.Auto`` axes the placement of traced values is unknown at trace time, so
-    nothing is dispatched (XLA would gather the kernel): use
-    :func:`jaxent.sharded.shard_linear_cross_entropy` there.
+    ``AxisType.Auto`` axes (``Mesh(devices, names)``, or ``jax.make_mesh(...,
+    axis_types=(AxisType.Auto, ...))``) the placement of traced values is only known when
+    compiling: with more than one device the per-token work is a
+    ``jax.experimental.custom_partitioning`` call that the partitioner splits the same way
+    once it knows the shardings (vocabulary-parallel over the kernel's vocabulary axis,
+    token-parallel over ``hidden``'s first axis; no ``[N, V]`` logits or whole kernel
+    gathered). Axes that do not divide ``V`` or ``N``, a kernel sharded along ``D`` or
+    shardings without a mesh are gathered first; under ``jax.vmap`` the single-device walk
+    runs (and is partitioned by XLA as it sees fit).
 
     Args:
       hidden: float ``[..., D]`` (e.g. ``[batch, seq, D]``); bf16/f16 accumulate in float32.
@@ -620,12 +626,13 @@ def linear_cross_entropy(
       kernel_layout: ``"dv"`` for ``[D, V]`` kernels, ``"vd"`` for ``[V, D]`` tables.
       block_size: vocabulary columns per block (default: from the shapes, about 32 MB of
         float32 temporaries per block); also the slice width of the token schedule's
-        kernel-gradient update. Per device when dispatched vocabulary-parallel (above).
+        kernel-gradient update. Per device when split over devices (above).
       token_block_size: tokens per block of the token schedule (default: from the shapes).
       impl: ``"auto"``, ``"vocab"`` (vocabulary blocks, recompute in the backward) or
         ``"token"`` (gradient made in the forward; float32/float64 and ``"mean"``/``"sum"``
-        only, otherwise falls back to ``"vocab"``). The vocabulary-parallel dispatch
-        (above) always walks vocabulary blocks.
+        only, otherwise falls back to ``"vocab"``). The vocabulary-parallel split (above)
+        always walks vocabulary blocks (on Auto meshes ``"token"`` then makes the gradient
+        in the forward from a vocabulary walk).
       return_aux: also return a dict of per-token extras computed in the same pass, shaped
         like ``labels`` and carrying no gradient: ``"lse"`` (log-sum-exp of ``z``),
         ``"z_loss"`` (``z_loss * lse**2``, 0 where not counted), ``"argmax"`` (predicted
@@ -737,11 +744,17 @@ def linear_cross_entropy(
     wc = None if w is None else w.astype(acc)
 
     plan = _Plan(_core.Options(eps, zl, temp, cap), v, kernel_layout, bv, bn, bw, return_aux)
+    rows, token_sum = functools.partial(_rows, plan), functools.partial(_token_sum, plan)
+    if sharded.auto_partitioning():  # split when compiled, as the operands are sharded then
+        ap = sharded.AutoPlan(plan, block_size is None, token_block_size is None,
+                              b is not None, wc is not None)
+        rows = functools.partial(sharded.auto_rows, ap)
+        token_sum = functools.partial(sharded.auto_token_sum, ap)
     if use_token:
-        total, (lse, arg) = _token_sum(plan, h2, k, b, y, row_w, counted, wc)
+        total, (lse, arg) = token_sum(h2, k, b, y, row_w, counted, wc)
         loss = _core.reduce(total, row_w.sum(), reduction)
     else:
-        losses, (lse, arg) = _rows(plan, h2, k, b, y, row_w, counted, wc)
+        losses, (lse, arg) = rows(h2, k, b, y, row_w, counted, wc)
         loss = _core.reduce(losses.reshape(batch_shape), row_w.sum(), reduction)
     if not return_aux:
         return loss

@@ -19,7 +19,7 @@ the logits: each shard writes ``d loss / d z_c`` for its own classes from the gl
 ``lse = m + log s``; the fused linear version adds one ``psum`` of ``d hidden`` (``[N, D]``)
 over the vocabulary axis, and ``d kernel`` stays local. No ``[N, C]`` array is gathered.
 
-Two ways in:
+Three ways in:
 
 * :func:`cross_entropy` and :func:`linear_cross_entropy` are called *inside* the user's
   ``jax.shard_map`` on local blocks, given the vocabulary ``axis_name`` (and, when tokens are
@@ -28,7 +28,10 @@ Two ways in:
   ``mesh`` and the axis names, and wrap ``jax.shard_map`` themselves;
 * :func:`jaxent.linear_cross_entropy` itself, on arrays whose types carry their sharding
   (a mesh with ``AxisType.Explicit`` axes), reads the split from them
-  (:func:`explicit_layout`) and calls the ``shard_map`` wrapper (:func:`linear_on_explicit_mesh`).
+  (:func:`explicit_layout`) and calls the ``shard_map`` wrapper (:func:`linear_on_explicit_mesh`);
+  on a mesh with ``AxisType.Auto`` axes (shardings unknown until compiled) it hands its
+  per-token work to ``jax.experimental.custom_partitioning`` calls (:func:`auto_rows`,
+  :func:`auto_token_sum`) that the partitioner splits the same way at compile time.
 
 Labels are global class ids, replicated along the vocabulary axis; a label belongs to the
 shard whose range ``[i C/k, (i + 1) C/k)`` contains it. Class weights are the full ``[C]``
@@ -44,6 +47,7 @@ from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -806,7 +810,8 @@ def explicit_layout(hidden, kernel, bias, labels, weight, where,
 
     Only meshes with ``AxisType.Explicit`` axes put shardings in the types of traced values;
     under ``AxisType.Auto`` axes a value traced by ``jax.jit`` reads as replicated (GSPMD
-    decides the layout later, at compile time), so this returns None there. Inside a
+    decides the layout later, at compile time), so this returns None there (and the split
+    is made by :func:`auto_rows` / :func:`auto_token_sum` when compiling). Inside a
     ``shard_map`` (some mesh axis manual) it also returns None: the caller chose the split.
     Inputs typed as replicated over an explicit mesh also get a layout (everything
     replicated): the blockwise walk cannot mix them with the mesh-less arrays it creates.
@@ -843,3 +848,277 @@ def linear_on_explicit_mesh(h, k, y, b, w, mask, layout: ExplicitLayout, **kw):
     tok = tuple(a for e in layout.batch for a in _axes(e))
     kw.update(axis_name=layout.vocab, token_axis_name=_entry(tok), batch_spec=layout.batch)
     return _shard_lin(h, k, y, b, w, mask, layout.mesh, tuple(sorted(kw.items())))
+
+
+# -------------------------------------------------- plain jit on an auto mesh (GSPMD)
+#
+# Under ``AxisType.Auto`` axes the shardings of traced values are unknown at trace time: XLA's
+# partitioner (Shardy) picks them when compiling. ``jax.experimental.custom_partitioning``
+# defers the split to that moment: the per-row work of :func:`jaxent.linear_cross_entropy`
+# (forward statistics and losses, the token schedule's loss-and-gradient, the backward) is
+# one custom call each, whose partition rule receives the operands' shardings and lowers, per
+# device, the shard_map-free local functions above (``_lin_fwd``/``_lin_bwd`` over the
+# kernel's vocabulary axes, the single-device walk on each token shard otherwise), with
+# ``pmax``/``psum`` over the mesh axes the rule was given. Unpartitioned (one device), under
+# ``jax.vmap`` and eagerly, each custom call is the single-device function itself.
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoPlan:
+    """Static configuration of the auto-partitioned linear loss (a nondiff argument)."""
+
+    plan: _linear._Plan  # the single-device plan (global vocabulary and token count)
+    auto_v: bool  # block_v / block_dw were picked from the shapes: re-picked per device
+    auto_n: bool  # block_n likewise
+    has_bias: bool
+    has_weight: bool
+
+
+def auto_partitioning() -> bool:
+    """Whether :func:`jaxent.linear_cross_entropy` defers its split to the partitioner: with
+    more than one device, outside ``shard_map`` (whose manual axes already split it)."""
+    return jax.device_count() > 1 and not jax.sharding.get_abstract_mesh().manual_axes
+
+
+def _auto_split(ap: AutoPlan, h_sharding: NamedSharding, k_sharding: NamedSharding,
+                n: int, v: int) -> tuple[tuple, tuple]:
+    """``(token axes, vocabulary axes)`` from the shardings the partitioner proposes: the
+    kernel's vocabulary axis and ``hidden``'s token axis, each kept only if it divides the
+    global size (an axis on both goes to the vocabulary)."""
+    mesh = k_sharding.mesh
+
+    def axes(sharding, dim):
+        spec = tuple(sharding.spec)
+        return _axes(spec[dim]) if dim < len(spec) else ()
+
+    def fits(axes, size):
+        return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+    vocab = fits(axes(k_sharding, 1 if ap.plan.layout == "dv" else 0), v)
+    tok = fits(tuple(a for a in axes(h_sharding, 0) if a not in vocab), n)
+    return tok, vocab
+
+
+def _auto_plan(ap: AutoPlan, n_local: int, d: int, v_local: int, k: int) -> _linear._Plan:
+    """The plan of one device's block: ``v_local`` classes of ``k`` vocabulary shards and
+    ``n_local`` tokens. Block sizes picked from the shapes are re-picked as
+    :func:`linear_cross_entropy` does (``1/k`` of the single-device budget); given ones are
+    kept (clipped to the block). Nothing split: the single-device plan itself."""
+    plan = ap.plan
+    bv, bn, bw = _linear.auto_block_sizes(n_local * k, d, v_local)
+    return dataclasses.replace(
+        plan, num_classes=v_local,
+        block_v=bv if ap.auto_v else min(plan.block_v, v_local),
+        block_dw=bw if ap.auto_v else min(plan.block_dw, v_local),
+        block_n=bn if ap.auto_n else min(plan.block_n, max(n_local, 1)))
+
+
+def _vocab_plan(ap: AutoPlan, vocab: tuple, h, k) -> _LinearShard:
+    """The :class:`_LinearShard` of one device's block over the vocabulary axes ``vocab``."""
+    vax = 1 if ap.plan.layout == "dv" else 0
+    size = lax.axis_size(_entry(vocab))
+    plan = _auto_plan(ap, h.shape[0], h.shape[1], k.shape[vax], size)
+    return _LinearShard(_Shard(ap.plan.opts, _entry(vocab), ap.plan.num_classes), plan)
+
+
+def _local_ap(ap: AutoPlan, h, k) -> AutoPlan:
+    vax = 1 if ap.plan.layout == "dv" else 0
+    return dataclasses.replace(ap, plan=_auto_plan(ap, h.shape[0], h.shape[1], k.shape[vax], 1))
+
+
+def _psum_over(x, axes: tuple):
+    return x if x is None or not axes else lax.psum(x, _entry(axes))
+
+
+# The three custom calls: the single-device function (what runs unpartitioned) and its
+# per-device version for token axes ``tok`` and vocabulary axes ``vocab``.
+
+
+def _rows_forward(ap: AutoPlan, h, k, b, y, row_w, counted, w):
+    """Per-token losses, lse and argmax (vocabulary schedule's forward)."""
+    (loss, (lse, arg)), _ = _linear._rows_fwd(ap.plan, h, k, b, y, row_w, counted, w)
+    return loss, lse, arg
+
+
+def _rows_forward_shard(ap, tok, vocab, h, k, b, y, row_w, counted, w):
+    if not vocab:
+        return _rows_forward(_local_ap(ap, h, k), h, k, b, y, row_w, counted, w)
+    (loss, (lse, arg)), _ = _lin_fwd(_vocab_plan(ap, vocab, h, k), h, k, b, y, row_w,
+                                     counted, w)
+    return loss, lse, arg
+
+
+def _rows_backward(ap: AutoPlan, h, k, b, y, row_w, counted, w, lse, g):
+    """``(d hidden, d kernel, d bias)`` for the cotangent ``g [N]`` of the per-token losses."""
+    res = (h, k, b, y, row_w, counted, w, lse)
+    return _linear._rows_bwd(ap.plan, res, (g,))[:3]
+
+
+def _rows_backward_shard(ap, tok, vocab, h, k, b, y, row_w, counted, w, lse, g):
+    res = (h, k, b, y, row_w, counted, w, lse)
+    if vocab:  # d hidden summed over the vocabulary shards inside
+        dh, dk, db = _lin_bwd(_vocab_plan(ap, vocab, h, k), res, (g,))[:3]
+    else:
+        dh, dk, db = _rows_backward(_local_ap(ap, h, k), h, k, b, y, row_w, counted, w, lse, g)
+    return dh, _psum_over(dk, tok), _psum_over(db, tok)
+
+
+def _token_forward(ap: AutoPlan, h, k, b, y, row_w, counted, w):
+    """Token schedule: loss sum, lse, argmax and the gradients for a unit cotangent."""
+    (total, (lse, arg)), (dh, dk, db, *_) = _linear._token_fwd(ap.plan, h, k, b, y, row_w,
+                                                               counted, w)
+    return total, lse, arg, dh, dk, db
+
+
+def _token_forward_shard(ap, tok, vocab, h, k, b, y, row_w, counted, w):
+    if vocab:  # whole rows exist on no device: the vocabulary walk, forward and backward
+        sp = _vocab_plan(ap, vocab, h, k)
+        (loss, (lse, arg)), res = _lin_fwd(sp, h, k, b, y, row_w, counted, w)
+        dh, dk, db = _lin_bwd(sp, res, (jnp.ones_like(loss),))[:3]
+        total = jnp.sum(loss)
+    else:
+        total, lse, arg, dh, dk, db = _token_forward(_local_ap(ap, h, k), h, k, b, y, row_w,
+                                                     counted, w)
+    return _psum_over(total, tok), lse, arg, dh, _psum_over(dk, tok), _psum_over(db, tok)
+
+
+def _rule_operands(ap: AutoPlan, extra: int) -> str:
+    kernel = "d v" if ap.plan.layout == "dv" else "v d"
+    ops = ["n d", kernel] + ["v"] * ap.has_bias + ["n"] * 3 + ["c"] * ap.has_weight
+    return ", ".join(ops + ["n"] * extra)
+
+
+def _grads_rule(ap: AutoPlan) -> str:
+    return ", ".join(["n d", "d v" if ap.plan.layout == "dv" else "v d"] + ["v"] * ap.has_bias)
+
+
+_RULES = {  # Shardy sharding rules (factors: n tokens, d width, v vocabulary, c weight)
+    "rows_forward": lambda ap: f"{_rule_operands(ap, 0)} -> n, n" + ", n" * ap.plan.aux,
+    "rows_backward": lambda ap: f"{_rule_operands(ap, 2)} -> {_grads_rule(ap)}",
+    "token_forward": lambda ap: (f"{_rule_operands(ap, 0)} -> , n" + ", n" * ap.plan.aux
+                                 + f", {_grads_rule(ap)}"),
+}
+
+
+def _auto_specs(ap: AutoPlan, arg_shapes) -> tuple:
+    """``(mesh, token axes, vocabulary axes, {layout kind: PartitionSpec})`` for operands
+    sharded as ``arg_shapes`` say (``hidden`` and ``kernel`` first)."""
+    h, k = arg_shapes[0], arg_shapes[1]
+    if isinstance(h.sharding, NamedSharding) and isinstance(k.sharding, NamedSharding):
+        mesh = k.sharding.mesh
+        vax = 1 if ap.plan.layout == "dv" else 0
+        tok, vocab = _auto_split(ap, h.sharding, k.sharding, h.shape[0], k.shape[vax])
+    else:  # shardings not over mesh axes (no mesh known): everything replicated
+        mesh = Mesh(np.asarray(h.sharding._device_assignment), ("jaxent_devices",))
+        tok, vocab = (), ()
+    t, v = _entry(tok), _entry(vocab)
+    specs = {"row": P(t), "hidden": P(t, None), "bias": P(v), "replicated": P(),
+             "kernel": P(None, v) if ap.plan.layout == "dv" else P(v, None)}
+    return mesh, tok, vocab, specs
+
+
+def _custom_partitioned(name: str, fun, per_shard, out_kinds):
+    """``fun(ap, *args)`` as a ``custom_partitioning`` op lowered per device by ``per_shard``;
+    ``out_kinds`` names each output's layout (``"row"``, ``"hidden"``, ``"kernel"``,
+    ``"bias"``, ``"replicated"``)."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    op = custom_partitioning(fun, static_argnums=(0,))
+
+    def out_shardings(mesh, specs, result_shape):
+        return tuple(None if r is None else NamedSharding(mesh, specs[kind])
+                     for r, kind in zip(result_shape, out_kinds, strict=True))
+
+    def partition(ap, mesh, arg_shapes, result_shape):
+        mesh, tok, vocab, specs = _auto_specs(ap, arg_shapes)
+        in_kinds = ("hidden", "kernel", "bias", "row", "row", "row", "replicated")
+        in_kinds += ("row",) * (len(arg_shapes) - len(in_kinds))
+        in_shardings = tuple(None if a is None else NamedSharding(mesh, specs[kind])
+                             for a, kind in zip(arg_shapes, in_kinds, strict=True))
+
+        def lower(*args):
+            return per_shard(ap, tok, vocab, *args)
+
+        return mesh, lower, out_shardings(mesh, specs, result_shape), in_shardings
+
+    def infer(ap, mesh, arg_shapes, result_shape):  # GSPMD (Shardy off) only
+        mesh, _, _, specs = _auto_specs(ap, arg_shapes)
+        return out_shardings(mesh, specs, result_shape)
+
+    op.def_partition(partition, infer_sharding_from_operands=infer,
+                     sharding_rule=lambda ap, mesh, ins, outs: _RULES[name](ap))
+
+    def call(ap: AutoPlan, *args):
+        # custom_partitioning has no batching rule: under vmap, the single-device function.
+        @jax.custom_batching.custom_vmap
+        def run(*args):
+            return op(ap, *args)
+
+        @run.def_vmap
+        def _vmapped(axis_size, in_batched, *args):
+            del axis_size
+            out = jax.vmap(functools.partial(fun, ap), in_axes=tuple(
+                0 if batched else None for batched in in_batched))(*args)
+            return out, jax.tree.map(lambda _: True, out)
+
+        return run(*args)
+
+    return call
+
+
+_rows_forward_op = _custom_partitioned(
+    "rows_forward", _rows_forward, _rows_forward_shard, ("row", "row", "row"))
+_rows_backward_op = _custom_partitioned(
+    "rows_backward", _rows_backward, _rows_backward_shard, ("hidden", "kernel", "bias"))
+_token_forward_op = _custom_partitioned(
+    "token_forward", _token_forward, _token_forward_shard,
+    ("replicated", "row", "row", "hidden", "kernel", "bias"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def auto_rows(ap: AutoPlan, h, kernel, bias, labels, row_w, counted, weight):
+    """:func:`jaxent.linear._rows` (per-token losses and ``(lse, argmax)``) split by the
+    partitioner as the operands are sharded."""
+    loss, lse, arg = _rows_forward_op(ap, h, kernel, bias, labels, row_w, counted, weight)
+    return loss, (lse, arg)
+
+
+def _auto_rows_fwd(ap: AutoPlan, h, kernel, bias, labels, row_w, counted, weight):
+    loss, lse, arg = _rows_forward_op(ap, h, kernel, bias, labels, row_w, counted, weight)
+    return (loss, (lse, arg)), (h, kernel, bias, labels, row_w, counted, weight, lse)
+
+
+def _auto_rows_bwd(ap: AutoPlan, res, cts):
+    h, kernel, bias, labels, row_w, counted, weight, lse = res
+    dh, dk, db = _rows_backward_op(ap, h, kernel, bias, labels, row_w, counted, weight, lse,
+                                   cts[0])
+    dw = None if weight is None else jnp.zeros_like(weight)
+    return dh, dk, db, None, jnp.zeros_like(row_w), None, dw
+
+
+auto_rows.defvjp(_auto_rows_fwd, _auto_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def auto_token_sum(ap: AutoPlan, h, kernel, bias, labels, row_w, counted, weight):
+    """:func:`jaxent.linear._token_sum` (loss sum and ``(lse, argmax)``, the gradient made in
+    the forward) split by the partitioner as the operands are sharded."""
+    loss, lse, arg = _rows_forward_op(ap, h, kernel, bias, labels, row_w, counted, weight)
+    return loss.sum(), (lse, arg)
+
+
+def _auto_token_fwd(ap: AutoPlan, h, kernel, bias, labels, row_w, counted, weight):
+    total, lse, arg, dh, dk, db = _token_forward_op(ap, h, kernel, bias, labels, row_w,
+                                                    counted, weight)
+    return (total, (lse, arg)), (dh, dk, db, row_w, weight)
+
+
+def _auto_token_bwd(ap: AutoPlan, res, cts):
+    dh, dk, db, row_w, weight = res
+    g = cts[0]
+    scale = lambda a: None if a is None else a * g.astype(a.dtype)  # noqa: E731
+    dw = None if weight is None else jnp.zeros_like(weight)
+    return scale(dh), scale(dk), scale(db), None, jnp.zeros_like(row_w), None, dw
+
+
+auto_token_sum.defvjp(_auto_token_fwd, _auto_token_bwd)

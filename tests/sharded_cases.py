@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxent  # noqa: E402
@@ -305,11 +305,13 @@ def test_gspmd_plain_jit_cross_entropy(rng, axis_type):
     _close(got, jax.value_and_grad(lambda a: jaxent.cross_entropy(a, y, **kw))(x))
 
 
-# ---------------------------------------------- plain jit of the fused loss, explicit mesh
+# ------------------------------------ plain jit of the fused loss, explicit and auto meshes
 
 # (mesh, kernel layout, kernel sharded along V?, options): the vocabulary-parallel walk on 1-D
 # and 2-D meshes in both layouts; a replicated kernel with tokens over "data" (the
 # single-device function per token shard) or with everything replicated on the mesh.
+# Explicit axes: the split is read from the types when tracing (a shard_map); Auto axes: the
+# partitioner proposes it when compiling (custom_partitioning).
 PLAIN_JIT_CASES = {
     "model8-dv": ("model8", "dv", True, "weight_ignore_smooth"),
     "model8-vd": ("model8", "vd", True, "where_weight"),
@@ -329,14 +331,17 @@ def _all_reductions_with_aux(h, k, b, y, cot, **kw):
     return value, (tuple(o[0] for o in outs), outs[0][1])
 
 
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
 @pytest.mark.parametrize("case", list(PLAIN_JIT_CASES))
-def test_plain_jit_linear_on_explicit_mesh(rng, case):
+def test_plain_jit_linear_on_mesh(rng, case, axis_type):
     """Plain jax.jit(jax.value_and_grad(jaxent.linear_cross_entropy)) on inputs placed on an
-    Explicit-axes mesh: values, aux and gradients (hidden, kernel, bias) of every reduction
-    equal the single-device function's on unplaced arrays; gradients come back sharded like
-    their inputs."""
+    Explicit- or Auto-axes mesh: values, aux and gradients (hidden, kernel, bias) of every
+    reduction (both block schedules: "mean"/"sum" walk token blocks, "none" vocabulary
+    blocks) equal the single-device function's on unplaced arrays; gradients come back
+    sharded like their inputs."""
     mesh_name, layout, vocab_sharded, opt_name = PLAIN_JIT_CASES[case]
-    mesh, tok = _mesh(mesh_name, axis_types=(AxisType.Explicit,) * len(MESHES[mesh_name][0]))
+    mesh, tok = _mesh(mesh_name,
+                      axis_types=(getattr(AxisType, axis_type),) * len(MESHES[mesh_name][0]))
     h, k, b, y, kw = _draw_linear(rng, OPTIONS[opt_name], layout)
     cot = tuple(jnp.asarray(c, jnp.float32) for c in _cotangents(rng, y.shape))
     kw["kernel_layout"] = layout
@@ -360,32 +365,77 @@ def test_plain_jit_linear_on_explicit_mesh(rng, case):
     assert none.sharding.is_equivalent_to(args[3].sharding, none.ndim)
 
 
-def test_plain_jit_linear_hlo_on_explicit_mesh():
-    """The compiled value and gradients of plain-jitted jaxent.linear_cross_entropy on a
-    vocabulary-sharded kernel gather nothing (neither [N, V] logits nor the [D, V] kernel):
-    only all-reduces of [N] statistics, d hidden [N, D] and the kernel's gradient block."""
+def _mesh_of_type(mesh_name, axis_type):
+    """The named mesh with all axes of ``axis_type``; Auto 2-D as ``Mesh(devices, names)``
+    (the constructor older code uses), otherwise ``jax.make_mesh``."""
+    shape, names, tok = MESHES[mesh_name]
+    if axis_type == "Auto" and len(shape) == 2:
+        return Mesh(np.asarray(jax.devices()[:8]).reshape(shape), names), tok
+    return _mesh(mesh_name, axis_types=(getattr(AxisType, axis_type),) * len(shape))
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_plain_jit_linear_hlo_on_mesh(axis_type):
+    """The compiled value and gradients (on Auto meshes: the value alone too, and both block
+    schedules) of plain-jitted jaxent.linear_cross_entropy on a vocabulary-sharded kernel
+    gather nothing (neither [N, V] logits nor the kernel): only all-reduces of [N]
+    statistics, d hidden [N, D] and the kernel's gradient block. Without the split (the
+    single-device walk left to the partitioner) the Auto programs all-gather the kernel or
+    [N, V] logits rows."""
     n, v, d = 64, 1024, 32
     seen = {}
     for mesh_name, layout in (("model8", "vd"), ("data2xmodel4", "dv")):
-        mesh, tok = _mesh(mesh_name, axis_types=(AxisType.Explicit,) * len(MESHES[mesh_name][0]))
+        mesh, tok = _mesh_of_type(mesh_name, axis_type)
         sh = lambda *spec, mesh=mesh: NamedSharding(mesh, P(*spec))  # noqa: E731
         kshape, kspec = ((d, v), (None, "model")) if layout == "dv" else ((v, d), ("model",))
         h = jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=sh(tok))
         k = jax.ShapeDtypeStruct(kshape, jnp.float32, sharding=sh(*kspec))
         b = jax.ShapeDtypeStruct((v,), jnp.float32, sharding=sh("model"))
         y = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sh(tok))
-        fn = jax.jit(jax.value_and_grad(lambda h, k, b, y, layout=layout: (
-            jaxent.linear_cross_entropy(h, k, y, bias=b, kernel_layout=layout,
-                                        label_smoothing=0.1, z_loss=1e-4, block_size=32)),
-            argnums=(0, 1, 2)))
-        text = fn.lower(h, k, b, y).compile().as_text()
-        assert _all_gathers(text) == [], _all_gathers(text)
-        seen[mesh_name] = set(_all_reduces(text))
+        seen[mesh_name] = set()
+        # Explicit axes walk vocabulary blocks whatever ``impl`` says: one program there.
+        programs = (("auto", False), ("token", True), ("vocab", True))
+        for impl, grad in programs if axis_type == "Auto" else programs[1:2]:
+            def f(h, k, b, y, layout=layout, impl=impl):
+                return jaxent.linear_cross_entropy(
+                    h, k, y, bias=b, kernel_layout=layout, label_smoothing=0.1, z_loss=1e-4,
+                    block_size=32, impl=impl)
+
+            fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)) if grad else f)
+            text = fn.lower(h, k, b, y).compile().as_text()
+            assert _all_gathers(text) == [], (impl, grad, _all_gathers(text))
+            seen[mesh_name] |= set(_all_reduces(text))
         for shape in seen[mesh_name]:
             assert v not in shape and shape != (n, v), f"vocabulary-sized all-reduce {shape}"
     assert (n,) in seen["model8"] and (n, d) in seen["model8"]  # statistics, d hidden
     # tokens over 2: [N/2] statistics, d hidden [N/2, D], d kernel [D, V/4] over "data"
     assert {(n // 2,), (n // 2, d), (d, v // 4)} <= seen["data2xmodel4"], seen
+
+
+def test_auto_partitioned_loss_under_vmap_checkpoint_and_uncommitted(rng):
+    """With 8 devices the fused loss is a custom_partitioning call: under jax.vmap (no
+    batching rule: the single-device function runs instead), jax.checkpoint and on
+    unplaced arrays (one device: the call is inlined) it still equals the reference."""
+    h, k, _, y, _ = _draw_linear(rng, {}, "vd")
+    h, y = h.reshape(4, N // 4, D), y.reshape(4, N // 4)
+    mesh, tok = _mesh("data2xmodel4", axis_types=(AxisType.Auto,) * 2)
+    hs = jax.device_put(h, NamedSharding(mesh, P(tok)))
+    ks = jax.device_put(k, NamedSharding(mesh, P("model")))
+
+    def f(h, k, y):
+        return jaxent.linear_cross_entropy(h, k, y, kernel_layout="vd", z_loss=1e-3)
+
+    def ref(h, k, y):
+        return jaxent.cross_entropy(h @ k.T, y, z_loss=1e-3)
+
+    per_example = jax.vmap(jax.grad(ref, argnums=(0, 1)), in_axes=(0, None, 0))(h, k, y)
+    for hh, kk in ((h, k), (hs, ks)):
+        got = jax.jit(jax.vmap(jax.grad(f, argnums=(0, 1)), in_axes=(0, None, 0)))(hh, kk, y)
+        _close(got, per_example, atol=5e-6)
+    full = jax.value_and_grad(ref, argnums=(0, 1))(h, k, y)
+    _close(jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, k, y), full, atol=5e-6)
+    _close(jax.jit(jax.grad(jax.checkpoint(f), argnums=(0, 1)))(hs, ks, y), full[1],
+           atol=5e-6)
 
 
 # ------------------------------------------------------------------------- memory

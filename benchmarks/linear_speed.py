@@ -1,9 +1,10 @@
-"""Side-by-side value_and_grad timing (float32, interleaved, medians) of linear cross-entropy.
+"""Side-by-side value_and_grad timing (interleaved, medians) of linear cross-entropy.
 
-    python benchmarks/linear_speed.py N D V REPS naive,ours,cce,torch [nowarm=1]
+    python benchmarks/linear_speed.py N D V REPS naive,ours,cce,torch [nowarm=1] [dtype=bfloat16]
 
 ``ours`` may carry keywords, e.g. ``ours:impl=vocab:block_size=2048``. Every JAX variant is
-compiled ahead of time; ``nowarm=1`` skips the untimed warm-up call (for the big shapes).
+compiled ahead of time; ``nowarm=1`` skips the untimed warm-up call (for the big shapes);
+``dtype`` sets the inputs' dtype (float32 by default).
 """
 
 import gc
@@ -20,9 +21,10 @@ N, D, V, REPS = (int(a) for a in sys.argv[1:5])
 WHICH = sys.argv[5].split(",")
 EXTRA = dict(a.split("=") for a in sys.argv[6:])
 
+DTYPE = jnp.dtype(EXTRA.get("dtype", "float32"))
 k = jax.random.split(jax.random.key(0), 3)
-h = jax.random.normal(k[0], (N, D), jnp.float32)
-w = jax.random.normal(k[1], (D, V), jnp.float32) / np.sqrt(D)
+h = jax.random.normal(k[0], (N, D), jnp.float32).astype(DTYPE)
+w = (jax.random.normal(k[1], (D, V), jnp.float32) / np.sqrt(D)).astype(DTYPE)
 y = jax.random.randint(k[2], (N,), 0, V)
 
 
@@ -50,8 +52,9 @@ for name in WHICH:
         import torch
         import torch.nn.functional as F  # noqa: N812
 
-        th = torch.tensor(np.asarray(h), requires_grad=True)
-        tw = torch.tensor(np.asarray(w).T.copy(), requires_grad=True)  # [V, D] like nn.Linear
+        tdt = getattr(torch, DTYPE.name)
+        th = torch.tensor(np.asarray(h, np.float32)).to(tdt).requires_grad_()
+        tw = torch.tensor(np.asarray(w, np.float32).T.copy()).to(tdt).requires_grad_()  # [V, D]
         ty = torch.tensor(np.asarray(y)).long()
 
         def run_torch(th=th, tw=tw, ty=ty):

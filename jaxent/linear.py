@@ -126,10 +126,26 @@ def block_dhidden(dx: jax.Array, kb: jax.Array, layout: str) -> jax.Array:
     return lax.dot_general(dx.astype(kb.dtype), kb, dims, preferred_element_type=acc)
 
 
+def _transposed(x: jax.Array) -> jax.Array:
+    """``x.T`` as a row-major copy that XLA cannot fold back into a transposed dot operand
+    (the flat reshape forces the copy; the barrier keeps it)."""
+    return lax.optimization_barrier(x.T.reshape(-1)).reshape(x.shape[::-1])
+
+
 def block_dkernel(h: jax.Array, dx: jax.Array, layout: str) -> jax.Array:
-    """``h^T @ dx`` in the kernel's layout (``[D, B]`` or ``[B, D]``), float32 accumulation."""
+    """``h^T @ dx`` in the kernel's layout (``[D, B]`` or ``[B, D]``), float32 accumulation.
+
+    For bf16, XLA:CPU multiplies without upcasting only ``A @ B`` and ``A @ B^T`` with
+    row-major operands; ``h^T @ dx`` would run in float32 on a float32 copy of all of ``h``
+    (~3x slower, and ``4 N D`` bytes). So the block-sized ``dx`` is transposed instead.
+    """
     acc = _core.compute_dtype(h.dtype)
     dx = dx.astype(h.dtype)
+    if _bits_dtype(h.dtype) is not None:
+        out = lax.dot_general(_transposed(dx), h, (((1,), (0,)), ((), ())),
+                              preferred_element_type=acc)
+        # The barrier keeps XLA from folding this transpose into the dot (h^T @ dx again).
+        return out if layout == "vd" else _transposed(lax.optimization_barrier(out))
     if layout == "dv":
         return lax.dot_general(h, dx, (((0,), (0,)), ((), ())), preferred_element_type=acc)
     return lax.dot_general(dx, h, (((0,), (0,)), ((), ())), preferred_element_type=acc)
@@ -321,38 +337,102 @@ def _vocab_forward(plan: _Plan, h, kernel, bias, labels, weight):
     return m, log_s, st["zy"], st.get("wz"), st.get("arg")
 
 
-def _vocab_backward(plan: _Plan, h, kernel, bias, labels, counted, weight, lse, coefs):
-    """Recompute each vocabulary block; return float32-accumulated ``(dh, dkernel, dbias)``."""
-    opts, v = plan.opts, plan.num_classes
-    acc = _core.compute_dtype(h.dtype)
+def _add_dhidden(dh: jax.Array, dx: jax.Array, kb: jax.Array, layout: str) -> jax.Array:
+    """``dh + dx @ kb^T`` in row slices of at most 4M float32 elements (16 MB), so no
+    ``[N, D]`` product is held next to ``dh``; the last slice is shifted up to end at ``N``,
+    its repeated rows masked out."""
+    n, d = dh.shape
+    rows = max(1, _BLOCK_ELEMS // 2 // max(d, 1))
+    if rows >= n:
+        return dh + block_dhidden(dx, kb, layout)
 
-    def step(start, size, carry):
-        dh, dk, db = carry
+    def add(i, dh):
+        start = jnp.minimum(i * rows, n - rows)
+        ids = start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+        piece = jnp.where(ids >= i * rows, lax.dynamic_slice_in_dim(dx, start, rows, 0), 0.0)
+        cur = lax.dynamic_slice_in_dim(dh, start, rows, 0)
+        return lax.dynamic_update_slice_in_dim(dh, cur + block_dhidden(piece, kb, layout),
+                                               start, 0)
+
+    return lax.fori_loop(0, -(-n // rows), add, dh)
+
+
+def _stage_width(n: int, d: int, v: int, bv: int) -> int:
+    """Columns of ``d kernel`` staged between writes into a bf16 gradient (a multiple of
+    ``bv``): a ``[d, width]`` uint16 stage no bigger than one ``[n, bv]`` float32 block, so
+    the temporaries stay linear in ``n`` and the block size."""
+    return bv * max(1, (2 * n) // max(d, 1))
+
+
+def _vocab_backward(plan: _Plan, h, kernel, bias, labels, counted, weight, lse, coefs):
+    """Recompute each vocabulary block; return float32-accumulated ``(dh, dkernel, dbias)``.
+
+    A bf16 ``d kernel`` is written in stages: XLA:CPU updates a bf16 buffer in place only by
+    a pass over all of it, and a uint16 buffer of the kernel's size would be copied once more
+    into the bf16 result (a kernel-sized temporary). So blocks go, as uint16 bits, into a
+    small stage of :func:`_stage_width` columns, and each full stage is written into the bf16
+    gradient with one such pass. Stages are whole blocks; the last one is shifted left to end
+    at ``V``, and the columns it repeats count once in ``d hidden``.
+    """
+    opts, v, bv = plan.opts, plan.num_classes, plan.block_v
+    acc = _core.compute_dtype(h.dtype)
+    axis = 1 if plan.layout == "dv" else 0
+
+    def grads(start, size, done):
+        """``d hidden`` (columns ``>= done`` only), ``d kernel`` and ``d bias`` of a block."""
         kb = kernel_block(kernel, start, size, plan.layout)
-        bb = vocab_slice(bias, start, size)
-        z = _core.transform(block_logits(h, kb, bb, plan.layout), opts)
+        z = _core.transform(block_logits(h, kb, vocab_slice(bias, start, size), plan.layout),
+                            opts)
         dx = block_dlogits(z, lse, labels - start, coefs, counted,
                            vocab_slice(weight, start, size), opts)
-        dh = dh + block_dhidden(dx, kb, plan.layout)
-        dkb = block_dkernel(h, dx, plan.layout)
-        dk = dupdate(dk, dkb, start, 1 if plan.layout == "dv" else 0, kernel.dtype)
+        new = dx
+        if done is not None:
+            cols = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+            new = jnp.where(cols >= done, dx, 0.0)
+        return new, kb, block_dkernel(h, dx, plan.layout), dx
+
+    def step(start, size, carry, done=None, at=None):
+        dh, dk, db = carry
+        new, kb, dkb, dx = grads(start, size, done)
+        dk = dupdate(dk, dkb, start if at is None else at, axis, kernel.dtype)
         if db is not None:
             db = dupdate(db, jnp.sum(dx, axis=0), start, 0, bias.dtype)
-        return dh, dk, db
+        return _add_dhidden(dh, new, kb, plan.layout), dk, db
 
-    carry = varying_like((
-        jnp.zeros(h.shape, acc),
-        carry_zeros(kernel.shape, kernel.dtype),
-        None if bias is None else carry_zeros(bias.shape, bias.dtype),
-    ), h, kernel, bias, labels, counted, weight, lse, coefs)
-    nb, tail = _blocks(v, plan.block_v)
-    if nb:
-        carry = lax.fori_loop(
-            0, nb, lambda j, c: step(j * plan.block_v, plan.block_v, c), carry)
-    if tail:
-        carry = step(nb * plan.block_v, tail, carry)
-    dh, dk, db = carry
-    return dh, carry_value(dk, kernel.dtype), None if db is None else carry_value(db, bias.dtype)
+    def zeros(shape, dtype):
+        return varying_like(carry_zeros(shape, dtype), h, kernel, bias, labels, counted,
+                            weight, lse, coefs)
+
+    dh = varying_like(jnp.zeros(h.shape, acc), h, kernel, lse, coefs)
+    db = None if bias is None else zeros(bias.shape, bias.dtype)
+    width = _stage_width(h.shape[0], h.shape[1], v, bv)
+    if _bits_dtype(kernel.dtype) is None or width >= v:
+        carry = (dh, zeros(kernel.shape, kernel.dtype), db)
+        nb, tail = _blocks(v, bv)
+        if nb:
+            carry = lax.fori_loop(0, nb, lambda j, c: step(j * bv, bv, c), carry)
+        if tail:
+            carry = step(nb * bv, tail, carry)
+        dh, dk, db = carry
+        dk = carry_value(dk, kernel.dtype)
+    else:
+        stage_shape = list(kernel.shape)
+        stage_shape[axis] = width
+
+        def stage(c, carry):
+            dh, dk, db = carry
+            first, done = jnp.minimum(c * width, v - width), c * width
+            dh, st, db = lax.fori_loop(
+                0, width // bv,
+                lambda j, c2: step(first + j * bv, bv, c2, done=done, at=j * bv),
+                (dh, zeros(stage_shape, kernel.dtype), db))
+            bits = lax.bitcast_convert_type(dk, st.dtype)
+            bits = lax.dynamic_update_slice_in_dim(bits, st, first, axis=axis)
+            return dh, lax.bitcast_convert_type(bits, kernel.dtype), db
+
+        dk = varying_like(jnp.zeros(kernel.shape, kernel.dtype), h, kernel, lse, coefs)
+        dh, dk, db = lax.fori_loop(0, -(-v // width), stage, (dh, dk, db))
+    return dh, dk, None if db is None else carry_value(db, bias.dtype)
 
 
 def _rows_fwd(plan: _Plan, h, kernel, bias, labels, row_w, counted, weight):
@@ -535,14 +615,14 @@ def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int, int]:
     """Default ``(block_size, token_block_size, dkernel_block)`` for ``n`` tokens, width
     ``d``, vocabulary ``v``.
 
-    Blocked temporaries aim at about 8M float32 elements (32 MB) for ``[n, block_size]``
+    Blocked temporaries aim at about 4M float32 elements (16 MB) for ``[n, block_size]``
     logits in the vocabulary schedule, 16M (64 MB) for the token schedule's
     ``[token_block_size, v]`` block (its one ``[Nb, V]`` buffer) and 2M (8 MB) for its
     ``[d, dkernel_block]`` kernel-gradient slices. At ``V = 128256`` that is 128 tokens:
     1.8% of the materialized path's temporaries at ``N = 8192, D = 2048`` (256 tokens,
     3.4%, ran 1.07x naive at ``N = 2048`` against 1.21x; ``benchmarks/linear_notes.md``).
     """
-    bv = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / max(n, 1))))
+    bv = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / 2 / max(n, 1))))
     bn = min(max(n, 1), 256, max(16, _pow2_floor(2 * _BLOCK_ELEMS / v)))
     bw = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / 4 / max(d, 1))))
     return bv, bn, bw

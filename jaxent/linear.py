@@ -621,9 +621,12 @@ def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int, int]:
     ``[d, dkernel_block]`` kernel-gradient slices. At ``V = 128256`` that is 128 tokens:
     1.8% of the materialized path's temporaries at ``N = 8192, D = 2048`` (256 tokens,
     3.4%, ran 1.07x naive at ``N = 2048`` against 1.21x; ``benchmarks/linear_notes.md``).
+    Token blocks are capped at 512: the kernel-gradient matmul contracts over the block's
+    tokens, and at ``V = 32000`` 512 tokens ran 1.03x naive against 1.13x for 256 and 1.08x
+    for 1024.
     """
     bv = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / 2 / max(n, 1))))
-    bn = min(max(n, 1), 256, max(16, _pow2_floor(2 * _BLOCK_ELEMS / v)))
+    bn = min(max(n, 1), 512, max(16, _pow2_floor(2 * _BLOCK_ELEMS / v)))
     bw = min(v, max(256, _pow2_floor(_BLOCK_ELEMS / 4 / max(d, 1))))
     return bv, bn, bw
 

@@ -38,7 +38,7 @@ from jaxent import _checks, _core
 LAYOUTS = ("dv", "vd")
 IMPLS = ("auto", "vocab", "token")
 
-# Auto block sizes aim at this many float32 elements per [rows, block] temporary (32 MB).
+# The unit of the automatic sizes (8M float32 elements, 32 MB): see auto_block_sizes.
 _BLOCK_ELEMS = 8 * 1024 * 1024
 
 
@@ -306,6 +306,21 @@ def block_dlogits(
     return _core.transform_vjp(dz, z, opts)
 
 
+def _piece_start(i, size: int, total: int):
+    """Start of piece ``i`` when an axis of ``total`` is walked in pieces of a static
+    ``size``: ``i * size``, the last piece shifted back to end at ``total``."""
+    return jnp.minimum(i * size, total - size)
+
+
+def _drop_before(x: jax.Array, start, done, axis: int) -> jax.Array:
+    """``x``, a piece that starts at ``start`` along ``axis``, with the entries before ``done``
+    zeroed: the ones an earlier piece already counted."""
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    ids = start + lax.broadcasted_iota(jnp.int32, tuple(shape), axis)
+    return jnp.where(ids >= done, x, 0.0)
+
+
 def _blocks(total: int, size: int) -> tuple[int, int]:
     """(number of full blocks, size of the ragged tail)."""
     return total // size, total % size
@@ -347,9 +362,8 @@ def _add_dhidden(dh: jax.Array, dx: jax.Array, kb: jax.Array, layout: str) -> ja
         return dh + block_dhidden(dx, kb, layout)
 
     def add(i, dh):
-        start = jnp.minimum(i * rows, n - rows)
-        ids = start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-        piece = jnp.where(ids >= i * rows, lax.dynamic_slice_in_dim(dx, start, rows, 0), 0.0)
+        start = _piece_start(i, rows, n)
+        piece = _drop_before(lax.dynamic_slice_in_dim(dx, start, rows, 0), start, i * rows, 0)
         cur = lax.dynamic_slice_in_dim(dh, start, rows, 0)
         return lax.dynamic_update_slice_in_dim(dh, cur + block_dhidden(piece, kb, layout),
                                                start, 0)
@@ -357,7 +371,7 @@ def _add_dhidden(dh: jax.Array, dx: jax.Array, kb: jax.Array, layout: str) -> ja
     return lax.fori_loop(0, -(-n // rows), add, dh)
 
 
-def _stage_width(n: int, d: int, v: int, bv: int) -> int:
+def _stage_width(n: int, d: int, bv: int) -> int:
     """Columns of ``d kernel`` staged between writes into a bf16 gradient (a multiple of
     ``bv``): a ``[d, width]`` uint16 stage no bigger than one ``[n, bv]`` float32 block, so
     the temporaries stay linear in ``n`` and the block size."""
@@ -377,37 +391,29 @@ def _vocab_backward(plan: _Plan, h, kernel, bias, labels, counted, weight, lse, 
     opts, v, bv = plan.opts, plan.num_classes, plan.block_v
     acc = _core.compute_dtype(h.dtype)
     axis = 1 if plan.layout == "dv" else 0
+    refs = (h, kernel, bias, labels, counted, weight, lse, coefs)
 
-    def grads(start, size, done):
-        """``d hidden`` (columns ``>= done`` only), ``d kernel`` and ``d bias`` of a block."""
+    def step(start, size, carry, done=0, at=None):
+        """Add block ``[start, start + size)``: its ``d kernel`` goes to column ``at`` of
+        ``dk`` (``start`` by default), its columns before ``done`` are left out of ``dh``."""
+        dh, dk, db = carry
         kb = kernel_block(kernel, start, size, plan.layout)
         z = _core.transform(block_logits(h, kb, vocab_slice(bias, start, size), plan.layout),
                             opts)
         dx = block_dlogits(z, lse, labels - start, coefs, counted,
                            vocab_slice(weight, start, size), opts)
-        new = dx
-        if done is not None:
-            cols = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
-            new = jnp.where(cols >= done, dx, 0.0)
-        return new, kb, block_dkernel(h, dx, plan.layout), dx
-
-    def step(start, size, carry, done=None, at=None):
-        dh, dk, db = carry
-        new, kb, dkb, dx = grads(start, size, done)
-        dk = dupdate(dk, dkb, start if at is None else at, axis, kernel.dtype)
+        dk = dupdate(dk, block_dkernel(h, dx, plan.layout), start if at is None else at, axis,
+                     kernel.dtype)
         if db is not None:
             db = dupdate(db, jnp.sum(dx, axis=0), start, 0, bias.dtype)
-        return _add_dhidden(dh, new, kb, plan.layout), dk, db
+        fresh = dx if at is None else _drop_before(dx, start, done, 1)
+        return _add_dhidden(dh, fresh, kb, plan.layout), dk, db
 
-    def zeros(shape, dtype):
-        return varying_like(carry_zeros(shape, dtype), h, kernel, bias, labels, counted,
-                            weight, lse, coefs)
-
-    dh = varying_like(jnp.zeros(h.shape, acc), h, kernel, lse, coefs)
-    db = None if bias is None else zeros(bias.shape, bias.dtype)
-    width = _stage_width(h.shape[0], h.shape[1], v, bv)
+    dh = varying_like(jnp.zeros(h.shape, acc), *refs)
+    db = None if bias is None else varying_like(carry_zeros(bias.shape, bias.dtype), *refs)
+    width = _stage_width(h.shape[0], h.shape[1], bv)
     if _bits_dtype(kernel.dtype) is None or width >= v:
-        carry = (dh, zeros(kernel.shape, kernel.dtype), db)
+        carry = (dh, varying_like(carry_zeros(kernel.shape, kernel.dtype), *refs), db)
         nb, tail = _blocks(v, bv)
         if nb:
             carry = lax.fori_loop(0, nb, lambda j, c: step(j * bv, bv, c), carry)
@@ -421,16 +427,17 @@ def _vocab_backward(plan: _Plan, h, kernel, bias, labels, counted, weight, lse, 
 
         def stage(c, carry):
             dh, dk, db = carry
-            first, done = jnp.minimum(c * width, v - width), c * width
+            first = _piece_start(c, width, v)
+            stage0 = varying_like(carry_zeros(stage_shape, kernel.dtype), *refs)
             dh, st, db = lax.fori_loop(
                 0, width // bv,
-                lambda j, c2: step(first + j * bv, bv, c2, done=done, at=j * bv),
-                (dh, zeros(stage_shape, kernel.dtype), db))
+                lambda j, c2: step(first + j * bv, bv, c2, done=c * width, at=j * bv),
+                (dh, stage0, db))
             bits = lax.bitcast_convert_type(dk, st.dtype)
             bits = lax.dynamic_update_slice_in_dim(bits, st, first, axis=axis)
             return dh, lax.bitcast_convert_type(bits, kernel.dtype), db
 
-        dk = varying_like(jnp.zeros(kernel.shape, kernel.dtype), h, kernel, lse, coefs)
+        dk = varying_like(jnp.zeros(kernel.shape, kernel.dtype), *refs)
         dh, dk, db = lax.fori_loop(0, -(-v // width), stage, (dh, dk, db))
     return dh, dk, None if db is None else carry_value(db, bias.dtype)
 
@@ -508,9 +515,8 @@ def _accumulate_dkernel(plan: _Plan, dk, hb, dx):
     axis = 1 if plan.layout == "dv" else 0
 
     def add(j, dk):
-        start = jnp.minimum(j * bv, v - bv)
-        cols = start + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
-        piece = jnp.where(cols >= j * bv, vocab_slice(dx, start, bv), 0.0)
+        start = _piece_start(j, bv, v)
+        piece = _drop_before(vocab_slice(dx, start, bv), start, j * bv, 1)
         upd = block_dkernel(hb, piece, plan.layout)
         cur = lax.dynamic_slice_in_dim(dk, start, bv, axis=axis)
         return lax.dynamic_update_slice_in_dim(dk, cur + upd.astype(dk.dtype), start, axis=axis)
@@ -707,7 +713,7 @@ def linear_cross_entropy(
       logit_softcap: if given, logits become ``cap * tanh(logits / cap)``.
       temperature: logits are divided by it first.
       kernel_layout: ``"dv"`` for ``[D, V]`` kernels, ``"vd"`` for ``[V, D]`` tables.
-      block_size: vocabulary columns per block (default: from the shapes, about 32 MB of
+      block_size: vocabulary columns per block (default: from the shapes, about 16 MB of
         float32 temporaries per block); also the slice width of the token schedule's
         kernel-gradient update. Per device when split over devices (above).
       token_block_size: tokens per block of the token schedule (default: from the shapes).

@@ -1,0 +1,245 @@
+r"""Per-row formulas of the softmax losses: the one copy every implementation calls.
+
+For a row of raw logits :math:`x` (from a logits array, or a block of ``hidden @ kernel``)
+the loss works on :math:`z = \mathrm{cap}\tanh(x / (T\,\mathrm{cap}))` (the cap optional).
+The transform is increasing, so the row max is kept in the *raw* domain, ``m_raw = max x``,
+and every shifted logit is formed by :func:`shift` as :math:`z - m` with
+:math:`m = \mathrm{transform}(m_\mathrm{raw})`:
+
+* without a soft-cap as ``(x - m_raw) / T``, so the max element is exactly 0 at any
+  temperature (``x / T - m / T`` rounds ``x / T`` first and leaves an error of
+  ``ulp(max |x| / T)``);
+* never as ``z - lse``: the shift is kept apart from ``log s``, so that
+  ``p = exp((z - m) - log s)`` stays accurate at any logit offset (``m + log s`` rounded in
+  float32 loses the small ``log s`` next to a large ``m``).
+
+Row statistics (all in the accumulation dtype, float32 for 16-bit inputs):
+``m`` (raw max; its :func:`safe` version is 0 where not finite), ``log s`` with
+``s = sum_c exp(z_c - m)``, the label's shifted logit ``z_y - m`` and, for label smoothing,
+``wz = sum_c w_c (z_c - m)``. From them, with row weight ``r = w_y`` (0 when not counted),
+``W = sum_c w_c`` and ``lse = m + log s``:
+
+.. math::
+    \mathrm{loss} = (1-\epsilon)\, r\,(\log s - (z_y - m))
+      + \frac{\epsilon}{C}\,(W \log s - wz) + \lambda_z\,\mathrm{lse}^2
+
+    \frac{\partial\,\mathrm{loss}}{\partial z_c} = g\,[p_c A - (1-\epsilon) r [c = y]
+      - \tfrac{\epsilon}{C} w_c],\qquad
+    A = (1-\epsilon) r + \tfrac{\epsilon}{C} W + 2\lambda_z\,\mathrm{lse},
+
+then :func:`transform_vjp` chains the gradient through the soft-cap and the temperature.
+Streaming walks fold blocks of a row into :class:`Stats` with :func:`update_stats` and
+merge the statistics of vocabulary shards with :func:`merge_stats`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxent._options import Options
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The accumulation dtype: float32 for 16-bit inputs, otherwise the input's dtype."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def safe(m: jax.Array) -> jax.Array:
+    """``m`` where finite, else 0: the shift of a row with no finite logit."""
+    return jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype))
+
+
+def transform(x: jax.Array, opts: Options) -> jax.Array:
+    """``z = cap * tanh((x / T) / cap)`` in the accumulation dtype."""
+    z = x.astype(compute_dtype(x.dtype))
+    if opts.temperature != 1.0:
+        z = z / opts.temperature
+    if opts.logit_softcap is not None:
+        z = opts.logit_softcap * jnp.tanh(z / opts.logit_softcap)
+    return z
+
+
+def shift(x: jax.Array, m_raw: jax.Array, opts: Options) -> jax.Array:
+    """``transform(x) - transform(m_raw)``; exactly 0 where ``x == m_raw`` at any temperature.
+
+    ``m_raw`` broadcasts against ``x`` (a ``[N, 1]`` row max, or a scalar); it may be ``-inf``
+    (the shift is then ``+inf``, or finite with a soft-cap).
+    """
+    acc = compute_dtype(x.dtype)
+    if opts.logit_softcap is None:
+        d = x.astype(acc) - m_raw.astype(acc)
+        return d / opts.temperature if opts.temperature != 1.0 else d
+    return transform(x, opts) - transform(m_raw, opts)
+
+
+def transform_vjp(dz: jax.Array, x: jax.Array, opts: Options) -> jax.Array:
+    """Chain ``d/dz`` back to ``d/dx`` through the soft-cap and the temperature."""
+    if opts.logit_softcap is not None:
+        dz = dz * (1.0 - jnp.square(transform(x, opts) / opts.logit_softcap))
+    if opts.temperature != 1.0:
+        dz = dz / opts.temperature
+    return dz
+
+
+def class_sum(weight: jax.Array | None, num_classes: int, dtype) -> jax.Array:
+    """``W = sum_c w_c`` (``C`` without weights)."""
+    return jnp.asarray(num_classes, dtype) if weight is None else weight.sum().astype(dtype)
+
+
+def label_loss(log_s, zy_s, wz, lse, row_w, big_w, opts: Options, num_classes: int):
+    """Per-row loss from the statistics (no masking); ``zy_s = z_y - m``, ``wz`` or None."""
+    eps = opts.label_smoothing
+    loss = (1.0 - eps) * row_w * (log_s - zy_s)
+    if eps > 0.0:
+        loss = loss + (eps / num_classes) * (big_w * log_s - wz)
+    if opts.z_loss > 0.0:
+        loss = loss + opts.z_loss * jnp.square(lse)
+    return loss
+
+
+def grad_coefs(g, lse, row_w, big_w, opts: Options, num_classes: int):
+    """``(cp, cy, cw)`` of ``dz = cp p - cy [c = y] - cw w_c`` for the cotangent ``g [N]``."""
+    eps = opts.label_smoothing
+    a = (1.0 - eps) * row_w + 2.0 * opts.z_loss * lse
+    if eps > 0.0:
+        a = a + (eps / num_classes) * big_w
+    return g * a, g * (1.0 - eps) * row_w, g * (eps / num_classes)
+
+
+def onehot(y_local: jax.Array, shape) -> jax.Array:
+    """``[c == y_local]`` over ``shape = [N, B]`` (int32 columns; no narrow-dtype wrap)."""
+    return lax.broadcasted_iota(jnp.int32, shape, 1) == y_local.astype(jnp.int32)[:, None]
+
+
+def dlogits(p, coefs, y_local, w_block, opts: Options):
+    """``cp p - cy [c = y] - cw w_c`` over a block of probabilities ``p [N, B]``."""
+    cp, cy, cw = coefs
+    dz = p * cp[:, None] - jnp.where(onehot(y_local, p.shape), cy[:, None], 0.0)
+    if opts.label_smoothing > 0.0:
+        dz = dz - cw[:, None] * (1.0 if w_block is None else w_block[None, :].astype(p.dtype))
+    return dz
+
+
+def probs(x, m_raw, log_s, opts: Options):
+    """``p = exp((z - m) - log s)`` of a block of raw logits ``x [N, B]``."""
+    return jnp.exp(shift(x, m_raw[:, None], opts) - log_s[:, None])
+
+
+def block_grad(x, m_raw, log_s, y_local, coefs, w_block, opts: Options):
+    """Gradient w.r.t. the raw logits ``x [N, B]`` of a block (any offset ``y_local``)."""
+    dz = dlogits(probs(x, m_raw, log_s, opts), coefs, y_local, w_block, opts)
+    return transform_vjp(dz, x, opts)
+
+
+# ---------------------------------------------------------------- streaming statistics
+
+
+class Stats(NamedTuple):
+    """Online row statistics of the blocks seen so far (each ``[N]`` unless noted).
+
+    ``m``: raw max (``-inf`` before any block); ``s``: ``sum exp(z - transform(safe(m)))``;
+    ``zy``: the label's raw logit (0 until its block is seen); ``wz``: ``sum_c w_c (z_c -
+    transform(safe(m)))`` and ``wseen`` (scalar): ``sum_c w_c`` over the classes seen, both
+    only with label smoothing; ``arg``: argmax (int32) when asked for.
+    """
+
+    m: jax.Array
+    s: jax.Array
+    zy: jax.Array
+    wz: jax.Array | None = None
+    wseen: jax.Array | None = None
+    arg: jax.Array | None = None
+
+
+def init_stats(n: int, dtype, smoothing: bool, aux: bool) -> Stats:
+    """Statistics before any block: ``m = -inf``, sums 0."""
+    zeros = jnp.zeros((n,), dtype)
+    return Stats(
+        m=jnp.full((n,), -jnp.inf, dtype), s=zeros, zy=zeros,
+        wz=zeros if smoothing else None,
+        wseen=jnp.zeros((), dtype) if smoothing else None,
+        arg=jnp.zeros((n,), jnp.int32) if aux else None)
+
+
+def update_stats(st: Stats, x, y_local, w_block, start, opts: Options) -> Stats:
+    """Fold a block of raw logits ``x [N, B]`` (accumulation dtype) into ``st``.
+
+    ``y_local = labels - start`` (matches no column when the label is elsewhere), ``w_block``
+    the block's class weights (or None), ``start`` its first class id (for the argmax). The
+    old sum is rescaled by ``exp(shift(m_old, m_new))``, which is 0 (not ``0 * inf``) when
+    nothing was seen yet, however far below 0 the block's logits are.
+    """
+    bm = jnp.max(x, axis=1)
+    m_new = jnp.maximum(st.m, bm)
+    new_safe = safe(m_new)[:, None]
+    zs = shift(x, new_safe, opts)
+    alpha = jnp.exp(shift(st.m[:, None], new_safe, opts)[:, 0])
+    s = st.s * alpha + jnp.sum(jnp.exp(zs), axis=1)
+    zy = st.zy + jnp.sum(jnp.where(onehot(y_local, x.shape), x, 0.0), axis=1)
+    wz, wseen = st.wz, st.wseen
+    if wz is not None:
+        back = shift(safe(st.m)[:, None], new_safe, opts)[:, 0]
+        wsum = class_sum(w_block, x.shape[1], x.dtype)
+        wzs = zs if w_block is None else zs * w_block[None, :].astype(x.dtype)
+        wz = wz + wseen * back + jnp.sum(wzs, axis=1)
+        wseen = wseen + wsum
+    arg = st.arg
+    if arg is not None:
+        barg = jnp.argmax(x, axis=1).astype(jnp.int32) + start
+        arg = jnp.where(bm > st.m, barg, arg)
+    return Stats(m_new, s, zy, wz, wseen, arg)
+
+
+def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
+    r"""Merge the statistics of vocabulary shards over the mesh axis ``axis_name``.
+
+    One ``pmax`` of ``m`` and one ``psum`` each of the rescaled sums:
+
+    .. math::
+        m = \max_i m_i,\quad s = \sum_i s_i e^{z(m_i) - z(m)},\quad
+        wz = \sum_i wz_i + W_i (z(m_i) - z(m)),\quad z_y = \sum_i z_{y,i}.
+
+    ``st.arg`` holds local column ids; ``offset`` (this shard's first class id) makes them
+    global: the smallest global id among the shards that hold the max (0 if none does).
+    """
+    m = lax.pmax(st.m, axis_name)
+    new_safe = safe(m)
+    back = shift(safe(st.m), new_safe, opts)
+    alpha = jnp.exp(shift(st.m, new_safe, opts))
+    s = lax.psum(st.s * alpha, axis_name)
+    zy = lax.psum(st.zy, axis_name)
+    wz = wseen = None
+    if st.wz is not None:
+        wz = lax.psum(st.wz + st.wseen * back, axis_name)
+        wseen = lax.psum(st.wseen, axis_name)
+    arg = None
+    if st.arg is not None:
+        none = jnp.iinfo(jnp.int32).max
+        holds = (st.s > 0) & (st.m == m)
+        arg = lax.pmin(jnp.where(holds, st.arg + offset, none), axis_name)
+        arg = jnp.where(arg == none, 0, arg)
+    return Stats(m, s, zy, wz, wseen, arg)
+
+
+class RowStats(NamedTuple):
+    """Final statistics of whole rows: ``m`` raw max, ``log_s``, ``zy_s = z_y - m``,
+    ``wz`` (or None), ``lse = m + log s`` (transformed ``m``), ``arg`` (or None)."""
+
+    m: jax.Array
+    log_s: jax.Array
+    zy_s: jax.Array
+    wz: jax.Array | None
+    lse: jax.Array
+    arg: jax.Array | None
+
+
+def finish(st: Stats, opts: Options) -> RowStats:
+    """Row statistics from streamed ones (raw label logit shifted, ``lse`` formed)."""
+    m = safe(st.m)
+    log_s = jnp.log(st.s)
+    return RowStats(m, log_s, shift(st.zy, m, opts), st.wz,
+                    transform(m, opts) + log_s, st.arg)

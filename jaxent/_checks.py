@@ -5,11 +5,11 @@ Every check runs at trace time (shapes, dtypes, static options) and raises ``Val
 Shape assertions use chex, the vocabulary JAX users know; its ``AssertionError`` is turned
 into a ``ValueError`` that names the argument.
 
-Label *values* can only be checked when they are concrete: :func:`check_label_values` raises
-on concrete labels and registers a :func:`jax.experimental.checkify.debug_check` (a no-op
-unless the caller wraps the function in ``checkify.checkify``) on traced ones. Under ``jit``
-without checkify the losses of out-of-range labels come out as ``nan``
-(see :mod:`jaxent._core`).
+Label *values* can only be checked when they are concrete: :func:`label_values` raises on
+concrete labels and passes traced ones through :data:`label_check_p`, a primitive that is
+the identity in every program (it lowers to nothing and carries no effect, so the program
+stays exportable and serializable) and that ``jax.experimental.checkify.checkify`` turns
+into a check. Under ``jit`` without checkify the losses of out-of-range labels are ``nan``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
+from jax.extend import core as jex_core
+from jax.interpreters import batching, mlir
 from jax.typing import ArrayLike
 
-REDUCTIONS = ("mean", "sum", "none")
-RESIDUALS = ("auto", "grad", "lse")
+from jaxent import _rowmath
+from jaxent._options import LAYOUTS, REDUCTIONS, RESIDUALS, Options
+
+# The smallest soft-cap and temperature accepted: normal float32 numbers (a subnormal one is
+# flushed to 0 on some platforms, and x / 0 would give nan).
+_TINY = 1e-30
 
 
 def _describe(x: jax.Array) -> str:
@@ -45,30 +50,60 @@ def float_array(x: ArrayLike, name: str) -> jax.Array:
     return arr
 
 
-def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
+def normalize_axis(axis: int, ndim: int, name: str = "axis", array: str = "logits") -> int:
     """``axis`` in ``[0, ndim)``; negative values count from the end."""
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
         raise TypeError(f"`{name}` must be a Python int, got {type(axis).__name__} {axis!r}")
     if ndim == 0:
-        raise ValueError("`logits` must have at least one dimension (the class axis), got a scalar")
+        raise ValueError(
+            f"`{array}` must have at least one dimension (the class axis), got a scalar")
     if not -ndim <= axis < ndim:
         raise ValueError(
-            f"`{name}` must be in [{-ndim}, {ndim}) for logits of rank {ndim}, got {axis}"
+            f"`{name}` must be in [{-ndim}, {ndim}) for {array} of rank {ndim}, got {axis}"
         )
     return int(axis) % ndim
 
 
-def expect_shape(x: jax.Array, shape: Sequence[int], name: str, what: str) -> None:
+def num_classes(x: jax.Array, axis: int, name: str = "logits") -> int:
+    """The size of the class axis, which must be at least 1."""
+    c = x.shape[axis]
+    if isinstance(c, int) and c < 1:
+        raise ValueError(
+            f"`{name}` must have at least one class along axis {axis}, got shape "
+            f"{tuple(x.shape)}")
+    return c
+
+
+def expect_shape(x: jax.Array, shape: Sequence[int], name: str, what: str,
+                 hint: str = "") -> None:
     """Raise ``ValueError`` unless ``x.shape == shape``; ``what`` explains the expectation."""
     try:
         chex.assert_shape(x, tuple(shape))
-    except AssertionError as err:
+    except AssertionError:
         raise ValueError(
-            f"`{name}` must have shape {tuple(shape)} ({what}), got shape {tuple(x.shape)}"
-        ) from err
+            f"`{name}` must have shape {tuple(shape)} ({what}), got shape "
+            f"{tuple(x.shape)}{hint}"
+        ) from None
 
 
-def int_labels(labels: ArrayLike, shape: Sequence[int], name: str = "labels") -> jax.Array:
+def _label_shape_hint(got: tuple, want: tuple, logits_shape, axis) -> str:
+    """A porting hint for labels shaped unlike ``want``, or ``""``."""
+    if logits_shape is None:
+        return ""
+    if got == want + (1,):
+        return "; squeeze the last axis of the labels (labels[..., 0])"
+    if len(got) == 1 and len(want) > 1 and math.prod(want) == got[0]:
+        return f"; reshape the labels to {list(want)}"
+    rank = len(logits_shape)
+    if axis == rank - 1 and rank >= 3 and got == (logits_shape[0],) + tuple(logits_shape[2:]):
+        return ("; the classes look like axis 1 (PyTorch's (N, C, d1, ...) layout): "
+                "did you mean axis=1?")
+    return ""
+
+
+def int_labels(labels: ArrayLike, shape: Sequence[int], name: str = "labels", *,
+               logits_shape: Sequence[int] | None = None, axis: int | None = None,
+               what: str = "the logits' shape without the class axis") -> jax.Array:
     """Integer class labels of the given shape (logits' shape without the class axis)."""
     arr = jnp.asarray(labels)
     if jnp.issubdtype(arr.dtype, jnp.floating):
@@ -80,7 +115,8 @@ def int_labels(labels: ArrayLike, shape: Sequence[int], name: str = "labels") ->
         raise TypeError(
             f"`{name}` must be an integer array of class indices, got dtype {arr.dtype}"
         )
-    expect_shape(arr, shape, name, "the logits' shape without the class axis")
+    hint = _label_shape_hint(tuple(arr.shape), tuple(shape), logits_shape, axis)
+    expect_shape(arr, shape, name, what, hint)
     return arr
 
 
@@ -96,7 +132,8 @@ def where_mask(where: ArrayLike | None, shape: Sequence[int]) -> jax.Array | Non
 
 
 def class_weight(weight: ArrayLike | None, num_classes: int, name: str = "weight"):
-    """Per-class weights ``[C]`` as float32 (constants: no gradient flows into them)."""
+    """Per-class weights ``[C]`` (constants: no gradient flows into them); the losses cast
+    them to their accumulation dtype."""
     if weight is None:
         return None
     arr = float_array(weight, name)
@@ -105,18 +142,18 @@ def class_weight(weight: ArrayLike | None, num_classes: int, name: str = "weight
             f"`{name}` must be a 1-D array of length {num_classes} (one weight per class), "
             f"got {_describe(arr)}"
         )
-    return jax.lax.stop_gradient(arr.astype(jnp.promote_types(arr.dtype, jnp.float32)))
+    return jax.lax.stop_gradient(arr)
 
 
 def static_float(value, name: str) -> float:
     """A concrete Python float from a static option, else ``TypeError``."""
     try:
         out = float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError) as err:
+    except (TypeError, jax.errors.ConcretizationTypeError):
         raise TypeError(
             f"`{name}` must be a concrete Python number (it is static configuration), got "
             f"{type(value).__name__}; pass it as a Python float, not a traced array"
-        ) from err
+        ) from None
     if math.isnan(out):
         raise ValueError(f"`{name}` must not be nan")
     return out
@@ -129,10 +166,14 @@ def options(
     z_loss: float = 0.0,
     temperature: float = 1.0,
     logit_softcap: float | None = None,
-) -> tuple[float, float, float, float | None]:
-    """Validate the static options; return them as Python floats."""
+    residual: str = "auto",
+    ignore_index: int = -100,
+) -> Options:
+    """Validate the static options; return the one :class:`~jaxent._options.Options`."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    if residual not in RESIDUALS:
+        raise ValueError(f"`residual` must be one of {RESIDUALS}, got {residual!r}")
     eps = static_float(label_smoothing, "label_smoothing")
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1], got {eps}")
@@ -140,20 +181,34 @@ def options(
     if not (zl >= 0.0 and math.isfinite(zl)):
         raise ValueError(f"`z_loss` must be a finite number >= 0, got {zl}")
     temp = static_float(temperature, "temperature")
-    if not (temp > 0.0 and math.isfinite(temp)):
-        raise ValueError(f"`temperature` must be a finite number > 0, got {temp}")
+    if not (temp >= _TINY and math.isfinite(temp)):
+        raise ValueError(
+            f"`temperature` must be a finite number > 0 (at least {_TINY}), got {temp}")
     cap = None
     if logit_softcap is not None:
         cap = static_float(logit_softcap, "logit_softcap")
-        if not (cap > 0.0 and math.isfinite(cap)):
-            raise ValueError(f"`logit_softcap` must be None or a finite number > 0, got {cap}")
-    return eps, zl, temp, cap
+        if not (cap >= _TINY and math.isfinite(cap)):
+            raise ValueError(
+                f"`logit_softcap` must be None or a finite number > 0 (at least {_TINY}), "
+                f"got {cap}")
+    return Options(eps, zl, temp, cap, residual, reduction, check_ignore_index(ignore_index))
 
 
-def residual(value: str) -> None:
-    """What a softmax loss's forward keeps for its backward: ``"auto"``, ``"grad"`` or ``"lse"``."""
-    if value not in RESIDUALS:
-        raise ValueError(f"`residual` must be one of {RESIDUALS}, got {value!r}")
+def check_ignore_index(ignore_index) -> int:
+    """``ignore_index`` as a Python int in the int32 range (class ids are 32-bit)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int | np.integer):
+        raise TypeError(f"`ignore_index` must be a Python int, got {ignore_index!r}")
+    if not -(2**31) <= int(ignore_index) < 2**31:
+        raise ValueError(
+            f"`ignore_index` must fit in int32 ([-2**31, 2**31)), got {int(ignore_index)}")
+    return int(ignore_index)
+
+
+def kernel_layout(value: str) -> str:
+    """``"dv"`` or ``"vd"``."""
+    if value not in LAYOUTS:
+        raise ValueError(f"`kernel_layout` must be one of {LAYOUTS}, got {value!r}")
+    return value
 
 
 def _is_concrete(*xs) -> bool:
@@ -166,16 +221,16 @@ def label_values(
     ignore_index: int,
     where: jax.Array | None = None,
     name: str = "labels",
-) -> None:
+) -> jax.Array:
     """Labels must lie in ``[0, num_classes)`` unless ignored or masked out by ``where``.
 
     Concrete labels: ``ValueError`` naming the bad values and their positions. Traced labels:
-    a checkify ``debug_check`` (reported when the caller uses ``checkify.checkify``).
+    returned through :data:`label_check_p` (reported when the caller uses
+    ``checkify.checkify``). Returns ``labels``.
     """
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int | np.integer):
-        raise TypeError(f"`ignore_index` must be a Python int, got {ignore_index!r}")
+    check_ignore_index(ignore_index)
     if _is_concrete(labels, where):
-        y = np.asarray(labels)
+        y = np.asarray(labels).astype(np.int64)
         bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
         if where is not None:
             bad &= np.asarray(where)
@@ -189,12 +244,54 @@ def label_values(
                 f"`{name}` must be class indices in [0, {num_classes}) or ignore_index="
                 f"{ignore_index}; got {len(pos)} out-of-range value(s): {shown}{more}"
             )
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        return labels
+    bad = ~_rowmath.in_range(labels, num_classes) & ~_rowmath.equals(labels, ignore_index)
     if where is not None:
         bad = bad & where
-    checkify.debug_check(
-        ~jnp.any(bad),
-        f"`{name}` has values outside [0, {num_classes}) that are not ignore_index="
-        f"{ignore_index}; their losses are nan",
-    )
+    message = (f"`{name}` has values outside [0, {num_classes}) that are not ignore_index="
+               f"{ignore_index}; their losses are nan")
+    return label_check_p.bind(labels, bad, message=message)
+
+
+# ------------------------------------------------------- checkify without an effect
+
+
+label_check_p = jex_core.Primitive("jaxent_label_check")
+"""``label_check_p.bind(labels, bad, message=...)`` is ``labels``; under ``checkify`` it
+also raises ``message`` where ``any(bad)``."""
+
+
+def _label_check_abstract(labels, bad, *, message):
+    del bad, message
+    return labels
+
+
+def _label_check_batch(args, dims, *, message):
+    labels, bad = args
+    return label_check_p.bind(labels, bad, message=message), dims[0]
+
+
+label_check_p.def_abstract_eval(_label_check_abstract)
+label_check_p.def_impl(lambda labels, bad, *, message: labels)
+mlir.register_lowering(label_check_p, lambda ctx, labels, bad, *, message: [labels])
+batching.primitive_batchers[label_check_p] = _label_check_batch
+
+
+def _register_checkify_rule() -> None:
+    """Teach ``checkify`` the label check (its rule table is not public API: if it moves,
+    traced labels are still ``nan``, only the checkify report is lost)."""
+    try:
+        from jax._src import checkify as _ck  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        return
+
+    def rule(error, enabled_errors, labels, bad, *, message):
+        if _ck.FailedCheckError not in enabled_errors:
+            return error, labels
+        err = _ck.FailedCheckError(_ck.get_traceback(), message)
+        return _ck.assert_func(error, jnp.any(bad), err), labels
+
+    _ck.error_checks[label_check_p] = rule
+
+
+_register_checkify_rule()

@@ -85,6 +85,88 @@ def transform_vjp(dz: jax.Array, x: jax.Array, opts: Options) -> jax.Array:
     return dz
 
 
+def equals(labels: jax.Array, value: int) -> jax.Array:
+    """``labels == value`` without wrapping ``value`` into a narrow label dtype."""
+    info = jnp.iinfo(labels.dtype)
+    if not info.min <= value <= info.max:
+        return jnp.zeros(labels.shape, bool)
+    return labels == jnp.asarray(value, labels.dtype)
+
+
+def in_range(labels: jax.Array, num_classes: int) -> jax.Array:
+    """``0 <= labels < num_classes`` in the labels' own dtype (``num_classes`` may not fit)."""
+    info = jnp.iinfo(labels.dtype)
+    ok = labels >= 0 if info.min < 0 else jnp.ones(labels.shape, bool)
+    if num_classes <= info.max:
+        ok = ok & (labels < jnp.asarray(num_classes, labels.dtype))
+    return ok
+
+
+class Labels(NamedTuple):
+    """Flat integer labels, ready for the row math (each ``[N]``).
+
+    ``y``: int32 class ids clipped into ``[0, C)`` (safe to gather with); ``valid``: the
+    label was in range; ``counted``: the row contributes (not ``ignore_index``, inside
+    ``where``); ``row_w``: ``w[y]`` on counted rows, 0 elsewhere (the mean's denominator is
+    its sum).
+    """
+
+    y: jax.Array
+    valid: jax.Array
+    counted: jax.Array
+    row_w: jax.Array
+
+
+def labels_info(labels, num_classes: int, ignore_index: int, where, weight, dtype) -> Labels:
+    """:class:`Labels` of ``labels`` (any integer dtype and shape), compared in their own
+    dtype so that narrow dtypes never wrap ``num_classes`` or ``ignore_index``."""
+    flat = labels.reshape(-1)
+    valid = in_range(flat, num_classes)
+    counted = ~equals(flat, ignore_index)
+    if where is not None:
+        counted = counted & where.reshape(-1)
+    y = jnp.where(valid, flat, jnp.zeros((), flat.dtype)).astype(jnp.int32)
+    w_y = jnp.ones(y.shape, dtype) if weight is None else take_class(weight.astype(dtype), y)
+    return Labels(y, valid, counted, jnp.where(counted, w_y, jnp.zeros((), dtype)))
+
+
+def take_class(values: jax.Array, y: jax.Array) -> jax.Array:
+    """``values[y]`` for a per-class vector and in-range int32 ``y``, laid out like ``y``."""
+    sharding = getattr(jax.typeof(y), "sharding", None)
+    if sharding is not None and getattr(sharding, "spec", None) and any(sharding.spec):
+        return values.at[y].get(out_sharding=sharding)  # explicit mesh: say where
+    return values[y]
+
+
+def row_losses(loss, lab: Labels):
+    """``loss`` on counted rows with valid labels, ``nan`` on counted invalid ones, else 0
+    (selected, never multiplied: rows of ``-inf`` logits that are not counted stay 0)."""
+    return jnp.where(lab.counted, jnp.where(lab.valid, loss, jnp.nan), 0.0)
+
+
+def row_cotangent(g, lab: Labels):
+    """The cotangent of the per-row losses as :func:`row_losses` passes it back."""
+    return jnp.where(lab.counted, jnp.where(lab.valid, g, jnp.nan), 0.0)
+
+
+def reduce(losses, denominator, reduction: str, count=None):
+    """``"none"``: ``losses``; ``"sum"``: their sum; ``"mean"``: sum / denominator.
+
+    A mean over no counted element (``count == 0``; ``denominator == 0`` when ``count`` is
+    not given) is 0.0 with zero gradient, not nan; counted elements whose weights sum to 0
+    give ``nan`` (as PyTorch).
+    """
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    denominator = jnp.asarray(denominator).astype(total.dtype)
+    empty = denominator == 0 if count is None else jnp.asarray(count) == 0
+    safe_den = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
+    return jnp.where(empty, total * 0.0, jnp.where(denominator == 0, jnp.nan, total / safe_den))
+
+
 def class_sum(weight: jax.Array | None, num_classes: int, dtype) -> jax.Array:
     """``W = sum_c w_c`` (``C`` without weights)."""
     return jnp.asarray(num_classes, dtype) if weight is None else weight.sum().astype(dtype)
@@ -115,13 +197,14 @@ def onehot(y_local: jax.Array, shape) -> jax.Array:
     return lax.broadcasted_iota(jnp.int32, shape, 1) == y_local.astype(jnp.int32)[:, None]
 
 
-def dlogits(p, coefs, y_local, w_block, opts: Options):
-    """``cp p - cy [c = y] - cw w_c`` over a block of probabilities ``p [N, B]``."""
+def dlogits(p, coefs, y_local, w_block, counted, opts: Options):
+    """``cp p - cy [c = y] - cw w_c`` over a block of probabilities ``p [N, B]``; 0 on rows
+    not counted (selected: their ``p`` may be ``nan`` when all their logits are ``-inf``)."""
     cp, cy, cw = coefs
     dz = p * cp[:, None] - jnp.where(onehot(y_local, p.shape), cy[:, None], 0.0)
     if opts.label_smoothing > 0.0:
         dz = dz - cw[:, None] * (1.0 if w_block is None else w_block[None, :].astype(p.dtype))
-    return dz
+    return jnp.where(counted[:, None], dz, 0.0)
 
 
 def probs(x, m_raw, log_s, opts: Options):
@@ -129,9 +212,9 @@ def probs(x, m_raw, log_s, opts: Options):
     return jnp.exp(shift(x, m_raw[:, None], opts) - log_s[:, None])
 
 
-def block_grad(x, m_raw, log_s, y_local, coefs, w_block, opts: Options):
+def block_grad(x, m_raw, log_s, y_local, coefs, w_block, counted, opts: Options):
     """Gradient w.r.t. the raw logits ``x [N, B]`` of a block (any offset ``y_local``)."""
-    dz = dlogits(probs(x, m_raw, log_s, opts), coefs, y_local, w_block, opts)
+    dz = dlogits(probs(x, m_raw, log_s, opts), coefs, y_local, w_block, counted, opts)
     return transform_vjp(dz, x, opts)
 
 
@@ -243,3 +326,17 @@ def finish(st: Stats, opts: Options) -> RowStats:
     log_s = jnp.log(st.s)
     return RowStats(m, log_s, shift(st.zy, m, opts), st.wz,
                     transform(m, opts) + log_s, st.arg)
+
+
+def stats_losses(rs: RowStats, lab: Labels, weight, opts: Options, num_classes: int):
+    """Per-row losses (masked as :func:`row_losses`) from whole-row statistics."""
+    big_w = class_sum(weight, num_classes, rs.lse.dtype)
+    loss = label_loss(rs.log_s, rs.zy_s, rs.wz, rs.lse, lab.row_w, big_w, opts, num_classes)
+    return row_losses(loss, lab)
+
+
+def stats_coefs(g, lse, lab: Labels, weight, opts: Options, num_classes: int):
+    """:func:`grad_coefs` for the cotangent ``g`` of the per-row losses of
+    :func:`stats_losses`."""
+    big_w = class_sum(weight, num_classes, lse.dtype)
+    return grad_coefs(row_cotangent(g, lab), lse, lab.row_w, big_w, opts, num_classes)

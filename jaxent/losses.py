@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxent import _checks, _core
+from jaxent import _checks
+from jaxent import _rowmath as rm
+from jaxent._options import Options, Reduction, Residual
+from jaxent.impl import rows as _impl_rows
 
 
 def _rows(logits: jax.Array, axis: int) -> jax.Array:
@@ -25,7 +28,7 @@ def _rows(logits: jax.Array, axis: int) -> jax.Array:
 
 
 def _loss_dtype(dtype) -> jnp.dtype:
-    return _core.compute_dtype(dtype)
+    return rm.compute_dtype(dtype)
 
 
 def cross_entropy(
@@ -36,12 +39,12 @@ def cross_entropy(
     weight: ArrayLike | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     temperature: float = 1.0,
-    residual: str = "auto",
+    residual: Residual = "auto",
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer class labels (``F.cross_entropy``).
 
@@ -70,18 +73,13 @@ def cross_entropy(
       z_loss: coefficient of ``logsumexp(z)**2`` per counted element (PaLM).
       logit_softcap: if given, logits become ``cap * tanh(logits / cap)`` (Gemma 2).
       temperature: logits are divided by it before everything else.
-      residual: what the forward keeps for the backward when differentiated. ``"grad"``:
-        the gradient, computed in the forward with one ``exp`` per logit (four passes over
-        the logits); the backward only scales it, which XLA fuses. ``"lse"``: one float per
-        row (and a reference to the logits); the backward recomputes ``exp`` (two ``exp``
-        per logit, three passes, of which the two reductions fuse the 16-bit upcast).
-        ``"auto"`` (default) picks from the dtype and shape by CPU measurements
-        (:func:`jaxent._core.uses_lse`): ``"lse"`` for large float32 logits and for 16-bit
-        rows of 256 to 32K classes, ``"grad"`` otherwise.
-        Values and gradients are the same; both add no logits-sized temporaries and both
-        write the gradient in place when the logits are donated. Use ``"lse"`` when the
-        backward runs much later than the forward (e.g. under ``jax.checkpoint``), so that no
-        gradient-sized array is kept besides the logits in between.
+      residual: what the forward keeps for the backward when differentiated: ``"grad"``,
+        the gradient, made in the forward with one ``exp`` per logit (the backward only
+        scales it, which XLA fuses); ``"lse"``, two floats per row (the backward recomputes
+        ``exp``). ``"auto"`` (default) picks per platform, dtype and shape
+        (:func:`jaxent.impl.rows.uses_lse`). Values and gradients are the same; neither
+        keeps a logits-sized temporary besides the gradient. Use ``"lse"`` when the
+        backward runs much later than the forward (e.g. under ``jax.checkpoint``).
 
     Returns:
       float32 (float64 for float64 logits) scalar, or ``labels.shape`` for ``"none"``.
@@ -108,28 +106,28 @@ def cross_entropy(
     """
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
-    eps, zl, temp, cap = _checks.options(
+    opts = _checks.options(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-        temperature=temperature, logit_softcap=logit_softcap,
+        temperature=temperature, logit_softcap=logit_softcap, residual=residual,
+        ignore_index=ignore_index,
     )
-    _checks.residual(residual)
-    c = x.shape[ax]
+    c = _checks.num_classes(x, ax)
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
-    y = _checks.int_labels(labels, batch_shape)
+    y = _checks.int_labels(labels, batch_shape, logits_shape=x.shape, axis=ax)
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
-    _checks.label_values(y, c, ignore_index, mask)
-
-    opts = _core.Options(eps, zl, temp, cap, residual)
-    return _labels_loss(x, y, w, mask, ax, ignore_index, opts, reduction)
+    y = _checks.label_values(y, c, ignore_index, mask)
+    return _labels_loss(x, y, w, mask, ax, opts)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
-def _labels_loss(x, y, w, mask, ax, ignore_index, opts, reduction):
-    batch_shape = y.shape
-    y, counted, row_w = _core.counted_rows(y, mask, w, ignore_index, _loss_dtype(x.dtype))
-    losses = _core.label_rows(_rows(x, ax), y, row_w, counted, w, opts)
-    return _core.reduce(losses.reshape(batch_shape), row_w.sum(), reduction)
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _labels_loss(x, y, w, mask, ax, opts: Options):
+    acc = _loss_dtype(x.dtype)
+    w = None if w is None else w.astype(acc)
+    lab = rm.labels_info(y, x.shape[ax], opts.ignore_index, mask, w, acc)
+    losses = _impl_rows.label_rows(_rows(x, ax), lab, w, opts)
+    return rm.reduce(losses.reshape(y.shape), lab.row_w.sum(), opts.reduction,
+                     lab.counted.sum())
 
 
 def soft_cross_entropy(
@@ -139,12 +137,12 @@ def soft_cross_entropy(
     axis: int = -1,
     weight: ArrayLike | None = None,
     label_smoothing: float = 0.0,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     temperature: float = 1.0,
-    residual: str = "auto",
+    residual: Residual = "auto",
 ) -> jax.Array:
     r"""Softmax cross-entropy with probability targets (one-hot or soft).
 
@@ -180,11 +178,10 @@ def soft_cross_entropy(
     """
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
-    eps, zl, temp, cap = _checks.options(
+    opts = _checks.options(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-        temperature=temperature, logit_softcap=logit_softcap,
+        temperature=temperature, logit_softcap=logit_softcap, residual=residual,
     )
-    _checks.residual(residual)
     t = jnp.asarray(targets)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         raise TypeError(
@@ -192,22 +189,22 @@ def soft_cross_entropy(
             "class labels use jaxent.cross_entropy"
         )
     _checks.expect_shape(t, x.shape, "targets", "the same shape as logits")
-    c = x.shape[ax]
+    c = _checks.num_classes(x, ax)
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
-
-    opts = _core.Options(eps, zl, temp, cap, residual)
-    return _targets_loss(x, t, w, mask, ax, opts, reduction)
+    return _targets_loss(x, t, w, mask, ax, opts)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _targets_loss(x, t, w, mask, ax, opts, reduction):
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _targets_loss(x, t, w, mask, ax, opts: Options):
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     rows = _rows(x, ax)
+    w = None if w is None else w.astype(_loss_dtype(x.dtype))
     counted = jnp.ones(rows.shape[:1], bool) if mask is None else mask.reshape(-1)
-    losses = _core.target_rows(rows, _rows(t, ax), counted, w, opts)
-    return _core.reduce(losses.reshape(batch_shape), counted.sum(), reduction)
+    losses = _impl_rows.target_rows(rows, _rows(t, ax), counted, w, opts)
+    n = counted.sum()
+    return rm.reduce(losses.reshape(batch_shape), n, opts.reduction, n)
 
 
 def nll_loss(
@@ -217,7 +214,7 @@ def nll_loss(
     axis: int = -1,
     weight: ArrayLike | None = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     where: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Negative log-likelihood of integer labels given log-probabilities (``F.nll_loss``).
@@ -240,30 +237,27 @@ def nll_loss(
       0.4364
     """
     lp = _checks.float_array(log_probs, "log_probs")
-    ax = _checks.normalize_axis(axis, lp.ndim)
-    _checks.options(reduction=reduction)
-    c = lp.shape[ax]
+    ax = _checks.normalize_axis(axis, lp.ndim, name="axis", array="log_probs")
+    opts = _checks.options(reduction=reduction, ignore_index=ignore_index)
+    c = _checks.num_classes(lp, ax, "log_probs")
     batch_shape = lp.shape[:ax] + lp.shape[ax + 1 :]
-    y = _checks.int_labels(labels, batch_shape)
+    y = _checks.int_labels(labels, batch_shape, logits_shape=lp.shape, axis=ax)
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
-    _checks.label_values(y, c, ignore_index, mask)
+    y = _checks.label_values(y, c, ignore_index, mask)
+    return _nll(lp, y, w, mask, ax, opts)
 
-    return _nll(lp, y, w, mask, ax, ignore_index, reduction)
 
-
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _nll(lp, y, w, mask, ax, ignore_index, reduction):
-    c = lp.shape[ax]
-    batch_shape = y.shape
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _nll(lp, y, w, mask, ax, opts: Options):
     dtype = _loss_dtype(lp.dtype)
-    y, counted, row_w = _core.counted_rows(y, mask, w, ignore_index, dtype)
-    valid = (y >= 0) & (y < c)
-    safe = jnp.clip(y, 0, c - 1)
-    picked = jnp.take_along_axis(_rows(lp, ax), safe[:, None], axis=1)[:, 0].astype(dtype)
+    w = None if w is None else w.astype(dtype)
+    lab = rm.labels_info(y, lp.shape[ax], opts.ignore_index, mask, w, dtype)
+    picked = _impl_rows.picked_log_probs(_rows(lp, ax), lab.y)
     # Select, never multiply, so that -inf log-probabilities of ignored rows stay out.
-    losses = jnp.where(counted, jnp.where(valid, -row_w * picked, jnp.nan), 0.0)
-    return _core.reduce(losses.reshape(batch_shape), row_w.sum(), reduction)
+    losses = rm.row_losses(-lab.row_w * picked, lab)
+    return rm.reduce(losses.reshape(y.shape), lab.row_w.sum(), opts.reduction,
+                     lab.counted.sum())
 
 
 def binary_cross_entropy(
@@ -272,7 +266,7 @@ def binary_cross_entropy(
     *,
     weight: ArrayLike | None = None,
     pos_weight: ArrayLike | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     where: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Sigmoid binary cross-entropy on logits (``F.binary_cross_entropy_with_logits``).
@@ -305,13 +299,13 @@ def binary_cross_entropy(
       0.2378
     """
     x = _checks.float_array(logits, "logits")
-    _checks.options(reduction=reduction)
+    opts = _checks.options(reduction=reduction)
     t = _checks.float_array(targets, "targets")
     _checks.expect_shape(t, x.shape, "targets", "the same shape as logits")
     mask = _checks.where_mask(where, x.shape)
     pw = None if pos_weight is None else _broadcastable(pos_weight, x.shape, "pos_weight")
     w = None if weight is None else _broadcastable(weight, x.shape, "weight")
-    return _binary(x, t, w, pw, mask, reduction)
+    return _binary(x, t, w, pw, mask, opts.reduction)
 
 
 @functools.partial(jax.jit, static_argnums=(5,))
@@ -326,9 +320,9 @@ def _binary(x, t, w, pw, mask, reduction):
     if w is not None:
         losses = losses * w.astype(dtype)
     if mask is None:
-        return _core.reduce(losses, jnp.asarray(losses.size, dtype), reduction)
+        return rm.reduce(losses, jnp.asarray(losses.size, dtype), reduction)
     losses = jnp.where(mask, losses, 0.0)
-    return _core.reduce(losses, mask.sum(), reduction)
+    return rm.reduce(losses, mask.sum(), reduction)
 
 
 def _broadcastable(value: ArrayLike, shape: tuple[int, ...], name: str) -> jax.Array:

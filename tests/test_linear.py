@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -11,7 +12,8 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxent
-from jaxent import linear as linear_mod
+from jaxent import _platform
+from jaxent.impl import plan as plan_mod
 
 D, V, LEAD = 16, 203, (3, 5)  # V is not a multiple of any block size used below
 BLOCK, TOKEN_BLOCK = 64, 4
@@ -74,8 +76,9 @@ def _value_and_vjp(f, cot):
 def test_matches_cross_entropy_of_product(name, reduction):
     names = list(OPTION_SETS)
     layout = "vd" if names.index(name) % 2 else "dv"
-    # "none" always runs the vocabulary schedule; alternate the schedules for the others
+    # "none" needs the vocabulary schedule; alternate the schedules for the others
     impl = "vocab" if (names.index(name) + (reduction == "sum")) % 2 else "token"
+    impl = "vocab" if reduction == "none" else impl
     h, kernel, b, y, weight, where = _data(layout=layout)
     kw = _kwargs(OPTION_SETS[name], weight, where)
     if "ignore_index" in kw:
@@ -142,7 +145,8 @@ def test_half_precision(dtype, layout, small_slices, monkeypatch):
     V: 203 = 3 * 64 + 11); ``small_slices`` also splits the ``d hidden`` update into row
     slices (8 rows for 15 tokens, the last slice shifted)."""
     if small_slices:
-        monkeypatch.setattr(linear_mod, "_BLOCK_ELEMS", 256)
+        small = dataclasses.replace(_platform.TABLE["cpu"], block_elems=256)
+        monkeypatch.setitem(_platform.TABLE, "cpu", small)
     h, kernel, b, y, weight, _ = _data(dtype=dtype, layout=layout)
 
     def ours(h, kernel, b):
@@ -221,11 +225,13 @@ def test_out_of_range_labels():
     bad = y.at[1, 2].set(V).at[2, 0].set(-3)
     with pytest.raises(ValueError, match=r"labels\[1, 2\]=203.*labels\[2, 0\]=-3"):
         jaxent.linear_cross_entropy(h, kernel, bad)
-    for impl in ("vocab", "token"):
-        out = jax.jit(lambda y, impl=impl: jaxent.linear_cross_entropy(
-            h, kernel, y, reduction="none", impl=impl, block_size=BLOCK))(bad)
-        assert np.isnan(out[1, 2]) and np.isnan(out[2, 0])
-        assert np.isfinite(np.delete(np.asarray(out).ravel(), [7, 10])).all()
+    out = jax.jit(lambda y: jaxent.linear_cross_entropy(
+        h, kernel, y, reduction="none", impl="vocab", block_size=BLOCK))(bad)
+    assert np.isnan(out[1, 2]) and np.isnan(out[2, 0])
+    assert np.isfinite(np.delete(np.asarray(out).ravel(), [7, 10])).all()
+    total, grads = jax.jit(jax.value_and_grad(lambda h, y: jaxent.linear_cross_entropy(
+        h, kernel, y, reduction="sum", impl="token", token_block_size=TOKEN_BLOCK)))(h, bad)
+    assert np.isnan(total) and np.isnan(grads[1, 2]).all() and np.isfinite(grads[0]).all()
 
 
 @pytest.mark.parametrize(
@@ -302,6 +308,6 @@ def test_memory_is_blocked(dtype):
 
 
 def test_auto_block_sizes():
-    bv, bn, bw = linear_mod.auto_block_sizes(8192, 2048, 128256)
+    bv, bn, bw = plan_mod.auto_block_sizes(8192, 2048, 128256)
     assert bv * 8192 <= 8 * 2**20 and bn * 128256 <= 32 * 2**20 and bw * 2048 <= 8 * 2**20
-    assert linear_mod.auto_block_sizes(4, 8, 50) == (50, 4, 50)
+    assert plan_mod.auto_block_sizes(4, 8, 50) == (50, 4, 50)

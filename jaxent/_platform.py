@@ -1,0 +1,194 @@
+"""What one platform needs: XLA:CPU workarounds, and the measured heuristics per platform.
+
+**Workarounds.** The math is written once; where XLA:CPU compiles a plain expression badly,
+the code asks a :class:`Quirks` object whether to take a detour. :func:`per_platform` runs a
+function with :data:`CPU` quirks on the CPU and with :data:`NONE` elsewhere, through
+``jax.lax.platform_dependent``: a program lowered for cuda or tpu carries none of the
+detours, and one exported for several platforms picks per platform. Each detour below names
+the XLA:CPU behaviour it answers; it can go when that behaviour changes (re-measure with
+``python -m jaxent.bench``).
+
+**Heuristics.** :data:`TABLE` holds, per platform, the choices ``"auto"`` makes (the plain-CE
+residual, the fused walk, block budgets). The platform is ``jax.default_backend()`` when
+tracing, so a program exported for another platform keeps the tracing host's choices; they
+change speed and memory, never the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class Quirks:
+    """Which XLA:CPU detours to take (all False: the plain program).
+
+    Attributes:
+      bf16_bits: XLA:CPU has no bfloat16 dynamic-slice / dynamic-update-slice; it runs them
+        in float32 and hoists the convert of a loop-invariant operand out of the loop (a
+        full float32 copy of the kernel), and a bf16 carry updated in place costs a full
+        pass per block. bf16 blocks are then moved as uint16 bits, read through an
+        optimization barrier, and a bf16 ``d kernel`` is written in stages.
+      barrier_before_gather: XLA:CPU fuses the float32 upcast of 16-bit logits into its
+        reductions only while the logits have no other reader in the fusion graph; a gather
+        of the label logits makes it materialize a float32 copy. A barrier keeps them apart.
+      split_long_rows: XLA:CPU's row reductions slow down 2-3x on rows longer than 32K
+        elements; such rows are reduced in equal pieces, twice.
+      variadic_sum: XLA:CPU's library reduction cannot fuse the upcast of a 16-bit operand
+        and materializes a float32 copy; a two-output reduce is lowered as XLA's own loop,
+        which reads the operand directly.
+      transpose_bf16_dkernel: XLA:CPU multiplies bf16 without upcasting only ``A @ B`` and
+        ``A @ B^T`` with row-major operands; ``h^T @ dx`` would run in float32 on a copy of
+        ``h``, so the block-sized ``dx`` is transposed instead.
+    """
+
+    bf16_bits: bool = False
+    barrier_before_gather: bool = False
+    split_long_rows: bool = False
+    variadic_sum: bool = False
+    transpose_bf16_dkernel: bool = False
+
+
+NONE = Quirks()
+CPU = Quirks(True, True, True, True, True)
+
+
+def per_platform(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(CPU, *args)`` on the CPU, ``fn(NONE, *args)`` on every other platform."""
+    return lax.platform_dependent(
+        *args, cpu=functools.partial(fn, CPU), default=functools.partial(fn, NONE))
+
+
+# ---------------------------------------------------------------------- the detours
+
+MAX_PIECE = 32768  # the row length above which XLA:CPU's reductions slow down
+
+
+def row_pieces(c: int, q: Quirks) -> int:
+    """How many equal pieces of at most 32K a row of ``c`` classes is reduced in (1: none)."""
+    if not q.split_long_rows or c <= MAX_PIECE:
+        return 1
+    return next((k for k in range(-(-c // MAX_PIECE), c // 1024 + 1) if c % k == 0), 1)
+
+
+def sum_rows(e: jax.Array, q: Quirks) -> jax.Array:
+    """Row sums of ``[N, C]`` (accumulation dtype); a two-output reduce where the CPU needs
+    it to read a fused 16-bit producer without a float32 copy (the max output is kept alive
+    by multiplying with its indicator, which is exactly 1)."""
+    if not q.variadic_sum:
+        return e.sum(axis=-1)
+    total, top = lax.reduce(
+        (e, e), (jnp.zeros((), e.dtype), jnp.full((), -jnp.inf, e.dtype)),
+        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])), (1,))
+    return total * (top >= 0).astype(e.dtype)
+
+
+def fresh(x: jax.Array, q: Quirks) -> jax.Array:
+    """16-bit ``x`` behind an optimization barrier, for reads beside the main passes."""
+    if not q.barrier_before_gather or x.dtype == jnp.promote_types(x.dtype, jnp.float32):
+        return x
+    return lax.optimization_barrier(x)
+
+
+def _bits(dtype, q: Quirks):
+    return jnp.uint16 if q.bf16_bits and jnp.dtype(dtype) == jnp.bfloat16 else None
+
+
+def dslice(x: jax.Array, start, size: int, axis: int, q: Quirks) -> jax.Array:
+    """``lax.dynamic_slice_in_dim``, as uint16 bits behind a barrier for bf16 on the CPU."""
+    bits = _bits(x.dtype, q)
+    if bits is None:
+        return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+    x, start = lax.optimization_barrier((x, start))
+    out = lax.dynamic_slice_in_dim(lax.bitcast_convert_type(x, bits), start, size, axis=axis)
+    return lax.bitcast_convert_type(out, x.dtype)
+
+
+def carry_zeros(shape, dtype, q: Quirks) -> jax.Array:
+    """A zero buffer for :func:`dupdate` (uint16 bits for bf16 on the CPU)."""
+    return jnp.zeros(shape, _bits(dtype, q) or dtype)
+
+
+def dupdate(buf: jax.Array, upd: jax.Array, start, axis: int, dtype, q: Quirks) -> jax.Array:
+    """Write ``upd`` (cast to ``dtype``) into a :func:`carry_zeros` buffer in place."""
+    upd = upd.astype(dtype)
+    if _bits(dtype, q) is not None:
+        upd = lax.bitcast_convert_type(upd, buf.dtype)
+    return lax.dynamic_update_slice_in_dim(buf, upd, start, axis=axis)
+
+
+def carry_value(buf: jax.Array, dtype) -> jax.Array:
+    """The ``dtype`` array held by a :func:`carry_zeros` buffer."""
+    return buf if buf.dtype == dtype else lax.bitcast_convert_type(buf, dtype)
+
+
+def stages_bf16(dtype, q: Quirks) -> bool:
+    """Whether a bf16 ``d kernel`` is written in stages of uint16 bits (see ``bf16_bits``)."""
+    return _bits(dtype, q) is not None
+
+
+def transposed(x: jax.Array) -> jax.Array:
+    """``x.T`` as a row-major copy that XLA cannot fold back into a transposed dot operand."""
+    return lax.optimization_barrier(x.T.reshape(-1)).reshape(x.shape[::-1])
+
+
+# ----------------------------------------------------------------------- heuristics
+
+
+@dataclasses.dataclass(frozen=True)
+class Heuristics:
+    """The choices ``"auto"`` makes on one platform.
+
+    Attributes:
+      lse_min_elements: float32 plain CE keeps the log-sum-exp (else the gradient) from
+        this many logits on.
+      lse_16bit_rows: 16-bit plain CE keeps the log-sum-exp for rows in this range of
+        classes (inclusive), the gradient outside it.
+      fused_impls: the fused walks in order of preference.
+      block_elems: the unit of the fused walks' automatic block sizes (float32 elements).
+      max_token_block: the largest token block of the token walk.
+      pallas: whether ``"auto"`` picks the Pallas kernels.
+    """
+
+    lse_min_elements: int = 1 << 24
+    lse_16bit_rows: tuple[int, int] = (256, MAX_PIECE)
+    fused_impls: tuple[str, ...] = ("token", "vocab")
+    block_elems: int = 8 * 1024 * 1024
+    max_token_block: int = 512
+    pallas: bool = False
+
+
+TABLE: dict[str, Heuristics] = {
+    # Measured on 2-core CPUs (benchmarks/RESULTS.md, benchmarks/linear_notes.md).
+    "cpu": Heuristics(),
+    # Not measured yet: the lse residual moves the fewest bytes, the vocabulary walk keeps
+    # the fewest temporaries.
+    "gpu": Heuristics(lse_min_elements=0, lse_16bit_rows=(0, 1 << 62),
+                      fused_impls=("vocab", "token")),
+    "tpu": Heuristics(lse_min_elements=0, lse_16bit_rows=(0, 1 << 62),
+                      fused_impls=("vocab", "token")),
+}
+
+
+def platform() -> str:
+    """The platform programs are traced for: ``jax.default_backend()`` (``"cpu"``,
+    ``"gpu"``, ``"tpu"``; cuda and rocm are ``"gpu"``)."""
+    name = jax.default_backend()
+    return "gpu" if name in ("cuda", "rocm") else name
+
+
+def heuristics() -> Heuristics:
+    """This platform's row of :data:`TABLE` (the CPU's for a platform not in it)."""
+    return TABLE.get(platform(), TABLE["cpu"])
+
+
+def static_size(n: Any, default: int = 1 << 20) -> int:
+    """``n`` when it is a concrete int, ``default`` for a symbolic dimension (export)."""
+    return n if isinstance(n, int) else default

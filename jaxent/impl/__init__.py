@@ -1,0 +1,98 @@
+"""The implementations, and the registry that picks one for a call.
+
+Each implementation declares what it can serve (:class:`Implementation`); an ``impl`` asked
+for explicitly that cannot serve a call raises a ``ValueError`` naming ``impl``, why, and
+which implementations can; ``"auto"`` (and ``"xla"``, the XLA walks alone) picks the first
+that can from the platform's order of preference (:mod:`jaxent._platform`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+from jaxent import _platform
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What a call needs from an implementation.
+
+    Attributes:
+      kind: ``"ce"`` (logits) or ``"linear"`` (the fused head).
+      dtype: the inputs' dtype.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      vocab_parallel: the vocabulary is split over a mesh axis.
+      static_tokens: the number of tokens is a concrete int (not symbolic, as in export).
+    """
+
+    kind: str
+    dtype: jnp.dtype
+    reduction: str
+    vocab_parallel: bool = False
+    static_tokens: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """A registered implementation: its name, kind, whether it is an XLA walk, and a
+    function that returns why it cannot serve a request (None when it can)."""
+
+    name: str
+    kind: str
+    xla: bool
+    refuses: Callable[[Request], str | None]
+
+
+def _token_refuses(req: Request) -> str | None:
+    if jnp.promote_types(req.dtype, jnp.float32) != req.dtype:
+        return f"it makes the gradient in the forward in float32 and not for {req.dtype} inputs"
+    if req.reduction == "none":
+        return "it sums the losses in the forward and cannot give reduction='none'"
+    if req.vocab_parallel:
+        return "it needs whole vocabulary rows and the vocabulary is split over a mesh axis"
+    if not req.static_tokens:
+        return "it walks token blocks and the number of tokens is symbolic"
+    return None
+
+
+REGISTRY: dict[tuple[str, str], Implementation] = {}
+
+
+def register(impl: Implementation) -> None:
+    """Add an implementation to the registry (kernels register themselves on import)."""
+    REGISTRY[impl.kind, impl.name] = impl
+
+
+register(Implementation("xla", "ce", True, lambda req: None))
+register(Implementation("vocab", "linear", True, lambda req: None))
+register(Implementation("token", "linear", True, _token_refuses))
+
+
+def _candidates(kind: str) -> list[str]:
+    order = _platform.heuristics().fused_impls if kind == "linear" else ("xla",)
+    names = [n for n in order if (kind, n) in REGISTRY]
+    return names + [n for (k, n) in REGISTRY if k == kind and n not in names]
+
+
+def select(impl: str, req: Request) -> str:
+    """The implementation that serves ``req``: ``impl`` itself if it can (else
+    ``ValueError``), or for ``"auto"``/``"xla"`` the platform's first choice that can."""
+    names = _candidates(req.kind)
+    able = [n for n in names if REGISTRY[req.kind, n].refuses(req) is None]
+    if impl in ("auto", "xla"):
+        kernels_ok = impl == "auto" and _platform.heuristics().pallas
+        for name in able:
+            if REGISTRY[req.kind, name].xla or kernels_ok:
+                return name
+    entry = REGISTRY.get((req.kind, impl))
+    if entry is None:
+        known = tuple(dict.fromkeys(("auto", "xla", *names)))
+        raise ValueError(f"`impl` must be one of {known}, got {impl!r}")
+    why = entry.refuses(req)
+    if why is not None:
+        raise ValueError(f"`impl`={impl!r} cannot serve this call: {why}; implementations "
+                         f"that can: {('auto', *able)}")
+    return impl

@@ -1,0 +1,308 @@
+"""Placement on a mesh with Auto axes: the split made by the partitioner, when compiling.
+
+Under ``AxisType.Auto`` axes the shardings of traced values are unknown at trace time: XLA's
+partitioner (Shardy) picks them when compiling. ``jax.experimental.custom_partitioning``
+defers the split to that moment: the fused walks (the vocabulary walk's forward and
+backward, the token walk) are one custom call each, whose partition rule receives the
+operands' shardings and lowers, per device, the same walks with ``vocab_axis`` set (over
+the kernel's vocabulary axes) or on each token shard. Unpartitioned, under ``jax.vmap``
+and eagerly, each custom call is the single-device walk itself.
+
+It applies only when an input is typed over a mesh with more than one device and Auto
+axes, or such a mesh is in context (``jax.set_mesh``), outside ``shard_map``: an unplaced
+call on a many-device host is the one-device program, and differentiates to any order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxent import _platform
+from jaxent import _rowmath as rm
+from jaxent.impl import token as _token
+from jaxent.impl import vocab as _vocab
+from jaxent.impl._blocks import vocab_axis as _vocab_axis
+from jaxent.impl.plan import Plan, make_plan
+from jaxent.placement.explicit import axes_of, entry_of
+from jaxent.placement.local import FusedSpec
+
+
+def _auto_mesh(mesh) -> bool:
+    return (mesh is not None and math.prod(mesh.shape.values()) > 1
+            and all(t == AxisType.Auto for t in mesh.axis_types))
+
+
+def applies(*xs) -> bool:
+    """Whether the partitioner should split the call: an input typed over (or a mesh in
+    context that is) a mesh of several devices with Auto axes, outside ``shard_map``."""
+    context = jax.sharding.get_abstract_mesh()
+    if context.manual_axes:
+        return False
+    if _auto_mesh(context if context.axis_names else None):
+        return True
+    for x in xs:
+        if x is None:
+            continue
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        if mesh is not None and mesh.axis_names and _auto_mesh(mesh):
+            return True
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoPlan:
+    """Static configuration of the auto-partitioned walks (a nondiff argument)."""
+
+    spec: FusedSpec
+    plan: Plan  # the single-device plan (global vocabulary and token count)
+    has_bias: bool
+    has_weight: bool
+
+
+def _device_plan(ap: AutoPlan, vocab: tuple, h, k) -> Plan:
+    """One device's plan: its ``v_local`` classes of the vocabulary axes ``vocab`` and its
+    tokens (block sizes picked from the shapes are re-picked per device)."""
+    s = ap.spec
+    local = k.shape[_vocab_axis(s.layout)]
+    shards = lax.axis_size(entry_of(vocab)) if vocab else 1
+    return make_plan(s.opts, s.num_classes, local, h.shape[0], h.shape[1], s.layout, s.aux,
+                     shards=shards, vocab_axis=entry_of(vocab) if vocab else None,
+                     block_size=s.block_size, token_block_size=s.token_block_size)
+
+
+def _psum_over(x, axes: tuple):
+    return x if x is None or not axes else lax.psum(x, entry_of(axes))
+
+
+def _labels(y, valid, counted, row_w) -> rm.Labels:
+    return rm.Labels(y, valid, counted, row_w)
+
+
+# The three custom calls: the single-device function (what runs unpartitioned) and its
+# per-device version for token axes ``tok`` and vocabulary axes ``vocab``.
+
+
+def _rows_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, w):
+    (loss, (lse, arg)), res = _vocab._rows_fwd(ap.plan, h, k, b, _labels(y, valid, counted,
+                                                                          row_w), w)
+    return loss, lse, arg, res[5], res[6]
+
+
+def _rows_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, w):
+    plan = _device_plan(ap, vocab, h, k)
+    (loss, (lse, arg)), res = _vocab._rows_fwd(plan, h, k, b, _labels(y, valid, counted,
+                                                                      row_w), w)
+    return loss, lse, arg, res[5], res[6]
+
+
+def _rows_backward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, w, m, log_s, lse, g):
+    res = (h, k, b, _labels(y, valid, counted, row_w), w, m, log_s, lse)
+    return _vocab._rows_bwd(ap.plan, res, (g,))[:3]
+
+
+def _rows_backward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, w, m, log_s,
+                         lse, g):
+    res = (h, k, b, _labels(y, valid, counted, row_w), w, m, log_s, lse)
+    dh, dk, db = _vocab._rows_bwd(_device_plan(ap, vocab, h, k), res, (g,))[:3]
+    return dh, _psum_over(dk, tok), _psum_over(db, tok)
+
+
+def _token_walk(plan: Plan, h, k, b, lab, w):
+    return _platform.per_platform(functools.partial(_token.walk, plan), h, k, b, lab, w)
+
+
+def _token_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, w):
+    total, (lse, arg), (dh, dk, db) = _token_walk(
+        ap.plan, h, k, b, _labels(y, valid, counted, row_w), w)
+    return total, lse, arg, dh, dk, db
+
+
+def _token_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, w):
+    lab = _labels(y, valid, counted, row_w)
+    plan = _device_plan(ap, vocab, h, k)
+    if vocab:  # whole rows exist on no device: the vocabulary walk, forward and backward
+        (loss, (lse, arg)), res = _vocab._rows_fwd(plan, h, k, b, lab, w)
+        dh, dk, db = _vocab._rows_bwd(plan, res, (jnp.ones_like(loss),))[:3]
+        total = jnp.sum(loss)
+    else:
+        total, (lse, arg), (dh, dk, db) = _token_walk(plan, h, k, b, lab, w)
+    return _psum_over(total, tok), lse, arg, dh, _psum_over(dk, tok), _psum_over(db, tok)
+
+
+def _auto_split(ap: AutoPlan, h_sharding, k_sharding, n: int, v: int) -> tuple[tuple, tuple]:
+    """``(token axes, vocabulary axes)`` from the shardings the partitioner proposes: the
+    kernel's vocabulary axis and ``hidden``'s token axis, each kept only if it divides the
+    global size (an axis on both goes to the vocabulary)."""
+    mesh = k_sharding.mesh
+
+    def axes(sharding, dim):
+        spec = tuple(sharding.spec)
+        return axes_of(spec[dim]) if dim < len(spec) else ()
+
+    def fits(axes, size):
+        return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+    vocab = fits(axes(k_sharding, _vocab_axis(ap.spec.layout)), v)
+    tok = fits(tuple(a for a in axes(h_sharding, 0) if a not in vocab), n)
+    return tok, vocab
+
+
+def _rule_operands(ap: AutoPlan, extra: int) -> str:
+    kernel = "d v" if ap.spec.layout == "dv" else "v d"
+    ops = ["n d", kernel] + ["v"] * ap.has_bias + ["n"] * 4 + ["c"] * ap.has_weight
+    return ", ".join(ops + ["n"] * extra)
+
+
+def _grads_rule(ap: AutoPlan) -> str:
+    return ", ".join(["n d", "d v" if ap.spec.layout == "dv" else "v d"] + ["v"] * ap.has_bias)
+
+
+_RULES = {  # Shardy sharding rules (factors: n tokens, d width, v vocabulary, c weight)
+    "rows_forward": lambda ap: (f"{_rule_operands(ap, 0)} -> n, n" + ", n" * ap.spec.aux
+                                + ", n, n"),
+    "rows_backward": lambda ap: f"{_rule_operands(ap, 4)} -> {_grads_rule(ap)}",
+    "token_forward": lambda ap: (f"{_rule_operands(ap, 0)} -> , n" + ", n" * ap.spec.aux
+                                 + f", {_grads_rule(ap)}"),
+}
+
+
+def _auto_specs(ap: AutoPlan, arg_shapes) -> tuple:
+    """``(mesh, token axes, vocabulary axes, {layout kind: PartitionSpec})`` for operands
+    sharded as ``arg_shapes`` say (``hidden`` and ``kernel`` first)."""
+    h, k = arg_shapes[0], arg_shapes[1]
+    if isinstance(h.sharding, NamedSharding) and isinstance(k.sharding, NamedSharding):
+        mesh = k.sharding.mesh
+        tok, vocab = _auto_split(ap, h.sharding, k.sharding, h.shape[0],
+                                 k.shape[_vocab_axis(ap.spec.layout)])
+    else:  # shardings not over mesh axes (no mesh known): everything replicated
+        mesh = Mesh(np.asarray(h.sharding._device_assignment), ("jaxent_devices",))
+        tok, vocab = (), ()
+    t, v = entry_of(tok), entry_of(vocab)
+    specs = {"row": P(t), "hidden": P(t, None), "bias": P(v), "replicated": P(),
+             "kernel": P(None, v) if ap.spec.layout == "dv" else P(v, None)}
+    return mesh, tok, vocab, specs
+
+
+def _custom_partitioned(name: str, fun, per_shard, out_kinds):
+    """``fun(ap, *args)`` as a ``custom_partitioning`` op lowered per device by ``per_shard``;
+    ``out_kinds`` names each output's layout (``"row"``, ``"hidden"``, ``"kernel"``,
+    ``"bias"``, ``"replicated"``)."""
+    from jax.experimental.custom_partitioning import custom_partitioning  # noqa: PLC0415
+
+    op = custom_partitioning(fun, static_argnums=(0,))
+
+    def out_shardings(mesh, specs, result_shape):
+        return tuple(None if r is None else NamedSharding(mesh, specs[kind])
+                     for r, kind in zip(result_shape, out_kinds, strict=True))
+
+    def partition(ap, mesh, arg_shapes, result_shape):
+        mesh, tok, vocab, specs = _auto_specs(ap, arg_shapes)
+        in_kinds = ("hidden", "kernel", "bias", "row", "row", "row", "row", "replicated")
+        in_kinds += ("row",) * (len(arg_shapes) - len(in_kinds))
+        in_shardings = tuple(None if a is None else NamedSharding(mesh, specs[kind])
+                             for a, kind in zip(arg_shapes, in_kinds, strict=True))
+
+        def lower(*args):
+            return per_shard(ap, tok, vocab, *args)
+
+        return mesh, lower, out_shardings(mesh, specs, result_shape), in_shardings
+
+    def infer(ap, mesh, arg_shapes, result_shape):  # GSPMD (Shardy off) only
+        mesh, _, _, specs = _auto_specs(ap, arg_shapes)
+        return out_shardings(mesh, specs, result_shape)
+
+    op.def_partition(partition, infer_sharding_from_operands=infer,
+                     sharding_rule=lambda ap, mesh, ins, outs: _RULES[name](ap))
+
+    def call(ap: AutoPlan, *args):
+        # custom_partitioning has no batching rule: under vmap, the single-device function.
+        @jax.custom_batching.custom_vmap
+        def run(*args):
+            return op(ap, *args)
+
+        @run.def_vmap
+        def _vmapped(axis_size, in_batched, *args):
+            del axis_size
+            out = jax.vmap(functools.partial(fun, ap), in_axes=tuple(
+                0 if batched else None for batched in in_batched))(*args)
+            return out, jax.tree.map(lambda _: True, out)
+
+        return run(*args)
+
+    return call
+
+
+_rows_forward_op = _custom_partitioned(
+    "rows_forward", _rows_forward, _rows_forward_shard, ("row",) * 5)
+_rows_backward_op = _custom_partitioned(
+    "rows_backward", _rows_backward, _rows_backward_shard, ("hidden", "kernel", "bias"))
+_token_forward_op = _custom_partitioned(
+    "token_forward", _token_forward, _token_forward_shard,
+    ("replicated", "row", "row", "hidden", "kernel", "bias"))
+
+
+def _auto_plan(plan: Plan, spec: FusedSpec, bias, weight) -> AutoPlan:
+    return AutoPlan(spec, plan, bias is not None, weight is not None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _auto_rows(ap: AutoPlan, h, kernel, bias, lab, weight):
+    loss, lse, arg, _, _ = _rows_forward_op(ap, h, kernel, bias, *lab, weight)
+    return loss, (lse, arg)
+
+
+def _auto_rows_fwd(ap: AutoPlan, h, kernel, bias, lab, weight):
+    loss, lse, arg, m, log_s = _rows_forward_op(ap, h, kernel, bias, *lab, weight)
+    return (loss, (lse, arg)), (h, kernel, bias, lab, weight, m, log_s, lse)
+
+
+def _auto_rows_bwd(ap: AutoPlan, res, cts):
+    h, kernel, bias, lab, weight, m, log_s, lse = res
+    dh, dk, db = _rows_backward_op(ap, h, kernel, bias, *lab, weight, m, log_s, lse, cts[0])
+    return dh, dk, db, None, None if weight is None else jnp.zeros_like(weight)
+
+
+_auto_rows.defvjp(_auto_rows_fwd, _auto_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _auto_token_sum(ap: AutoPlan, h, kernel, bias, lab, weight):
+    loss, lse, arg, _, _ = _rows_forward_op(ap, h, kernel, bias, *lab, weight)
+    return loss.sum(), (lse, arg)
+
+
+def _auto_token_fwd(ap: AutoPlan, h, kernel, bias, lab, weight):
+    total, lse, arg, dh, dk, db = _token_forward_op(ap, h, kernel, bias, *lab, weight)
+    return (total, (lse, arg)), (dh, dk, db, weight)
+
+
+def _auto_token_bwd(ap: AutoPlan, res, cts):
+    dh, dk, db, weight = res
+    g = cts[0]
+    scale = lambda a: None if a is None else a * g.astype(a.dtype)  # noqa: E731
+    return scale(dh), scale(dk), scale(db), None, None if weight is None else jnp.zeros_like(
+        weight)
+
+
+_auto_token_sum.defvjp(_auto_token_fwd, _auto_token_bwd)
+
+
+def walks(spec: FusedSpec, bias, weight) -> dict:
+    """The walks of :data:`jaxent.placement.local.WALKS`, split by the partitioner."""
+
+    def rows(plan, h, k, b, lab, w):
+        return _auto_rows(_auto_plan(plan, spec, bias, weight), h, k, b, lab, w)
+
+    def token_sum(plan, h, k, b, lab, w):
+        return _auto_token_sum(_auto_plan(plan, spec, bias, weight), h, k, b, lab, w)
+
+    return {"vocab": (rows, True), "token": (token_sum, False)}

@@ -1,0 +1,122 @@
+"""Placement on a mesh with explicit axes: the split read from the inputs' types.
+
+On a mesh with ``AxisType.Explicit`` axes the types of traced values carry their shardings,
+so plain ``jax.jit`` of :func:`jaxent.linear_cross_entropy` can read the split when
+tracing: a kernel sharded along its vocabulary axis runs the vocabulary-parallel walk in a
+``jax.shard_map`` over that axis (tokens split over the mesh axes of ``hidden``'s leading
+axes); a kernel not sharded along the vocabulary runs the per-device program on each
+device's tokens. No ``[N, V]`` array or whole kernel is gathered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxent.impl._blocks import vocab_axis as _vocab_axis
+from jaxent.placement.local import FusedSpec, fused_call
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplicitLayout:
+    """How explicitly sharded inputs split the fused loss."""
+
+    mesh: jax.sharding.AbstractMesh
+    vocab: object  # mesh axis (or axes) of the kernel's vocabulary axis, or None
+    batch: tuple  # PartitionSpec entries of the token axes of ``hidden`` and ``labels``
+
+
+def axes_of(entry) -> tuple:
+    """A PartitionSpec entry as a tuple of mesh axis names."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def entry_of(axes: tuple):
+    """Inverse of :func:`axes_of`."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def typed_sharding(x):
+    """``(abstract mesh, spec entries as tuples of axis names)`` from ``x``'s type; the mesh
+    is None when ``x`` carries none."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None or not mesh.axis_names:
+        return None, ((),) * x.ndim
+    entries = tuple(axes_of(e) for e in spec)
+    return mesh, entries + ((),) * (x.ndim - len(entries))
+
+
+def layout_of(hidden, kernel, bias, labels, weight, where,
+              kernel_layout: str) -> ExplicitLayout | None:
+    """The split the inputs' sharding types ask for, or None when no input is typed over a
+    mesh with explicit axes (or inside ``shard_map``, where the caller chose the split).
+
+    Inputs typed as replicated over an explicit mesh also get a layout (everything
+    replicated): the walk cannot mix them with the mesh-less arrays it creates. An axis
+    that does not divide the vocabulary or a token dimension is left out of the split.
+    """
+    typed = [typed_sharding(x)[0] for x in (hidden, kernel, bias, labels, weight, where)
+             if x is not None]
+    meshes = {m for m in typed if m is not None and AxisType.Explicit in m.axis_types}
+    if not meshes:
+        return None
+    if len(meshes) != 1:
+        raise ValueError("the inputs of `linear_cross_entropy` are typed over different "
+                         f"meshes: {sorted(map(str, meshes))}")
+    mesh = meshes.pop()
+    if AxisType.Manual in mesh.axis_types or jax.sharding.get_abstract_mesh().manual_axes:
+        return None
+    size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
+    vax = _vocab_axis(kernel_layout)
+    vocab = typed_sharding(kernel)[1][vax]
+    if vocab and kernel.shape[vax] % size(vocab):
+        vocab = ()  # uneven: the kernel is gathered (shard_map needs equal blocks)
+    batch = []
+    for dim, axes in zip(hidden.shape[:-1], typed_sharding(hidden)[1][:-1], strict=True):
+        axes = tuple(a for a in axes if a not in vocab)
+        batch.append(entry_of(axes if axes and dim % size(axes) == 0 else ()))
+    return ExplicitLayout(mesh, entry_of(vocab), tuple(batch))
+
+
+def place(mesh: Mesh, specs, args):
+    """Reshard ``args`` to ``specs`` on a mesh with explicit axes (auto axes need nothing:
+    ``shard_map`` reshards its inputs itself)."""
+    if not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return args
+    return tuple(a if a is None else jax.reshard(a, NamedSharding(mesh, s))
+                 for a, s in zip(args, specs, strict=True))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask):
+    """``jax.shard_map`` of the per-device fused program: the vocabulary over ``vocab``
+    (None: not split), the token axes of ``hidden``/``labels`` as the spec entries
+    ``batch`` say."""
+    tok = entry_of(tuple(a for e in batch for a in axes_of(e)))
+    y_spec, h_spec = P(*batch), P(*batch, None)
+    k_spec = P(None, vocab) if spec.layout == "dv" else P(vocab, None)
+    specs = (h_spec, k_spec, y_spec, None if b is None else P(vocab),
+             None if w is None else P(), None if mask is None else y_spec)
+    out_spec = y_spec if spec.opts.reduction == "none" else P()
+    if spec.aux:
+        out_spec = (out_spec, {"lse": y_spec, "z_loss": y_spec, "argmax": y_spec,
+                               "accuracy": P()})
+
+    def body(h, k, y, b, w, mask):
+        return fused_call(spec, h, k, b, y, w, mask, vocab_axis=vocab, token_axis=tok)
+
+    args = place(mesh, specs, (h, k, y, b, w, mask))
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+
+
+def run(spec: FusedSpec, layout: ExplicitLayout, h, k, b, y, w, mask):
+    """The fused loss split as ``layout`` says."""
+    return shard_fused(spec, layout.mesh, layout.vocab, layout.batch, h, k, y, b, w, mask)

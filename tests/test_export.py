@@ -1,0 +1,153 @@
+"""Programs that use jaxent export, serialize and run again; accelerator programs are clean.
+
+``jax.export`` round trips (serialize, deserialize, call: the same value) for every public
+loss, with and without gradients, with a concrete and with a symbolic batch size. Programs
+exported for cuda and tpu carry none of the CPU's detours (``jaxent._platform``), while the
+CPU's own program keeps them. ``checkify`` still reports out-of-range traced labels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.experimental import checkify
+
+import jaxent
+
+N, C, D = 6, 10, 8
+
+
+def _inputs():
+    ks = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(ks[0], (N, C))
+    return {
+        "x": x,
+        "y": jax.random.randint(ks[1], (N,), 0, C).at[0].set(-100),
+        "t": jax.nn.softmax(jax.random.normal(ks[2], (N, C))),
+        "b": jax.random.bernoulli(ks[3], 0.5, (N, C)).astype(jnp.float32),
+        "h": jax.random.normal(ks[4], (N, D)),
+        "k": jax.random.normal(ks[0], (D, C)) / 3,
+        "w": jnp.linspace(0.5, 2.0, C),
+    }
+
+
+# name -> (loss of the named inputs, names of its inputs, names differentiated)
+LOSSES = {
+    "cross_entropy": (lambda x, y, w: jaxent.cross_entropy(
+        x, y, weight=w, label_smoothing=0.1, z_loss=1e-3), ("x", "y", "w"), (0,)),
+    "soft_cross_entropy": (lambda x, t: jaxent.soft_cross_entropy(
+        x, t, logit_softcap=5.0), ("x", "t"), (0, 1)),
+    "nll_loss": (lambda x, y: jaxent.nll_loss(jax.nn.log_softmax(x), y), ("x", "y"), (0,)),
+    "binary_cross_entropy": (lambda x, b: jaxent.binary_cross_entropy(x, b), ("x", "b"),
+                             (0,)),
+    "linear_cross_entropy": (lambda h, k, y: jaxent.linear_cross_entropy(
+        h, k, y, temperature=0.7, block_size=4), ("h", "k", "y"), (0, 1)),
+    "linear_cross_entropy_aux": (lambda h, k, y: jaxent.linear_cross_entropy(
+        h, k, y, return_aux=True)[1]["lse"].sum(), ("h", "k", "y"), (0, 1)),
+    "CrossEntropyLoss": (lambda x, y: jaxent.CrossEntropyLoss(label_smoothing=0.1)(x, y),
+                         ("x", "y"), (0,)),
+    "NLLLoss": (lambda x, y: jaxent.NLLLoss()(jax.nn.log_softmax(x), y), ("x", "y"), (0,)),
+    "BCEWithLogitsLoss": (lambda x, b: jaxent.BCEWithLogitsLoss()(x, b), ("x", "b"), (0,)),
+}
+
+
+def _program(name: str, grad: bool):
+    fn, names, argnums = LOSSES[name]
+    return (jax.value_and_grad(fn, argnums=argnums) if grad else fn), names
+
+
+def _round_trip(fn, args, specs=None):
+    exp = export.export(jax.jit(fn))(*(args if specs is None else specs))
+    back = export.deserialize(exp.serialize())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 back.call(*args), jax.jit(fn)(*args))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_serialize_round_trip(name, grad):
+    fn, names = _program(name, grad)
+    inp = _inputs()
+    _round_trip(fn, [inp[n] for n in names])
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_symbolic_batch_size(name, grad):
+    fn, names = _program(name, grad)
+    inp = _inputs()
+    args = [inp[n] for n in names]
+    (b,) = export.symbolic_shape("b")
+    specs = [jax.ShapeDtypeStruct(((b,) + a.shape[1:]) if n != "k" and n != "w" else a.shape,
+                                  a.dtype) for n, a in zip(names, args, strict=True)]
+    _round_trip(fn, args, specs)
+
+
+def test_cross_entropy_and_grad_round_trip():
+    inp = _inputs()
+    fn = lambda x, y: jaxent.cross_entropy_and_grad(x, y, z_loss=1e-3)  # noqa: E731
+    exp = export.export(jax.jit(fn))(inp["x"], inp["y"])
+    back = export.deserialize(exp.serialize())
+    got = back.call(jnp.array(inp["x"]), inp["y"])
+    want = jax.value_and_grad(lambda x: jaxent.cross_entropy(x, inp["y"], z_loss=1e-3))(
+        inp["x"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got,
+                 want)
+
+
+def _mlir(fn, specs, platform: str) -> str:
+    return export.export(jax.jit(fn), platforms=[platform])(*specs).mlir_module()
+
+
+def _specs(names, dtype):
+    inp = _inputs()
+    return [jax.ShapeDtypeStruct(inp[n].shape, dtype if n in "xhkt" else inp[n].dtype)
+            for n in names]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_programs_carry_no_cpu_detours(platform, name, dtype):
+    """No optimization barrier and no uint16 staging in value_and_grad for cuda or tpu."""
+    fn, names = _program(name, grad=True)
+    text = _mlir(fn, _specs(names, dtype), platform)
+    assert "optimization_barrier" not in text
+    assert "ui16" not in text
+
+
+def test_cpu_program_keeps_its_detours():
+    """The same bf16 program lowered for the CPU does stage bits (the test above can fail)."""
+    fn, names = _program("linear_cross_entropy", grad=True)
+    text = _mlir(fn, _specs(names, jnp.bfloat16), "cpu")
+    assert "optimization_barrier" in text and "ui16" in text
+
+
+def test_multi_platform_export_picks_per_platform():
+    fn, names = _program("linear_cross_entropy", grad=True)
+    exp = export.export(jax.jit(fn), platforms=["cpu", "cuda"])(*_specs(names, jnp.bfloat16))
+    assert exp.platforms == ("cpu", "cuda")
+    inp = _inputs()
+    args = [inp[n].astype(jnp.bfloat16) if n in "hk" else inp[n] for n in names]
+    got = export.deserialize(exp.serialize()).call(*args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=1e-3),
+        got, jax.jit(fn)(*args))
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss", "linear_cross_entropy"])
+def test_checkify_reports_traced_out_of_range_labels(name):
+    fn, names, _ = LOSSES[name]
+    inp = _inputs()
+    inp["y"] = inp["y"].at[2].set(C + 3)
+    checked = jax.jit(checkify.checkify(fn, errors=checkify.user_checks))
+    err, out = checked(*[inp[n] for n in names])
+    assert np.isnan(out)
+    with pytest.raises(checkify.JaxRuntimeError, match=r"`labels` has values outside"):
+        err.throw()
+    inp["y"] = inp["y"].at[2].set(1)
+    err, out = checked(*[inp[n] for n in names])
+    assert err.get() is None and np.isfinite(out)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import statistics
 import time
@@ -48,7 +49,7 @@ from jaxent.bench.contenders import (
     jaxent_linear,
     load_extra,
 )
-from jaxent.bench.measure import SETTLE_S, run_case, run_suite
+from jaxent.bench.measure import SETTLE_S, machine_load, run_case, run_suite
 from jaxent.bench.report import to_json, to_markdown
 
 SuiteName = Literal["main", "gpu", "linear-memory", "linear-speed", "matmul", "explore-ce"]
@@ -78,6 +79,12 @@ def _ints(args: Sequence[str], defaults: Sequence[int], what: str) -> list[int]:
     if len(args) != len(defaults) or not all(a.isdigit() for a in args):
         raise SystemExit(f"--suite {what} takes {len(defaults)} integers, got {list(args)}")
     return [int(a) for a in args]
+
+
+def _timing_suite(results: list, notes: list[str], load_start: float | None) -> dict[str, Any]:
+    """A timing suite without ceilings (no copy or matmul measured), with the load."""
+    return {"copy_bandwidth": None, "results": results, "notes": notes,
+            "load": {"start": load_start, "end": machine_load(), "cores": os.cpu_count()}}
 
 
 def _timing_report(suite: dict[str, Any], notes: list[str]) -> Report:
@@ -202,11 +209,9 @@ def linear_speed(args: Any) -> Report:
         contenders[0] = dataclasses.replace(contenders[0], baseline_for=(LINEAR,))
     case = Case(LINEAR, FWD_BWD, args.dtype, n, v, d)
     notes: list[str] = []
-    t0 = time.perf_counter()
+    load = machine_load()
     results = run_case(case, contenders, args.rounds or 3, None, notes=notes)
-    suite = {"copy_bandwidth": None, "results": results, "notes": notes,
-             "wall_s": time.perf_counter() - t0}
-    return _timing_report(suite, [])
+    return _timing_report(_timing_suite(results, notes, load), [])
 
 
 # ------------------------------------------------------------------------------------- matmul
@@ -311,13 +316,14 @@ def explore_ce(args: Any) -> Report:
     dtype, names = args.args[2], args.args[3:] or list(formulations.FORMS)
     notes: list[str] = []
     results = []
+    load = machine_load()
     for mode, group in ((FWD, [x for x in names if x.startswith("fwd:")]),
                         (FWD_BWD, [x for x in names if not x.startswith("fwd:")])):
         if group:
             cons = [formulation_contender(x, i == 0) for i, x in enumerate(group)]
             results += run_case(Case(CE, mode, dtype, n, c), cons, args.rounds or 7, None,
                                 notes=notes, settle_s=SETTLE_S)
-    return _timing_report({"copy_bandwidth": None, "results": results, "notes": notes}, [])
+    return _timing_report(_timing_suite(results, notes, load), [])
 
 
 SUITES: dict[str, Callable[[Any], Report]] = {

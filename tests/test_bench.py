@@ -120,6 +120,43 @@ def test_tokamax_contenders_follow_its_api(monkeypatch):
     assert all(c[3] == "mean" for c in calls)
 
 
+def _kl_reference(inputs: dict, dtype: str) -> float:
+    h, w = _rounded(inputs["hidden"], dtype), _rounded(inputs["kernel"], dtype)
+    th, tw = _rounded(inputs["teacher_hidden"], dtype), _rounded(inputs["teacher_kernel"], dtype)
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    logp, logq = log_softmax(h @ w), log_softmax(th @ tw)
+    return float(np.mean(np.sum(np.exp(logq) * (logq - logp), -1)))
+
+
+def test_distillation_contenders_when_jaxent_has_them(monkeypatch):
+    import jaxent
+
+    case = bench.Case(bench.DISTILL, bench.FWD_BWD, "float32", 8, 40, 16)
+    assert case.flops() == 8 * 8 * 16 * 40 and case.n_diff == 2
+    assert not any(c.kind == bench.DISTILL for c in suites.suite_cases("main", True, False, ""))
+    monkeypatch.setattr(jaxent, "linear_distillation_loss",
+                        lambda h, w, th, tw: contenders.naive_distill(h, w, th, tw, None),
+                        raising=False)
+    assert any(c.kind == bench.DISTILL for c in suites.suite_cases("main", True, False, ""))
+    assert any(c.kind == bench.DISTILL for c in suites.suite_cases("gpu", False, True, ""))
+    cons, _ = bench.default_contenders()
+    inputs = bench.make_inputs(case)
+    want = _kl_reference(inputs, case.dtype)
+    built = {c.name: c.build(case, inputs) for c in cons}
+    built = {k: r for k, r in built.items() if r is not None}
+    assert set(built) == {"naive KL (materialized logits)", "jaxent linear_distillation_loss"}
+    for name, runner in built.items():
+        loss, grads = runner.call()
+        np.testing.assert_allclose(float(loss), want, rtol=1e-4, err_msg=name)
+        assert [g.shape for g in grads] == [(8, 16), (16, 40)]  # the student's only
+    results = bench.run_case(case, cons, rounds=1, copy_gbps=None, settle_s=0.0)
+    assert results[0].contender == "naive KL (materialized logits)" and results[0].ratio == 1.0
+
+
 def test_check_agreement_rejects_a_wrong_loss():
     case = TINY[0]
     bench.check_agreement(case, {"a": 1.0, "b": 1.00001})

@@ -13,6 +13,7 @@ packages), :mod:`~jaxent.bench.formulations` (candidate CE formulations).
 """
 
 from jaxent.bench.cases import CE as CE
+from jaxent.bench.cases import DISTILL as DISTILL
 from jaxent.bench.cases import FWD as FWD
 from jaxent.bench.cases import FWD_BWD as FWD_BWD
 from jaxent.bench.cases import LINEAR as LINEAR
@@ -43,6 +44,7 @@ from jaxent.bench.report import to_markdown as to_markdown
 __all__ = [
     "BENCH_EXTRA",
     "CE",
+    "DISTILL",
     "FWD",
     "FWD_BWD",
     "LINEAR",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxent.bench import deps
-from jaxent.bench.cases import CE, FWD, FWD_BWD, LINEAR, Case, Kind
+from jaxent.bench.cases import CE, DISTILL, FWD, FWD_BWD, LINEAR, Case, Kind
 
 Family = Literal["jax", "torch"]
 Inputs = dict[str, np.ndarray]
@@ -109,13 +109,14 @@ def compile_with_memory(fn: Any, *args: Any) -> tuple[Callable, int | None, int 
 def jax_runner(loss_fn: Callable, case: Case, inputs: Inputs, donate: bool = False) -> Runner:
     """Runner for a JAX loss ``loss_fn(*float_inputs, labels) -> scalar``.
 
-    ``fwd+bwd`` differentiates with respect to every float input. With ``donate`` the first
-    float input is donated to the call, and a fresh copy is made (untimed) before each call.
+    ``fwd+bwd`` differentiates with respect to the case's first ``n_diff`` float inputs (all
+    of them but a distillation teacher's). With ``donate`` the first float input is donated to
+    the call, and a fresh copy is made (untimed) before each call.
     """
     names = [k for k in inputs if k != "labels"]
     args = [_jax_array(inputs[k], case.dtype) for k in names]
     labels = jnp.asarray(inputs["labels"])
-    argnums = tuple(range(len(args)))
+    argnums = tuple(range(case.n_diff))
     if case.mode == FWD:
         fn = jax.jit(loss_fn)
     else:
@@ -154,6 +155,16 @@ def naive_linear(hidden: jax.Array, kernel: jax.Array, labels: jax.Array) -> jax
     return naive_ce(logits, labels)
 
 
+def naive_distill(h: jax.Array, w: jax.Array, th: jax.Array, tw: jax.Array,
+                  labels: jax.Array) -> jax.Array:
+    """The materialized distillation path: both models' full ``[n, c]`` logits, then the mean
+    over tokens of KL(teacher || student) (``labels`` unused)."""
+    del labels
+    logp = jax.nn.log_softmax(jnp.dot(h, w, preferred_element_type=jnp.float32), axis=-1)
+    logq = jax.nn.log_softmax(jnp.dot(th, tw, preferred_element_type=jnp.float32), axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1))
+
+
 def _for_kind(kind: Kind, loss_fn: Callable, donate: bool = False
               ) -> Callable[[Case, Inputs], Runner | None]:
     def build(case: Case, inputs: Inputs) -> Runner | None:
@@ -180,6 +191,13 @@ def _linear_log_probs_loss(h: jax.Array, w: jax.Array, y: jax.Array) -> jax.Arra
     return -jnp.mean(_jaxent().linear_log_probs(h, w, y))
 
 
+def _linear_distillation_loss(h: jax.Array, w: jax.Array, th: jax.Array, tw: jax.Array,
+                              labels: jax.Array) -> jax.Array:
+    """``jaxent.linear_distillation_loss`` with its defaults: mean KL(teacher || student)."""
+    del labels
+    return _jaxent().linear_distillation_loss(h, w, th, tw)
+
+
 def accepts(fn: Callable, case: Case) -> str:
     """``""`` when ``fn(hidden, kernel, labels)`` traces at ``case``'s shapes (abstractly, no
     compile), else the error in one line: how optional ``impl`` values are probed."""
@@ -201,7 +219,8 @@ def jaxent_contenders(gpu: bool = False) -> tuple[list[Contender], list[str]]:
 
     Plain CE: ``jaxent.cross_entropy`` (and with the logits donated). Fused: the default
     ``impl``; on the GPU suite also ``impl="vocab"`` and ``impl="token"``; ``impl="pallas"``
-    and ``jaxent.linear_log_probs`` when this jaxent accepts them.
+    and ``jaxent.linear_log_probs`` when this jaxent accepts them; the distillation cases'
+    ``jaxent.linear_distillation_loss`` when it exists.
     """
     jx = _jaxent()
     out = [
@@ -219,10 +238,12 @@ def jaxent_contenders(gpu: bool = False) -> tuple[list[Contender], list[str]]:
         else:
             out.append(Contender(f'jaxent impl="{impl}"',
                                  _for_kind(LINEAR, jaxent_linear(impl=impl))))
-    if hasattr(jx, "linear_log_probs"):
-        out.append(Contender("jaxent linear_log_probs", _for_kind(LINEAR, _linear_log_probs_loss)))
-    else:
-        notes.append("jaxent.linear_log_probs: skipped (not in this jaxent)")
+    for name, kind, loss in (("linear_log_probs", LINEAR, _linear_log_probs_loss),
+                             ("linear_distillation_loss", DISTILL, _linear_distillation_loss)):
+        if hasattr(jx, name):
+            out.append(Contender(f"jaxent {name}", _for_kind(kind, loss)))
+        else:
+            notes.append(f"jaxent.{name}: skipped (not in this jaxent)")
     return out, notes
 
 
@@ -445,6 +466,8 @@ def default_contenders(gpu: bool = False, cuda: bool | None = None
         Contender("naive (log_softmax+take)", _for_kind(CE, naive_ce)),
         Contender("naive (materialized logits)", _for_kind(LINEAR, naive_linear),
                   baseline_for=(LINEAR,)),
+        Contender("naive KL (materialized logits)", _for_kind(DISTILL, naive_distill),
+                  baseline_for=(DISTILL,)),
     ]
     groups = [jaxent_contenders(gpu)]
     if gpu:

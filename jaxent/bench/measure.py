@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxent.bench import deps
-from jaxent.bench.cases import CE, LINEAR, Case, make_inputs, matmul_flops
+from jaxent.bench.cases import CE, Case, make_inputs, matmul_flops
 from jaxent.bench.contenders import Contender, Runner
 
 SETTLE_S = 0.3  # longest pause before a timed call (see the module docstring)
@@ -267,7 +267,7 @@ def results_of(case: Case, times: dict[str, list[float]], runners: dict[str, Run
     for name, ts in times.items():
         med = statistics.median(ts)
         gbps = case.min_bytes() / med / 1e9 if case.kind == CE else None
-        gflops = case.flops() / med / 1e9 if case.kind == LINEAR else None
+        gflops = case.flops() / med / 1e9 if case.kind != CE else None
         out.append(Result(
             case=case.name, contender=name, median_s=med, min_s=min(ts), max_s=max(ts),
             times_s=list(ts), ratio=med / base if base else None, gbps=gbps,
@@ -292,9 +292,9 @@ def run_case(case: Case, contenders: Sequence[Contender], rounds: int,
 
 
 def case_rounds(case: Case, rounds: int) -> int:
-    """Timed rounds for a case: the matmul-bound linear cases get half (at least 2) on the
+    """Timed rounds for a case: the matmul-bound fused cases get half (at least 2) on the
     CPU, where one of their calls takes seconds."""
-    return max(2, rounds // 2) if case.kind == LINEAR and not _on_gpu() else rounds
+    return max(2, rounds // 2) if case.kind != CE and not _on_gpu() else rounds
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -325,7 +325,7 @@ def run_suite(cases: Sequence[Case], contenders: Sequence[Contender], rounds: in
     for case in cases:
         if bar:
             bar.set_postfix_str(case.name)
-        if matmul_ceiling and case.kind == LINEAR:
+        if matmul_ceiling and case.kind != CE:
             matmul[case.name] = measure_matmul(case.n, case.d, case.c, case.dtype)
         results += run_case(case, contenders, case_rounds(case, rounds), copy["reference"],
                             on_step=bar.update if bar else None, notes=notes,

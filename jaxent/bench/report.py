@@ -28,7 +28,8 @@ MIB = 2**20
 BASELINES = ("Ratio: a row's median time over its baseline's, in the same case and run "
              "(lower is better). Baselines: optax "
              "(`softmax_cross_entropy_with_integer_labels(...).mean()`) for plain CE; the naive "
-             "materialized XLA path (`h @ W` in full, then `log_softmax`) for the fused linear CE.")
+             "materialized XLA path (`h @ W` in full, then `log_softmax`) for the fused linear CE "
+             "(and both models' full logits for the fused distillation loss).")
 
 
 def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
@@ -67,7 +68,8 @@ def trust_lines(suite: dict[str, Any]) -> list[str]:
         lines.append(f"Matmul ceiling measured in this run (one `[N, D] @ [D, V]` in the case's "
                      f"dtype), {unit}: "
                      + ", ".join(f"{k.split()[-1]} {v / div:.1f}" for k, v in matmul.items())
-                     + "; FLOP/s counts the materialized path's three matmuls (6·N·D·V).")
+                     + "; FLOP/s counts the materialized path's matmuls (6·N·D·V for the fused "
+                     "CE, 8·N·D·V for distillation).")
     load = suite.get("load") or {}
     if load.get("start") is not None:
         lines.append(f"Load average: {load['start']:.1f} at the start, "

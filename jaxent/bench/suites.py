@@ -93,8 +93,12 @@ def _timing_report(suite: dict[str, Any], notes: list[str]) -> Report:
 
 
 def suite_cases(name: SuiteName, quick: bool, tiny: bool, only: str) -> list[Case]:
-    """The cases of the ``main`` or ``gpu`` suite whose names match ``only``."""
-    cases = gpu_cases(quick, tiny) if name == "gpu" else default_cases(quick)
+    """The cases of the ``main`` or ``gpu`` suite whose names match ``only`` (the
+    distillation cases only where jaxent has ``linear_distillation_loss``)."""
+    import jaxent
+
+    distill = hasattr(jaxent, "linear_distillation_loss")
+    cases = gpu_cases(quick, tiny, distill) if name == "gpu" else default_cases(quick, distill)
     return [c for c in cases if re.search(only, c.name)]
 
 

@@ -211,7 +211,10 @@ def accepts(fn: Callable, case: Case) -> str:
     return ""
 
 
+# Shapes an optional implementation is probed at (abstractly): float32 for the CPU suite,
+# bf16 with every dimension a multiple of 128 for the GPU suite.
 PROBE = Case(LINEAR, FWD_BWD, "float32", 16, 256, 128)
+GPU_PROBE = Case(LINEAR, FWD_BWD, "bfloat16", 256, 1024, 256)
 
 
 def jaxent_contenders(gpu: bool = False) -> tuple[list[Contender], list[str]]:
@@ -232,7 +235,7 @@ def jaxent_contenders(gpu: bool = False) -> tuple[list[Contender], list[str]]:
     notes: list[str] = []
     impls = ["vocab", "token", "pallas"] if gpu else ["pallas"]
     for impl in impls:
-        why = accepts(jaxent_linear(impl=impl), PROBE)
+        why = accepts(jaxent_linear(impl=impl), GPU_PROBE if gpu else PROBE)
         if why:
             notes.append(f'jaxent impl="{impl}": skipped ({why})')
         else:
@@ -264,7 +267,7 @@ def tokamax_contenders() -> tuple[list[Contender], list[str]]:
     out, notes = [], []
     for impl in ("xla", "chunked_xla"):
         loss = _tokamax_loss(tokamax, impl)
-        why = accepts(loss, PROBE)
+        why = accepts(loss, GPU_PROBE)
         if why:
             notes.append(f'tokamax implementation="{impl}": skipped ({why})')
         else:

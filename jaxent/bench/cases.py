@@ -159,8 +159,8 @@ def gpu_cases(quick: bool = False, tiny: bool = False, distill: bool = False) ->
     """The GPU suite: bf16 value_and_grad of the fused loss at model-sized heads, and of plain
     CE at 8192x128256 (for HBM bandwidth); with ``distill``, the fused distillation loss at
     4096x4096x32000. ``quick`` keeps the smallest head, to fit the GPU script's time
-    budget (``benchmarks/gpu/run.sh`` then runs the Llama head on its own); ``tiny`` swaps every shape for a tiny one (a CPU check of
-    the suite's code path)."""
+    budget (``benchmarks/gpu/run.sh`` then runs the Llama head on its own); ``tiny`` swaps
+    every shape for a tiny one (a CPU check of the suite's code path)."""
     if tiny:
         lin, ce, dist = TINY_LINEAR_SHAPES, TINY_CE_SHAPES, TINY_LINEAR_SHAPES
     else:

@@ -87,7 +87,7 @@ def table(results: Sequence[Result]) -> list[str]:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        span = _fmt(r.min_s * 1e3, ".1f") + "–" + _fmt(r.max_s and r.max_s * 1e3, ".1f")
+        span = f"{r.min_s * 1e3:.1f}–" + ("?" if r.max_s is None else f"{r.max_s * 1e3:.1f}")
         lines.append(
             f"| {r.case} | {r.contender} | {r.median_s * 1e3:.1f} | {span} "
             f"| {_fmt(r.ratio, '.2f', 'x')} | {_fmt(r.gbps, '.1f')} "
@@ -181,7 +181,7 @@ def plot(suite: dict[str, Any], path: str) -> None:
     ax_m.set_ylim(bottom=MEMORY_FLOOR_MIB * 0.8)
     if handles:
         fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center right")
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -106,7 +106,7 @@ def busy_warnings(results: Sequence[Result], load_start: float | None,
     loads = [x for x in (load_start, load_end) if x is not None]
     if loads and max(loads) > cores:
         out.append(f"WARNING: the machine was busy: load average {_loads(load_start, load_end)}"
-                   f" on {cores} cores. Other work shared the CPU; times may be inflated and "
+                   f", on {cores} cores. Other work shared the CPU; times may be inflated and "
                    "ratios shifted.")
     noisy = sorted((r for r in results if r.spread and r.spread > threshold),
                    key=lambda r: -r.spread)

@@ -167,7 +167,7 @@ def test_check_agreement_rejects_a_wrong_loss():
 def test_a_wrong_contender_is_not_timed():
     case = TINY[2]
     cons, _ = bench.default_contenders()
-    wrong = contenders.Contender("wrong", contenders._for_kind(
+    wrong = contenders.Contender("wrong", contenders.for_kind(
         bench.CE, lambda x, y: contenders.optax_loss(x, y) + 1.0))
     notes = []
     results = bench.run_case(case, [cons[0], wrong], rounds=1, copy_gbps=None, notes=notes,

@@ -165,8 +165,11 @@ def naive_distill(h: jax.Array, w: jax.Array, th: jax.Array, tw: jax.Array,
     return jnp.mean(jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1))
 
 
-def _for_kind(kind: Kind, loss_fn: Callable, donate: bool = False
-              ) -> Callable[[Case, Inputs], Runner | None]:
+def for_kind(kind: Kind, loss_fn: Callable, donate: bool = False
+             ) -> Callable[[Case, Inputs], Runner | None]:
+    """A contender's ``build`` for a JAX loss: a :func:`jax_runner` on the cases of ``kind``
+    (with ``donate``, only those with a backward)."""
+
     def build(case: Case, inputs: Inputs) -> Runner | None:
         if case.kind != kind or (donate and case.mode == FWD):
             return None
@@ -227,10 +230,10 @@ def jaxent_contenders(gpu: bool = False) -> tuple[list[Contender], list[str]]:
     """
     jx = _jaxent()
     out = [
-        Contender("jaxent", _for_kind(CE, lambda x, y: jx.cross_entropy(x, y))),
+        Contender("jaxent", for_kind(CE, lambda x, y: jx.cross_entropy(x, y))),
         Contender("jaxent (donated logits)",
-                  _for_kind(CE, lambda x, y: jx.cross_entropy(x, y), donate=True)),
-        Contender("jaxent", _for_kind(LINEAR, jaxent_linear())),
+                  for_kind(CE, lambda x, y: jx.cross_entropy(x, y), donate=True)),
+        Contender("jaxent", for_kind(LINEAR, jaxent_linear())),
     ]
     notes: list[str] = []
     impls = ["vocab", "token", "pallas"] if gpu else ["pallas"]
@@ -240,11 +243,11 @@ def jaxent_contenders(gpu: bool = False) -> tuple[list[Contender], list[str]]:
             notes.append(f'jaxent impl="{impl}": skipped ({why})')
         else:
             out.append(Contender(f'jaxent impl="{impl}"',
-                                 _for_kind(LINEAR, jaxent_linear(impl=impl))))
+                                 for_kind(LINEAR, jaxent_linear(impl=impl))))
     for name, kind, loss in (("linear_log_probs", LINEAR, _linear_log_probs_loss),
                              ("linear_distillation_loss", DISTILL, _linear_distillation_loss)):
         if hasattr(jx, name):
-            out.append(Contender(f"jaxent {name}", _for_kind(kind, loss)))
+            out.append(Contender(f"jaxent {name}", for_kind(kind, loss)))
         else:
             notes.append(f"jaxent.{name}: skipped (not in this jaxent)")
     return out, notes
@@ -271,11 +274,12 @@ def tokamax_contenders() -> tuple[list[Contender], list[str]]:
         if why:
             notes.append(f'tokamax implementation="{impl}": skipped ({why})')
         else:
-            out.append(Contender(f"tokamax {impl}", _for_kind(LINEAR, loss)))
+            out.append(Contender(f"tokamax {impl}", for_kind(LINEAR, loss)))
     return out, notes
 
 
-def _build_jax_cce(case: Case, inputs: Inputs) -> Runner | None:
+def build_jax_cce(case: Case, inputs: Inputs) -> Runner | None:
+    """jax-cce's ``linear_cross_entropy`` on the fused cases."""
     if case.kind != LINEAR:
         return None
     import jax_cce
@@ -350,7 +354,8 @@ def _torch_ce(case: Case, inputs: Inputs, gpu: bool) -> Runner | None:
     return torch_runner(lambda x, y: F.cross_entropy(x, y), case, inputs, gpu)
 
 
-def _torch_linear(case: Case, inputs: Inputs, gpu: bool) -> Runner | None:
+def build_torch_linear(case: Case, inputs: Inputs, gpu: bool) -> Runner | None:
+    """torch's ``F.linear_cross_entropy`` on the fused cases (where this torch has it)."""
     import torch
     import torch.nn.functional as F  # noqa: N812
 
@@ -376,7 +381,7 @@ def torch_contenders(gpu: bool = False) -> tuple[list[Contender], list[str]]:
     out = [Contender(label, lambda c, i: _torch_ce(c, i, gpu), family="torch")]
     notes = []
     if hasattr(torch.nn.functional, "linear_cross_entropy"):
-        out.append(Contender(label, lambda c, i: _torch_linear(c, i, gpu), family="torch"))
+        out.append(Contender(label, lambda c, i: build_torch_linear(c, i, gpu), family="torch"))
     else:
         notes.append(f"torch {torch.__version__} F.linear_cross_entropy: skipped "
                      "(not in this torch)")
@@ -450,8 +455,8 @@ def load_extra(spec: str) -> list[Contender]:
     else:
         module = importlib.import_module(where)
     fn = getattr(module, attr)
-    return [Contender(name, _for_kind(CE, fn)),
-            Contender(f"{name} (donated logits)", _for_kind(CE, fn, donate=True))]
+    return [Contender(name, for_kind(CE, fn)),
+            Contender(f"{name} (donated logits)", for_kind(CE, fn, donate=True))]
 
 
 def default_contenders(gpu: bool = False, cuda: bool | None = None
@@ -465,18 +470,18 @@ def default_contenders(gpu: bool = False, cuda: bool | None = None
     """
     cuda = gpu if cuda is None else cuda
     out = [
-        Contender("optax", _for_kind(CE, optax_loss), baseline_for=(CE,)),
-        Contender("naive (log_softmax+take)", _for_kind(CE, naive_ce)),
-        Contender("naive (materialized logits)", _for_kind(LINEAR, naive_linear),
+        Contender("optax", for_kind(CE, optax_loss), baseline_for=(CE,)),
+        Contender("naive (log_softmax+take)", for_kind(CE, naive_ce)),
+        Contender("naive (materialized logits)", for_kind(LINEAR, naive_linear),
                   baseline_for=(LINEAR,)),
-        Contender("naive KL (materialized logits)", _for_kind(DISTILL, naive_distill),
+        Contender("naive KL (materialized logits)", for_kind(DISTILL, naive_distill),
                   baseline_for=(DISTILL,)),
     ]
     groups = [jaxent_contenders(gpu)]
     if gpu:
         groups.append(tokamax_contenders())
     jax_cce, why = deps.optional("jax_cce")
-    groups.append(([Contender("jax-cce", _build_jax_cce)], []) if jax_cce
+    groups.append(([Contender("jax-cce", build_jax_cce)], []) if jax_cce
                   else ([], [f"jax-cce: skipped ({why})"]))
     groups.append(torch_contenders(cuda))
     if gpu and cuda:

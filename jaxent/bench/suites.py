@@ -42,10 +42,10 @@ from jaxent.bench.cases import (
 )
 from jaxent.bench.contenders import (
     Contender,
-    _build_jax_cce,
-    _for_kind,
-    _torch_linear,
+    build_jax_cce,
+    build_torch_linear,
     default_contenders,
+    for_kind,
     jaxent_linear,
     load_extra,
 )
@@ -185,12 +185,12 @@ def speed_contender(spec: str) -> Contender:
     (``jaxent.linear_cross_entropy`` with those keywords; ``impl`` and ``kernel_layout``
     stay strings, the rest are integers), e.g. ``ours:impl=vocab:block_size=2048``."""
     if spec == "naive":
-        return Contender("naive (h @ W, jaxent.cross_entropy)", _for_kind(LINEAR, _naive_jaxent),
+        return Contender("naive (h @ W, jaxent.cross_entropy)", for_kind(LINEAR, _naive_jaxent),
                          baseline_for=(LINEAR,))
     if spec == "cce":
-        return Contender("jax-cce", _build_jax_cce)
+        return Contender("jax-cce", build_jax_cce)
     if spec == "torch":
-        return Contender("torch (cpu)", lambda c, i: _torch_linear(c, i, gpu=False),
+        return Contender("torch (cpu)", lambda c, i: build_torch_linear(c, i, gpu=False),
                          family="torch")
     if spec.split(":")[0] != "ours":
         raise SystemExit(f"--contenders: unknown {spec!r} (naive, ours[:k=v...], cce, torch)")
@@ -200,7 +200,7 @@ def speed_contender(spec: str) -> Contender:
         kw[key] = val if key in ("impl", "kernel_layout") else int(val)
     label = "jaxent" + "".join(f" {k}={v!r}" if isinstance(v, str) else f" {k}={v}"
                                for k, v in kw.items())
-    return Contender(label, _for_kind(LINEAR, jaxent_linear(**kw)))
+    return Contender(label, for_kind(LINEAR, jaxent_linear(**kw)))
 
 
 def linear_speed(args: Any) -> Report:
@@ -303,7 +303,7 @@ def formulation_contender(name: str, baseline: bool) -> Contender:
     if base not in formulations.FORMS:
         raise SystemExit(f"explore-ce: unknown formulation {base!r}; known: "
                          + ", ".join(formulations.FORMS))
-    return Contender(name, _for_kind(CE, formulations.FORMS[base],
+    return Contender(name, for_kind(CE, formulations.FORMS[base],
                                      donate=name.endswith("_donate")),
                      baseline_for=(CE,) if baseline else ())
 

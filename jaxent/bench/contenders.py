@@ -202,13 +202,14 @@ def _linear_distillation_loss(h: jax.Array, w: jax.Array, th: jax.Array, tw: jax
 
 
 def accepts(fn: Callable, case: Case) -> str:
-    """``""`` when ``fn(hidden, kernel, labels)`` traces at ``case``'s shapes (abstractly, no
-    compile), else the error in one line: how optional ``impl`` values are probed."""
+    """``""`` when ``fn(hidden, kernel, labels)`` lowers for the default device at ``case``'s
+    shapes (abstract inputs, no compile), else the error in one line: how optional ``impl``
+    values are probed (a kernel that this platform cannot run fails to lower)."""
     args = (jax.ShapeDtypeStruct((case.n, case.d), case.dtype),
             jax.ShapeDtypeStruct((case.d, case.c), case.dtype),
             jax.ShapeDtypeStruct((case.n,), jnp.int32))
     try:
-        jax.eval_shape(fn, *args)
+        jax.jit(fn).lower(*args)
     except Exception as e:  # noqa: BLE001 - any failure means "not available here"
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     return ""
@@ -224,9 +225,9 @@ def jaxent_contenders(gpu: bool = False) -> tuple[list[Contender], list[str]]:
     """jaxent's contenders through its public API; notes on the ones this version lacks.
 
     Plain CE: ``jaxent.cross_entropy`` (and with the logits donated). Fused: the default
-    ``impl``; on the GPU suite also ``impl="vocab"`` and ``impl="token"``; ``impl="pallas"``
-    and ``jaxent.linear_log_probs`` when this jaxent accepts them; the distillation cases'
-    ``jaxent.linear_distillation_loss`` when it exists.
+    ``impl``; on the GPU suite also ``impl="vocab"``, ``impl="token"`` and, when this jaxent
+    and platform accept it, ``impl="pallas"``; ``jaxent.linear_log_probs`` and, for the
+    distillation cases, ``jaxent.linear_distillation_loss`` when they exist.
     """
     jx = _jaxent()
     out = [
@@ -236,7 +237,7 @@ def jaxent_contenders(gpu: bool = False) -> tuple[list[Contender], list[str]]:
         Contender("jaxent", for_kind(LINEAR, jaxent_linear())),
     ]
     notes: list[str] = []
-    impls = ["vocab", "token", "pallas"] if gpu else ["pallas"]
+    impls = ["vocab", "token", "pallas"] if gpu else []
     for impl in impls:
         why = accepts(jaxent_linear(impl=impl), GPU_PROBE if gpu else PROBE)
         if why:

@@ -303,7 +303,8 @@ def _progress(total: int, enabled: bool) -> Any:
         return None
     tqdm, _ = deps.optional("tqdm")
     if tqdm is None:
-        print("jaxent.bench: no progress bar (tqdm not installed)", file=sys.stderr)
+        print(f"jaxent.bench: no progress bar (tqdm not installed; {deps.BENCH_EXTRA})",
+              file=sys.stderr)
         return None
     return tqdm.tqdm(total=total, desc="bench", unit="round", file=sys.stderr)
 

@@ -1,25 +1,23 @@
-"""Scratch exploration: which XLA formulation of cross-entropy value_and_grad is fastest on CPU.
+"""Candidate XLA formulations of cross-entropy value_and_grad (the record behind
+``benchmarks/FINDINGS.md``), timed side by side by ``python -m jaxent.bench --suite
+explore-ce N C DTYPE [NAMES...]``.
 
-Kept as a record of the measurements behind ``benchmarks/FINDINGS.md``. Usage::
-
-    python benchmarks/explore_ce.py 4096 32000 float32 [names...]
-
-Every formulation computes ``mean(lse - z_y)`` with integer labels and returns
-``(loss, dlogits)``; the per-row cotangent path (``reduction="none"``) is checked separately
-by :func:`check_per_row`. Timings are interleaved (A B C A B C ...) after warm-up; medians.
+Every formulation computes ``mean(lse - z_y)`` with integer labels; :data:`FORMS` maps its
+name to the loss. A name prefixed ``fwd:`` times the forward only; suffixed ``_donate``, the
+logits are donated to the gradient. The per-row cotangent path (``reduction="none"``) is
+checked by :func:`check_per_row`. :func:`findings_cross_entropy` is the formulation
+FINDINGS.md recommends, usable beside the main suite's contenders as
+``--extra proposed=jaxent.bench.formulations:findings_cross_entropy``. These are experiments,
+not jaxent's implementation.
 """
 
 from __future__ import annotations
 
-import statistics
-import sys
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 F32 = jnp.float32
 SPLIT = 32768  # longest row XLA CPU reduces at full speed
@@ -86,6 +84,8 @@ def rowsum(x: jax.Array, split: bool) -> jax.Array:
 
 # ------------------------------------------------------------------------ (a) optax, (a2) naive
 def optax_loss(x, y):
+    import optax
+
     return optax.losses.softmax_cross_entropy_with_integer_labels(x, y).mean()
 
 
@@ -228,23 +228,14 @@ FORMS: dict[str, Callable] = {
 }
 
 
-def build(name: str) -> tuple[Callable, bool]:
-    """(jitted value_and_grad, donates) for a formulation name; suffix _donate donates x."""
-    donate = name.endswith("_donate")
-    base = name.removesuffix("_donate")
-    if base.startswith("fwd:"):
-        f = FORMS[base[4:]]
-        return jax.jit(f), False
-    vg = jax.value_and_grad(FORMS[base])
-    return (jax.jit(vg, donate_argnums=0) if donate else jax.jit(vg)), donate
-
-
 def check_per_row(n: int = 64, c: int = 1000) -> None:
     """Every custom_vjp formulation handles a per-row cotangent (reduction='none')."""
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k1, (n, c)) * 3
     y = jax.random.randint(k2, (n,), 0, c)
     w = jax.random.uniform(k3, (n,))
+    import optax
+
     ce = optax.losses.softmax_cross_entropy_with_integer_labels
     ref = jax.grad(lambda x: (ce(x, y) * w).sum())(x)
     for mk in (make_lse_only, make_grad_in_fwd, make_grad_logsoftmax):
@@ -252,56 +243,6 @@ def check_per_row(n: int = 64, c: int = 1000) -> None:
             f = mk(split)
             got = jax.jit(jax.grad(lambda x, f=f: (f(x, y) * w).sum()))(x)
             np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-5)
-    print("per-row cotangents ok")
-
-
-def timed(fn: Callable, x, y, donate: bool) -> float:
-    if donate:
-        x = jnp.copy(x)
-        x.block_until_ready()
-    t = time.perf_counter()
-    jax.block_until_ready(fn(x, y))
-    return time.perf_counter() - t
-
-
-def main(n: int, c: int, dtype: str, names: list[str], rounds: int = 7) -> None:
-    x = (jax.random.normal(jax.random.key(0), (n, c), F32) * 2).astype(dtype)
-    y = jax.random.randint(jax.random.key(1), (n,), 0, c)
-    ref = None
-    fns = {}
-    for name in names:
-        fn, donate = build(name)
-        comp = fn.lower(x, y).compile()
-        ma = comp.memory_analysis()
-        out = fn(jnp.copy(x) if donate else x, y)
-        val = float(out[0] if isinstance(out, tuple) else out)
-        ref = val if ref is None else ref
-        mib = 2**20
-        print(f"{name:22s} loss={val:.6f} temp={ma.temp_size_in_bytes / mib:8.1f} MiB"
-              f" out={ma.output_size_in_bytes / mib:8.1f} MiB"
-              f" alias={ma.alias_size_in_bytes / mib:.0f}", flush=True)
-        assert abs(val - ref) < 1e-2 * max(1, abs(ref)), (name, val, ref)
-        fns[name] = (fn, donate)
-        del out
-    for fn, donate in fns.values():  # warm-up
-        timed(fn, x, y, donate)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, (fn, donate) in fns.items():
-            times[k].append(timed(fn, x, y, donate))
-    base = statistics.median(times[names[0]])
-    nbytes = 2 * x.size * x.dtype.itemsize
-    for k, v in times.items():
-        med = statistics.median(v)
-        print(f"{k:22s} {med * 1e3:8.1f} ms  ratio {med / base:5.2f}"
-              f"  {nbytes / med / 1e9:5.1f} GB/s  (min {min(v) * 1e3:.1f})", flush=True)
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "check":
-        check_per_row()
-    else:
-        main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:])
 
 
 # ------------------------------------------- the formulation recommended in FINDINGS.md

@@ -264,7 +264,7 @@ def update_stats(st: Stats, x, y_local, w_block, start, opts: Options) -> Stats:
     s = st.s * alpha + jnp.sum(jnp.exp(zs), axis=1)
     zy = st.zy + jnp.sum(jnp.where(onehot(y_local, x.shape), x, 0.0), axis=1)
     wz, wseen = st.wz, st.wseen
-    if wz is not None:
+    if wz is not None and wseen is not None:
         back = shift(safe(st.m)[:, None], new_safe, opts)[:, 0]
         wsum = class_sum(w_block, x.shape[1], x.dtype)
         wzs = zs if w_block is None else zs * w_block[None, :].astype(x.dtype)
@@ -296,7 +296,7 @@ def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
     s = lax.psum(st.s * alpha, axis_name)
     zy = lax.psum(st.zy, axis_name)
     wz = wseen = None
-    if st.wz is not None:
+    if st.wz is not None and st.wseen is not None:
         wz = lax.psum(st.wz + st.wseen * back, axis_name)
         wseen = lax.psum(st.wseen, axis_name)
     arg = None

@@ -14,6 +14,7 @@ import functools
 import jax
 from jax.typing import ArrayLike
 
+from jaxent._options import Reduction
 from jaxent.losses import cross_entropy
 
 _STATIC = ("axis", "ignore_index", "label_smoothing", "reduction", "z_loss", "logit_softcap",
@@ -29,7 +30,7 @@ def cross_entropy_and_grad(
     weight: ArrayLike | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,

@@ -222,8 +222,10 @@ def _targets_fwd(x, t, counted, weight, opts: Options):
 
 def _targets_bwd(opts: Options, res, g):
     x, t, counted, weight, m, log_s = res
-    dx, dt = _platform.per_platform(
-        lambda q, *a: _target_grads(*a, opts, q), x, t, counted, weight, m, log_s, g)
+    def grads(q, x, t, counted, weight, m, log_s, g):
+        return _target_grads(x, t, counted, weight, m, log_s, g, opts, q)
+
+    dx, dt = _platform.per_platform(grads, x, t, counted, weight, m, log_s, g)
     return dx, dt, None, None if weight is None else jnp.zeros_like(weight)
 
 

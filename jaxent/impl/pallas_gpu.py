@@ -1,0 +1,408 @@
+r"""Pallas kernels for NVIDIA GPUs (Triton lowering), targeting Hopper (H100/H200).
+
+**Why Triton.** ``jax.experimental.pallas`` lowers to GPUs two ways: Triton
+(``pl.pallas_call`` + ``plgpu.CompilerParams``; ``jax.experimental.pallas.triton``) and
+Mosaic GPU (``jax.experimental.pallas.mosaic_gpu``). Triton is the mature path for
+softmax/CE reductions with ``tl.dot`` (Liger-Kernel, ml-cross-entropy and tokamax's GPU
+kernels use it); its lowering takes the row reductions, ``argmax``, ``where`` and the
+``fori_loop``\ s these kernels need, and it exports from a CPU host: ``jax.export`` with
+``platforms=["cuda"]`` gives a ``__gpu$xla.gpu.triton`` custom call. Mosaic GPU offers
+warpgroup MMA on Hopper but is lower level and more fragile: in jax 0.10.2 a kernel as plain
+as a row max already fails to lower (``NotImplementedError: No support for axes yet``), so
+it would need a hand-written WGMMA pipeline per kernel.
+
+Exporting: the Triton custom call has no compatibility guarantee, so ``jax.export`` needs
+``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_TARGET)]``
+(:data:`EXPORT_CHECKS`). The exported program is tied to the jaxlib it came from.
+
+Kernels (all on operands padded to whole blocks by :mod:`jaxent.impl.pallas_common`):
+
+* forward, grid ``(Np / block_n,)``: each program holds a token tile and walks the
+  vocabulary in ``block_v`` tiles (``fori_loop``), each ``h_tile @ W_tile`` accumulated over
+  ``block_k`` slices of ``D`` in float32, folding :func:`jaxent._rowmath.update_stats`;
+  writes per-row ``m, s, z_y`` (and ``wz``, ``argmax``).
+* ``d hidden``, grid ``(Np / block_n, Dp / block_d)``: walks the vocabulary, recomputing
+  each logits tile and ``dz`` (:func:`jaxent._rowmath.block_grad`), accumulating
+  ``dz @ W[d-tile]^T`` into a ``[block_n, block_d]`` float32 tile.
+* ``d kernel`` (+ ``d bias``), grid ``(Vp / block_v, Dp / block_d)``: walks the tokens,
+  recomputing ``dz`` and accumulating ``h[:, d-tile]^T @ dz``.
+* plain CE: forward grid ``(Np / block_n,)`` walking class tiles; backward grid
+  ``(Np / block_n, Cp / block_v)``, one ``dx`` tile each.
+
+No atomics: each output tile has one writer, so results are deterministic. The price is
+recompute: both gradient kernels form each logits tile once per ``block_d`` slice of ``D``
+(``Dp / block_d`` times). ``block_d = D`` removes it but needs a ``[block_n, D]`` float32
+accumulator per program; the default takes ``block_d`` up to 256 and the autotuner
+(:mod:`jaxent._autotune`) may pick larger. (A CCE-style backward with ``atomic_add`` into
+float32 ``d hidden``/``d kernel`` would form each tile once; not done here.)
+Performance on a GPU has not been measured yet: the configs below are starting points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxent import _rowmath
+from jaxent._options import Options
+from jaxent.impl import pallas_common as common
+
+TRITON_TARGET = "__gpu$xla.gpu.triton"
+EXPORT_CHECKS = (jax.export.DisabledSafetyCheck.custom_call(TRITON_TARGET),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Block sizes of the Triton kernels (all powers of two, ``>= 16`` for ``tl.dot``).
+
+    Attributes:
+      block_n: tokens per tile.
+      block_v: vocabulary (or class) columns per tile.
+      block_k: contraction slice of ``D`` in the logits matmul.
+      block_d: width of the ``d hidden`` / ``d kernel`` tiles (a multiple of ``block_k``
+        or a divisor of it; ``D`` is padded to a multiple of both).
+      num_warps, num_stages: Triton's launch parameters.
+    """
+
+    block_n: int = 64
+    block_v: int = 128
+    block_k: int = 64
+    block_d: int = 128
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for f in ("block_n", "block_v", "block_k", "block_d"):
+            b = getattr(self, f)
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"`{f}` must be a power of two >= 16 (Triton), got {b}")
+
+    def padded(self, n: int, d: int, v: int) -> tuple[int, int, int]:
+        """``(Np, Dp, Vp)``: the padded token, width and vocabulary sizes."""
+        dk = math.lcm(self.block_k, self.block_d)
+        return (common.round_up(n, self.block_n), common.round_up(d, dk),
+                common.round_up(v, self.block_v))
+
+
+def _pow2_at_most(x: int, cap: int, floor: int = 16) -> int:
+    p = floor
+    while p * 2 <= min(x, cap):
+        p *= 2
+    return p
+
+
+def default_config(n: int, d: int, v: int, dtype) -> Config:
+    """Starting blocks for Hopper: 64 x 128 logits tiles (32 for tiny token counts), 64-wide
+    ``D`` slices for ``tl.dot``, ``d hidden``/``d kernel`` tiles up to 256 wide; 8 warps
+    for 16-bit inputs (bigger MMA tiles), 4 for float32. Unmeasured on a device."""
+    del v
+    sixteen = jnp.dtype(dtype).itemsize <= 2
+    return Config(
+        block_n=_pow2_at_most(n, 64), block_v=128, block_k=_pow2_at_most(d, 64),
+        block_d=_pow2_at_most(d, 256), num_warps=8 if sixteen else 4, num_stages=2)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _params(cfg: Config):
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _vslice(ref, start, size):
+    return None if ref is None else ref[pl.ds(start, size)]
+
+
+def _logits(spec, h_at, w_ref, b_ref, start, dp: int):
+    """Raw logits of the tile at vocabulary ``start``; ``h_at(k)`` gives ``[bn, bk]``."""
+    bk, bv = spec.config.block_k, spec.config.block_v
+    if spec.layout == "dv":
+        w_at = lambda k: w_ref[pl.ds(k * bk, bk), pl.ds(start, bv)]  # noqa: E731
+    else:
+        w_at = lambda k: w_ref[pl.ds(start, bv), pl.ds(k * bk, bk)]  # noqa: E731
+    return common.logits_tile(h_at, w_at, dp // bk, spec.layout, _vslice(b_ref, start, bv))
+
+
+def _unpack(refs, has_b: bool, has_w: bool):
+    """``(h, w, b or None, weight or None, rest)`` from a kernel's refs."""
+    h, w, *rest = refs
+    b = rest.pop(0) if has_b else None
+    wt = rest.pop(0) if has_w else None
+    return h, w, b, wt, rest
+
+
+def _stats_out(spec) -> list[str]:
+    return ["m", "s", "zy"] + (["wz"] if spec.opts.smoothing else []) + (
+        ["arg"] if spec.aux else [])
+
+
+def _write_stats(st: _rowmath.Stats, outs, names):
+    for name, ref in zip(names, outs, strict=True):
+        ref[...] = getattr(st, name)
+
+
+def _read_stats(outs, names) -> _rowmath.Stats:
+    got = dict(zip(names, outs, strict=True))
+    return _rowmath.Stats(got["m"], got["s"], got["zy"], got.get("wz"), None, got.get("arg"))
+
+
+def _stat_shapes(names, n: int, acc):
+    return [jax.ShapeDtypeStruct((n,), jnp.int32 if k == "arg" else acc) for k in names]
+
+
+# ------------------------------------------------------------------------------ forward
+
+
+def _fwd_kernel(*refs, spec, has_b, has_w, dp, vp):
+    h_ref, w_ref, b_ref, wt_ref, (y_ref, *outs) = _unpack(refs, has_b, has_w)
+    cfg = spec.config
+    bk, bv = cfg.block_k, cfg.block_v
+    y = y_ref[...]
+
+    def body(j, st):
+        start = pl.multiple_of(j * bv, bv)
+        x = _logits(spec, lambda k: h_ref[:, pl.ds(k * bk, bk)], w_ref, b_ref, start, dp)
+        return common.fold_tile(st, x, y, _vslice(wt_ref, start, bv), start, spec.opts,
+                                spec.num_classes)
+
+    acc = _rowmath.compute_dtype(h_ref.dtype)
+    st = lax.fori_loop(0, vp // bv, body, common.init_stats(cfg.block_n, acc, spec.opts,
+                                                             spec.aux))
+    _write_stats(st, outs, _stats_out(spec))
+
+
+def _fwd(spec, h, w, b, y, wt):
+    cfg = spec.config
+    np_, dp = h.shape
+    vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
+    h = common.guard_platform(h, spec.interpret)
+    names = _stats_out(spec)
+    row = pl.BlockSpec((cfg.block_n,), lambda i: (i,))
+    ins = [h, w] + [a for a in (b, wt) if a is not None] + [y]
+    specs = [pl.BlockSpec((cfg.block_n, dp), lambda i: (i, 0)), pl.no_block_spec] + [
+        pl.no_block_spec for a in (b, wt) if a is not None] + [row]
+    outs = pl.pallas_call(
+        functools.partial(_fwd_kernel, spec=spec, has_b=b is not None, has_w=wt is not None,
+                          dp=dp, vp=vp),
+        grid=(np_ // cfg.block_n,), in_specs=specs, out_specs=[row] * len(names),
+        out_shape=_stat_shapes(names, np_, _rowmath.compute_dtype(h.dtype)),
+        compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_lce_fwd",
+    )(*ins)
+    return _read_stats(outs, names)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dhidden_kernel(*refs, spec, has_b, has_w, dp, vp):
+    h_ref, w_ref, b_ref, wt_ref, rest = _unpack(refs, has_b, has_w)
+    *row_refs, dh_ref = rest
+    cfg = spec.config
+    bk, bv, bd = cfg.block_k, cfg.block_v, cfg.block_d
+    dstart = pl.multiple_of(pl.program_id(1) * bd, bd)
+    rows = tuple(r[...] for r in row_refs)
+
+    def body(j, acc):
+        start = pl.multiple_of(j * bv, bv)
+        x = _logits(spec, lambda k: h_ref[:, pl.ds(k * bk, bk)], w_ref, b_ref, start, dp)
+        dz = common.grad_tile(x, rows, start, _vslice(wt_ref, start, bv), spec.opts,
+                              spec.num_classes)
+        if spec.layout == "dv":
+            wd = w_ref[pl.ds(dstart, bd), pl.ds(start, bv)]
+        else:
+            wd = w_ref[pl.ds(start, bv), pl.ds(dstart, bd)]
+        return acc + common.dhidden_part(dz, wd, spec.layout)
+
+    acc = jnp.zeros((cfg.block_n, bd), _rowmath.compute_dtype(h_ref.dtype))
+    dh_ref[...] = lax.fori_loop(0, vp // bv, body, acc).astype(dh_ref.dtype)
+
+
+def _dhidden(spec, h, w, b, rows, wt):
+    cfg = spec.config
+    np_, dp = h.shape
+    vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
+    rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
+    row = pl.BlockSpec((cfg.block_n,), lambda i, k: (i,))
+    ins = [h, w] + [a for a in (b, wt) if a is not None] + list(rows)
+    specs = [pl.BlockSpec((cfg.block_n, dp), lambda i, k: (i, 0)), pl.no_block_spec] + [
+        pl.no_block_spec for a in (b, wt) if a is not None] + [row] * len(rows)
+    return pl.pallas_call(
+        functools.partial(_dhidden_kernel, spec=spec, has_b=b is not None,
+                          has_w=wt is not None, dp=dp, vp=vp),
+        grid=(np_ // cfg.block_n, dp // cfg.block_d), in_specs=specs,
+        out_specs=pl.BlockSpec((cfg.block_n, cfg.block_d), lambda i, k: (i, k)),
+        out_shape=jax.ShapeDtypeStruct((np_, dp), h.dtype),
+        compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_lce_dhidden",
+    )(*ins)
+
+
+def _dkernel_kernel(*refs, spec, has_b, has_w, dp, np_):
+    h_ref, w_ref, b_ref, wt_ref, rest = _unpack(refs, has_b, has_w)
+    row_refs, (dw_ref, *db_ref) = rest[:6], rest[6:]
+    cfg = spec.config
+    bn, bk, bv, bd = cfg.block_n, cfg.block_k, cfg.block_v, cfg.block_d
+    start = pl.multiple_of(pl.program_id(0) * bv, bv)
+    dstart = pl.multiple_of(pl.program_id(1) * bd, bd)
+    w_blk = _vslice(wt_ref, start, bv)
+    acc_t = _rowmath.compute_dtype(h_ref.dtype)
+
+    def body(i, carry):
+        acc, dbacc = carry
+        r0 = pl.multiple_of(i * bn, bn)
+        rs = pl.ds(r0, bn)
+        x = _logits(spec, lambda k: h_ref[rs, pl.ds(k * bk, bk)], w_ref, b_ref, start, dp)
+        rows = tuple(r[rs] for r in row_refs)
+        dz = common.grad_tile(x, rows, start, w_blk, spec.opts, spec.num_classes)
+        acc = acc + common.dkernel_part(h_ref[rs, pl.ds(dstart, bd)], dz, spec.layout)
+        if dbacc is not None:
+            dbacc = dbacc + jnp.sum(dz, axis=0)
+        return acc, dbacc
+
+    shape = (bd, bv) if spec.layout == "dv" else (bv, bd)
+    init = (jnp.zeros(shape, acc_t), jnp.zeros((bv,), acc_t) if has_b else None)
+    acc, dbacc = lax.fori_loop(0, np_ // bn, body, init)
+    dw_ref[...] = acc.astype(dw_ref.dtype)
+    if has_b:
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            db_ref[0][...] = dbacc.astype(db_ref[0].dtype)
+
+
+def _dkernel(spec, h, w, b, rows, wt):
+    cfg = spec.config
+    np_, dp = h.shape
+    vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
+    rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
+    ins = [h, w] + [a for a in (b, wt) if a is not None] + list(rows)
+    specs = [pl.no_block_spec] * len(ins)
+    if spec.layout == "dv":
+        dw_spec = pl.BlockSpec((cfg.block_d, cfg.block_v), lambda j, k: (k, j))
+    else:
+        dw_spec = pl.BlockSpec((cfg.block_v, cfg.block_d), lambda j, k: (j, k))
+    out_specs = [dw_spec]
+    out_shape = [jax.ShapeDtypeStruct(w.shape, w.dtype)]
+    if b is not None:
+        out_specs.append(pl.BlockSpec((cfg.block_v,), lambda j, k: (j,)))
+        out_shape.append(jax.ShapeDtypeStruct((vp,), b.dtype))
+    outs = pl.pallas_call(
+        functools.partial(_dkernel_kernel, spec=spec, has_b=b is not None,
+                          has_w=wt is not None, dp=dp, np_=np_),
+        grid=(vp // cfg.block_v, dp // cfg.block_d), in_specs=specs, out_specs=out_specs,
+        out_shape=out_shape, compiler_params=_params(cfg), interpret=spec.interpret,
+        name="jaxent_lce_dkernel",
+    )(*ins)
+    return outs[0], (outs[1] if b is not None else None)
+
+
+# ----------------------------------------------------------------------------- plain CE
+
+
+def _ce_fwd_kernel(*refs, spec, has_w, cp):
+    x_ref, *rest = refs
+    wt_ref = rest.pop(0) if has_w else None
+    y_ref, *outs = rest
+    bv = spec.config.block_v
+    y = y_ref[...]
+    acc = _rowmath.compute_dtype(x_ref.dtype)
+
+    def body(j, st):
+        start = pl.multiple_of(j * bv, bv)
+        x = x_ref[:, pl.ds(start, bv)].astype(acc)
+        return common.fold_tile(st, x, y, _vslice(wt_ref, start, bv), start, spec.opts,
+                                spec.num_classes)
+
+    st = lax.fori_loop(0, cp // bv, body,
+                       common.init_stats(spec.config.block_n, acc, spec.opts, False))
+    _write_stats(st, outs, _stats_out(spec))
+
+
+def _ce_fwd(spec, x, y, wt):
+    cfg = spec.config
+    np_, cp = x.shape
+    x = common.guard_platform(x, spec.interpret)
+    names = _stats_out(spec)
+    row = pl.BlockSpec((cfg.block_n,), lambda i: (i,))
+    ins = [x] + ([wt] if wt is not None else []) + [y]
+    specs = [pl.BlockSpec((cfg.block_n, cp), lambda i: (i, 0))] + (
+        [pl.no_block_spec] if wt is not None else []) + [row]
+    outs = pl.pallas_call(
+        functools.partial(_ce_fwd_kernel, spec=spec, has_w=wt is not None, cp=cp),
+        grid=(np_ // cfg.block_n,), in_specs=specs, out_specs=[row] * len(names),
+        out_shape=_stat_shapes(names, np_, _rowmath.compute_dtype(x.dtype)),
+        compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_ce_fwd",
+    )(*ins)
+    return _read_stats(outs, names)
+
+
+def _ce_bwd(spec, x, rows, wt):
+    cfg = spec.config
+    np_, cp = x.shape
+    bn, bv = cfg.block_n, cfg.block_v
+    rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
+    row = pl.BlockSpec((bn,), lambda i, j: (i,))
+    ins = [x] + list(rows) + ([wt] if wt is not None else [])
+    specs = [pl.BlockSpec((bn, bv), lambda i, j: (i, j))] + [row] * len(rows) + (
+        [pl.BlockSpec((bv,), lambda i, j: (j,))] if wt is not None else [])
+    return pl.pallas_call(
+        functools.partial(common.ce_bwd_kernel, opts=spec.opts, num_classes=spec.num_classes,
+                          block_c=bv, weighted=wt is not None),
+        grid=(np_ // bn, cp // bv), in_specs=specs,
+        out_specs=pl.BlockSpec((bn, bv), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), compiler_params=_params(cfg),
+        interpret=spec.interpret, name="jaxent_ce_bwd",
+    )(*ins)
+
+
+LAUNCHERS = common.Launchers(_fwd, _dhidden, _dkernel, _ce_fwd, _ce_bwd)
+
+
+# ------------------------------------------------------------------------- entry points
+
+
+def linear_ce_rows(h, kernel, bias, labels, row_w, counted, weight, *, opts: Options,
+                   num_classes: int, layout: str = "dv", config: Config | None = None,
+                   interpret: bool = False, aux: bool = False):
+    """Per-token fused linear cross-entropy on an NVIDIA GPU (Triton), a ``jax.custom_vjp``.
+
+    Args:
+      h: float ``[N, D]`` hidden states (f32 or bf16/f16; accumulated in float32).
+      kernel: ``[D, V]`` (``layout="dv"``) or ``[V, D]`` (``"vd"``).
+      bias: ``[V]`` or None.
+      labels: int ``[N]``; rows not ``counted`` may hold anything (e.g. ``ignore_index``).
+      row_w: ``[N]`` float32, ``weight[y]`` for counted rows, 0 otherwise.
+      counted: bool ``[N]``.
+      weight: ``[V]`` float32 class weights or None (label smoothing uses them).
+      opts: the loss options (smoothing, z-loss, soft-cap, temperature).
+      num_classes: ``V``.
+      config: :class:`Config`; default :func:`default_config`.
+      interpret: run Pallas's interpreter (any platform, e.g. the CPU).
+      aux: also return the argmax.
+
+    Returns:
+      ``(loss [N], lse [N], argmax [N] int32 or None)``, float32 losses (nan for counted
+      rows with labels outside ``[0, V)``, 0 for rows not counted). Differentiable w.r.t.
+      ``h``, ``kernel`` and ``bias``; ``lse`` and ``argmax`` carry no gradient.
+    """
+    config = config or default_config(h.shape[0], h.shape[1], num_classes, h.dtype)
+    return common.linear_ce_rows(LAUNCHERS, h, kernel, bias, labels, row_w, counted, weight,
+                                 opts=opts, num_classes=num_classes, layout=layout,
+                                 config=config, interpret=interpret, aux=aux)
+
+
+def ce_rows(x, labels, row_w, counted, weight, *, opts: Options, config: Config | None = None,
+            interpret: bool = False):
+    """Per-row cross-entropy of logits ``x [N, C]`` on an NVIDIA GPU (Triton).
+
+    Arguments as :func:`linear_ce_rows` (``weight [C]``); returns ``loss [N]`` float32, a
+    ``jax.custom_vjp`` differentiable w.r.t. ``x`` (gradient in ``x``'s dtype).
+    """
+    config = config or default_config(x.shape[0], 16, x.shape[1], x.dtype)
+    return common.ce_rows(LAUNCHERS, x, labels, row_w, counted, weight, opts=opts,
+                          config=config, interpret=interpret)

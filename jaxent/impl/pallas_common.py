@@ -68,8 +68,16 @@ def _guard_lowering_cpu(ctx, x):
     raise ValueError(_HINT)
 
 
+def _guard_impl(x):
+    """Eager evaluation: check the platform the operand lives on."""
+    devices = getattr(x, "devices", None)
+    check_platform(False, next(iter(devices())).platform if devices else None)
+    return x
+
+
 _guard_p = jex_core.Primitive("jaxent_pallas_platform_guard")
 _guard_p.def_abstract_eval(lambda x: x)
+_guard_p.def_impl(_guard_impl)
 mlir.register_lowering(_guard_p, lambda ctx, x: [x])
 mlir.register_lowering(_guard_p, _guard_lowering_cpu, platform="cpu")
 batching.primitive_batchers[_guard_p] = lambda args, dims: (_guard_p.bind(*args), dims[0])
@@ -80,6 +88,42 @@ def guard_platform(x: jax.Array, interpret: bool) -> jax.Array:
     with :func:`check_platform`'s hint (an identity elsewhere, so exports for cuda/tpu
     from a CPU host work)."""
     return x if interpret else _guard_p.bind(x)
+
+
+def backend(platform: str):
+    """The kernel module for ``platform``: :mod:`~jaxent.impl.pallas_tpu` for ``"tpu"``,
+    :mod:`~jaxent.impl.pallas_gpu` (Triton) for ``"cuda"``/``"gpu"`` and for ``"cpu"``
+    (where only ``interpret=True`` runs)."""
+    if platform == "tpu":
+        from jaxent.impl import pallas_tpu as mod
+    elif platform in ("cuda", "gpu", "cpu"):
+        from jaxent.impl import pallas_gpu as mod
+    else:
+        raise ValueError(f"impl='pallas' has kernels for cuda and tpu, not {platform!r}")
+    return mod
+
+
+def default_config(n: int, d: int, v: int, dtype, platform: str):
+    """The heuristic block ``Config`` of ``platform``'s kernels for ``[n, d] x [d, v]``."""
+    return backend(platform).default_config(n, d, v, dtype)
+
+
+def config_for(n: int, d: int, v: int, dtype, platform: str, impl: str = "pallas-linear"):
+    """The autotuned ``Config`` cached for this device and shape class, else the default.
+
+    The cache (:mod:`jaxent._autotune`) is keyed by ``impl``, ``dtype`` and the shape class
+    of ``(n, d, v)``; fill it with :func:`jaxent.autotune` and the backend's candidates.
+    """
+    from jaxent import _autotune
+
+    heuristic = default_config(n, d, v, dtype, platform)
+    choice = _autotune.lookup(_autotune.autotune_key(impl, dtype, n=n, d=d, v=v))
+    if isinstance(choice, dict) and choice.get("type") == type(heuristic).__qualname__:
+        try:
+            return type(heuristic)(**choice["fields"])
+        except (TypeError, ValueError):
+            return heuristic
+    return heuristic
 
 
 def round_up(x: int, b: int) -> int:

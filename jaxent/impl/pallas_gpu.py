@@ -21,20 +21,27 @@ Kernels (all on operands padded to whole blocks by :mod:`jaxent.impl.pallas_comm
   vocabulary in ``block_v`` tiles (``fori_loop``), each ``h_tile @ W_tile`` accumulated over
   ``block_k`` slices of ``D`` in float32, folding :func:`jaxent._rowmath.update_stats`;
   writes per-row ``m, s, z_y`` (and ``wz``, ``argmax``).
-* ``d hidden``, grid ``(Np / block_n, Dp / block_d)``: walks the vocabulary, recomputing
-  each logits tile and ``dz`` (:func:`jaxent._rowmath.block_grad`), accumulating
-  ``dz @ W[d-tile]^T`` into a ``[block_n, block_d]`` float32 tile.
-* ``d kernel`` (+ ``d bias``), grid ``(Vp / block_v, Dp / block_d)``: walks the tokens,
-  recomputing ``dz`` and accumulating ``h[:, d-tile]^T @ dz``.
+* ``d hidden`` and ``d kernel`` (+ ``d bias``), two kernels, in one of two ways
+  (``Config.backward``):
+
+  - ``"accumulate"`` (default): ``d hidden`` has grid ``(Np / block_n,)``; each program
+    walks the vocabulary, recomputing each logits tile and ``dz``
+    (:func:`jaxent._rowmath.block_grad`) once, and adds ``dz @ W[d-slice, tile]^T`` for each
+    ``block_d`` slice into its own ``[block_n, Dp]`` float32 output rows (global memory,
+    read-modify-write, a CTA barrier between passes). ``d kernel`` has grid
+    ``(Vp / block_v,)`` and walks the tokens the same way, adding ``h[:, d-slice]^T @ dz``
+    into its own float32 output columns. Each logits tile is formed once per kernel (five
+    matmul passes in all; CCE's atomic backward makes four); the outputs are float32.
+  - ``"recompute"``: grids ``(Np / block_n, Dp / block_d)`` and ``(Vp / block_v,
+    Dp / block_d)``, a ``block_d``-wide register accumulator per program, written once in
+    the input's dtype; each logits tile is formed ``Dp / block_d`` times. Less memory
+    traffic, more flops: for small ``D`` or as an autotuning candidate.
+
 * plain CE: forward grid ``(Np / block_n,)`` walking class tiles; backward grid
   ``(Np / block_n, Cp / block_v)``, one ``dx`` tile each.
 
-No atomics: each output tile has one writer, so results are deterministic. The price is
-recompute: both gradient kernels form each logits tile once per ``block_d`` slice of ``D``
-(``Dp / block_d`` times). ``block_d = D`` removes it but needs a ``[block_n, D]`` float32
-accumulator per program; the default takes ``block_d`` up to 256 and the autotuner
-(:mod:`jaxent._autotune`) may pick larger. (A CCE-style backward with ``atomic_add`` into
-float32 ``d hidden``/``d kernel`` would form each tile once; not done here.)
+No atomics: each output element has one writer, so results are deterministic (the
+CCE/tokamax Triton backward adds tiles with ``atomic_add`` instead).
 Performance on a GPU has not been measured yet: the configs below are starting points.
 """
 
@@ -69,6 +76,12 @@ class Config:
       block_d: width of the ``d hidden`` / ``d kernel`` tiles (a multiple of ``block_k``
         or a divisor of it; ``D`` is padded to a multiple of both).
       num_warps, num_stages: Triton's launch parameters.
+      backward: ``"accumulate"``: one program per token tile (``d hidden``) or vocabulary
+        tile (``d kernel``) forms each logits tile once and adds its ``block_d``-wide
+        pieces into its own float32 output rows/columns in global memory (read-modify-write,
+        no atomics: each output element has one writer). ``"recompute"``: one program per
+        (tile, ``block_d`` slice) with a register accumulator, forming each logits tile
+        ``Dp / block_d`` times.
     """
 
     block_n: int = 64
@@ -77,8 +90,12 @@ class Config:
     block_d: int = 128
     num_warps: int = 4
     num_stages: int = 2
+    backward: str = "accumulate"
 
     def __post_init__(self):
+        if self.backward not in ("accumulate", "recompute"):
+            raise ValueError(f"`backward` must be 'accumulate' or 'recompute', got "
+                             f"{self.backward!r}")
         for f in ("block_n", "block_v", "block_k", "block_d"):
             b = getattr(self, f)
             if b < 16 or b & (b - 1):
@@ -360,7 +377,147 @@ def _ce_bwd(spec, x, rows, wt):
     )(*ins)
 
 
-LAUNCHERS = common.Launchers(_fwd, _dhidden, _dkernel, _ce_fwd, _ce_bwd)
+# ------------------------------------------------ backward, accumulating in global memory
+
+
+def _sync(spec):
+    """A CTA barrier between a program's store of an accumulator tile and its next load of
+    it (the two may map elements to different threads); Pallas's interpreter needs none."""
+    if not spec.interpret:
+        plgpu.debug_barrier()
+
+
+def _zero(ref, nd: int, bd: int, axis: int):
+    """Zero ``ref`` in ``nd`` slices of ``bd`` along ``axis`` (a register-sized tile each)."""
+    shape = list(ref.shape)
+    shape[axis] = bd
+
+    def step(k, _):
+        sl = pl.ds(pl.multiple_of(k * bd, bd), bd)
+        idx = (slice(None), sl) if axis == 1 else (sl, slice(None))
+        ref[idx] = jnp.zeros(shape, ref.dtype)
+        return 0
+
+    lax.fori_loop(0, nd, step, 0)
+
+
+def _dhidden_acc_kernel(*refs, spec, has_b, has_w, dp, vp):
+    h_ref, w_ref, b_ref, wt_ref, rest = _unpack(refs, has_b, has_w)
+    *row_refs, dh_ref = rest
+    cfg = spec.config
+    bk, bv, bd = cfg.block_k, cfg.block_v, cfg.block_d
+    rows = tuple(r[...] for r in row_refs)
+    _zero(dh_ref, dp // bd, bd, 1)
+    _sync(spec)
+
+    def body(j, carry):
+        start = pl.multiple_of(j * bv, bv)
+        x = _logits(spec, lambda k: h_ref[:, pl.ds(k * bk, bk)], w_ref, b_ref, start, dp)
+        dz = common.grad_tile(x, rows, start, _vslice(wt_ref, start, bv), spec.opts,
+                              spec.num_classes)
+
+        def piece(k, c):
+            ds = pl.ds(pl.multiple_of(k * bd, bd), bd)
+            wd = w_ref[ds, pl.ds(start, bv)] if spec.layout == "dv" else w_ref[
+                pl.ds(start, bv), ds]
+            dh_ref[:, ds] = dh_ref[:, ds] + common.dhidden_part(dz, wd, spec.layout)
+            return c
+
+        lax.fori_loop(0, dp // bd, piece, 0)
+        _sync(spec)
+        return carry
+
+    lax.fori_loop(0, vp // bv, body, 0)
+
+
+def _dhidden_acc(spec, h, w, b, rows, wt):
+    cfg = spec.config
+    np_, dp = h.shape
+    vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
+    rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
+    row = pl.BlockSpec((cfg.block_n,), lambda i: (i,))
+    tile = pl.BlockSpec((cfg.block_n, dp), lambda i: (i, 0))
+    ins = [h, w] + [a for a in (b, wt) if a is not None] + list(rows)
+    specs = [tile, pl.no_block_spec] + [
+        pl.no_block_spec for a in (b, wt) if a is not None] + [row] * len(rows)
+    return pl.pallas_call(
+        functools.partial(_dhidden_acc_kernel, spec=spec, has_b=b is not None,
+                          has_w=wt is not None, dp=dp, vp=vp),
+        grid=(np_ // cfg.block_n,), in_specs=specs, out_specs=tile,
+        out_shape=jax.ShapeDtypeStruct((np_, dp), _rowmath.compute_dtype(h.dtype)),
+        compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_lce_dhidden",
+    )(*ins)
+
+
+def _dkernel_acc_kernel(*refs, spec, has_b, has_w, dp, np_):
+    h_ref, w_ref, b_ref, wt_ref, rest = _unpack(refs, has_b, has_w)
+    row_refs, (dw_ref, *db_ref) = rest[:6], rest[6:]
+    cfg = spec.config
+    bn, bk, bv, bd = cfg.block_n, cfg.block_k, cfg.block_v, cfg.block_d
+    start = pl.multiple_of(pl.program_id(0) * bv, bv)
+    w_blk = _vslice(wt_ref, start, bv)
+    daxis = 0 if spec.layout == "dv" else 1
+    _zero(dw_ref, dp // bd, bd, daxis)
+    _sync(spec)
+
+    def body(i, dbacc):
+        rs = pl.ds(pl.multiple_of(i * bn, bn), bn)
+        x = _logits(spec, lambda k: h_ref[rs, pl.ds(k * bk, bk)], w_ref, b_ref, start, dp)
+        rows = tuple(r[rs] for r in row_refs)
+        dz = common.grad_tile(x, rows, start, w_blk, spec.opts, spec.num_classes)
+
+        def piece(k, c):
+            ds = pl.ds(pl.multiple_of(k * bd, bd), bd)
+            idx = (ds, slice(None)) if daxis == 0 else (slice(None), ds)
+            dw_ref[idx] = dw_ref[idx] + common.dkernel_part(h_ref[rs, ds], dz, spec.layout)
+            return c
+
+        lax.fori_loop(0, dp // bd, piece, 0)
+        _sync(spec)
+        return None if dbacc is None else dbacc + jnp.sum(dz, axis=0)
+
+    acc_t = _rowmath.compute_dtype(h_ref.dtype)
+    dbacc = lax.fori_loop(0, np_ // bn, body, jnp.zeros((bv,), acc_t) if has_b else None)
+    if has_b:
+        db_ref[0][...] = dbacc.astype(db_ref[0].dtype)
+
+
+def _dkernel_acc(spec, h, w, b, rows, wt):
+    cfg = spec.config
+    np_, dp = h.shape
+    vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
+    rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
+    ins = [h, w] + [a for a in (b, wt) if a is not None] + list(rows)
+    if spec.layout == "dv":
+        dw_spec = pl.BlockSpec((dp, cfg.block_v), lambda j: (0, j))
+    else:
+        dw_spec = pl.BlockSpec((cfg.block_v, dp), lambda j: (j, 0))
+    out_specs = [dw_spec]
+    out_shape = [jax.ShapeDtypeStruct(w.shape, _rowmath.compute_dtype(w.dtype))]
+    if b is not None:
+        out_specs.append(pl.BlockSpec((cfg.block_v,), lambda j: (j,)))
+        out_shape.append(jax.ShapeDtypeStruct((vp,), b.dtype))
+    outs = pl.pallas_call(
+        functools.partial(_dkernel_acc_kernel, spec=spec, has_b=b is not None,
+                          has_w=wt is not None, dp=dp, np_=np_),
+        grid=(vp // cfg.block_v,), in_specs=[pl.no_block_spec] * len(ins),
+        out_specs=out_specs, out_shape=out_shape, compiler_params=_params(cfg),
+        interpret=spec.interpret, name="jaxent_lce_dkernel",
+    )(*ins)
+    return outs[0], (outs[1] if b is not None else None)
+
+
+def _dhidden_any(spec, *args):
+    fn = _dhidden_acc if spec.config.backward == "accumulate" else _dhidden
+    return fn(spec, *args)
+
+
+def _dkernel_any(spec, *args):
+    fn = _dkernel_acc if spec.config.backward == "accumulate" else _dkernel
+    return fn(spec, *args)
+
+
+LAUNCHERS = common.Launchers(_fwd, _dhidden_any, _dkernel_any, _ce_fwd, _ce_bwd)
 
 
 # ------------------------------------------------------------------------- entry points

@@ -295,6 +295,11 @@ def test_configs_validate_and_default():
         assert cfg.padded(4096, 2048, 128256)[2] >= 128256
     with pytest.raises(ValueError, match="cuda and tpu"):
         pallas_common.backend("rocm")
+    for mod in (pallas_gpu, pallas_tpu):
+        cands = mod.candidates(4096, 1024, 32000, jnp.bfloat16)
+        assert cands[0] == mod.default_config(4096, 1024, 32000, jnp.bfloat16)
+        assert len(set(cands)) == len(cands) > 4
+        json.dumps([_autotune.encode(c) for c in cands])
 
 
 # ---------------------------------------------------------------------------- autotune

@@ -215,7 +215,10 @@ def ce_bwd_kernel(*refs, opts: Options, num_classes: int, block_c: int, weighted
     """Plain CE backward tile (grid ``(token tiles, class tiles)``): ``dx`` of one tile.
 
     Refs: ``x [bn, bc]``, ``labels, m, log_s, cp, cy, cw [bn]``, ``weight [bc]`` if
-    ``weighted``; out ``dx [bn, bc]`` in the logits' dtype.
+    ``weighted``; out ``dx [bn, bc]`` in the logits' dtype. An edge tile may run past the
+    logits (TPU partial blocks: unspecified values there, writes dropped); its columns
+    beyond ``C`` are masked to 0 and its rows beyond ``N`` are only ever written out of
+    bounds, so nothing leaks.
     """
     x_ref, *row_refs = refs[:7]
     w_ref = refs[7] if weighted else None
@@ -242,7 +245,9 @@ class Launchers(NamedTuple):
 
     ``fwd(spec, h, w, b, y, wt) -> Stats`` (``[Np]`` fields); ``dhidden(spec, h, w, b, rows,
     wt) -> [Np, Dp]``; ``dkernel(spec, h, w, b, rows, wt) -> (dW, db or None)``;
-    ``ce_fwd(spec, x, y, wt) -> Stats``; ``ce_bwd(spec, x, rows, wt) -> dx``.
+    ``ce_fwd(spec, x, y, wt) -> Stats``; ``ce_bwd(spec, x, rows, wt) -> dx``: for plain CE
+    the logits ``x [N, C]`` come unpadded (the row vectors and weights padded), and ``dx``
+    is ``[N, C]``.
     """
 
     fwd: Callable
@@ -341,10 +346,12 @@ def linear_ce_rows(launch: Launchers, h, kernel, bias, labels, row_w, counted, w
 
 
 def _ce_padded(spec: Spec, x, labels, weight):
+    """Labels and weights padded to whole blocks; the logits are *not* copied: the kernels
+    read ``x [N, C]`` as is (masked loads on GPUs, partial edge blocks on TPUs), since a
+    padded copy would double the memory traffic of this memory-bound loss."""
     n, c = x.shape
     np_, _, cp = spec.config.padded(n, 0, c)
-    return (pad_to(pad_to(x, 0, np_), 1, cp), pad_to(labels.astype(jnp.int32), 0, np_, -1),
-            pad_to(weight, 0, cp), np_)
+    return x, pad_to(labels.astype(jnp.int32), 0, np_, -1), pad_to(weight, 0, cp), np_
 
 
 def _ce_fwd(spec: Spec, x, labels, row_w, counted, weight):
@@ -360,7 +367,7 @@ def _ce_bwd(spec: Spec, res, g):
     n, c = x.shape
     xp, _, wp, np_ = _ce_padded(spec, x, labels, weight)
     rows = _coef_rows(spec, g, rs, labels, row_w, counted, weight, np_)
-    dx = spec.launch.ce_bwd(spec, xp, rows, wp)[:n, :c]
+    dx = spec.launch.ce_bwd(spec, xp, rows, wp)
     return (dx.astype(x.dtype), None, jnp.zeros_like(row_w), None,
             None if weight is None else jnp.zeros_like(weight))
 

@@ -38,7 +38,8 @@ Kernels (all on operands padded to whole blocks by :mod:`jaxent.impl.pallas_comm
     traffic, more flops: for small ``D`` or as an autotuning candidate.
 
 * plain CE: forward grid ``(Np / block_n,)`` walking class tiles; backward grid
-  ``(Np / block_n, Cp / block_v)``, one ``dx`` tile each.
+  ``(Np / block_n, Cp / block_v)``, one ``dx`` tile each. The logits are read and ``dx``
+  written in place with masked loads/stores (no padded copy of ``[N, C]``).
 
 No atomics: each output element has one writer, so results are deterministic (the
 CCE/tokamax Triton backward adds tiles with ``atomic_add`` instead).
@@ -124,6 +125,20 @@ def default_config(n: int, d: int, v: int, dtype) -> Config:
     return Config(
         block_n=_pow2_at_most(n, 64), block_v=128, block_k=_pow2_at_most(d, 64),
         block_d=_pow2_at_most(d, 256), num_warps=8 if sixteen else 4, num_stages=2)
+
+
+def candidates(n: int, d: int, v: int, dtype) -> list[Config]:
+    """Configs worth timing (:func:`jaxent.autotune`): the default first, then token tiles
+    of 32-128 x vocabulary tiles of 64-256, and the ``"recompute"`` backward for ``D <= 1024``.
+    """
+    base = default_config(n, d, v, dtype)
+    out = [base]
+    for bn in (32, 64, 128):
+        for bv in (64, 128, 256):
+            out.append(dataclasses.replace(base, block_n=_pow2_at_most(n, bn), block_v=bv))
+    if d <= 1024:
+        out.append(dataclasses.replace(base, backward="recompute", block_d=_pow2_at_most(d, 512)))
+    return list(dict.fromkeys(out))
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -321,34 +336,45 @@ def _dkernel(spec, h, w, b, rows, wt):
 # ----------------------------------------------------------------------------- plain CE
 
 
+def _x_tile(x_ref, r0, start, bn: int, bv: int):
+    """The ``[bn, bv]`` logits tile at ``(r0, start)`` of the unpadded ``x [N, C]``: a masked
+    load, 0 outside (those columns are masked again by the statistics and gradient)."""
+    n, c = x_ref.shape
+    shape = (bn, bv)
+    inside = ((r0 + lax.broadcasted_iota(jnp.int32, shape, 0) < n)
+              & (start + lax.broadcasted_iota(jnp.int32, shape, 1) < c))
+    tile = plgpu.load(x_ref.at[pl.ds(r0, bn), pl.ds(start, bv)], mask=inside, other=0)
+    return tile, inside
+
+
 def _ce_fwd_kernel(*refs, spec, has_w, cp):
     x_ref, *rest = refs
     wt_ref = rest.pop(0) if has_w else None
     y_ref, *outs = rest
-    bv = spec.config.block_v
+    bn, bv = spec.config.block_n, spec.config.block_v
+    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
     y = y_ref[...]
     acc = _rowmath.compute_dtype(x_ref.dtype)
 
     def body(j, st):
         start = pl.multiple_of(j * bv, bv)
-        x = x_ref[:, pl.ds(start, bv)].astype(acc)
+        x = _x_tile(x_ref, r0, start, bn, bv)[0].astype(acc)
         return common.fold_tile(st, x, y, _vslice(wt_ref, start, bv), start, spec.opts,
                                 spec.num_classes)
 
-    st = lax.fori_loop(0, cp // bv, body,
-                       common.init_stats(spec.config.block_n, acc, spec.opts, False))
+    st = lax.fori_loop(0, cp // bv, body, common.init_stats(bn, acc, spec.opts, False))
     _write_stats(st, outs, _stats_out(spec))
 
 
 def _ce_fwd(spec, x, y, wt):
     cfg = spec.config
-    np_, cp = x.shape
+    np_ = y.shape[0]
+    cp = common.round_up(x.shape[1], cfg.block_v)
     x = common.guard_platform(x, spec.interpret)
     names = _stats_out(spec)
     row = pl.BlockSpec((cfg.block_n,), lambda i: (i,))
     ins = [x] + ([wt] if wt is not None else []) + [y]
-    specs = [pl.BlockSpec((cfg.block_n, cp), lambda i: (i, 0))] + (
-        [pl.no_block_spec] if wt is not None else []) + [row]
+    specs = [pl.no_block_spec] + ([pl.no_block_spec] if wt is not None else []) + [row]
     outs = pl.pallas_call(
         functools.partial(_ce_fwd_kernel, spec=spec, has_w=wt is not None, cp=cp),
         grid=(np_ // cfg.block_n,), in_specs=specs, out_specs=[row] * len(names),
@@ -358,22 +384,36 @@ def _ce_fwd(spec, x, y, wt):
     return _read_stats(outs, names)
 
 
+def _ce_bwd_kernel(*refs, spec, has_w):
+    x_ref, *rest = refs
+    row_refs, rest = rest[:6], rest[6:]
+    wt_ref = rest.pop(0) if has_w else None
+    (dx_ref,) = rest
+    bn, bv = spec.config.block_n, spec.config.block_v
+    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
+    start = pl.multiple_of(pl.program_id(1) * bv, bv)
+    x, inside = _x_tile(x_ref, r0, start, bn, bv)
+    rows = tuple(r[...] for r in row_refs)
+    dz = common.grad_tile(x.astype(_rowmath.compute_dtype(x.dtype)), rows, start,
+                          None if wt_ref is None else wt_ref[...], spec.opts, spec.num_classes)
+    plgpu.store(dx_ref.at[pl.ds(r0, bn), pl.ds(start, bv)], dz.astype(dx_ref.dtype),
+                mask=inside)
+
+
 def _ce_bwd(spec, x, rows, wt):
     cfg = spec.config
-    np_, cp = x.shape
+    np_ = rows[0].shape[0]
     bn, bv = cfg.block_n, cfg.block_v
     rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
     row = pl.BlockSpec((bn,), lambda i, j: (i,))
     ins = [x] + list(rows) + ([wt] if wt is not None else [])
-    specs = [pl.BlockSpec((bn, bv), lambda i, j: (i, j))] + [row] * len(rows) + (
+    specs = [pl.no_block_spec] + [row] * len(rows) + (
         [pl.BlockSpec((bv,), lambda i, j: (j,))] if wt is not None else [])
     return pl.pallas_call(
-        functools.partial(common.ce_bwd_kernel, opts=spec.opts, num_classes=spec.num_classes,
-                          block_c=bv, weighted=wt is not None),
-        grid=(np_ // bn, cp // bv), in_specs=specs,
-        out_specs=pl.BlockSpec((bn, bv), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), compiler_params=_params(cfg),
-        interpret=spec.interpret, name="jaxent_ce_bwd",
+        functools.partial(_ce_bwd_kernel, spec=spec, has_w=wt is not None),
+        grid=(np_ // bn, common.round_up(x.shape[1], bv) // bv), in_specs=specs,
+        out_specs=pl.no_block_spec, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_ce_bwd",
     )(*ins)
 
 

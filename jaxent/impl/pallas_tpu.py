@@ -19,6 +19,8 @@ Kernels:
 * ``d kernel`` (+ ``d bias``), grid ``(Vp / block_v, Np / block_n)``: the same tile,
   ``acc += h^T @ dz`` in a ``[D, block_v]`` (or ``[block_v, D]``) float32 accumulator.
 * plain CE: forward grid ``(Np / block_n, Cp / block_c)``; backward one ``dx`` tile per step.
+  The logits are not padded: edge tiles are partial blocks (unspecified values past the
+  array, which the column mask and the dropped out-of-bounds writes keep out).
 
 ``jax.export(..., platforms=["tpu"])`` gives ``tpu_custom_call``\ s (Mosaic has a stable
 custom call; no safety check to disable). VMEM use per step is about
@@ -84,6 +86,18 @@ def default_config(n: int, d: int, v: int, dtype) -> Config:
     need = 2 * (bn * d + d * bv) * item + 4 * (bn * d + d * bv + 2 * bn * bv)
     return Config(block_n=bn, block_v=bv,
                   vmem_limit_bytes=None if need < 12 * 2**20 else 64 * 2**20)
+
+
+def candidates(n: int, d: int, v: int, dtype) -> list[Config]:
+    """Configs worth timing (:func:`jaxent.autotune`): the default first, then token tiles
+    of 128-512 x vocabulary tiles of 256-1024 (with the default's VMEM limit)."""
+    base = default_config(n, d, v, dtype)
+    out = [base]
+    for bn in (128, 256, 512):
+        for bv in (256, 512, 1024):
+            if bn <= max(128, n) * 2 and bv <= max(128, v) * 2:
+                out.append(dataclasses.replace(base, block_n=bn, block_v=bv))
+    return list(dict.fromkeys(out))
 
 
 def export_mesh(device_kind: str = "TPU v5 lite", num_cores: int = 1):
@@ -307,8 +321,9 @@ def _dkernel(spec, h, w, b, rows, wt):
 
 
 def _ce_fwd(spec, x, y, wt):
+    """Plain CE statistics; ``x [N, C]`` unpadded (the edge tiles are partial blocks)."""
     cfg = spec.config
-    np_, cp = x.shape
+    np_, cp = y.shape[0], common.round_up(x.shape[1], cfg.block_v)
     x = common.guard_platform(x, spec.interpret)
     ins = [x] + ([wt] if wt is not None else []) + [y]
     specs = [pl.BlockSpec((cfg.block_n, cfg.block_v), lambda i, j: (i, j))] + (
@@ -319,7 +334,7 @@ def _ce_fwd(spec, x, y, wt):
 
 def _ce_bwd(spec, x, rows, wt):
     cfg = spec.config
-    np_, cp = x.shape
+    np_, cp = rows[0].shape[0], common.round_up(x.shape[1], cfg.block_v)
     bn, bv = cfg.block_n, cfg.block_v
     rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
     row = pl.BlockSpec((bn,), lambda i, j: (i,))

@@ -188,15 +188,22 @@ def fold_tile(st, x, labels, w_blk, start, opts: Options, num_classes: int):
     return _rowmath.update_stats(st, x, labels - start, w_blk, start, opts, valid)
 
 
+NUM_ROWS = 7  # the per-row vectors of the backward kernels: see grad_tile
+
+
 def grad_tile(x, rows, start, w_blk, opts: Options, num_classes: int) -> jax.Array:
     """``d loss / d x`` of a tile ``[bn, bv]`` (0 on padding columns), accumulation dtype.
 
-    ``rows = (labels, m, log_s, cp, cy, cw)``, each ``[bn]``: the safe raw max and ``log s``
-    of the forward and the coefficients of :func:`jaxent._rowmath.grad_coefs`.
+    ``rows = (labels, m, log_s, cp, cy, cw, live)``, each ``[bn]`` (:data:`NUM_ROWS`): the
+    safe raw max and ``log s`` of the forward, the coefficients of
+    :func:`jaxent._rowmath.grad_coefs` and ``live`` (int32, 1 for counted rows). Rows not
+    counted are selected away, not multiplied by 0: their ``p`` may be ``nan`` (a row of
+    ``-inf`` logits has ``log s = -inf``).
     """
-    labels, m, log_s, cp, cy, cw = rows
+    labels, m, log_s, cp, cy, cw, live = rows
     dz = _rowmath.block_grad(x, m, log_s, labels - start, (cp, cy, cw), w_blk, opts)
-    return jnp.where(column_mask(x.shape, start, num_classes), dz, 0.0)
+    keep = column_mask(x.shape, start, num_classes) & (live[:, None] != 0)
+    return jnp.where(keep, dz, 0.0)
 
 
 def dhidden_part(dz: jax.Array, w_tile: jax.Array, layout: str) -> jax.Array:
@@ -214,14 +221,14 @@ def dkernel_part(h_tile: jax.Array, dz: jax.Array, layout: str) -> jax.Array:
 def ce_bwd_kernel(*refs, opts: Options, num_classes: int, block_c: int, weighted: bool):
     """Plain CE backward tile (grid ``(token tiles, class tiles)``): ``dx`` of one tile.
 
-    Refs: ``x [bn, bc]``, ``labels, m, log_s, cp, cy, cw [bn]``, ``weight [bc]`` if
+    Refs: ``x [bn, bc]``, the :data:`NUM_ROWS` row vectors ``[bn]``, ``weight [bc]`` if
     ``weighted``; out ``dx [bn, bc]`` in the logits' dtype. An edge tile may run past the
     logits (TPU partial blocks: unspecified values there, writes dropped); its columns
     beyond ``C`` are masked to 0 and its rows beyond ``N`` are only ever written out of
     bounds, so nothing leaks.
     """
-    x_ref, *row_refs = refs[:7]
-    w_ref = refs[7] if weighted else None
+    x_ref, *row_refs = refs[:1 + NUM_ROWS]
+    w_ref = refs[1 + NUM_ROWS] if weighted else None
     dx_ref = refs[-1]
     start = pl_program_id(1) * block_c
     x = x_ref[...].astype(_rowmath.compute_dtype(x_ref.dtype))
@@ -283,14 +290,15 @@ def _finish(spec: Spec, st: _rowmath.Stats, labels, row_w, counted, weight):
 
 
 def _coef_rows(spec: Spec, g, rs, labels, row_w, counted, weight, n_pad: int):
-    """``(labels, m, log_s, cp, cy, cw)`` padded to ``n_pad`` rows for the backward kernels."""
+    """``(labels, m, log_s, cp, cy, cw, live)`` padded to ``n_pad`` rows for the backward
+    kernels (see :func:`grad_tile`)."""
     v = spec.num_classes
     valid = (labels >= 0) & (labels < v)
     g = jnp.where(counted, jnp.where(valid, g, jnp.nan), 0.0).astype(rs.lse.dtype)
     big_w = _rowmath.class_sum(weight, v, rs.lse.dtype)
     cp, cy, cw = _rowmath.grad_coefs(g, rs.lse, row_w, big_w, spec.opts, v)
     cw = jnp.broadcast_to(cw, cp.shape)
-    rows = (labels.astype(jnp.int32), rs.m, rs.log_s, cp, cy, cw)
+    rows = (labels.astype(jnp.int32), rs.m, rs.log_s, cp, cy, cw, counted.astype(jnp.int32))
     return tuple(pad_to(r, 0, n_pad, -1 if i == 0 else 0) for i, r in enumerate(rows))
 
 

@@ -277,7 +277,7 @@ def _dhidden(spec, h, w, b, rows, wt):
 
 def _dkernel_kernel(*refs, spec, has_b, has_w, dp, np_):
     h_ref, w_ref, b_ref, wt_ref, rest = _unpack(refs, has_b, has_w)
-    row_refs, (dw_ref, *db_ref) = rest[:6], rest[6:]
+    row_refs, (dw_ref, *db_ref) = rest[:common.NUM_ROWS], rest[common.NUM_ROWS:]
     cfg = spec.config
     bn, bk, bv, bd = cfg.block_n, cfg.block_k, cfg.block_v, cfg.block_d
     start = pl.multiple_of(pl.program_id(0) * bv, bv)
@@ -386,7 +386,7 @@ def _ce_fwd(spec, x, y, wt):
 
 def _ce_bwd_kernel(*refs, spec, has_w):
     x_ref, *rest = refs
-    row_refs, rest = rest[:6], rest[6:]
+    row_refs, rest = rest[:common.NUM_ROWS], rest[common.NUM_ROWS:]
     wt_ref = rest.pop(0) if has_w else None
     (dx_ref,) = rest
     bn, bv = spec.config.block_n, spec.config.block_v
@@ -491,7 +491,7 @@ def _dhidden_acc(spec, h, w, b, rows, wt):
 
 def _dkernel_acc_kernel(*refs, spec, has_b, has_w, dp, np_):
     h_ref, w_ref, b_ref, wt_ref, rest = _unpack(refs, has_b, has_w)
-    row_refs, (dw_ref, *db_ref) = rest[:6], rest[6:]
+    row_refs, (dw_ref, *db_ref) = rest[:common.NUM_ROWS], rest[common.NUM_ROWS:]
     cfg = spec.config
     bn, bk, bv, bd = cfg.block_n, cfg.block_k, cfg.block_v, cfg.block_d
     start = pl.multiple_of(pl.program_id(0) * bv, bv)

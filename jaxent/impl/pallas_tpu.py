@@ -262,7 +262,7 @@ def _dhidden(spec, h, w, b, rows, wt):
 
 def _dkernel_kernel(*refs, spec, has_b, has_w):
     h_ref, w_ref, b_ref, wt_ref, rest = _unpack(refs, has_b, has_w)
-    row_refs, rest = rest[:6], rest[6:]
+    row_refs, rest = rest[:common.NUM_ROWS], rest[common.NUM_ROWS:]
     if has_b:
         dw_ref, db_ref, acc_ref, dbacc_ref = rest
     else:

@@ -292,6 +292,43 @@ def test_export(backend, kind, layout, dtype):
     assert exp.mlir_module().count(target) == n_kernels
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu", "cpu"])
+def test_dispatch_per_platform(platform):
+    """The per-platform entry lowers the Triton kernels for cuda, Mosaic's for tpu, and
+    refuses the CPU (without interpret)."""
+    dt = jnp.bfloat16
+    args = (_S((N, D), dt), _S((D, V), dt), _S((V,), dt), _S((N,), jnp.int32),
+            _S((N,), jnp.float32), _S((N,), jnp.bool_), _S((V,), jnp.float32))
+
+    def f(h, w, b, y, rw, c, wt):
+        loss, _, _ = pallas_common.dispatch_linear_ce_rows(
+            h, w, b, y, rw, c, wt, opts=_ALL, num_classes=V, layout="dv", interpret=False)
+        return loss.sum()
+
+    fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+    if platform == "cpu":
+        with pytest.raises(ValueError, match="interpret=True"):
+            fn.lower(*args).compile()
+        return
+    with pallas_tpu.export_mesh():
+        exp = jax.export.export(fn, platforms=[platform],
+                                disabled_checks=list(pallas_gpu.EXPORT_CHECKS))(*args)
+    text = exp.mlir_module()
+    assert text.count(pallas_gpu.TRITON_TARGET) == (3 if platform == "cuda" else 0)
+    assert text.count(pallas_tpu.MOSAIC_TARGET) == (3 if platform == "tpu" else 0)
+
+
+def test_dispatch_interpret_matches_backend(rng):
+    x = jnp.asarray(rng.standard_normal((N, 203)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 203, (N,)), jnp.int32)
+    yf, counted, row_w = _core.counted_rows(y, None, None, -100, jnp.float32)
+    got = jax.jit(lambda x: pallas_common.dispatch_ce_rows(
+        x, yf, row_w, counted, None, opts=_ALL, interpret=True))(x)
+    want = jaxent.cross_entropy(x, y, reduction="none", label_smoothing=0.1, z_loss=1e-3,
+                                temperature=0.7, logit_softcap=5.0)
+    _close(got, want, jnp.float32)
+
+
 # ----------------------------------------------------------------------- platform check
 
 

@@ -393,3 +393,55 @@ def ce_rows(launch: Launchers, x, labels, row_w, counted, weight, *, opts: Optio
     """Per-row plain cross-entropy of logits ``x [N, C]`` on one backend."""
     spec = Spec(launch, opts, x.shape[1], "dv", config, interpret)
     return _ce(spec, x, labels, row_w, counted, weight)
+
+
+# ------------------------------------------------------------ one program, both devices
+
+
+def _per_platform(run: Callable, operands, interpret: bool):
+    """``run(module, *operands)`` for the platform the program is lowered for.
+
+    With ``interpret`` the Triton-style kernels run in Pallas's interpreter (any platform).
+    Otherwise ``lax.platform_dependent`` picks, *when lowering*, the Mosaic kernels on
+    ``tpu`` and the Triton kernels elsewhere (``cuda``); lowered for the CPU it raises the
+    :func:`check_platform` hint. One platform per lowering: a multi-platform
+    ``jax.export(..., platforms=["cuda", "tpu"])`` fails, because Pallas lowers every
+    branch for every platform and the Triton branch has no TPU lowering.
+    """
+    from jaxent.impl import pallas_gpu, pallas_tpu
+
+    if interpret:
+        return run(pallas_gpu, *operands)
+    return lax.platform_dependent(
+        *operands, tpu=functools.partial(run, pallas_tpu),
+        default=functools.partial(run, pallas_gpu))
+
+
+def dispatch_linear_ce_rows(h, kernel, bias, labels, row_w, counted, weight, *, opts: Options,
+                            num_classes: int, layout: str, interpret: bool, aux: bool = False):
+    """:func:`jaxent.impl.pallas_gpu.linear_ce_rows` or the TPU one, chosen per platform
+    (:func:`_per_platform`), each with :func:`config_for` its platform's blocks."""
+    n, d = h.shape
+    platform = {"pallas_gpu": "cuda", "pallas_tpu": "tpu"}
+
+    def run(mod, h, kernel, bias, labels, row_w, counted, weight):
+        cfg = config_for(n, d, num_classes, h.dtype, platform[mod.__name__.rsplit(".", 1)[1]])
+        return mod.linear_ce_rows(h, kernel, bias, labels, row_w, counted, weight, opts=opts,
+                                  num_classes=num_classes, layout=layout, config=cfg,
+                                  interpret=interpret, aux=aux)
+
+    return _per_platform(run, (h, kernel, bias, labels, row_w, counted, weight), interpret)
+
+
+def dispatch_ce_rows(x, labels, row_w, counted, weight, *, opts: Options, interpret: bool):
+    """:func:`jaxent.impl.pallas_gpu.ce_rows` or the TPU one, chosen per platform."""
+    n, c = x.shape
+    platform = {"pallas_gpu": "cuda", "pallas_tpu": "tpu"}
+
+    def run(mod, x, labels, row_w, counted, weight):
+        cfg = config_for(n, 128, c, x.dtype, platform[mod.__name__.rsplit(".", 1)[1]],
+                         impl="pallas-ce")
+        return mod.ce_rows(x, labels, row_w, counted, weight, opts=opts, config=cfg,
+                           interpret=interpret)
+
+    return _per_platform(run, (x, labels, row_w, counted, weight), interpret)

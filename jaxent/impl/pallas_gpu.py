@@ -118,13 +118,13 @@ def _pow2_at_most(x: int, cap: int, floor: int = 16) -> int:
 
 def default_config(n: int, d: int, v: int, dtype) -> Config:
     """Starting blocks for Hopper: 64 x 128 logits tiles (32 for tiny token counts), 64-wide
-    ``D`` slices for ``tl.dot``, ``d hidden``/``d kernel`` tiles up to 256 wide; 8 warps
+    ``D`` slices for ``tl.dot``, ``d hidden``/``d kernel`` slices up to 128 wide; 8 warps
     for 16-bit inputs (bigger MMA tiles), 4 for float32. Unmeasured on a device."""
     del v
     sixteen = jnp.dtype(dtype).itemsize <= 2
     return Config(
         block_n=_pow2_at_most(n, 64), block_v=128, block_k=_pow2_at_most(d, 64),
-        block_d=_pow2_at_most(d, 256), num_warps=8 if sixteen else 4, num_stages=2)
+        block_d=_pow2_at_most(d, 128), num_warps=8 if sixteen else 4, num_stages=2)
 
 
 def candidates(n: int, d: int, v: int, dtype) -> list[Config]:

@@ -6,14 +6,15 @@ work into tiles. Each backend module (:mod:`jaxent.impl.pallas_gpu`,
 kernels on *padded* operands, and its own block ``Config``; the entry points here pad, call
 them, and finish the per-row math outside the kernels.
 
-Padding. Inputs are padded to whole blocks (tokens ``N -> Np``, vocabulary ``V -> Vp``, the
-contraction ``D -> Dp`` where a backend blocks it), so every kernel sees full tiles of
-static shape (Triton wants powers of two, Mosaic TPU multiples of ``(8, 128)``). Padding
-rows carry label ``-1``, weight 0 and a zero cotangent; padding columns are masked by
-``valid = column < V`` in :func:`jaxent._rowmath.update_stats` and in the gradient tile
-(:func:`grad_tile`), so neither counts, with or without a soft-cap. The cost is one copy of
-an operand whose size is not a multiple of its block (``O(|W|)`` bytes, next to
-``O(N D V)`` flops for the kernel).
+Padding. The fused kernels' operands are padded to whole blocks (tokens ``N -> Np``,
+vocabulary ``V -> Vp``, the contraction ``D -> Dp`` where a backend blocks it), so every
+kernel sees full tiles of static shape (Triton wants powers of two, Mosaic TPU multiples of
+``(8, 128)``). Padding rows carry label ``-1``, weight 0, a zero cotangent and are not
+``live``; padding columns are masked by ``valid = column < V`` in
+:func:`jaxent._rowmath.update_stats` and in the gradient tile (:func:`grad_tile`), so
+neither counts, with or without a soft-cap. The cost is one copy of an operand whose size
+is not a multiple of its block (``O(|W|)`` bytes, next to ``O(N D V)`` flops). Plain CE
+pads only its ``[N]``/``[C]`` vectors: its logits are read in place (it is memory bound).
 
 Per token, with raw logits :math:`x = h W + b` of a tile (float32 accumulation), the
 forward folds tiles into the streaming :class:`~jaxent._rowmath.Stats` (raw max ``m``,
@@ -40,6 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
@@ -230,18 +232,11 @@ def ce_bwd_kernel(*refs, opts: Options, num_classes: int, block_c: int, weighted
     x_ref, *row_refs = refs[:1 + NUM_ROWS]
     w_ref = refs[1 + NUM_ROWS] if weighted else None
     dx_ref = refs[-1]
-    start = pl_program_id(1) * block_c
+    start = pl.program_id(1) * block_c
     x = x_ref[...].astype(_rowmath.compute_dtype(x_ref.dtype))
     rows = tuple(r[...] for r in row_refs)
     dz = grad_tile(x, rows, start, None if w_ref is None else w_ref[...], opts, num_classes)
     dx_ref[...] = dz.astype(dx_ref.dtype)
-
-
-def pl_program_id(axis: int):
-    """``pl.program_id`` (imported lazily: Pallas is only needed when a kernel runs)."""
-    from jax.experimental import pallas as pl
-
-    return pl.program_id(axis)
 
 
 # --------------------------------------------------------------------- entry points

@@ -390,6 +390,11 @@ def test_autotune_caches_xla_block_sizes(tmp_path, monkeypatch):
     assert built == [64, 128]  # the second call did not time
     assert _autotune.lookup(key, [64, 128]) == best
     assert _autotune.lookup("other|float32|n=1", [64, 128], default=256) == 256
+    # Both XLA walks' sizes at once: dict candidates round-trip too.
+    pairs = [{"block_size": 64, "token_block_size": 16}, {"block_size": 128,
+                                                          "token_block_size": 32}]
+    assert jaxent.autotune(lambda c: (lambda: c), pairs, (), key + "|pair") in pairs
+    assert _autotune.lookup(key + "|pair", pairs) in pairs
     # A candidate that fails is skipped; a config dataclass round-trips through the cache.
     cfgs = [pallas_gpu.Config(block_n=8 * 4), pallas_gpu.Config(block_n=64)]
     fails = {cfgs[0]}

@@ -32,6 +32,8 @@ Kernels (all on operands padded to whole blocks by :mod:`jaxent.impl.pallas_comm
     ``(Vp / block_v,)`` and walks the tokens the same way, adding ``h[:, d-slice]^T @ dz``
     into its own float32 output columns. Each logits tile is formed once per kernel (five
     matmul passes in all; CCE's atomic backward makes four); the outputs are float32.
+    ``d_split > 1`` splits ``D`` over that many programs per tile (more parallelism for
+    few tokens, each logits tile formed ``d_split`` times).
   - ``"recompute"``: grids ``(Np / block_n, Dp / block_d)`` and ``(Vp / block_v,
     Dp / block_d)``, a ``block_d``-wide register accumulator per program, written once in
     the input's dtype; each logits tile is formed ``Dp / block_d`` times. Less memory
@@ -83,6 +85,9 @@ class Config:
         no atomics: each output element has one writer). ``"recompute"``: one program per
         (tile, ``block_d`` slice) with a register accumulator, forming each logits tile
         ``Dp / block_d`` times.
+      d_split: ``"accumulate"`` only: split ``D`` into this many chunks, one program each
+        (grids ``(Np / block_n, d_split)`` and ``(Vp / block_v, d_split)``): more programs
+        for few tokens, each logits tile formed ``d_split`` times.
     """
 
     block_n: int = 64
@@ -92,8 +97,11 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     backward: str = "accumulate"
+    d_split: int = 1
 
     def __post_init__(self):
+        if self.d_split < 1:
+            raise ValueError(f"`d_split` must be >= 1, got {self.d_split}")
         if self.backward not in ("accumulate", "recompute"):
             raise ValueError(f"`backward` must be 'accumulate' or 'recompute', got "
                              f"{self.backward!r}")
@@ -104,7 +112,7 @@ class Config:
 
     def padded(self, n: int, d: int, v: int) -> tuple[int, int, int]:
         """``(Np, Dp, Vp)``: the padded token, width and vocabulary sizes."""
-        dk = math.lcm(self.block_k, self.block_d)
+        dk = math.lcm(self.block_k, self.block_d * self.d_split)
         return (common.round_up(n, self.block_n), common.round_up(d, dk),
                 common.round_up(v, self.block_v))
 
@@ -138,6 +146,9 @@ def candidates(n: int, d: int, v: int, dtype) -> list[Config]:
             out.append(dataclasses.replace(base, block_n=_pow2_at_most(n, bn), block_v=bv))
     if d <= 1024:
         out.append(dataclasses.replace(base, backward="recompute", block_d=_pow2_at_most(d, 512)))
+    for split in (2, 4):
+        if n <= 4096 and d >= 4 * split * base.block_d:
+            out.append(dataclasses.replace(base, d_split=split))
     return list(dict.fromkeys(out))
 
 
@@ -446,8 +457,10 @@ def _dhidden_acc_kernel(*refs, spec, has_b, has_w, dp, vp):
     *row_refs, dh_ref = rest
     cfg = spec.config
     bk, bv, bd = cfg.block_k, cfg.block_v, cfg.block_d
+    nd = dp // bd // cfg.d_split  # slices of this program's D chunk
+    d0 = pl.program_id(1) * nd
     rows = tuple(r[...] for r in row_refs)
-    _zero(dh_ref, dp // bd, bd, 1)
+    _zero(dh_ref, nd, bd, 1)
     _sync(spec)
 
     def body(j, carry):
@@ -457,13 +470,14 @@ def _dhidden_acc_kernel(*refs, spec, has_b, has_w, dp, vp):
                               spec.num_classes)
 
         def piece(k, c):
-            ds = pl.ds(pl.multiple_of(k * bd, bd), bd)
+            ds = pl.ds(pl.multiple_of((d0 + k) * bd, bd), bd)  # in W
+            local = pl.ds(pl.multiple_of(k * bd, bd), bd)  # in this program's block
             wd = w_ref[ds, pl.ds(start, bv)] if spec.layout == "dv" else w_ref[
                 pl.ds(start, bv), ds]
-            dh_ref[:, ds] = dh_ref[:, ds] + common.dhidden_part(dz, wd, spec.layout)
+            dh_ref[:, local] = dh_ref[:, local] + common.dhidden_part(dz, wd, spec.layout)
             return c
 
-        lax.fori_loop(0, dp // bd, piece, 0)
+        lax.fori_loop(0, nd, piece, 0)
         _sync(spec)
         return carry
 
@@ -475,15 +489,15 @@ def _dhidden_acc(spec, h, w, b, rows, wt):
     np_, dp = h.shape
     vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
     rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
-    row = pl.BlockSpec((cfg.block_n,), lambda i: (i,))
-    tile = pl.BlockSpec((cfg.block_n, dp), lambda i: (i, 0))
+    row = pl.BlockSpec((cfg.block_n,), lambda i, c: (i,))
     ins = [h, w] + [a for a in (b, wt) if a is not None] + list(rows)
-    specs = [tile, pl.no_block_spec] + [
+    specs = [pl.BlockSpec((cfg.block_n, dp), lambda i, c: (i, 0)), pl.no_block_spec] + [
         pl.no_block_spec for a in (b, wt) if a is not None] + [row] * len(rows)
+    out = pl.BlockSpec((cfg.block_n, dp // cfg.d_split), lambda i, c: (i, c))
     return pl.pallas_call(
         functools.partial(_dhidden_acc_kernel, spec=spec, has_b=b is not None,
                           has_w=wt is not None, dp=dp, vp=vp),
-        grid=(np_ // cfg.block_n,), in_specs=specs, out_specs=tile,
+        grid=(np_ // cfg.block_n, cfg.d_split), in_specs=specs, out_specs=out,
         out_shape=jax.ShapeDtypeStruct((np_, dp), _rowmath.compute_dtype(h.dtype)),
         compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_lce_dhidden",
     )(*ins)
@@ -495,9 +509,11 @@ def _dkernel_acc_kernel(*refs, spec, has_b, has_w, dp, np_):
     cfg = spec.config
     bn, bk, bv, bd = cfg.block_n, cfg.block_k, cfg.block_v, cfg.block_d
     start = pl.multiple_of(pl.program_id(0) * bv, bv)
+    nd = dp // bd // cfg.d_split  # slices of this program's D chunk
+    d0 = pl.program_id(1) * nd
     w_blk = _vslice(wt_ref, start, bv)
     daxis = 0 if spec.layout == "dv" else 1
-    _zero(dw_ref, dp // bd, bd, daxis)
+    _zero(dw_ref, nd, bd, daxis)
     _sync(spec)
 
     def body(i, dbacc):
@@ -507,19 +523,22 @@ def _dkernel_acc_kernel(*refs, spec, has_b, has_w, dp, np_):
         dz = common.grad_tile(x, rows, start, w_blk, spec.opts, spec.num_classes)
 
         def piece(k, c):
-            ds = pl.ds(pl.multiple_of(k * bd, bd), bd)
-            idx = (ds, slice(None)) if daxis == 0 else (slice(None), ds)
+            ds = pl.ds(pl.multiple_of((d0 + k) * bd, bd), bd)  # in h
+            local = pl.ds(pl.multiple_of(k * bd, bd), bd)  # in this program's block
+            idx = (local, slice(None)) if daxis == 0 else (slice(None), local)
             dw_ref[idx] = dw_ref[idx] + common.dkernel_part(h_ref[rs, ds], dz, spec.layout)
             return c
 
-        lax.fori_loop(0, dp // bd, piece, 0)
+        lax.fori_loop(0, nd, piece, 0)
         _sync(spec)
         return None if dbacc is None else dbacc + jnp.sum(dz, axis=0)
 
     acc_t = _rowmath.compute_dtype(h_ref.dtype)
     dbacc = lax.fori_loop(0, np_ // bn, body, jnp.zeros((bv,), acc_t) if has_b else None)
     if has_b:
-        db_ref[0][...] = dbacc.astype(db_ref[0].dtype)
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            db_ref[0][...] = dbacc.astype(db_ref[0].dtype)
 
 
 def _dkernel_acc(spec, h, w, b, rows, wt):
@@ -528,19 +547,20 @@ def _dkernel_acc(spec, h, w, b, rows, wt):
     vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
     rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
     ins = [h, w] + [a for a in (b, wt) if a is not None] + list(rows)
+    dc = dp // cfg.d_split
     if spec.layout == "dv":
-        dw_spec = pl.BlockSpec((dp, cfg.block_v), lambda j: (0, j))
+        dw_spec = pl.BlockSpec((dc, cfg.block_v), lambda j, c: (c, j))
     else:
-        dw_spec = pl.BlockSpec((cfg.block_v, dp), lambda j: (j, 0))
+        dw_spec = pl.BlockSpec((cfg.block_v, dc), lambda j, c: (j, c))
     out_specs = [dw_spec]
     out_shape = [jax.ShapeDtypeStruct(w.shape, _rowmath.compute_dtype(w.dtype))]
     if b is not None:
-        out_specs.append(pl.BlockSpec((cfg.block_v,), lambda j: (j,)))
+        out_specs.append(pl.BlockSpec((cfg.block_v,), lambda j, c: (j,)))
         out_shape.append(jax.ShapeDtypeStruct((vp,), b.dtype))
     outs = pl.pallas_call(
         functools.partial(_dkernel_acc_kernel, spec=spec, has_b=b is not None,
                           has_w=wt is not None, dp=dp, np_=np_),
-        grid=(vp // cfg.block_v,), in_specs=[pl.no_block_spec] * len(ins),
+        grid=(vp // cfg.block_v, cfg.d_split), in_specs=[pl.no_block_spec] * len(ins),
         out_specs=out_specs, out_shape=out_shape, compiler_params=_params(cfg),
         interpret=spec.interpret, name="jaxent_lce_dkernel",
     )(*ins)

@@ -19,7 +19,7 @@ from tests import reference
 N, D, V = 37, 48, 300  # ragged against every block below (D too, for the GPU's block_d)
 BACKENDS = {
     "gpu": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16, block_d=16,
-                                          d_split=2)),
+                                          d_split=2, v_split=2)),
     "gpu_whole_d": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
                                                   block_d=32)),
     "gpu_recompute": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=32,

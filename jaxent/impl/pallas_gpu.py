@@ -17,10 +17,12 @@ Exporting: the Triton custom call has no compatibility guarantee, so ``jax.expor
 
 Kernels (all on operands padded to whole blocks by :mod:`jaxent.impl.pallas_common`):
 
-* forward, grid ``(Np / block_n,)``: each program holds a token tile and walks the
-  vocabulary in ``block_v`` tiles (``fori_loop``), each ``h_tile @ W_tile`` accumulated over
-  ``block_k`` slices of ``D`` in float32, folding :func:`jaxent._rowmath.update_stats`;
-  writes per-row ``m, s, z_y`` (and ``wz``, ``argmax``).
+* forward, grid ``(Np / block_n, v_split)``: each program holds a token tile and walks
+  (its range of) the vocabulary in ``block_v`` tiles (``fori_loop``), each
+  ``h_tile @ W_tile`` accumulated over ``block_k`` slices of ``D`` in float32, folding
+  :func:`jaxent._rowmath.update_stats`; writes per-row ``m, s, z_y`` (and ``wz``,
+  ``argmax``); with ``v_split > 1`` the ranges are merged by
+  :func:`jaxent._rowmath.merge_stats`.
 * ``d hidden`` and ``d kernel`` (+ ``d bias``), two kernels, in one of two ways
   (``Config.backward``):
 
@@ -88,6 +90,9 @@ class Config:
       d_split: ``"accumulate"`` only: split ``D`` into this many chunks, one program each
         (grids ``(Np / block_n, d_split)`` and ``(Vp / block_v, d_split)``): more programs
         for few tokens, each logits tile formed ``d_split`` times.
+      v_split: the forward splits the vocabulary into this many ranges, one program each
+        (grid ``(Np / block_n, v_split)``), and merges their statistics with
+        :func:`jaxent._rowmath.merge_stats`: more programs for few tokens.
     """
 
     block_n: int = 64
@@ -98,10 +103,12 @@ class Config:
     num_stages: int = 2
     backward: str = "accumulate"
     d_split: int = 1
+    v_split: int = 1
 
     def __post_init__(self):
-        if self.d_split < 1:
-            raise ValueError(f"`d_split` must be >= 1, got {self.d_split}")
+        if self.d_split < 1 or self.v_split < 1:
+            raise ValueError(f"`d_split` and `v_split` must be >= 1, got {self.d_split} and "
+                             f"{self.v_split}")
         if self.backward not in ("accumulate", "recompute"):
             raise ValueError(f"`backward` must be 'accumulate' or 'recompute', got "
                              f"{self.backward!r}")
@@ -114,7 +121,7 @@ class Config:
         """``(Np, Dp, Vp)``: the padded token, width and vocabulary sizes."""
         dk = math.lcm(self.block_k, self.block_d * self.d_split)
         return (common.round_up(n, self.block_n), common.round_up(d, dk),
-                common.round_up(v, self.block_v))
+                common.round_up(v, self.block_v * self.v_split))
 
 
 def _pow2_at_most(x: int, cap: int, floor: int = 16) -> int:
@@ -148,7 +155,7 @@ def candidates(n: int, d: int, v: int, dtype) -> list[Config]:
         out.append(dataclasses.replace(base, backward="recompute", block_d=_pow2_at_most(d, 512)))
     for split in (2, 4):
         if n <= 4096 and d >= 4 * split * base.block_d:
-            out.append(dataclasses.replace(base, d_split=split))
+            out.append(dataclasses.replace(base, d_split=split, v_split=split))
     return list(dict.fromkeys(out))
 
 
@@ -203,42 +210,69 @@ def _stat_shapes(names, n: int, acc):
 # ------------------------------------------------------------------------------ forward
 
 
+def _fwd_names(spec) -> list[str]:
+    """The forward's outputs: a split vocabulary also needs ``wseen`` to merge ``wz``."""
+    names = _stats_out(spec)
+    if spec.opts.smoothing and spec.config.v_split > 1:
+        names.insert(names.index("wz") + 1, "wseen")
+    return names
+
+
 def _fwd_kernel(*refs, spec, has_b, has_w, dp, vp):
     h_ref, w_ref, b_ref, wt_ref, (y_ref, *outs) = _unpack(refs, has_b, has_w)
     cfg = spec.config
     bk, bv = cfg.block_k, cfg.block_v
+    per_split = vp // bv // cfg.v_split
+    first = pl.program_id(1) * per_split
     y = y_ref[...]
 
     def body(j, st):
-        start = pl.multiple_of(j * bv, bv)
+        start = pl.multiple_of((first + j) * bv, bv)
         x = _logits(spec, lambda k: h_ref[:, pl.ds(k * bk, bk)], w_ref, b_ref, start, dp)
         return common.fold_tile(st, x, y, _vslice(wt_ref, start, bv), start, spec.opts,
                                 spec.num_classes)
 
     acc = _rowmath.compute_dtype(h_ref.dtype)
-    st = lax.fori_loop(0, vp // bv, body, common.init_stats(cfg.block_n, acc, spec.opts,
-                                                             spec.aux))
-    _write_stats(st, outs, _stats_out(spec))
+    st = lax.fori_loop(0, per_split, body, common.init_stats(cfg.block_n, acc, spec.opts,
+                                                              spec.aux))
+    for name, ref in zip(_fwd_names(spec), outs, strict=True):
+        ref[...] = getattr(st, name)
+
+
+def _merge_splits(spec, outs, names, np_):
+    """One row of statistics from ``v_split`` vocabulary ranges, each ``[v_split * Np]``:
+    :func:`jaxent._rowmath.merge_stats` over a vmapped axis (its collectives run as
+    reductions over the splits; the argmax ids are global already, offset 0)."""
+    got = {k: a.reshape(spec.config.v_split, np_) for k, a in zip(names, outs, strict=True)}
+    st = _rowmath.Stats(got["m"], got["s"], got["zy"], got.get("wz"), got.get("wseen"),
+                        got.get("arg"))
+    merged = jax.vmap(lambda st: _rowmath.merge_stats(st, "split", 0, spec.opts),
+                      axis_name="split")(st)
+    return jax.tree.map(lambda a: a[0], merged._replace(wseen=None))
 
 
 def _fwd(spec, h, w, b, y, wt):
     cfg = spec.config
     np_, dp = h.shape
     vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
+    nn = np_ // cfg.block_n
     h = common.guard_platform(h, spec.interpret)
-    names = _stats_out(spec)
-    row = pl.BlockSpec((cfg.block_n,), lambda i: (i,))
+    names = _fwd_names(spec)
+    row = pl.BlockSpec((cfg.block_n,), lambda i, s: (i,))
     ins = [h, w] + [a for a in (b, wt) if a is not None] + [y]
-    specs = [pl.BlockSpec((cfg.block_n, dp), lambda i: (i, 0)), pl.no_block_spec] + [
+    specs = [pl.BlockSpec((cfg.block_n, dp), lambda i, s: (i, 0)), pl.no_block_spec] + [
         pl.no_block_spec for a in (b, wt) if a is not None] + [row]
+    out = pl.BlockSpec((cfg.block_n,), lambda i, s: (s * nn + i,))
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, has_b=b is not None, has_w=wt is not None,
                           dp=dp, vp=vp),
-        grid=(np_ // cfg.block_n,), in_specs=specs, out_specs=[row] * len(names),
-        out_shape=_stat_shapes(names, np_, _rowmath.compute_dtype(h.dtype)),
+        grid=(nn, cfg.v_split), in_specs=specs, out_specs=[out] * len(names),
+        out_shape=_stat_shapes(names, np_ * cfg.v_split, _rowmath.compute_dtype(h.dtype)),
         compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_lce_fwd",
     )(*ins)
-    return _read_stats(outs, names)
+    if cfg.v_split == 1:
+        return _read_stats(outs, names)
+    return _merge_splits(spec, outs, names, np_)
 
 
 # ----------------------------------------------------------------------------- backward

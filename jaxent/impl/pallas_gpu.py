@@ -131,15 +131,35 @@ def _pow2_at_most(x: int, cap: int, floor: int = 16) -> int:
     return p
 
 
+_SMS = 132  # streaming multiprocessors of an H100/H200 SXM
+
+
+def _split_for(programs: int, target: int, cap: int, fill: bool) -> int:
+    """A power of two ``s <= cap``: with ``fill``, the smallest with ``programs * s >=
+    target``; without, the largest with ``programs * s <= target`` (at least 1)."""
+    s = 1
+    while s * 2 <= cap and (programs * s < target if fill else programs * s * 2 <= target):
+        s *= 2
+    return s
+
+
 def default_config(n: int, d: int, v: int, dtype) -> Config:
-    """Starting blocks for Hopper: 64 x 128 logits tiles (32 for tiny token counts), 64-wide
-    ``D`` slices for ``tl.dot``, ``d hidden``/``d kernel`` slices up to 128 wide; 8 warps
-    for 16-bit inputs (bigger MMA tiles), 4 for float32. Unmeasured on a device."""
-    del v
+    """Starting blocks for Hopper: 64 x 128 logits tiles (fewer rows for tiny token counts),
+    64-wide ``D`` slices for ``tl.dot``, ``d hidden``/``d kernel`` slices up to 128 wide;
+    8 warps for 16-bit inputs (bigger MMA tiles), 4 for float32. With fewer token tiles than
+    the GPU has SMs, the forward splits the vocabulary (``v_split``, up to 16, until there
+    are two waves of programs: merging costs little) and the gradients split ``D``
+    (``d_split``, up to 4, while the programs still fit one wave: each split forms the
+    logits again). Unmeasured on a device: starting points for :func:`candidates` and the
+    autotuner."""
     sixteen = jnp.dtype(dtype).itemsize <= 2
+    bn, bv, bd = _pow2_at_most(n, 64), 128, _pow2_at_most(d, 128)
+    tiles = common.round_up(n, bn) // bn
     return Config(
-        block_n=_pow2_at_most(n, 64), block_v=128, block_k=_pow2_at_most(d, 64),
-        block_d=_pow2_at_most(d, 128), num_warps=8 if sixteen else 4, num_stages=2)
+        block_n=bn, block_v=bv, block_k=_pow2_at_most(d, 64), block_d=bd,
+        num_warps=8 if sixteen else 4, num_stages=2,
+        d_split=_split_for(tiles, _SMS, min(4, max(1, d // bd)), fill=False),
+        v_split=_split_for(tiles, 2 * _SMS, min(16, max(1, v // bv)), fill=True))
 
 
 def candidates(n: int, d: int, v: int, dtype) -> list[Config]:
@@ -153,9 +173,9 @@ def candidates(n: int, d: int, v: int, dtype) -> list[Config]:
             out.append(dataclasses.replace(base, block_n=_pow2_at_most(n, bn), block_v=bv))
     if d <= 1024:
         out.append(dataclasses.replace(base, backward="recompute", block_d=_pow2_at_most(d, 512)))
-    for split in (2, 4):
-        if n <= 4096 and d >= 4 * split * base.block_d:
-            out.append(dataclasses.replace(base, d_split=split, v_split=split))
+    for split in (1, 2, 4):
+        if d >= split * base.block_d:
+            out.append(dataclasses.replace(base, d_split=split))
     return list(dict.fromkeys(out))
 
 

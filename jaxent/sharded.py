@@ -300,6 +300,108 @@ class _LinearShard:
 
     shard: _Shard  # global options, vocabulary axis and global vocabulary size
     plan: _linear._Plan  # this shard's block walk (num_classes = local vocabulary)
+    # Padded vocabulary: the real classes are [0, vocab_size) of the kernel's columns, the
+    # rest (on the last shards) is padding; None: every column is a class.
+    vocab_size: int | None = None
+
+
+# ------------------------------------------------- padded vocabulary (V not divisible)
+#
+# A vocabulary the vocabulary axis does not divide (GPT-2's 50257 classes) is held padded to
+# a multiple of the axis size (JAX places only evenly divided shardings): the kernel's
+# columns (and the bias entries) from ``vocab_size`` on are padding. The two walks below are
+# the vocabulary walk of :mod:`jaxent.linear` (same block math) with, on each block, the
+# padding columns masked out after the logit transform: the smallest finite float stands
+# for their logits in the statistics (``exp`` underflows to 0, and ``0 * (z - m)`` stays 0
+# in the smoothing sum, whose class weights are 0 there), their gradient is 0, and their
+# kernel columns are zeroed before they multiply ``d logits`` (padding may hold anything).
+# The last block is shifted back to end at the shard's last column, its repeated columns
+# left out of the statistics and of ``d hidden``. Nothing is gathered.
+
+
+def _block_columns(j, bv: int, local: int, valid):
+    """Block ``j`` of a shard's ``local`` columns: ``(start, fresh, real)``, ``fresh`` the
+    columns no earlier block had (the last block is shifted back to end at ``local``),
+    ``real`` those below ``valid`` (the shard's number of real classes, traced)."""
+    start = _linear._piece_start(j, bv, local)
+    ids = start + lax.broadcasted_iota(jnp.int32, (bv,), 0)
+    return start, ids >= j * bv, ids < valid
+
+
+def _padded_block(plan: _linear._Plan, h, kernel, bias, start, real):
+    """Transformed logits ``[N, bv]`` of the block at ``start``, padding columns set to the
+    smallest finite value, and the block of the kernel with its padding columns zeroed."""
+    bv, layout = plan.block_v, plan.layout
+    kb = _linear.kernel_block(kernel, start, bv, layout)
+    kb = jnp.where(real[None, :] if layout == "dv" else real[:, None], kb, 0)
+    bb = _linear.vocab_slice(bias, start, bv)
+    z = _core.transform(_linear.block_logits(h, kb, bb, layout), plan.opts)
+    return jnp.where(real[None, :], z, jnp.finfo(z.dtype).min), kb
+
+
+def padded_vocab_forward(plan: _linear._Plan, h, kernel, bias, labels, weight, valid):
+    """:func:`jaxent.linear._vocab_forward` of a shard whose columns from ``valid`` on are
+    padding; ``weight`` (this shard's class weights) is 0 on the padding."""
+    acc = _core.compute_dtype(h.dtype)
+    local, bv = plan.num_classes, plan.block_v
+
+    def step(j, st):
+        start, fresh, real = _block_columns(j, bv, local, valid)
+        z, _ = _padded_block(plan, h, kernel, bias, start, real)
+        z = jnp.where(fresh[None, :], z, jnp.finfo(z.dtype).min)
+        y = jnp.where(labels >= j * bv, labels - start, -1)  # a repeated label column: none
+        wb = jnp.where(fresh, _linear.vocab_slice(weight, start, bv), 0)
+        return _linear.update_stats(st, z, y, wb, start)
+
+    st = _linear.varying_like(
+        _linear.init_stats(h.shape[0], acc, plan.opts.label_smoothing > 0.0, plan.aux),
+        h, kernel, bias, labels, weight)
+    st = lax.fori_loop(0, -(-local // bv), step, st)
+    return (_linear._safe_max(st["m"]), jnp.log(st["s"]), st["zy"], st.get("wz"),
+            st.get("arg"))
+
+
+def padded_vocab_backward(plan: _linear._Plan, h, kernel, bias, labels, counted, weight, lse,
+                          coefs, valid):
+    """:func:`jaxent.linear._vocab_backward` of a shard whose columns from ``valid`` on are
+    padding: their gradients (kernel columns, bias entries) are 0."""
+    acc = _core.compute_dtype(h.dtype)
+    local, bv, layout = plan.num_classes, plan.block_v, plan.layout
+    axis = 1 if layout == "dv" else 0
+    refs = (h, kernel, bias, labels, counted, weight, lse, coefs)
+
+    def step(j, carry):
+        dh, dk, db = carry
+        start, fresh, real = _block_columns(j, bv, local, valid)
+        z, kb = _padded_block(plan, h, kernel, bias, start, real)
+        dx = _linear.block_dlogits(z, lse, labels - start, coefs, counted,
+                                   _linear.vocab_slice(weight, start, bv), plan.opts)
+        dx = jnp.where(real[None, :], dx, 0.0)
+        # Repeated columns are rewritten with the same values in d kernel and d bias.
+        dk = _linear.dupdate(dk, _linear.block_dkernel(h, dx, layout), start, axis,
+                             kernel.dtype)
+        if db is not None:
+            db = _linear.dupdate(db, jnp.sum(dx, axis=0), start, 0, bias.dtype)
+        dh = _linear._add_dhidden(dh, jnp.where(fresh[None, :], dx, 0.0), kb, layout)
+        return dh, dk, db
+
+    carry = (_linear.varying_like(jnp.zeros(h.shape, acc), *refs),
+             _linear.varying_like(_linear.carry_zeros(kernel.shape, kernel.dtype), *refs),
+             None if bias is None else _linear.varying_like(
+                 _linear.carry_zeros(bias.shape, bias.dtype), *refs))
+    dh, dk, db = lax.fori_loop(0, -(-local // bv), step, carry)
+    return (dh, _linear.carry_value(dk, kernel.dtype),
+            None if db is None else _linear.carry_value(db, bias.dtype))
+
+
+def _vocab_walks(sp: _LinearShard, off):
+    """This shard's ``(forward, backward)`` vocabulary walks: :mod:`jaxent.linear`'s, or the
+    padded ones when ``sp.vocab_size`` is set."""
+    if sp.vocab_size is None:
+        return _linear._vocab_forward, _linear._vocab_backward
+    valid = sp.vocab_size - off
+    return (functools.partial(padded_vocab_forward, valid=valid),
+            functools.partial(padded_vocab_backward, valid=valid))
 
 
 def _global_argmax(m_loc, log_s_loc, arg_loc, m_glob, axis_name: AxisName) -> jax.Array:
@@ -316,8 +418,8 @@ def _lin_fwd(sp: _LinearShard, h, kernel, bias, labels, row_w, counted, weight):
     cfg, local = sp.shard, sp.plan.num_classes
     off = _shard_offset(cfg.axis_name, local)
     w_loc = _local_weight(weight, off, local)
-    m_loc, log_s_loc, zy, wz, arg = _linear._vocab_forward(sp.plan, h, kernel, bias,
-                                                           labels - off, w_loc)
+    forward = _vocab_walks(sp, off)[0]
+    m_loc, log_s_loc, zy, wz, arg = forward(sp.plan, h, kernel, bias, labels - off, w_loc)
     wsum = None if wz is None else _class_weight_sum(w_loc, local)
     m, log_s, zy, wz = combine_stats(m_loc, log_s_loc, zy, wz, wsum, cfg.axis_name)
     if arg is not None:
@@ -335,7 +437,7 @@ def _lin_bwd(sp: _LinearShard, res, cts):
     off = _shard_offset(cfg.axis_name, local)
     coefs = _linear.grad_coefs(g, lse, labels, row_w, counted, weight, cfg.opts,
                                cfg.num_classes)
-    dh, dk, db = _linear._vocab_backward(sp.plan, h, kernel, bias, labels - off, counted,
+    dh, dk, db = _vocab_walks(sp, off)[1](sp.plan, h, kernel, bias, labels - off, counted,
                                          _local_weight(weight, off, local), lse, coefs)
     # Every shard holds a partial d hidden (its classes' share): the one collective, [N, D].
     dh = lax.psum(dh, cfg.axis_name)
@@ -394,6 +496,7 @@ def linear_cross_entropy(
     kernel_layout: str = "dv",
     block_size: int | None = None,
     return_aux: bool = False,
+    vocab_size: int | None = None,
 ):
     r"""Vocabulary-parallel :func:`jaxent.linear_cross_entropy`, inside ``jax.shard_map``.
 
@@ -433,6 +536,13 @@ def linear_cross_entropy(
       return_aux: also return :func:`jaxent.linear_cross_entropy`'s aux dict: this
         device's per-token ``"lse"``, ``"z_loss"`` and ``"argmax"`` (a global class id;
         ties go to the smallest, as on one device) and the ``"accuracy"`` over all tokens.
+      vocab_size: the number of real classes when the vocabulary is padded to a multiple
+        of the ``axis_name`` size (``k V/k >= vocab_size``; GPT-2's 50257 classes held as
+        50264 columns over 8 shards): the kernel columns and bias entries from
+        ``vocab_size`` on are padding, left out of the softmax, the smoothing and the
+        argmax, with zero gradient, and ``weight`` has ``vocab_size`` entries. The result
+        equals :func:`jaxent.linear_cross_entropy` on the first ``vocab_size`` columns.
+        None: every column is a class.
 
     Returns:
       A float32 scalar, the same on every device, or for ``"none"`` this device's
@@ -465,6 +575,8 @@ def linear_cross_entropy(
     vax = 1 if kernel_layout == "dv" else 0
     local = k.shape[vax]
     v = _vocab_size(local, axis_name)
+    if vocab_size is not None:
+        v = _padded_vocab_size(vocab_size, local, v)
     kshape = tuple(v if i == vax else s for i, s in enumerate(k.shape))
     b = None if bias is None else _checks.float_array(bias, "bias")
     if b is not None and b.ndim == 1 and b.shape[0] == local:
@@ -483,6 +595,9 @@ def linear_cross_entropy(
     y = jnp.asarray(labels).reshape(-1)
     mask = None if where is None else jnp.asarray(where)
     w = _checks.class_weight(weight, v)
+    if vocab_size is not None:  # padding columns weigh 0 (with the real classes' sum as is)
+        w = jnp.ones((v,), jnp.float32) if w is None else w
+        w = jnp.pad(w, (0, _vocab_size(local, axis_name) - v))
     n, d = math.prod(batch_shape), h.shape[-1]
     # The single-device block budget split over the k vocabulary shards: per-device
     # work-space shrinks with k (as if each shard walked k times more rows).
@@ -493,7 +608,7 @@ def linear_cross_entropy(
     acc = _core.compute_dtype(dtype)
     opts = _core.Options(eps, zl, temp, cap)
     plan = _linear._Plan(opts, local, kernel_layout, bv, 1, bv, bool(return_aux))
-    sp = _LinearShard(_Shard(opts, axis_name, v), plan)
+    sp = _LinearShard(_Shard(opts, axis_name, v), plan, vocab_size)
     y, counted, row_w = _core.counted_rows(y, mask, w, ignore_index, acc)
     wc = None if w is None else w.astype(acc)
     losses, (lse, arg) = _lin_rows(sp, h.reshape(n, d).astype(dtype), k.astype(dtype),
@@ -504,6 +619,16 @@ def linear_cross_entropy(
         return loss
     return loss, _linear.aux_dict(lse, arg, y, counted, zl, batch_shape,
                                   _token_total(token_axis_name))
+
+
+def _padded_vocab_size(vocab_size, local: int, padded: int) -> int:
+    """Check ``vocab_size`` (a padded vocabulary's real classes) against the ``padded``
+    columns the shards hold, ``local`` each."""
+    vocab_size = _linear._positive_int(vocab_size, "vocab_size")
+    if vocab_size > padded:
+        raise ValueError(f"`vocab_size` ({vocab_size}) must be at most the kernel's "
+                         f"{padded} vocabulary columns ({local} per shard)")
+    return vocab_size
 
 
 # ------------------------------------------------------------------- mesh-level wrappers
@@ -649,6 +774,7 @@ def shard_linear_cross_entropy(
     kernel_layout: str = "dv",
     block_size: int | None = None,
     return_aux: bool = False,
+    vocab_size: int | None = None,
 ):
     """:func:`jaxent.linear_cross_entropy` on global arrays, vocabulary-parallel over ``mesh``.
 
@@ -673,6 +799,14 @@ def shard_linear_cross_entropy(
         single-device block budget per device, ``k`` the ``vocab_axis`` size).
       return_aux: also return :func:`jaxent.linear_cross_entropy`'s aux dict (per-token
         arrays sharded like ``labels``, the accuracy replicated).
+      vocab_size: the number of real classes of a kernel whose vocabulary axis is padded
+        to a multiple of the ``vocab_axis`` size (see :func:`linear_cross_entropy`): the
+        padding columns are masked on the shards that hold them, nothing is gathered. A
+        kernel with ``V`` columns that ``vocab_axis`` does not divide (JAX cannot shard it
+        along ``V``: it comes replicated or sharded along ``D``) is padded inside with zero
+        columns, each device slicing its own block; its gradient then has to be put back
+        in the kernel's layout (for a replicated kernel, gathered). To avoid that, keep
+        the kernel (and bias) padded and pass ``vocab_size``.
 
     Returns:
       A float32 scalar (replicated), or for ``"none"`` per-token losses shaped like
@@ -698,15 +832,27 @@ def shard_linear_cross_entropy(
     kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
               z_loss=z_loss, logit_softcap=logit_softcap, temperature=temperature,
               kernel_layout=kernel_layout)
-    _check_linear_like_core(h, (k.shape, k.dtype), y, bias=b, weight=w, where=mask, **kw)
     vax = 1 if kernel_layout == "dv" else 0
-    _divisible(k.shape[vax], mesh, vocab_axis, "the vocabulary size V")
+    cols = k.shape[vax] if k.ndim == 2 else None
+    if vocab_size is None and cols is not None and cols % _axis_size(mesh, vocab_axis):
+        vocab_size = cols  # V not divisible: padded inside (_shard_lin), each device its block
+    kshape, bspec = k.shape, b
+    if vocab_size is not None and cols is not None:
+        vocab_size = _padded_vocab_size(vocab_size, cols, cols)
+        if vocab_size != cols:  # a padded kernel: its columns are split evenly
+            _divisible(cols, mesh, vocab_axis, "the padded vocabulary (the kernel's columns)")
+        kshape = tuple(vocab_size if i == vax else n for i, n in enumerate(k.shape))
+        if b is not None and b.shape == (cols,):
+            bspec = jax.ShapeDtypeStruct((vocab_size,), b.dtype)
+    _check_linear_like_core(h, (kshape, k.dtype), y, bias=bspec, weight=w, where=mask, **kw)
     if token_axis is not None:
         if h.ndim < 2:
             raise ValueError("`token_axis` needs hidden with a token axis, got rank 1")
         _divisible(h.shape[0], mesh, token_axis, "hidden.shape[0]")
     kw.update(axis_name=vocab_axis, token_axis_name=token_axis, block_size=block_size,
               return_aux=return_aux)
+    if vocab_size is not None:
+        kw["vocab_size"] = vocab_size
     return _shard_lin(h, k, y, b, w, mask, mesh, tuple(sorted(kw.items())))
 
 
@@ -719,6 +865,7 @@ def _shard_lin(h, k, y, b, w, mask, mesh, kw):
     kw = dict(kw)
     tok, vocab = kw["token_axis_name"], kw["axis_name"]
     batch = kw.pop("batch_spec", None)
+    k, b = _pad_vocab(k, b, mesh, vocab, kw)
     if batch is None:
         batch = (tok,) + (None,) * (y.ndim - 1) if y.ndim else ()
     y_spec, h_spec = P(*batch), P(*batch, None)
@@ -741,6 +888,27 @@ def _shard_lin(h, k, y, b, w, mask, mesh, kw):
 
     args = _place(mesh, specs, (h, k, y, b, w, mask))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+
+
+def _padded_to(v: int, mesh: Mesh, names: AxisName | None) -> int:
+    """``v`` rounded up to a multiple of the size of the mesh axes ``names``."""
+    k = _axis_size(mesh, names)
+    return -(-v // k) * k
+
+
+def _pad_vocab(k, b, mesh: Mesh, vocab: AxisName | None, kw: dict):
+    """The kernel and bias with zero columns appended up to a multiple of the ``vocab``
+    axes' size, when ``kw["vocab_size"]`` says their ``V`` is the real one (not divisible);
+    inside a jit each device only fills its own block, the gradients are sliced back."""
+    vax = 1 if kw["kernel_layout"] == "dv" else 0
+    if kw.get("vocab_size") is None or k.shape[vax] != kw["vocab_size"]:
+        return k, b
+    extra = _padded_to(k.shape[vax], mesh, vocab) - k.shape[vax]
+    if not extra:
+        return k, b
+    pads = [(0, 0), (0, 0)]
+    pads[vax] = (0, extra)
+    return jnp.pad(k, pads), None if b is None else jnp.pad(b, (0, extra))
 
 
 def _token_parallel_linear(hidden, kernel, labels, *, axis_name, token_axis_name, reduction,

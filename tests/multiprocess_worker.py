@@ -314,7 +314,7 @@ def check_linear(data: dict) -> None:
     grads = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))  # noqa: E731
 
     def dense(h, k, b, y, **kw):
-        return jaxent.cross_entropy(h @ k + b, y, **opts, **kw)
+        return jaxent.cross_entropy(h @ k + b[None, :], y, **opts, **kw)
 
     want = grads(_mixed_reductions(dense))(h, k, b, y, cot)
 

@@ -11,9 +11,10 @@ Modes (``--mode``):
 
 * ``check``: values and gradients of ``jaxent.cross_entropy`` on sharded logits and of
   ``jaxent.linear_cross_entropy`` in every placement (the ``jaxent.sharded`` shard_map API,
-  plain ``jax.jit`` on Explicit and on Auto meshes), and an optax train step of a tiny LM
-  head, each against the same numbers computed by this process alone on one device with the
-  unsharded functions on the global NumPy data. Each passed check prints ``CHECK <name> ok``.
+  plain ``jax.jit`` on Explicit and on Auto meshes), an FSDP kernel and a padded
+  vocabulary, and an optax train step of a tiny LM head, each against the same numbers
+  computed by this process alone on one device with the unsharded functions on the global
+  NumPy data. Each passed check prints ``CHECK <name> ok``.
 * ``train``: train steps in a loop (printing ``STEP <i>``) until killed or ``--timeout``;
   the failure tests kill one process and watch the other.
 
@@ -354,6 +355,51 @@ def check_linear(data: dict) -> None:
         assert_matches(f"plain jit linear_cross_entropy/{axis_type.name}", got, want)
 
 
+def check_layouts(data: dict) -> None:
+    """Across processes: FSDP (the kernel's D sharded over the cross-process ``data`` axis,
+    its vocabulary over ``model``; plain jit, Explicit mesh) and a padded vocabulary (the
+    kernel's 64 columns hold ``V - 3`` classes; the shard_map API with ``vocab_size``)."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import AxisType
+
+    import jaxent
+
+    h, k, b, y = (data[n] for n in ("hidden", "kernel", "bias", "labels"))
+    mesh = make_mesh(AxisType.Explicit)
+    grads = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))  # noqa: E731
+
+    def dense(h, k, b, y):
+        return jaxent.cross_entropy(h @ k + b[None, :], y, **OPTIONS)
+
+    want = grads(dense)(h, k, b, y)
+    args = (place(mesh, h, "data"), place(mesh, k, "data", "model"), place(mesh, b, "model"),
+            place(mesh, y, "data"))
+    with jax.set_mesh(mesh):
+        got = grads(lambda h, k, b, y: jaxent.linear_cross_entropy(
+            h, k, y, bias=b, block_size=8, **OPTIONS))(*args)
+    assert got[1][1].sharding.is_equivalent_to(args[1].sharding, 2), got[1][1].sharding
+    assert_matches("fsdp plain jit linear_cross_entropy/Explicit", got, want)
+
+    real = V - 3
+    y_real = np.where(y >= real, real - 1, y).astype(np.int32)
+    k_junk, b_junk = k.copy(), b.copy()
+    k_junk[:, real:], b_junk[real:] = 1e3, 1e4  # padding columns hold anything
+    ref = grads(dense)(h, k[:, :real], b[:real], y_real)
+    args = (place(mesh, h, "data"), place(mesh, k_junk, None, "model"),
+            place(mesh, b_junk, "model"), place(mesh, y_real, "data"))
+    got = grads(lambda h, k, b, y: jaxent.sharded.shard_linear_cross_entropy(
+        h, k, y, bias=b, mesh=mesh, token_axis="data", vocab_size=real, block_size=4,
+        **OPTIONS))(*args)
+    dk, db = (np.asarray(multihost_utils.process_allgather(g, tiled=True))
+              for g in got[1][1:])
+    assert not dk[:, real:].any() and not db[real:].any(), "padding columns got gradients"
+    padded_ref = (ref[0], (ref[1][0], np.pad(np.asarray(ref[1][1]), ((0, 0), (0, 3))),
+                           np.pad(np.asarray(ref[1][2]), (0, 3))))
+    assert_matches("padded vocabulary shard_linear_cross_entropy/Explicit", got, padded_ref)
+
+
 def lm_head_init(seed: int, d_in: int = D, d: int = D, v: int = V) -> dict:
     """Parameters of a tiny LM head: ``hidden = tanh(x @ proj)``, logits ``hidden @ kernel``."""
     import numpy as np
@@ -479,7 +525,7 @@ def run(args: argparse.Namespace, watchdog: Watchdog) -> int:
     if args.mode == "train":
         train_forever(data, watchdog)
     for name, check in (("cross_entropy", check_cross_entropy), ("linear", check_linear),
-                        ("train", check_train)):
+                        ("layouts", check_layouts), ("train", check_train)):
         watchdog.phase = f"check {name}"
         check(data)
     watchdog.stop()

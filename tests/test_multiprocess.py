@@ -4,10 +4,11 @@ Each test starts processes of ``tests/multiprocess_worker.py`` (4 simulated CPU 
 each, gloo collectives, a loopback coordinator on a free port) and waits for them with a
 deadline; on failure the assertion shows every process's exit status, stdout and stderr.
 
-* two processes check values and gradients of the losses in every placement and an optax
-  train step against one-device numbers computed on the global data;
-* killing one of two training processes makes the other exit with an error naming the dead
-  process, well within 60 s (JAX's heartbeat timeout);
+* two processes check values and gradients of the losses in every placement, an FSDP
+  kernel and a padded vocabulary, and an optax train step against one-device numbers
+  computed on the global data;
+* killing one of two training processes (either) makes the other exit with an error naming
+  the dead process, well within 60 s;
 * a process whose coordinator does not answer exits with an error naming the address;
 * ``examples/multihost_lm_head.py --num-processes 2`` trains and evaluates.
 """
@@ -125,7 +126,9 @@ CHECKS = [f"{what}/{axis}" for what in (
     "shard_cross_entropy", "sharded.cross_entropy in shard_map", "plain jit cross_entropy",
     "eager cross_entropy", "shard_linear_cross_entropy",
     "sharded.linear_cross_entropy in shard_map", "plain jit linear_cross_entropy", "train")
-    for axis in ("Explicit", "Auto")]
+    for axis in ("Explicit", "Auto")] + [
+    "fsdp plain jit linear_cross_entropy/Explicit",
+    "padded vocabulary shard_linear_cross_entropy/Explicit"]
 
 
 def test_two_processes_match_one_device(launch):

@@ -46,6 +46,7 @@ EVAL_STEP = 10**9  # the "step" whose batch is the evaluation batch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``--help`` lists every option with its default)."""
     p = argparse.ArgumentParser(
         description="Train a vocabulary-parallel LM head over a data x model mesh spanning "
         "processes (see the module docstring for launch commands).",
@@ -270,6 +271,7 @@ def _forward(stream, out) -> None:
 
 
 def _describe(code: int) -> str:
+    """How a child process ended, from its return code."""
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit status {code}"
@@ -320,6 +322,7 @@ def launch_local(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Launch the local processes, or run this one (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.num_processes > 1 and args.process_id is None:

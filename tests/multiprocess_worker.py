@@ -44,6 +44,7 @@ LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The worker's command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--process-id", type=int, required=True, help="this process's id")
@@ -500,6 +501,7 @@ def train_forever(data: dict, watchdog: Watchdog) -> None:
 
 
 def main(argv=None) -> int:
+    """Run the worker; on any failure print it with this process's id and phase, exit 1."""
     args = parse_args(argv)
     watchdog = Watchdog(args.process_id, args.timeout).start()
     try:

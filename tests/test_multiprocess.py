@@ -61,12 +61,15 @@ class Procs:
         self.exit_time = [None] * len(commands)
 
     def stdout(self, i: int) -> str:
+        """Process ``i``'s stdout so far."""
         return (self.tmp / f"p{i}.out").read_text()
 
     def stderr(self, i: int) -> str:
+        """Process ``i``'s stderr so far."""
         return (self.tmp / f"p{i}.err").read_text()
 
     def poll(self) -> None:
+        """Record the time at which each process was first seen to have exited."""
         for i, p in enumerate(self.procs):
             if p.poll() is not None and self.exit_time[i] is None:
                 self.exit_time[i] = time.monotonic() - self.t0
@@ -83,9 +86,11 @@ class Procs:
         return cond()
 
     def wait_all(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every process to exit; whether they did."""
         return self.wait_for(lambda: all(p.poll() is not None for p in self.procs), timeout)
 
     def kill_all(self) -> None:
+        """Kill the processes still running (each by its own Popen handle)."""
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
@@ -104,6 +109,7 @@ class Procs:
 
 
 def worker_command(process_id: int, port: int, *extra: str, num_processes: int = 2) -> list[str]:
+    """The command line of worker ``process_id`` with a loopback coordinator on ``port``."""
     return [sys.executable, str(WORKER), "--process-id", str(process_id), "--num-processes",
             str(num_processes), "--coordinator", f"127.0.0.1:{port}", *extra]
 

@@ -577,6 +577,8 @@ def linear_cross_entropy(
     v = _vocab_size(local, axis_name)
     if vocab_size is not None:
         v = _padded_vocab_size(vocab_size, local, v)
+        if v == _vocab_size(local, axis_name):
+            vocab_size = None  # no padding: the plain walk
     kshape = tuple(v if i == vax else s for i, s in enumerate(k.shape))
     b = None if bias is None else _checks.float_array(bias, "bias")
     if b is not None and b.ndim == 1 and b.shape[0] == local:
@@ -851,8 +853,8 @@ def shard_linear_cross_entropy(
         _divisible(h.shape[0], mesh, token_axis, "hidden.shape[0]")
     kw.update(axis_name=vocab_axis, token_axis_name=token_axis, block_size=block_size,
               return_aux=return_aux)
-    if vocab_size is not None:
-        kw["vocab_size"] = vocab_size
+    if vocab_size is not None and (vocab_size != cols or cols % _axis_size(mesh, vocab_axis)):
+        kw["vocab_size"] = vocab_size  # padding: masked on the shards that hold it
     return _shard_lin(h, k, y, b, w, mask, mesh, tuple(sorted(kw.items())))
 
 

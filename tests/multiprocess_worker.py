@@ -20,9 +20,13 @@ Modes (``--mode``):
 
 Failures never hang: ``jax.distributed.initialize`` gets an ``initialization_timeout`` and a
 ``heartbeat_timeout_seconds`` (a process whose peer stops sending heartbeats is terminated
-by JAX with a message naming the peer), a non-coordinator process first checks that the
-coordinator's port answers, and a watchdog thread ends the process with a message naming it
-and the phase it was in once ``--timeout`` seconds have passed.
+by JAX with a message naming the peer), an exception (a collective whose peer is gone)
+is printed with this process's id, its phase and the processes the coordination service
+no longer counts alive, a non-coordinator process first checks that the coordinator's
+port answers, and a watchdog thread ends the process with a message naming it and the
+phase it was in once ``--timeout`` seconds have passed. (No thread polls the peers'
+liveness: JAX's query for it is a barrier across processes, which a process that has
+finished its work and left would turn into a false alarm in the other.)
 
     python tests/multiprocess_worker.py --process-id 0 --num-processes 2 \
         --coordinator 127.0.0.1:12345
@@ -88,38 +92,6 @@ class Watchdog:
         self._done.set()
 
 
-def watch_peers(process_id: int, num_processes: int, interval: float = 0.5) -> None:
-    """Start a thread that asks JAX's coordination service which processes are alive every
-    ``interval`` seconds and ends this process (``os._exit(1)``) with a message naming the
-    missing ones, or saying that the service itself (in process 0) stopped answering.
-
-    Without it a process whose peer died learns it only from JAX's own termination, whose
-    message does not always say which process died.
-    """
-    from jax._src import distributed  # the client of jax.distributed.initialize
-
-    client = distributed.global_state.client
-    everyone = list(range(num_processes))
-
-    def watch():
-        while True:
-            time.sleep(interval)
-            try:
-                live = set(client.get_live_nodes(everyone))
-            except Exception as err:  # noqa: BLE001 - any failure to ask is fatal here
-                print(f"[process {process_id}] the coordination service (process 0) stopped "
-                      f"answering: {type(err).__name__}: {err}; exiting",
-                      file=sys.stderr, flush=True)
-                os._exit(1)
-            dead = sorted(set(everyone) - live)
-            if dead:
-                print(f"[process {process_id}] process(es) {dead} stopped (no longer alive in "
-                      "the coordination service); exiting", file=sys.stderr, flush=True)
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def dead_peers_note(args: argparse.Namespace) -> str:
     """``"; process(es) [..] not alive"`` once the coordination service knows (it waits up to
     ``--heartbeat-timeout`` + 5 s for that), or why it cannot say."""
@@ -134,7 +106,8 @@ def dead_peers_note(args: argparse.Namespace) -> str:
         try:
             dead = sorted(set(everyone) - set(client.get_live_nodes(everyone)))
         except Exception as err:  # noqa: BLE001 - the service itself may be gone
-            return f"; the coordination service did not answer ({type(err).__name__})"
+            return (f"; the coordination service (in process 0) did not answer "
+                    f"({type(err).__name__})")
         if dead:
             return f"; process(es) {dead} not alive"
         if time.monotonic() > deadline:
@@ -171,7 +144,6 @@ def initialize(args: argparse.Namespace) -> None:
         coordinator_address=args.coordinator, num_processes=args.num_processes,
         process_id=args.process_id, initialization_timeout=args.init_timeout,
         heartbeat_timeout_seconds=args.heartbeat_timeout)
-    watch_peers(args.process_id, args.num_processes)
     if jax.process_count() != args.num_processes or jax.local_device_count() != LOCAL_DEVICES:
         raise RuntimeError(f"process {args.process_id}: expected {args.num_processes} processes "
                            f"x {LOCAL_DEVICES} devices, got {jax.process_count()} x "
@@ -495,7 +467,7 @@ def train_forever(data: dict, watchdog: Watchdog) -> None:
     while True:
         watchdog.phase = f"train step {i}"
         losses, ps = train_steps(ps, x, y, 1, mesh=mesh)
-        jax.block_until_ready(losses)  # waits without the GIL (watch_peers keeps running)
+        jax.block_until_ready(losses)
         print(f"STEP {i} loss {float(losses[0]):.5f}", flush=True)
         i += 1
 

@@ -153,12 +153,14 @@ def test_two_processes_match_one_device(launch):
         assert f"WORKER {i} OK" in out, procs.report()
 
 
-# What the survivor's stderr says, by the id of the killed process: our watcher's line
-# (or the failed collective's, with the same note), or JAX's own termination message.
+# What the survivor's stderr says, by the id of the killed process: the worker's report of
+# the failed collective (with the coordination service's list of dead processes), or JAX's
+# own termination message (the tasks that stopped sending heartbeats; the leader's death).
 SURVIVOR_SAYS = {
-    1: r"\[process 0\] .*process\(es\) \[1\] (stopped|not alive)",
-    0: r"the coordination service \(process 0\) stopped answering|leader task was "
-       r"preempted/died",
+    1: r"\[process 0\] failed .*process\(es\) \[1\] not alive"
+       r"|stopped sending heartbeats\):\s*1\b",
+    0: r"leader task was preempted/died|\[process 1\] failed .*process\(es\) \[0\] not alive"
+       r"|the coordination service \(in process 0\) did not answer",
 }
 
 
@@ -166,10 +168,11 @@ SURVIVOR_SAYS = {
 def test_killed_worker_makes_the_other_exit_with_a_clear_error(launch, killed):
     """One of two training processes is killed (SIGKILL) after a few steps: the other exits
     with a non-zero status within 60 s, its stderr naming the dead process. Process 1's
-    death is noticed by the coordination service (``heartbeat_timeout_seconds=10``) and
-    reported by the worker's watcher (or, when a collective fails first, by the worker's
-    error handler with the same note); process 0's takes the coordination service with it,
-    and JAX ends process 1 saying the leader (process 0) died."""
+    death is noticed by the coordination service (``heartbeat_timeout_seconds=10``): JAX
+    ends process 0 naming the task that stopped sending heartbeats, or, when a collective
+    fails first, the worker reports the failure with the service's list of dead processes;
+    process 0's death takes the coordination service with it, and JAX ends process 1
+    saying the leader died."""
     port = free_port()
     procs = launch([worker_command(i, port, "--mode", "train", "--heartbeat-timeout", "10",
                                    "--timeout", "120") for i in range(2)])

@@ -213,7 +213,10 @@ def kernel_layout(value: str) -> str:
 
 
 def _is_concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+    """Whether every ``x`` can be read on this host: not traced, and not a global array with
+    shards on other processes' devices (under ``jax.distributed`` only part of it is here)."""
+    return not any(isinstance(x, jax.core.Tracer)
+                   or (isinstance(x, jax.Array) and not x.is_fully_addressable) for x in xs)
 
 
 def label_values(

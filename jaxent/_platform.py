@@ -138,6 +138,7 @@ class Heuristics:
       fused_impls: the fused walks in order of preference.
       block_elems: the unit of the fused walks' automatic block sizes (float32 elements).
       max_token_block: the largest token block of the token walk.
+      token_max_classes: ``"auto"`` takes the token walk only up to this vocabulary.
       pallas: whether ``"auto"`` picks the Pallas kernels.
     """
 
@@ -146,11 +147,14 @@ class Heuristics:
     fused_impls: tuple[str, ...] = ("token", "vocab")
     block_elems: int = 8 * 1024 * 1024
     max_token_block: int = 512
+    token_max_classes: int = 65536
     pallas: bool = False
 
 
 TABLE: dict[str, Heuristics] = {
-    # Measured on 2-core CPUs (benchmarks/RESULTS.md, benchmarks/linear_notes.md).
+    # Measured on 2-core CPUs (benchmarks/RESULTS.md, benchmarks/linear_notes.md): the token
+    # walk up to V = 64K (1.03x naive at 4096x1024x32000), the vocabulary walk above it
+    # (1.20x against 1.34x at 2048x2048x128256, and fewer temporaries).
     "cpu": Heuristics(),
     # Not measured yet: the lse residual moves the fewest bytes, the vocabulary walk keeps
     # the fewest temporaries.

@@ -257,17 +257,20 @@ def update_stats(st: Stats, x, y_local, w_block, start, opts: Options, valid=Non
     nothing was seen yet, however far below 0 the block's logits are. ``valid`` (bool,
     broadcastable to ``x``, or None) marks the block's columns that are classes: a
     fixed-size block (a Pallas tile) may run past the vocabulary, and its padding columns
-    count for nothing (no ``-inf`` fill: a soft-cap would map it to a finite ``-cap``).
-    With ``valid``, ``wseen`` is counted per row: start from an ``[N]`` one.
+    count for nothing: their raw logits become the lowest finite number (never the max,
+    ``exp`` 0), and with a soft-cap (which maps them to a finite ``-cap``) their exps are
+    masked too.
+    With a ``valid`` of ``N`` rows, ``wseen`` is counted per row: start from an ``[N]`` one.
     """
-    xm = x if valid is None else jnp.where(valid, x, -jnp.inf)
-    bm = jnp.max(xm, axis=1)
+    if valid is not None:  # padding: the lowest finite logit (exp(. - m) = 0, never a max)
+        x = jnp.where(valid, x, jnp.finfo(x.dtype).min)
+    bm = jnp.max(x, axis=1)
     m_new = jnp.maximum(st.m, bm)
     new_safe = safe(m_new)[:, None]
     zs = shift(x, new_safe, opts)
     alpha = jnp.exp(shift(st.m[:, None], new_safe, opts)[:, 0])
     e = jnp.exp(zs)
-    if valid is not None:
+    if valid is not None and opts.logit_softcap is not None:  # the cap keeps -cap finite
         e = jnp.where(valid, e, 0.0)
     s = st.s * alpha + jnp.sum(e, axis=1)
     zy = st.zy + jnp.sum(jnp.where(onehot(y_local, x.shape), x, 0.0), axis=1)
@@ -277,6 +280,11 @@ def update_stats(st: Stats, x, y_local, w_block, start, opts: Options, valid=Non
         wzs = zs if w_block is None else zs * w_block[None, :].astype(x.dtype)
         if valid is None:
             wsum = class_sum(w_block, x.shape[1], x.dtype)
+        elif valid.shape[0] == 1:  # the same columns on every row: a scalar count
+            wzs = jnp.where(valid, wzs, 0.0)
+            wcols = jnp.ones(x.shape[1:], x.dtype) if w_block is None else w_block.astype(
+                x.dtype)
+            wsum = jnp.sum(jnp.where(valid[0], wcols, 0.0))
         else:
             wzs = jnp.where(valid, wzs, 0.0)
             wcols = jnp.ones(x.shape, x.dtype) if w_block is None else jnp.broadcast_to(
@@ -286,7 +294,7 @@ def update_stats(st: Stats, x, y_local, w_block, start, opts: Options, valid=Non
         wseen = wseen + wsum
     arg = st.arg
     if arg is not None:
-        barg = jnp.argmax(xm, axis=1).astype(jnp.int32) + start
+        barg = jnp.argmax(x, axis=1).astype(jnp.int32) + start
         arg = jnp.where(bm > st.m, barg, arg)
     return Stats(m_new, s, zy, wz, wseen, arg)
 

@@ -21,7 +21,7 @@ from jaxent.placement.local import FusedSpec, fused_call
 
 def validate(hidden, kernel, labels, *, bias, weight, ignore_index, label_smoothing,
              reduction, where, z_loss, logit_softcap, temperature, kernel_layout, block_size,
-             token_block_size, impl, return_aux, num_classes=None):
+             token_block_size, impl, return_aux, num_classes=None, interpret=False):
     """Validated ``(hidden, kernel, bias, labels, weight, where, spec)`` of a fused call.
 
     ``num_classes`` is the global vocabulary when ``kernel`` holds one shard of it (then
@@ -68,7 +68,7 @@ def validate(hidden, kernel, labels, *, bias, weight, ignore_index, label_smooth
     bs = None if block_size is None else positive_int(block_size, "block_size")
     tbs = None if token_block_size is None else positive_int(token_block_size,
                                                              "token_block_size")
-    spec = FusedSpec(opts, v, layout, bs, tbs, impl, bool(return_aux))
+    spec = FusedSpec(opts, v, layout, bs, tbs, impl, bool(return_aux), bool(interpret))
     return h, k, b, y, w, mask, spec
 
 
@@ -91,6 +91,7 @@ def linear_cross_entropy(
     token_block_size: int | None = None,
     impl: Impl = "auto",
     return_aux: bool = False,
+    interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, dict]:
     r"""``cross_entropy(hidden @ kernel + bias, labels)`` without materializing the logits.
 
@@ -150,14 +151,17 @@ def linear_cross_entropy(
       impl: ``"auto"`` (the platform's choice, :mod:`jaxent._platform`), ``"xla"`` (the
         XLA walks' choice), ``"vocab"`` (vocabulary blocks, recompute in the backward) or
         ``"token"`` (gradient made in the forward; float32/float64, ``"mean"``/``"sum"``,
-        whole vocabulary rows on each device). An ``impl`` that cannot serve the call
-        raises ``ValueError`` saying why (on Auto meshes, where the split is only known
-        when compiling, ``"token"`` makes the gradient in the forward from a vocabulary
-        walk on vocabulary shards).
+        whole vocabulary rows on each device) or ``"pallas"`` (Pallas kernels: Triton on
+        NVIDIA GPUs, Mosaic on TPUs; one device or token-parallel). An ``impl`` that
+        cannot serve the call raises ``ValueError`` saying why (on Auto meshes, where the
+        split is only known when compiling, ``"token"`` makes the gradient in the forward
+        from a vocabulary walk on vocabulary shards).
       return_aux: also return a dict of per-token extras computed in the same pass, shaped
         like ``labels`` and carrying no gradient: ``"lse"`` (log-sum-exp of ``z``),
         ``"z_loss"`` (``z_loss * lse**2``, 0 where not counted), ``"argmax"`` (predicted
         class, int32) and the scalar ``"accuracy"`` over counted tokens.
+      interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode (on
+        the CPU; without it a CPU program raises ``ValueError`` when compiled).
 
     Returns:
       float32 (float64 for float64 inputs) scalar, or ``labels.shape`` for ``"none"``;
@@ -201,7 +205,7 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
         logit_softcap=logit_softcap, temperature=temperature, kernel_layout=kernel_layout,
         block_size=block_size, token_block_size=token_block_size, impl=impl,
-        return_aux=return_aux)
+        return_aux=return_aux, interpret=interpret)
     layout = _explicit.layout_of(h, k, b, y, w, mask, spec.layout)
     if layout is not None:
         return _explicit.run(spec, layout, h, k, b, y, w, mask)

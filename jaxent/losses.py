@@ -10,6 +10,7 @@ padded micro-batch cannot poison training.
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,8 @@ from jax.typing import ArrayLike
 from jaxent import _checks
 from jaxent import _rowmath as rm
 from jaxent._options import Options, Reduction, Residual
+from jaxent.impl import Request, select
+from jaxent.impl import pallas_common as _pallas
 from jaxent.impl import rows as _impl_rows
 
 
@@ -45,6 +48,8 @@ def cross_entropy(
     logit_softcap: float | None = None,
     temperature: float = 1.0,
     residual: Residual = "auto",
+    impl: Literal["auto", "xla", "pallas"] = "auto",
+    interpret: bool = False,
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer class labels (``F.cross_entropy``).
 
@@ -80,6 +85,10 @@ def cross_entropy(
         (:func:`jaxent.impl.rows.uses_lse`). Values and gradients are the same; neither
         keeps a logits-sized temporary besides the gradient. Use ``"lse"`` when the
         backward runs much later than the forward (e.g. under ``jax.checkpoint``).
+      impl: ``"auto"`` (the platform's choice), ``"xla"`` or ``"pallas"`` (Pallas
+        kernels: Triton on NVIDIA GPUs, Mosaic on TPUs).
+      interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode (on the
+        CPU; without it a CPU program raises ``ValueError`` when compiled).
 
     Returns:
       float32 (float64 for float64 logits) scalar, or ``labels.shape`` for ``"none"``.
@@ -117,15 +126,24 @@ def cross_entropy(
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
     y = _checks.label_values(y, c, ignore_index, mask)
-    return _labels_loss(x, y, w, mask, ax, opts)
+    if not isinstance(impl, str):
+        raise TypeError(f"`impl` must be a string, got {impl!r}")
+    name = select(impl, Request("ce", x.dtype, opts.reduction,
+                                static_tokens=all(isinstance(s, int) for s in x.shape)))
+    return _labels_loss(x, y, w, mask, ax, opts, name, bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _labels_loss(x, y, w, mask, ax, opts: Options):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _labels_loss(x, y, w, mask, ax, opts: Options, impl: str, interpret: bool):
     acc = _loss_dtype(x.dtype)
     w = None if w is None else w.astype(acc)
     lab = rm.labels_info(y, x.shape[ax], opts.ignore_index, mask, w, acc)
-    losses = _impl_rows.label_rows(_rows(x, ax), lab, w, opts)
+    if impl == "pallas":
+        losses = rm.row_losses(_pallas.dispatch_ce_rows(
+            _rows(x, ax), lab.y, lab.row_w, lab.counted, w, opts=opts, interpret=interpret),
+            lab)
+    else:
+        losses = _impl_rows.label_rows(_rows(x, ax), lab, w, opts)
     return rm.reduce(losses.reshape(y.shape), lab.row_w.sum(), opts.reduction,
                      lab.counted.sum())
 

@@ -69,6 +69,19 @@ def _vocab_size(local: int, axis_name: AxisName) -> int:
     return local * lax.axis_size(axis_name)
 
 
+def _real_vocab(vocab_size: int | None, columns: int) -> int:
+    """The number of classes of a kernel with ``columns`` vocabulary columns, of which the
+    ones from ``vocab_size`` on are padding."""
+    if vocab_size is None:
+        return columns
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"`vocab_size` must be a positive int or None, got {vocab_size!r}")
+    if vocab_size > columns:
+        raise ValueError(f"`vocab_size` ({vocab_size}) must be at most the kernel's "
+                         f"vocabulary columns ({columns})")
+    return vocab_size
+
+
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -172,6 +185,7 @@ def linear_cross_entropy(
     kernel_layout: KernelLayout = "dv",
     block_size: int | None = None,
     return_aux: bool = False,
+    vocab_size: int | None = None,
 ):
     r"""Vocabulary-parallel :func:`jaxent.linear_cross_entropy`, inside ``jax.shard_map``.
 
@@ -211,6 +225,11 @@ def linear_cross_entropy(
       return_aux: also return :func:`jaxent.linear_cross_entropy`'s aux dict: this
         device's per-token ``"lse"``, ``"z_loss"`` and ``"argmax"`` (a global class id;
         ties go to the smallest, as on one device) and the ``"accuracy"`` over all tokens.
+      vocab_size: the number of real classes when the vocabulary is padded to a multiple
+        of the ``axis_name`` size (GPT-2's 50257 classes held as 50264 columns over 8
+        shards): the kernel columns and bias entries from ``vocab_size`` on are padding,
+        left out of the softmax, the smoothing and the argmax, with zero gradient, and
+        ``weight`` has ``vocab_size`` entries. None: every column is a class.
 
     Returns:
       A float32 scalar, the same on every device, or for ``"none"`` this device's
@@ -237,12 +256,13 @@ def linear_cross_entropy(
             f"`kernel` must be 2-D, [D, V] for kernel_layout='dv' or [V, D] for 'vd', got "
             f"shape {tuple(k.shape)}")
     local = k.shape[1 if kernel_layout == "dv" else 0]
+    columns = _vocab_size(local, axis_name)
     h, k, b, y, w, mask, spec = _validate_fused(
         hidden, k, labels, bias=bias, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
         logit_softcap=logit_softcap, temperature=temperature, kernel_layout=kernel_layout,
         block_size=block_size, token_block_size=None, impl="vocab", return_aux=return_aux,
-        num_classes=_vocab_size(local, axis_name))
+        num_classes=_real_vocab(vocab_size, columns))
     if b is not None and b.shape != (local,):
         raise ValueError(f"`bias` must be this device's block, shape ({local},), got shape "
                          f"{tuple(b.shape)}")
@@ -389,6 +409,7 @@ def shard_linear_cross_entropy(
     kernel_layout: KernelLayout = "dv",
     block_size: int | None = None,
     return_aux: bool = False,
+    vocab_size: int | None = None,
 ):
     """:func:`jaxent.linear_cross_entropy` on global arrays, vocabulary-parallel over ``mesh``.
 
@@ -413,6 +434,12 @@ def shard_linear_cross_entropy(
         single-device block budget per device, ``k`` the ``vocab_axis`` size).
       return_aux: also return :func:`jaxent.linear_cross_entropy`'s aux dict (per-token
         arrays sharded like ``labels``, the accuracy replicated).
+      vocab_size: the number of real classes of a kernel whose vocabulary axis is padded
+        to a multiple of the ``vocab_axis`` size: the padding columns are masked on the
+        shards that hold them, nothing is gathered. A kernel whose ``V`` the
+        ``vocab_axis`` does not divide is padded inside with zero columns, each device
+        filling its own block (its gradient is then put back in the kernel's layout); to
+        avoid that, keep the kernel (and bias) padded and pass ``vocab_size``.
 
     Returns:
       A float32 scalar (replicated), or for ``"none"`` per-token losses shaped like
@@ -429,12 +456,19 @@ def shard_linear_cross_entropy(
       >>> bool(jnp.allclose(loss, jaxent.linear_cross_entropy(h, w, y), rtol=1e-5))
       True
     """
+    k = _checks.float_array(kernel, "kernel")
+    columns = k.shape[1 if kernel_layout == "dv" else 0] if k.ndim == 2 else 0
+    k_vocab = _axis_size(mesh, vocab_axis)
+    if vocab_size is not None and columns != vocab_size and columns % k_vocab:
+        raise ValueError(f"the padded vocabulary (the kernel's columns, {columns}) must be "
+                         f"divisible by the size of mesh axis {vocab_axis!r} ({k_vocab})")
     h, k, b, y, w, mask, spec = _validate_fused(
-        hidden, kernel, labels, bias=bias, weight=weight, ignore_index=ignore_index,
+        hidden, k, labels, bias=bias, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
         logit_softcap=logit_softcap, temperature=temperature, kernel_layout=kernel_layout,
-        block_size=block_size, token_block_size=None, impl="vocab", return_aux=return_aux)
-    _divisible(spec.num_classes, mesh, vocab_axis, "the vocabulary size V")
+        block_size=block_size, token_block_size=None, impl="vocab", return_aux=return_aux,
+        num_classes=_real_vocab(vocab_size, columns))
+
     if token_axis is not None:
         if h.ndim < 2:
             raise ValueError("`token_axis` needs hidden with a token axis, got rank 1")

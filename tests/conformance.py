@@ -31,12 +31,17 @@ IMPLS: dict[str, Callable] = {
     "vocab": _fused("vocab", block_size=64),
     "vocab-default-blocks": _fused("vocab"),
     "token": _fused("token", token_block_size=3),
+    "pallas-rows": lambda x, y, **kw: jaxent.cross_entropy(x, y, impl="pallas", interpret=True,
+                                                          **kw),
+    "pallas-linear": _fused("pallas", interpret=True),
 }
 
 
 def serves(name: str, dtype, reduction: str = "mean") -> bool:
     """Whether implementation ``name`` serves logits of ``dtype`` with ``reduction`` (the
     token walk: float32/float64 and a scalar reduction only)."""
+    if name.startswith("pallas") and jnp.dtype(dtype) == jnp.float64:
+        return False
     if name.startswith("token"):
         return jnp.promote_types(dtype, jnp.float32) == jnp.dtype(dtype) and reduction != "none"
     return True

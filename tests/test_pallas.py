@@ -11,10 +11,18 @@ import numpy as np
 import pytest
 
 import jaxent
-from jaxent import _autotune, _core
+from jaxent import _autotune
+from jaxent import _rowmath as rm
 from jaxent._options import Options
 from jaxent.impl import pallas_common, pallas_gpu, pallas_tpu
 from tests import reference
+
+
+def _counted_rows(y, mask, weight, ignore_index, dtype):
+    """``(labels, counted, row_w)`` as the losses pass them to an implementation."""
+    lab = rm.labels_info(y, 1 << 30, ignore_index, mask,
+                         None if weight is None else weight.astype(dtype), dtype)
+    return jnp.where(lab.valid, y, 0).astype(jnp.int32), lab.counted, lab.row_w
 
 N, D, V = 37, 48, 300  # ragged against every block below (D too, for the GPU's block_d)
 BACKENDS = {
@@ -113,7 +121,7 @@ def test_linear_matches_references(backend, name, layout, dtype, rng):
     h, w, b, y, weight, where = _data(rng, layout, dtype)
     kw, opts, wt, mask, ignore = _split(OPTION_SETS[name], weight, where)
     y = _relabel(y, ignore)
-    yf, counted, row_w = _core.counted_rows(y, mask, wt, ignore, jnp.float32)
+    yf, counted, row_w = _counted_rows(y, mask, wt, ignore, jnp.float32)
 
     def rows(h, w, b):
         loss, lse, arg = mod.linear_ce_rows(
@@ -161,13 +169,13 @@ def test_linear_without_bias_and_reduced(backend, rng):
     """No bias, a mean over the rows as the front function forms it, and its gradient."""
     mod, cfg = BACKENDS[backend]
     h, w, _, y, _, _ = _data(rng, "dv", jnp.float32)
-    yf, counted, row_w = _core.counted_rows(y, None, None, -100, jnp.float32)
+    yf, counted, row_w = _counted_rows(y, None, None, -100, jnp.float32)
 
     def mean(h, w):
         loss, _, arg = mod.linear_ce_rows(h, w, None, yf, row_w, counted, None, opts=Options(),
                                           num_classes=V, config=cfg, interpret=True)
         assert arg is None
-        return _core.reduce(loss, row_w.sum(), "mean")
+        return rm.reduce(loss, row_w.sum(), "mean")
 
     val, grads = jax.jit(jax.value_and_grad(mean, argnums=(0, 1)))(h, w)
     want, want_grads = jax.value_and_grad(
@@ -189,7 +197,7 @@ def test_ce_rows_match_references(backend, name, dtype, rng):
     where = jnp.asarray(rng.random((N,)) < 0.8)
     kw, opts, wt, mask, ignore = _split(OPTION_SETS[name], weight, where)
     y = _relabel(y, ignore)
-    yf, counted, row_w = _core.counted_rows(y, mask, wt, ignore, jnp.float32)
+    yf, counted, row_w = _counted_rows(y, mask, wt, ignore, jnp.float32)
 
     def rows(x):
         return mod.ce_rows(x, yf, row_w, counted, wt, opts=opts, config=cfg,
@@ -228,7 +236,7 @@ def test_ce_rows_minus_inf_logits(backend, rng):
     y = jnp.asarray(rng.integers(0, 150, (N,)), jnp.int32).at[3].set(-100)
     weight = jnp.asarray(rng.uniform(0.5, 2.0, (c,)), jnp.float32)
     x = jnp.asarray(x)
-    yf, counted, row_w = _core.counted_rows(y, None, weight, -100, jnp.float32)
+    yf, counted, row_w = _counted_rows(y, None, weight, -100, jnp.float32)
     g = jnp.asarray(rng.standard_normal((N,)), jnp.float32)
     rows = lambda x: (mod.ce_rows(x, yf, row_w, counted, weight, opts=Options(),  # noqa: E731
                                   config=cfg, interpret=True), ())
@@ -324,7 +332,7 @@ def test_dispatch_per_platform(platform):
 def test_dispatch_interpret_matches_backend(rng):
     x = jnp.asarray(rng.standard_normal((N, 203)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 203, (N,)), jnp.int32)
-    yf, counted, row_w = _core.counted_rows(y, None, None, -100, jnp.float32)
+    yf, counted, row_w = _counted_rows(y, None, None, -100, jnp.float32)
     got = jax.jit(lambda x: pallas_common.dispatch_ce_rows(
         x, yf, row_w, counted, None, opts=_ALL, interpret=True))(x)
     want = jaxent.cross_entropy(x, y, reduction="none", label_smoothing=0.1, z_loss=1e-3,

@@ -63,14 +63,14 @@ def test_every_logit_far_below_zero(rng, name):
         v, g = value_and_grad(IMPLS[name], xs, y)
         np.testing.assert_allclose(v, rv, rtol=2e-4)
         np.testing.assert_allclose(g, rg, rtol=2e-3, atol=1e-6)
-    if name.startswith(("vocab", "token")):
+    if name.startswith(("vocab", "token", "pallas-linear")):
         eye = jnp.eye(5)
         _, aux = jaxent.linear_cross_entropy(eye, x - 100.0, y, return_aux=True,
                                              block_size=64)
         assert np.isfinite(aux["lse"]).all()
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "vocab"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "vocab" and "pallas" not in n])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_16bit_small_mass_is_kept_under_differentiation(name, dtype):
     """One logit at 17.5 and 999999 at 0: every class is ~17.5 nats below the max and

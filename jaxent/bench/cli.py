@@ -11,6 +11,7 @@ Examples::
     python -m jaxent.bench --suite linear-speed 4096 1024 32000 --rounds 6 \\
         --contenders naive,ours,ours:impl=vocab,cce,torch
     python -m jaxent.bench --suite matmul 2048 2048 128256 128 1024
+    python -m jaxent.bench --suite ab 6831924 --rounds 5      # this checkout vs a commit
     python -m jaxent.bench --suite explore-ce 4096 32000 float32 optax grad_fwd lse_only
 """
 
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 
 from jaxent.bench.deps import MissingExtra
 
-SUITE_NAMES = ("main", "gpu", "linear-memory", "linear-speed", "matmul", "explore-ce")
+SUITE_NAMES = ("main", "gpu", "linear-memory", "linear-speed", "matmul", "explore-ce", "ab")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import statistics
 import time
@@ -332,7 +333,18 @@ def explore_ce(args: Any) -> Report:
     return _timing_report(_timing_suite(results, notes, load), [])
 
 
+def ab_suite(args: Any) -> Report:
+    """``--suite ab [REV]``: this checkout against commit ``REV`` (default ``HEAD~1``),
+    interleaved in one run (:mod:`jaxent.bench.ab`); ``--rounds`` calls per case."""
+    from jaxent.bench import ab  # noqa: PLC0415  (imports the base commit's package)
+
+    rev = args.args[0] if args.args else "HEAD~1"
+    text, data = ab.run(rev, args.rounds or 5, pathlib.Path(__file__).resolve().parents[2])
+    return Report(text, data)
+
+
 SUITES: dict[str, Callable[[Any], Report]] = {
+    "ab": ab_suite,
     "main": main_suite,
     "gpu": lambda args: main_suite(args, "gpu"),
     "linear-memory": linear_memory,

@@ -26,6 +26,8 @@ class Request:
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
       vocab_parallel: the vocabulary is split over a mesh axis.
       static_tokens: the number of tokens is a concrete int (not symbolic, as in export).
+      padded: the kernel holds padding columns beyond the vocabulary (``vocab_size``).
+      num_classes: the vocabulary ``V`` (``"auto"`` may prefer a walk by it).
     """
 
     kind: str
@@ -33,6 +35,8 @@ class Request:
     reduction: str
     vocab_parallel: bool = False
     static_tokens: bool = True
+    padded: bool = False
+    num_classes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,20 @@ def _token_refuses(req: Request) -> str | None:
         return "it needs whole vocabulary rows and the vocabulary is split over a mesh axis"
     if not req.static_tokens:
         return "it walks token blocks and the number of tokens is symbolic"
+    if req.padded:
+        return "it does not mask padding columns of the kernel"
+    return None
+
+
+def _pallas_refuses(req: Request) -> str | None:
+    if jnp.dtype(req.dtype) == jnp.float64:
+        return "its kernels take float32, bfloat16 or float16 inputs"
+    if req.vocab_parallel:
+        return "its kernels do not merge row statistics across vocabulary shards"
+    if not req.static_tokens:
+        return "its kernels pad the tokens to whole blocks of a static size"
+    if req.padded:
+        return "its kernels do not mask padding columns of the kernel"
     return None
 
 
@@ -69,6 +87,8 @@ def register(impl: Implementation) -> None:
 register(Implementation("xla", "ce", True, lambda req: None))
 register(Implementation("vocab", "linear", True, lambda req: None))
 register(Implementation("token", "linear", True, _token_refuses))
+register(Implementation("pallas", "linear", False, _pallas_refuses))
+register(Implementation("pallas", "ce", False, _pallas_refuses))
 
 
 def _candidates(kind: str) -> list[str]:
@@ -83,9 +103,11 @@ def select(impl: str, req: Request) -> str:
     names = _candidates(req.kind)
     able = [n for n in names if REGISTRY[req.kind, n].refuses(req) is None]
     if impl in ("auto", "xla"):
-        kernels_ok = impl == "auto" and _platform.heuristics().pallas
+        h = _platform.heuristics()
         for name in able:
-            if REGISTRY[req.kind, name].xla or kernels_ok:
+            if name == "token" and req.num_classes > h.token_max_classes:
+                continue
+            if REGISTRY[req.kind, name].xla or (impl == "auto" and h.pallas):
                 return name
     entry = REGISTRY.get((req.kind, impl))
     if entry is None:

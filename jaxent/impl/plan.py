@@ -29,6 +29,9 @@ class Plan:
       block_dw: vocabulary slice of the token walk's kernel-gradient update.
       aux: whether the argmax is tracked (``return_aux``).
       vocab_axis: the mesh axis (or axes) the vocabulary is split over, or None.
+      interpret: run Pallas kernels in interpret mode (on the CPU).
+      padded: the kernel's columns from ``num_classes`` on (counted over all shards) are
+        padding, masked out of the statistics and the gradients.
     """
 
     opts: Options
@@ -40,6 +43,8 @@ class Plan:
     block_dw: int
     aux: bool
     vocab_axis: Hashable | None = None
+    interpret: bool = False
+    padded: bool = False
 
 
 def _pow2_floor(x: float) -> int:
@@ -78,7 +83,8 @@ def positive_int(value, name: str) -> int:
 
 def make_plan(opts: Options, num_classes: int, local: int, n_local, d: int, layout: str,
               aux: bool, *, shards: int = 1, vocab_axis=None, block_size=None,
-              token_block_size=None) -> Plan:
+              token_block_size=None, interpret: bool = False) -> Plan:
+    """(the kernel's columns beyond ``num_classes`` over all shards are padding)"""
     """The plan of one device walking ``n_local`` tokens and ``local`` of the
     ``num_classes`` classes (``shards`` devices along the vocabulary); given block sizes
     are kept, clipped to what there is."""
@@ -88,4 +94,6 @@ def make_plan(opts: Options, num_classes: int, local: int, n_local, d: int, layo
         bv = bw = min(block_size, local)
     if token_block_size is not None:
         bn = min(token_block_size, max(n_static, 1))
-    return Plan(opts, num_classes, local, layout, bv, bn, bw, aux, vocab_axis)
+    padded = local * shards != num_classes
+    return Plan(opts, num_classes, local, layout, bv, bn, bw, aux, vocab_axis, interpret,
+                padded)

@@ -128,14 +128,16 @@ def _labels_fwd(x, lab, weight, opts: Options):
     return loss, (dx, lab, weight, None, None)
 
 
-def loss_and_grad(x, lab: rm.Labels, weight, opts: Options, q: Quirks):
+def loss_and_grad(x, lab: rm.Labels, weight, opts: Options, q: Quirks, reuse_e: bool = True):
     """``(losses, d losses.sum() / dx, lse)`` of whole rows ``x [N, C]`` in one pass.
 
-    One exp per logit: ``p = e / s`` reuses the ``e`` that was summed. 16-bit logits sum
-    their exps in float32 and form ``p`` again (keeping ``e`` would be a float32 ``[N, C]``).
+    With ``reuse_e``, one exp per logit: ``p = e / s`` reuses the ``e`` that was summed
+    (``e`` is then a buffer of its own beside ``x``); without, ``p`` is formed again from
+    ``x`` and the gradient can take ``x``'s buffer. 16-bit logits always form ``p`` again
+    (keeping ``e`` would be a float32 ``[N, C]``).
     """
     m, e, s, loss = _label_stats(x, lab, weight, opts, q)
-    p = e * (1.0 / s)[:, None] if x.dtype == e.dtype else None
+    p = e * (1.0 / s)[:, None] if reuse_e and x.dtype == e.dtype else None
     log_s = jnp.log(s)
     dx = _label_grad(x, lab, weight, m, log_s, jnp.ones_like(m), opts, q, p)
     return loss, dx, rm.transform(m, opts) + log_s

@@ -57,7 +57,8 @@ def walk(plan: Plan, q: Quirks, h, kernel, bias, lab: rm.Labels, weight):
         hb = sl(h)
         x = B.block_logits(hb, kernel, bias, plan.layout)
         lab_b = rm.Labels(*(sl(a) for a in lab))
-        loss_b, dx, lse_b = _rows.loss_and_grad(x, lab_b, weight, plan.opts, q)
+        # p formed again: dx takes the block logits' buffer (one [Nb, V] buffer, not two)
+        loss_b, dx, lse_b = _rows.loss_and_grad(x, lab_b, weight, plan.opts, q, reuse_e=False)
         dh = lax.dynamic_update_slice_in_dim(
             dh, B.block_dhidden(dx, kernel, plan.layout).astype(dh.dtype), start, axis=0)
         dk = _accumulate_dkernel(plan, q, dk, hb, dx)

@@ -33,10 +33,33 @@ def shard_offset(plan: Plan) -> jax.Array | int:
 
 
 def local_weight(weight, plan: Plan):
-    """This device's slice of the full ``[V]`` class weights (or None)."""
-    if weight is None or plan.vocab_axis is None:
+    """This device's slice of the full ``[V]`` class weights (or None); padding columns
+    weigh 0."""
+    if weight is None or (plan.vocab_axis is None and not plan.padded):
         return weight
+    shards = plan.local_classes if plan.vocab_axis is None else (
+        plan.local_classes * lax.axis_size(plan.vocab_axis))
+    if shards != weight.shape[0]:
+        weight = jnp.pad(weight, (0, shards - weight.shape[0]))
     return lax.dynamic_slice_in_dim(weight, shard_offset(plan), plan.local_classes)
+
+
+def valid_columns(plan: Plan, start, size: int):
+    """``[1, size]``: which of this device's columns ``[start, start + size)`` are classes
+    (None when nothing is padding)."""
+    if not plan.padded:
+        return None
+    ids = shard_offset(plan) + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+    return ids < plan.num_classes
+
+
+def block(plan: Plan, q: Quirks, h, kernel, bias, w_local, start, size: int):
+    """``(kernel block, raw logits [N, size], class weights, valid)`` of columns ``[start,
+    start + size)``; ``valid`` (``[1, size]``, None unless ``plan.padded``) marks the
+    columns that are classes (:func:`jaxent._rowmath.update_stats` leaves the others out)."""
+    kb = B.kernel_block(kernel, start, size, plan.layout, q)
+    x = B.block_logits(h, kb, B.vocab_slice(bias, start, size, q), plan.layout)
+    return kb, x, B.vocab_slice(w_local, start, size, q), valid_columns(plan, start, size)
 
 
 def forward_stats(plan: Plan, q: Quirks, h, kernel, bias, y_local, w_local) -> rm.Stats:
@@ -44,10 +67,8 @@ def forward_stats(plan: Plan, q: Quirks, h, kernel, bias, y_local, w_local) -> r
     opts, v, bv = plan.opts, plan.local_classes, plan.block_v
 
     def step(start, size, st):
-        kb = B.kernel_block(kernel, start, size, plan.layout, q)
-        x = B.block_logits(h, kb, B.vocab_slice(bias, start, size, q), plan.layout)
-        return rm.update_stats(st, x, y_local - start, B.vocab_slice(w_local, start, size, q),
-                               start, opts)
+        _, x, wb, valid = block(plan, q, h, kernel, bias, w_local, start, size)
+        return rm.update_stats(st, x, y_local - start, wb, start, opts, valid=valid)
 
     acc = rm.compute_dtype(h.dtype)
     st = rm.init_stats(h.shape[0], acc, opts.smoothing, plan.aux)
@@ -85,10 +106,10 @@ def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, 
         """Add block ``[start, start + size)``: its ``d kernel`` goes to column ``at`` of
         ``dk`` (``start`` by default), its columns before ``done`` are left out of ``dh``."""
         dh, dk, db = carry
-        kb = B.kernel_block(kernel, start, size, plan.layout, q)
-        x = B.block_logits(h, kb, B.vocab_slice(bias, start, size, q), plan.layout)
-        dx = rm.block_grad(x, m, log_s, y_local - start, coefs,
-                           B.vocab_slice(w_local, start, size, q), counted, opts)
+        kb, x, wb, valid = block(plan, q, h, kernel, bias, w_local, start, size)
+        dx = rm.block_grad(x, m, log_s, y_local - start, coefs, wb, counted, opts)
+        if valid is not None:
+            dx = jnp.where(valid, dx, 0.0)
         dk = _platform.dupdate(dk, B.block_dkernel(h, dx, plan.layout, q),
                                start if at is None else at, axis, kernel.dtype, q)
         if db is not None:

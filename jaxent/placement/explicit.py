@@ -15,6 +15,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -101,6 +102,7 @@ def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask)
     (None: not split), the token axes of ``hidden``/``labels`` as the spec entries
     ``batch`` say."""
     tok = entry_of(tuple(a for e in batch for a in axes_of(e)))
+    k, b = _pad_vocab(k, b, spec.layout, mesh, vocab)
     y_spec, h_spec = P(*batch), P(*batch, None)
     k_spec = P(None, vocab) if spec.layout == "dv" else P(vocab, None)
     specs = (h_spec, k_spec, y_spec, None if b is None else P(vocab),
@@ -115,6 +117,20 @@ def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask)
 
     args = place(mesh, specs, (h, k, y, b, w, mask))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+
+
+def _pad_vocab(k, b, layout: str, mesh, vocab):
+    """The kernel and bias with zero columns appended up to a multiple of the ``vocab``
+    axes' size (their classes beyond the vocabulary are masked by the walk); inside the jit
+    each device fills only its own block."""
+    vax = _vocab_axis(layout)
+    size = math.prod(mesh.shape[a] for a in axes_of(vocab))
+    extra = -k.shape[vax] % size
+    if not extra:
+        return k, b
+    pads = [(0, 0), (0, 0)]
+    pads[vax] = (0, extra)
+    return jnp.pad(k, pads), None if b is None else jnp.pad(b, (0, extra))
 
 
 def run(spec: FusedSpec, layout: ExplicitLayout, h, k, b, y, w, mask):

@@ -19,6 +19,7 @@ from jax import lax
 from jaxent import _rowmath as rm
 from jaxent._options import Options
 from jaxent.impl import Request, select
+from jaxent.impl import pallas_common as _pallas
 from jaxent.impl import token as _token
 from jaxent.impl import vocab as _vocab
 from jaxent.impl._blocks import vocab_axis as _vocab_axis
@@ -36,6 +37,7 @@ class FusedSpec:
       block_size, token_block_size: block sizes asked for, or None (from the shapes).
       impl: the implementation asked for.
       aux: ``return_aux``.
+      interpret: run Pallas kernels in interpret mode (``impl="pallas"`` on the CPU).
     """
 
     opts: Options
@@ -45,12 +47,24 @@ class FusedSpec:
     token_block_size: int | None
     impl: str
     aux: bool
+    interpret: bool = False
+
+
+def _pallas_rows(plan, h, kernel, bias, lab: rm.Labels, weight):
+    """The Pallas kernels' per-token losses, ``(lse, argmax)`` (their platform chosen when
+    lowering: Triton on NVIDIA GPUs, Mosaic on TPUs)."""
+    losses, lse, arg = _pallas.dispatch_linear_ce_rows(
+        h, kernel, bias, lab.y, lab.row_w, lab.counted, weight, opts=plan.opts,
+        num_classes=plan.num_classes, layout=plan.layout, interpret=plan.interpret,
+        aux=plan.aux)
+    return rm.row_losses(losses, lab), (lse, arg)
 
 
 # name -> (walk, whether it returns per-token losses rather than their sum)
 WALKS: dict[str, tuple[Callable, bool]] = {
     "vocab": (_vocab.rows, True),
     "token": (_token.token_sum, False),
+    "pallas": (_pallas_rows, True),
 }
 
 
@@ -81,10 +95,10 @@ def aux_dict(lse, arg, lab: rm.Labels, z_loss: float, batch_shape,
     }
 
 
-def choose_walk(spec: FusedSpec, h, *, vocab_parallel: bool) -> str:
+def choose_walk(spec: FusedSpec, h, *, vocab_parallel: bool, padded: bool = False) -> str:
     """The walk :func:`jaxent.impl.select` picks for this device's part of the call."""
     req = Request("linear", h.dtype, spec.opts.reduction, vocab_parallel,
-                  isinstance(h.shape[0], int))
+                  isinstance(h.shape[0], int), padded, spec.num_classes)
     return select(spec.impl, req)
 
 
@@ -113,10 +127,11 @@ def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_s
     n, d = h.shape
     local = kernel.shape[_vocab_axis(spec.layout)]
     shards = 1 if vocab_axis is None else lax.axis_size(vocab_axis)
-    name = choose_walk(spec, h, vocab_parallel=vocab_axis is not None)
+    name = choose_walk(spec, h, vocab_parallel=vocab_axis is not None,
+                       padded=local * shards != spec.num_classes)
     plan = make_plan(spec.opts, spec.num_classes, local, n, d, spec.layout, spec.aux,
                      shards=shards, vocab_axis=vocab_axis, block_size=spec.block_size,
-                     token_block_size=spec.token_block_size)
+                     token_block_size=spec.token_block_size, interpret=spec.interpret)
     walk, per_row = walks[name]
     out, (lse, arg) = walk(plan, h, kernel, bias, lab, weight)
     loss = reduce_rows(out.reshape(batch_shape) if per_row else out, lab,

@@ -56,8 +56,9 @@ html_static_path = ["_static"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 # Keep the aliases' names in signatures (``ArrayLike``, not its 10-member Union).
-autodoc_type_aliases = {name: name for name in
-                        ("ArrayLike", "Reduction", "Residual", "Impl", "KernelLayout", "AxisName")}
+autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike", "Reduction": "Reduction",
+                        "Residual": "Residual", "Impl": "Impl", "KernelLayout": "KernelLayout",
+                        "AxisName": "AxisName"}
 autodoc_default_options = {"members": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -93,7 +94,13 @@ def _page(name: str) -> str:
         opt = f"   :members: {members}\n" if members else "   :members:\n"
         return head + f".. automodule:: jaxent.{name}\n{opt}"
     if inspect.isclass(obj):
-        return head + (f".. autoclass:: jaxent.{name}\n   :members:\n"
+        # The signature without annotations: Sphinx renders a dataclass's string
+        # annotations as ``TypeAliasForwardRef(...)``; the fields' types are in its Args.
+        sig = inspect.signature(obj)
+        sig = sig.replace(parameters=[q.replace(annotation=inspect.Parameter.empty)
+                                      for q in sig.parameters.values()],
+                          return_annotation=inspect.Signature.empty)
+        return head + (f".. autoclass:: jaxent.{name}{sig}\n   :members:\n"
                        "   :special-members: __call__\n")
     return head + f".. autofunction:: jaxent.{name}\n"
 

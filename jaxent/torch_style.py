@@ -62,6 +62,7 @@ class CrossEntropyLoss:
     label_smoothing: float = 0.0
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:  # noqa: A002
+        """The loss of ``input`` logits (classes on axis 1) against ``target``."""
         x, t = jnp.asarray(input), jnp.asarray(target)
         common = dict(axis=_class_axis(x), weight=self.weight, reduction=self.reduction,
                       label_smoothing=self.label_smoothing)
@@ -86,6 +87,7 @@ class NLLLoss:
     reduction: str = "mean"
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:  # noqa: A002
+        """The loss of ``input`` log-probabilities (classes on axis 1) against ``target``."""
         x = jnp.asarray(input)
         return nll_loss(x, target, axis=_class_axis(x), weight=self.weight,
                         ignore_index=self.ignore_index, reduction=self.reduction)
@@ -100,5 +102,6 @@ class BCEWithLogitsLoss:
     pos_weight: ArrayLike | None = None
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:  # noqa: A002
+        """The loss of ``input`` logits against ``target`` probabilities (same shape)."""
         return binary_cross_entropy(input, target, weight=self.weight,
                                     pos_weight=self.pos_weight, reduction=self.reduction)

@@ -1,6 +1,8 @@
 """jaxent: cross-entropy losses for JAX with PyTorch semantics and hand-written gradients."""
 
 from jaxent import sharded as sharded
+from jaxent._autotune import autotune as autotune
+from jaxent._autotune import autotune_key as autotune_key
 from jaxent.inplace import cross_entropy_and_grad as cross_entropy_and_grad
 from jaxent.linear import linear_cross_entropy as linear_cross_entropy
 from jaxent.losses import binary_cross_entropy as binary_cross_entropy

@@ -195,7 +195,8 @@ def options(
             raise ValueError(
                 f"`logit_softcap` must be None or a finite number > 0 (at least {_TINY}), "
                 f"got {cap}")
-    return Options(eps, zl, temp, cap, residual, reduction, check_ignore_index(ignore_index))
+    return Options(eps, zl, temp, cap, residual, reduction,  # type: ignore[arg-type]
+                   check_ignore_index(ignore_index))
 
 
 def check_ignore_index(ignore_index) -> int:

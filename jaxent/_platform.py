@@ -41,9 +41,6 @@ class Quirks:
         of the label logits makes it materialize a float32 copy. A barrier keeps them apart.
       split_long_rows: XLA:CPU's row reductions slow down 2-3x on rows longer than 32K
         elements; such rows are reduced in equal pieces, twice.
-      variadic_sum: XLA:CPU's library reduction cannot fuse the upcast of a 16-bit operand
-        and materializes a float32 copy; a two-output reduce is lowered as XLA's own loop,
-        which reads the operand directly.
       transpose_bf16_dkernel: XLA:CPU multiplies bf16 without upcasting only ``A @ B`` and
         ``A @ B^T`` with row-major operands; ``h^T @ dx`` would run in float32 on a copy of
         ``h``, so the block-sized ``dx`` is transposed instead.
@@ -52,12 +49,11 @@ class Quirks:
     bf16_bits: bool = False
     barrier_before_gather: bool = False
     split_long_rows: bool = False
-    variadic_sum: bool = False
     transpose_bf16_dkernel: bool = False
 
 
 NONE = Quirks()
-CPU = Quirks(True, True, True, True, True)
+CPU = Quirks(True, True, True, True)
 
 
 def per_platform(fn: Callable[..., Any], *args: Any) -> Any:
@@ -76,18 +72,6 @@ def row_pieces(c: int, q: Quirks) -> int:
     if not q.split_long_rows or c <= MAX_PIECE:
         return 1
     return next((k for k in range(-(-c // MAX_PIECE), c // 1024 + 1) if c % k == 0), 1)
-
-
-def sum_rows(e: jax.Array, q: Quirks) -> jax.Array:
-    """Row sums of ``[N, C]`` (accumulation dtype); a two-output reduce where the CPU needs
-    it to read a fused 16-bit producer without a float32 copy (the max output is kept alive
-    by multiplying with its indicator, which is exactly 1)."""
-    if not q.variadic_sum:
-        return e.sum(axis=-1)
-    total, top = lax.reduce(
-        (e, e), (jnp.zeros((), e.dtype), jnp.full((), -jnp.inf, e.dtype)),
-        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])), (1,))
-    return total * (top >= 0).astype(e.dtype)
 
 
 def fresh(x: jax.Array, q: Quirks) -> jax.Array:

@@ -226,8 +226,8 @@ class Stats(NamedTuple):
 
     ``m``: raw max (``-inf`` before any block); ``s``: ``sum exp(z - transform(safe(m)))``;
     ``zy``: the label's raw logit (0 until its block is seen); ``wz``: ``sum_c w_c (z_c -
-    transform(safe(m)))`` and ``wseen`` (scalar): ``sum_c w_c`` over the classes seen, both
-    only with label smoothing; ``arg``: argmax (int32) when asked for.
+    transform(safe(m)))`` and ``wseen`` (scalar, or ``[N]``): ``sum_c w_c`` over the classes
+    seen, both only with label smoothing; ``arg``: argmax (int32) when asked for.
     """
 
     m: jax.Array
@@ -248,31 +248,45 @@ def init_stats(n: int, dtype, smoothing: bool, aux: bool) -> Stats:
         arg=jnp.zeros((n,), jnp.int32) if aux else None)
 
 
-def update_stats(st: Stats, x, y_local, w_block, start, opts: Options) -> Stats:
+def update_stats(st: Stats, x, y_local, w_block, start, opts: Options, valid=None) -> Stats:
     """Fold a block of raw logits ``x [N, B]`` (accumulation dtype) into ``st``.
 
     ``y_local = labels - start`` (matches no column when the label is elsewhere), ``w_block``
     the block's class weights (or None), ``start`` its first class id (for the argmax). The
     old sum is rescaled by ``exp(shift(m_old, m_new))``, which is 0 (not ``0 * inf``) when
-    nothing was seen yet, however far below 0 the block's logits are.
+    nothing was seen yet, however far below 0 the block's logits are. ``valid`` (bool,
+    broadcastable to ``x``, or None) marks the block's columns that are classes: a
+    fixed-size block (a Pallas tile) may run past the vocabulary, and its padding columns
+    count for nothing (no ``-inf`` fill: a soft-cap would map it to a finite ``-cap``).
+    With ``valid``, ``wseen`` is counted per row: start from an ``[N]`` one.
     """
-    bm = jnp.max(x, axis=1)
+    xm = x if valid is None else jnp.where(valid, x, -jnp.inf)
+    bm = jnp.max(xm, axis=1)
     m_new = jnp.maximum(st.m, bm)
     new_safe = safe(m_new)[:, None]
     zs = shift(x, new_safe, opts)
     alpha = jnp.exp(shift(st.m[:, None], new_safe, opts)[:, 0])
-    s = st.s * alpha + jnp.sum(jnp.exp(zs), axis=1)
+    e = jnp.exp(zs)
+    if valid is not None:
+        e = jnp.where(valid, e, 0.0)
+    s = st.s * alpha + jnp.sum(e, axis=1)
     zy = st.zy + jnp.sum(jnp.where(onehot(y_local, x.shape), x, 0.0), axis=1)
     wz, wseen = st.wz, st.wseen
-    if wz is not None:
+    if wz is not None and wseen is not None:
         back = shift(safe(st.m)[:, None], new_safe, opts)[:, 0]
-        wsum = class_sum(w_block, x.shape[1], x.dtype)
         wzs = zs if w_block is None else zs * w_block[None, :].astype(x.dtype)
+        if valid is None:
+            wsum = class_sum(w_block, x.shape[1], x.dtype)
+        else:
+            wzs = jnp.where(valid, wzs, 0.0)
+            wcols = jnp.ones(x.shape, x.dtype) if w_block is None else jnp.broadcast_to(
+                w_block[None, :].astype(x.dtype), x.shape)
+            wsum = jnp.sum(jnp.where(valid, wcols, 0.0), axis=1)
         wz = wz + wseen * back + jnp.sum(wzs, axis=1)
         wseen = wseen + wsum
     arg = st.arg
     if arg is not None:
-        barg = jnp.argmax(x, axis=1).astype(jnp.int32) + start
+        barg = jnp.argmax(xm, axis=1).astype(jnp.int32) + start
         arg = jnp.where(bm > st.m, barg, arg)
     return Stats(m_new, s, zy, wz, wseen, arg)
 
@@ -296,7 +310,7 @@ def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
     s = lax.psum(st.s * alpha, axis_name)
     zy = lax.psum(st.zy, axis_name)
     wz = wseen = None
-    if st.wz is not None:
+    if st.wz is not None and st.wseen is not None:
         wz = lax.psum(st.wz + st.wseen * back, axis_name)
         wseen = lax.psum(st.wseen, axis_name)
     arg = None

@@ -14,13 +14,13 @@ import functools
 import jax
 from jax.typing import ArrayLike
 
+from jaxent._options import Reduction, Residual
 from jaxent.losses import cross_entropy
 
 _STATIC = ("axis", "ignore_index", "label_smoothing", "reduction", "z_loss", "logit_softcap",
-           "temperature")
+           "temperature", "residual")
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames=_STATIC)
 def cross_entropy_and_grad(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -29,11 +29,12 @@ def cross_entropy_and_grad(
     weight: ArrayLike | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     temperature: float = 1.0,
+    residual: Residual = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """``jax.value_and_grad(cross_entropy)`` that **donates** ``logits`` to the gradient.
 
@@ -52,7 +53,15 @@ def cross_entropy_and_grad(
       >>> round(float(loss), 4), dlogits.shape
       (0.417, (1, 3))
     """
-    return jax.value_and_grad(functools.partial(
-        cross_entropy, axis=axis, weight=weight, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
-        logit_softcap=logit_softcap, temperature=temperature))(logits, labels)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"`reduction` must be 'mean' or 'sum' (a scalar loss to "
+                         f"differentiate), got {reduction!r}")
+    return _donated(logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+                    label_smoothing=label_smoothing, reduction=reduction, where=where,
+                    z_loss=z_loss, logit_softcap=logit_softcap, temperature=temperature,
+                    residual=residual)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=_STATIC)
+def _donated(logits, labels, **kw):
+    return jax.value_and_grad(functools.partial(cross_entropy, **kw))(logits, labels)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxent._options import Reduction
 from jaxent.losses import binary_cross_entropy, cross_entropy, nll_loss, soft_cross_entropy
 
 
@@ -58,23 +59,27 @@ class CrossEntropyLoss:
 
     weight: ArrayLike | None = None
     ignore_index: int = -100
-    reduction: str = "mean"
+    reduction: Reduction = "mean"
     label_smoothing: float = 0.0
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:  # noqa: A002
         """The loss of ``input`` logits (classes on axis 1) against ``target``."""
         x, t = jnp.asarray(input), jnp.asarray(target)
-        common = dict(axis=_class_axis(x), weight=self.weight, reduction=self.reduction,
-                      label_smoothing=self.label_smoothing)
+        axis, reduction = _class_axis(x), self.reduction
         if jnp.issubdtype(t.dtype, jnp.floating):
-            if self.ignore_index != -100:
+            if self.ignore_index >= 0:
                 raise ValueError(
                     f"`ignore_index`={self.ignore_index} is not supported for probability "
-                    "targets (floating-point `target`), as in PyTorch; mask with "
+                    "targets (floating-point `target`), as in PyTorch (which refuses "
+                    "ignore_index >= 0 there); mask with "
                     "jaxent.soft_cross_entropy(..., where=...) instead"
                 )
-            return soft_cross_entropy(x, t, **common)
-        return cross_entropy(x, t, ignore_index=self.ignore_index, **common)
+            return soft_cross_entropy(x, t, axis=axis, weight=self.weight,
+                                      reduction=reduction,
+                                      label_smoothing=self.label_smoothing)
+        return cross_entropy(x, t, axis=axis, weight=self.weight, ignore_index=self.ignore_index,
+                             reduction=reduction,
+                             label_smoothing=self.label_smoothing)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -84,7 +89,7 @@ class NLLLoss:
 
     weight: ArrayLike | None = None
     ignore_index: int = -100
-    reduction: str = "mean"
+    reduction: Reduction = "mean"
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:  # noqa: A002
         """The loss of ``input`` log-probabilities (classes on axis 1) against ``target``."""
@@ -98,7 +103,7 @@ class BCEWithLogitsLoss:
     """``torch.nn.BCEWithLogitsLoss``."""
 
     weight: ArrayLike | None = None
-    reduction: str = "mean"
+    reduction: Reduction = "mean"
     pos_weight: ArrayLike | None = None
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:  # noqa: A002

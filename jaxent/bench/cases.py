@@ -145,10 +145,10 @@ def default_cases(quick: bool = False, distill: bool = False) -> list[Case]:
             for mode in (FWD, FWD_BWD):
                 if quick and mode == FWD and dtype == "bfloat16":
                     continue
-                cases.append(Case(CE, mode, dtype, n, c))
+                cases.append(Case(CE, mode, dtype, n, c))  # type: ignore[arg-type]
     for n, d, c in lin_shapes:
         for dtype in ("float32", "bfloat16") if not quick else ("float32",):
-            cases.append(Case(LINEAR, FWD_BWD, dtype, n, c, d))
+            cases.append(Case(LINEAR, FWD_BWD, dtype, n, c, d))  # type: ignore[arg-type]
     if distill:
         cases += [Case(DISTILL, FWD_BWD, "float32", n, c, d)
                   for n, d, c in (QUICK_DISTILL_SHAPES if quick else DISTILL_SHAPES)]
@@ -161,6 +161,7 @@ def gpu_cases(quick: bool = False, tiny: bool = False, distill: bool = False) ->
     4096x4096x32000. ``quick`` keeps the smallest head, to fit the GPU script's time
     budget (``benchmarks/gpu/run.sh`` then runs the Llama head on its own); ``tiny`` swaps
     every shape for a tiny one (a CPU check of the suite's code path)."""
+    lin: tuple[tuple[int, int, int], ...]
     if tiny:
         lin, ce, dist = TINY_LINEAR_SHAPES, TINY_CE_SHAPES, TINY_LINEAR_SHAPES
     else:

@@ -113,8 +113,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if (args.plot or args.write) and out.suite is None:
         raise SystemExit(f"--plot/--write take a timing suite, not {args.suite}")
     if args.plot:
+        assert out.suite is not None
         report.plot(out.suite, args.plot)
     if args.write:
+        assert out.suite is not None
         report.write_results(args.write, report.results_markdown(out.suite, argv, out.notes))
     return out.suite if out.suite is not None else out.data
 

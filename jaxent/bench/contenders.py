@@ -102,7 +102,7 @@ def compile_with_memory(fn: Any, *args: Any) -> tuple[Callable, int | None, int 
         temp = int(ma.temp_size_in_bytes)
         peak = temp + int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes)
     except Exception:  # noqa: BLE001 - memory analysis is best effort (backend dependent)
-        temp = peak = None
+        temp = peak = None  # type: ignore[assignment]
     return compiled, temp, peak
 
 
@@ -117,6 +117,7 @@ def jax_runner(loss_fn: Callable, case: Case, inputs: Inputs, donate: bool = Fal
     args = [_jax_array(inputs[k], case.dtype) for k in names]
     labels = jnp.asarray(inputs["labels"])
     argnums = tuple(range(case.n_diff))
+    fn: Callable[..., Any]
     if case.mode == FWD:
         fn = jax.jit(loss_fn)
     else:

@@ -109,7 +109,7 @@ def busy_warnings(results: Sequence[Result], load_start: float | None,
                    f", on {cores} cores. Other work shared the CPU; times may be inflated and "
                    "ratios shifted.")
     noisy = sorted((r for r in results if r.spread and r.spread > threshold),
-                   key=lambda r: -r.spread)
+                   key=lambda r: -(r.spread or 0.0))
     if noisy:
         worst = ", ".join(f"{r.contender} on {r.case} ({r.spread:.2f}x)" for r in noisy[:3])
         out.append(f"WARNING: {len(noisy)} of {len(results)} rows varied by more than "

@@ -166,7 +166,9 @@ def linear_memory(args: Any) -> Report:
                       jax.ShapeDtypeStruct((d, v) if layout == "dv" else (v, d), dtype),
                       jax.ShapeDtypeStruct((n,), jnp.int32))
             compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*shapes).compile()
-            temp[name] = compiled.memory_analysis().temp_size_in_bytes
+            analysis = compiled.memory_analysis()
+            assert analysis is not None
+            temp[name] = analysis.temp_size_in_bytes
         base = next(iter(temp.values()))
         rows += [{"dtype": dtype, "contender": k, "temp_bytes": t, "of_naive": t / base}
                  for k, t in temp.items()]
@@ -257,7 +259,7 @@ def matmul(args: Any) -> Report:
     w = jax.random.normal(keys[0], (d, v)) / d**0.5
     h = jax.random.normal(keys[1], (n, d))
     full, block = matmul_flops(n, d, v), matmul_flops(nb, d, v)
-    rows = []
+    rows: list[dict[str, Any]] = []
 
     def report(name: str, fn: Callable, *xs: Any, flops: float) -> None:
         times = _time_calls(jax.jit(fn).lower(*xs).compile(), xs, rounds)

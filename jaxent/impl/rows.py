@@ -69,11 +69,11 @@ def _max_and_sum(x: jax.Array, m_lo: jax.Array, opts: Options, q: Quirks):
     if k == 1:
         m = rm.safe(jnp.maximum(x.max(axis=1).astype(acc), m_lo))
         e = jnp.exp(rm.shift(x, m[:, None], opts))
-        return m, e, _platform.sum_rows(e, q)
+        return m, e, e.sum(axis=1)
     xr = x.reshape(n * k, c // k)
     m = rm.safe(jnp.maximum(xr.max(axis=1).reshape(n, k).max(axis=1).astype(acc), m_lo))
     e = jnp.exp(rm.shift(xr, jnp.repeat(m, k)[:, None], opts))
-    return m, e.reshape(n, c), _platform.sum_rows(e, q).reshape(n, k).sum(axis=1)
+    return m, e.reshape(n, c), e.sum(axis=1).reshape(n, k).sum(axis=1)
 
 
 def _label_stats(x, lab: rm.Labels, weight, opts: Options, q: Quirks):
@@ -222,8 +222,10 @@ def _targets_fwd(x, t, counted, weight, opts: Options):
 
 def _targets_bwd(opts: Options, res, g):
     x, t, counted, weight, m, log_s = res
-    dx, dt = _platform.per_platform(
-        lambda q, *a: _target_grads(*a, opts, q), x, t, counted, weight, m, log_s, g)
+    def grads(q, x, t, counted, weight, m, log_s, g):
+        return _target_grads(x, t, counted, weight, m, log_s, g, opts, q)
+
+    dx, dt = _platform.per_platform(grads, x, t, counted, weight, m, log_s, g)
     return dx, dt, None, None if weight is None else jnp.zeros_like(weight)
 
 

@@ -105,7 +105,7 @@ def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask)
     k_spec = P(None, vocab) if spec.layout == "dv" else P(vocab, None)
     specs = (h_spec, k_spec, y_spec, None if b is None else P(vocab),
              None if w is None else P(), None if mask is None else y_spec)
-    out_spec = y_spec if spec.opts.reduction == "none" else P()
+    out_spec: object = y_spec if spec.opts.reduction == "none" else P()
     if spec.aux:
         out_spec = (out_spec, {"lse": y_spec, "z_loss": y_spec, "argmax": y_spec,
                                "accuracy": P()})

@@ -1,0 +1,442 @@
+r"""What the Pallas kernels of every backend share: tile math, padding, the ``custom_vjp``.
+
+The per-row formulas are :mod:`jaxent._rowmath`'s (the one copy); this module only cuts the
+work into tiles. Each backend module (:mod:`jaxent.impl.pallas_gpu`,
+:mod:`jaxent.impl.pallas_tpu`) supplies :class:`Launchers`, five functions that run its
+kernels on *padded* operands, and its own block ``Config``; the entry points here pad, call
+them, and finish the per-row math outside the kernels.
+
+Padding. The fused kernels' operands are padded to whole blocks (tokens ``N -> Np``,
+vocabulary ``V -> Vp``, the contraction ``D -> Dp`` where a backend blocks it), so every
+kernel sees full tiles of static shape (Triton wants powers of two, Mosaic TPU multiples of
+``(8, 128)``). Padding rows carry label ``-1``, weight 0, a zero cotangent and are not
+``live``; padding columns are masked by ``valid = column < V`` in
+:func:`jaxent._rowmath.update_stats` and in the gradient tile (:func:`grad_tile`), so
+neither counts, with or without a soft-cap. The cost is one copy of an operand whose size
+is not a multiple of its block (``O(|W|)`` bytes, next to ``O(N D V)`` flops). Plain CE
+pads only its ``[N]``/``[C]`` vectors: its logits are read in place (it is memory bound).
+
+Per token, with raw logits :math:`x = h W + b` of a tile (float32 accumulation), the
+forward folds tiles into the streaming :class:`~jaxent._rowmath.Stats` (raw max ``m``,
+``s = \sum e^{z - z(m)}``, the label's raw logit, the smoothing sum, the argmax); the loss
+
+.. math::
+    (1-\epsilon)\, r\,(\log s - (z_y - m)) + \frac{\epsilon}{V}(W \log s - wz)
+    + \lambda_z\,\mathrm{lse}^2
+
+is formed outside the kernel (:func:`jaxent._rowmath.label_loss`). The backward recomputes
+each tile, ``dz = g [p A - (1-\epsilon) r [c = y] - \tfrac{\epsilon}{V} w_c]`` with
+``p = exp(shift(x, m) - log s)`` (:func:`jaxent._rowmath.block_grad`) and contracts it:
+``d hidden = dz W^T`` (accumulated over vocabulary tiles) and ``d W = h^T dz``, ``d b =
+sum_rows dz`` (accumulated over token tiles), in two kernels, without atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.extend import core as jex_core
+from jax.interpreters import batching, mlir
+
+from jaxent import _rowmath
+from jaxent._options import Options
+
+_HINT = ("impl='pallas' has no compiled kernels for the CPU: pass interpret=True (Pallas's "
+         "interpreter, slow, for testing) or run on a GPU or TPU.")
+
+
+def check_platform(interpret: bool, platform: str | None = None) -> None:
+    """Raise ``ValueError`` when Pallas kernels cannot run here without ``interpret=True``.
+
+    ``platform`` defaults to JAX's default backend (``"cpu"``, ``"gpu"``/``"cuda"``,
+    ``"tpu"``...). Compiled Pallas kernels exist for NVIDIA GPUs (Triton) and TPUs (Mosaic).
+    The entry points also check where they are *lowered* (:func:`guard_platform`), so a
+    program exported for ``cuda``/``tpu`` from a CPU host passes and one compiled for the CPU
+    fails with this hint.
+    """
+    if not interpret and (platform or jax.default_backend()) == "cpu":
+        raise ValueError(_HINT)
+
+
+def _guard_lowering_cpu(ctx, x):
+    del ctx, x
+    raise ValueError(_HINT)
+
+
+def _guard_impl(x):
+    """Eager evaluation: check the platform the operand lives on."""
+    devices = getattr(x, "devices", None)
+    check_platform(False, next(iter(devices())).platform if devices else None)
+    return x
+
+
+_guard_p = jex_core.Primitive("jaxent_pallas_platform_guard")
+_guard_p.def_abstract_eval(lambda x: x)
+_guard_p.def_impl(_guard_impl)
+mlir.register_lowering(_guard_p, lambda ctx, x: [x])
+mlir.register_lowering(_guard_p, _guard_lowering_cpu, platform="cpu")
+batching.primitive_batchers[_guard_p] = lambda args, dims: (_guard_p.bind(*args), dims[0])
+
+
+def guard_platform(x: jax.Array, interpret: bool) -> jax.Array:
+    """``x`` unchanged; compiling it for the CPU without ``interpret`` raises ``ValueError``
+    with :func:`check_platform`'s hint (an identity elsewhere, so exports for cuda/tpu
+    from a CPU host work)."""
+    return x if interpret else _guard_p.bind(x)
+
+
+def backend(platform: str):
+    """The kernel module for ``platform``: :mod:`~jaxent.impl.pallas_tpu` for ``"tpu"``,
+    :mod:`~jaxent.impl.pallas_gpu` (Triton) for ``"cuda"``/``"gpu"`` and for ``"cpu"``
+    (where only ``interpret=True`` runs)."""
+    if platform == "tpu":
+        from jaxent.impl import pallas_tpu as mod
+    elif platform in ("cuda", "gpu", "cpu"):
+        from jaxent.impl import pallas_gpu as mod
+    else:
+        raise ValueError(f"impl='pallas' has kernels for cuda and tpu, not {platform!r}")
+    return mod
+
+
+def default_config(n: int, d: int, v: int, dtype, platform: str):
+    """The heuristic block ``Config`` of ``platform``'s kernels for ``[n, d] x [d, v]``."""
+    return backend(platform).default_config(n, d, v, dtype)
+
+
+def config_for(n: int, d: int, v: int, dtype, platform: str, impl: str = "pallas-linear"):
+    """The autotuned ``Config`` cached for this device and shape class, else the default.
+
+    The cache (:mod:`jaxent._autotune`) is keyed by ``impl``, ``dtype`` and the shape class
+    of ``(n, d, v)``; fill it with :func:`jaxent.autotune` and the backend's candidates.
+    """
+    from jaxent import _autotune
+
+    heuristic = default_config(n, d, v, dtype, platform)
+    choice = _autotune.lookup(_autotune.autotune_key(impl, dtype, n=n, d=d, v=v))
+    if isinstance(choice, dict) and choice.get("type") == type(heuristic).__qualname__:
+        try:
+            return type(heuristic)(**choice["fields"])
+        except (TypeError, ValueError):
+            return heuristic
+    return heuristic
+
+
+def round_up(x: int, b: int) -> int:
+    """The smallest multiple of ``b`` that is at least ``max(x, 1)``."""
+    return -(-max(x, 1) // b) * b
+
+
+def pad_to(x: jax.Array | None, axis: int, size: int, value=0) -> jax.Array | None:
+    """``x`` padded with ``value`` at the end of ``axis`` to ``size`` (no copy if it fits)."""
+    if x is None or x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+# ---------------------------------------------------------------------------- tile math
+
+
+def dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """``a . b`` contracting ``a``'s axis ``contract[0]`` with ``b``'s ``contract[1]``,
+    accumulated in float32 (full float32 precision for float32 operands: no TF32)."""
+    acc = _rowmath.compute_dtype(a.dtype)
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=acc, precision=precision)
+
+
+def logits_tile(h_at: Callable, w_at: Callable, nk: int, layout: str, bias) -> jax.Array:
+    """Raw logits of a tile ``[bn, bv]``: ``sum_k h_at(k) . w_at(k) (+ bias [bv])``.
+
+    ``h_at(k)`` is the tile's ``[bn, bk]`` slice of the hidden states, ``w_at(k)`` the
+    kernel's ``[bk, bv]`` (``"dv"``) or ``[bv, bk]`` (``"vd"``) slice; ``nk`` static.
+    """
+    contract = (1, 0) if layout == "dv" else (1, 1)
+    if nk == 1:
+        x = dot(h_at(0), w_at(0), contract)
+    else:
+        x0 = dot(h_at(0), w_at(0), contract)
+        x = lax.fori_loop(1, nk, lambda k, acc: acc + dot(h_at(k), w_at(k), contract), x0)
+    if bias is not None:
+        x = x + bias.astype(x.dtype)[None, :]
+    return x
+
+
+def column_mask(shape: tuple[int, int], start, num_classes: int) -> jax.Array:
+    """``[bn, bv]`` booleans: which columns of a tile starting at ``start`` are classes."""
+    return lax.broadcasted_iota(jnp.int32, shape, 1) + start < num_classes
+
+
+def init_stats(bn: int, dtype, opts: Options, aux: bool) -> _rowmath.Stats:
+    """:func:`jaxent._rowmath.init_stats` with ``wseen`` per row (masked tiles count it so)."""
+    st = _rowmath.init_stats(bn, dtype, opts.smoothing, aux)
+    if st.wseen is not None:
+        st = st._replace(wseen=jnp.zeros((bn,), dtype))
+    return st
+
+
+def fold_tile(st, x, labels, w_blk, start, opts: Options, num_classes: int):
+    """Fold the raw logits ``x [bn, bv]`` of the tile starting at class ``start`` into ``st``."""
+    valid = column_mask(x.shape, start, num_classes)
+    return _rowmath.update_stats(st, x, labels - start, w_blk, start, opts, valid)
+
+
+NUM_ROWS = 7  # the per-row vectors of the backward kernels: see grad_tile
+
+
+def grad_tile(x, rows, start, w_blk, opts: Options, num_classes: int) -> jax.Array:
+    """``d loss / d x`` of a tile ``[bn, bv]`` (0 on padding columns), accumulation dtype.
+
+    ``rows = (labels, m, log_s, cp, cy, cw, live)``, each ``[bn]`` (:data:`NUM_ROWS`): the
+    safe raw max and ``log s`` of the forward, the coefficients of
+    :func:`jaxent._rowmath.grad_coefs` and ``live`` (int32, 1 for counted rows). Rows not
+    counted are selected away, not multiplied by 0: their ``p`` may be ``nan`` (a row of
+    ``-inf`` logits has ``log s = -inf``).
+    """
+    labels, m, log_s, cp, cy, cw, live = rows
+    dz = _rowmath.block_grad(x, m, log_s, labels - start, (cp, cy, cw), w_blk, opts)
+    keep = column_mask(x.shape, start, num_classes) & (live[:, None] != 0)
+    return jnp.where(keep, dz, 0.0)
+
+
+def dhidden_part(dz: jax.Array, w_tile: jax.Array, layout: str) -> jax.Array:
+    """``dz . W_tile^T``: ``[bn, bv]`` with ``[bd, bv]`` (``"dv"``) or ``[bv, bd]`` (``"vd"``)
+    gives ``[bn, bd]``."""
+    return dot(dz.astype(w_tile.dtype), w_tile, (1, 1) if layout == "dv" else (1, 0))
+
+
+def dkernel_part(h_tile: jax.Array, dz: jax.Array, layout: str) -> jax.Array:
+    """``h^T dz`` in the kernel's layout: ``[bd, bv]`` (``"dv"``) or ``[bv, bd]`` (``"vd"``)."""
+    dz = dz.astype(h_tile.dtype)
+    return dot(h_tile, dz, (0, 0)) if layout == "dv" else dot(dz, h_tile, (0, 0))
+
+
+def ce_bwd_kernel(*refs, opts: Options, num_classes: int, block_c: int, weighted: bool):
+    """Plain CE backward tile (grid ``(token tiles, class tiles)``): ``dx`` of one tile.
+
+    Refs: ``x [bn, bc]``, the :data:`NUM_ROWS` row vectors ``[bn]``, ``weight [bc]`` if
+    ``weighted``; out ``dx [bn, bc]`` in the logits' dtype. An edge tile may run past the
+    logits (TPU partial blocks: unspecified values there, writes dropped); its columns
+    beyond ``C`` are masked to 0 and its rows beyond ``N`` are only ever written out of
+    bounds, so nothing leaks.
+    """
+    x_ref, *row_refs = refs[:1 + NUM_ROWS]
+    w_ref = refs[1 + NUM_ROWS] if weighted else None
+    dx_ref = refs[-1]
+    start = pl.program_id(1) * block_c
+    x = x_ref[...].astype(_rowmath.compute_dtype(x_ref.dtype))
+    rows = tuple(r[...] for r in row_refs)
+    dz = grad_tile(x, rows, start, None if w_ref is None else w_ref[...], opts, num_classes)
+    dx_ref[...] = dz.astype(dx_ref.dtype)
+
+
+# --------------------------------------------------------------------- entry points
+
+
+class Launchers(NamedTuple):
+    """A backend's kernels on padded operands (see the backend modules for the shapes).
+
+    ``fwd(spec, h, w, b, y, wt) -> Stats`` (``[Np]`` fields); ``dhidden(spec, h, w, b, rows,
+    wt) -> [Np, Dp]``; ``dkernel(spec, h, w, b, rows, wt) -> (dW, db or None)``;
+    ``ce_fwd(spec, x, y, wt) -> Stats``; ``ce_bwd(spec, x, rows, wt) -> dx``: for plain CE
+    the logits ``x [N, C]`` come unpadded (the row vectors and weights padded), and ``dx``
+    is ``[N, C]``.
+    """
+
+    fwd: Callable
+    dhidden: Callable
+    dkernel: Callable
+    ce_fwd: Callable
+    ce_bwd: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Static description of one call (hashable: a ``nondiff_argnums`` argument)."""
+
+    launch: Launchers
+    opts: Options
+    num_classes: int
+    layout: str
+    config: Any
+    interpret: bool
+    aux: bool = False
+
+
+def _finish(spec: Spec, st: _rowmath.Stats, labels, row_w, counted, weight):
+    """Per-row loss, lse and the backward's residuals from the kernels' statistics."""
+    rs = _rowmath.finish(st, spec.opts)
+    acc = rs.lse.dtype
+    big_w = _rowmath.class_sum(weight, spec.num_classes, acc)
+    loss = _rowmath.label_loss(rs.log_s, rs.zy_s, rs.wz, rs.lse, row_w, big_w, spec.opts,
+                               spec.num_classes)
+    valid = (labels >= 0) & (labels < spec.num_classes)
+    loss = jnp.where(counted, jnp.where(valid, loss, jnp.nan), 0.0)
+    return loss, rs
+
+
+def _coef_rows(spec: Spec, g, rs, labels, row_w, counted, weight, n_pad: int):
+    """``(labels, m, log_s, cp, cy, cw, live)`` padded to ``n_pad`` rows for the backward
+    kernels (see :func:`grad_tile`)."""
+    v = spec.num_classes
+    valid = (labels >= 0) & (labels < v)
+    g = jnp.where(counted, jnp.where(valid, g, jnp.nan), 0.0).astype(rs.lse.dtype)
+    big_w = _rowmath.class_sum(weight, v, rs.lse.dtype)
+    cp, cy, cw = _rowmath.grad_coefs(g, rs.lse, row_w, big_w, spec.opts, v)
+    cw = jnp.broadcast_to(cw, cp.shape)
+    rows = (labels.astype(jnp.int32), rs.m, rs.log_s, cp, cy, cw, counted.astype(jnp.int32))
+    return tuple(pad_to(r, 0, n_pad, -1 if i == 0 else 0) for i, r in enumerate(rows))
+
+
+def _linear_padded(spec: Spec, h, kernel, bias, labels, weight):
+    """Operands padded to whole blocks: ``(h, W, b, labels, weight, (Np, Dp, Vp))``."""
+    n, d = h.shape
+    np_, dp, vp = spec.config.padded(n, d, spec.num_classes)
+    vax, dax = (1, 0) if spec.layout == "dv" else (0, 1)
+    h = pad_to(pad_to(h, 0, np_), 1, dp)
+    kernel = pad_to(pad_to(kernel, vax, vp), dax, dp)
+    return (h, kernel, pad_to(bias, 0, vp), pad_to(labels.astype(jnp.int32), 0, np_, -1),
+            pad_to(weight, 0, vp), (np_, dp, vp))
+
+
+def _linear_fwd(spec: Spec, h, kernel, bias, labels, row_w, counted, weight):
+    n = h.shape[0]
+    hp, kp, bp, yp, wp, _ = _linear_padded(spec, h, kernel, bias, labels, weight)
+    st = spec.launch.fwd(spec, hp, kp, bp, yp, wp)
+    st = jax.tree.map(lambda a: a[:n], st)
+    loss, rs = _finish(spec, st, labels, row_w, counted, weight)
+    out = (loss, rs.lse, rs.arg)
+    return out, (h, kernel, bias, labels, row_w, counted, weight, rs)
+
+
+def _linear_bwd(spec: Spec, res, cts):
+    h, kernel, bias, labels, row_w, counted, weight, rs = res
+    n, d = h.shape
+    hp, kp, bp, yp, wp, (np_, _, _) = _linear_padded(spec, h, kernel, bias, labels, weight)
+    rows = _coef_rows(spec, cts[0], rs, labels, row_w, counted, weight, np_)
+    dh = spec.launch.dhidden(spec, hp, kp, bp, rows, wp)[:n, :d]
+    dk, db = spec.launch.dkernel(spec, hp, kp, bp, rows, wp)
+    dk = dk[: kernel.shape[0], : kernel.shape[1]]
+    db = None if db is None else db[: bias.shape[0]]
+    return (dh.astype(h.dtype), dk.astype(kernel.dtype),
+            None if db is None else db.astype(bias.dtype), None, jnp.zeros_like(row_w), None,
+            None if weight is None else jnp.zeros_like(weight))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _linear(spec: Spec, h, kernel, bias, labels, row_w, counted, weight):
+    return _linear_fwd(spec, h, kernel, bias, labels, row_w, counted, weight)[0]
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear_ce_rows(launch: Launchers, h, kernel, bias, labels, row_w, counted, weight, *,
+                   opts: Options, num_classes: int, layout: str, config, interpret: bool,
+                   aux: bool = False):
+    """Per-token fused linear cross-entropy on one backend; see the backend modules."""
+    spec = Spec(launch, opts, num_classes, layout, config, interpret, aux)
+    return _linear(spec, h, kernel, bias, labels, row_w, counted, weight)
+
+
+def _ce_padded(spec: Spec, x, labels, weight):
+    """Labels and weights padded to whole blocks; the logits are *not* copied: the kernels
+    read ``x [N, C]`` as is (masked loads on GPUs, partial edge blocks on TPUs), since a
+    padded copy would double the memory traffic of this memory-bound loss."""
+    n, c = x.shape
+    np_, _, cp = spec.config.padded(n, 0, c)
+    return x, pad_to(labels.astype(jnp.int32), 0, np_, -1), pad_to(weight, 0, cp), np_
+
+
+def _ce_fwd(spec: Spec, x, labels, row_w, counted, weight):
+    n = x.shape[0]
+    xp, yp, wp, _ = _ce_padded(spec, x, labels, weight)
+    st = jax.tree.map(lambda a: a[:n], spec.launch.ce_fwd(spec, xp, yp, wp))
+    loss, rs = _finish(spec, st, labels, row_w, counted, weight)
+    return loss, (x, labels, row_w, counted, weight, rs)
+
+
+def _ce_bwd(spec: Spec, res, g):
+    x, labels, row_w, counted, weight, rs = res
+    n, c = x.shape
+    xp, _, wp, np_ = _ce_padded(spec, x, labels, weight)
+    rows = _coef_rows(spec, g, rs, labels, row_w, counted, weight, np_)
+    dx = spec.launch.ce_bwd(spec, xp, rows, wp)
+    return (dx.astype(x.dtype), None, jnp.zeros_like(row_w), None,
+            None if weight is None else jnp.zeros_like(weight))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ce(spec: Spec, x, labels, row_w, counted, weight):
+    return _ce_fwd(spec, x, labels, row_w, counted, weight)[0]
+
+
+_ce.defvjp(_ce_fwd, _ce_bwd)
+
+
+def ce_rows(launch: Launchers, x, labels, row_w, counted, weight, *, opts: Options, config,
+            interpret: bool):
+    """Per-row plain cross-entropy of logits ``x [N, C]`` on one backend."""
+    spec = Spec(launch, opts, x.shape[1], "dv", config, interpret)
+    return _ce(spec, x, labels, row_w, counted, weight)
+
+
+# ------------------------------------------------------------ one program, both devices
+
+
+def _per_platform(run: Callable, operands, interpret: bool):
+    """``run(module, *operands)`` for the platform the program is lowered for.
+
+    With ``interpret`` the Triton-style kernels run in Pallas's interpreter (any platform).
+    Otherwise ``lax.platform_dependent`` picks, *when lowering*, the Mosaic kernels on
+    ``tpu`` and the Triton kernels elsewhere (``cuda``); lowered for the CPU it raises the
+    :func:`check_platform` hint. One platform per lowering: a multi-platform
+    ``jax.export(..., platforms=["cuda", "tpu"])`` fails, because Pallas lowers every
+    branch for every platform and the Triton branch has no TPU lowering.
+    """
+    from jaxent.impl import pallas_gpu, pallas_tpu
+
+    if interpret:
+        return run(pallas_gpu, *operands)
+    return lax.platform_dependent(
+        *operands, tpu=functools.partial(run, pallas_tpu),
+        default=functools.partial(run, pallas_gpu))
+
+
+def dispatch_linear_ce_rows(h, kernel, bias, labels, row_w, counted, weight, *, opts: Options,
+                            num_classes: int, layout: str, interpret: bool, aux: bool = False):
+    """:func:`jaxent.impl.pallas_gpu.linear_ce_rows` or the TPU one, chosen per platform
+    (:func:`_per_platform`), each with :func:`config_for` its platform's blocks."""
+    n, d = h.shape
+    platform = {"pallas_gpu": "cuda", "pallas_tpu": "tpu"}
+
+    def run(mod, h, kernel, bias, labels, row_w, counted, weight):
+        cfg = config_for(n, d, num_classes, h.dtype, platform[mod.__name__.rsplit(".", 1)[1]])
+        return mod.linear_ce_rows(h, kernel, bias, labels, row_w, counted, weight, opts=opts,
+                                  num_classes=num_classes, layout=layout, config=cfg,
+                                  interpret=interpret, aux=aux)
+
+    return _per_platform(run, (h, kernel, bias, labels, row_w, counted, weight), interpret)
+
+
+def dispatch_ce_rows(x, labels, row_w, counted, weight, *, opts: Options, interpret: bool):
+    """:func:`jaxent.impl.pallas_gpu.ce_rows` or the TPU one, chosen per platform."""
+    n, c = x.shape
+    platform = {"pallas_gpu": "cuda", "pallas_tpu": "tpu"}
+
+    def run(mod, x, labels, row_w, counted, weight):
+        cfg = config_for(n, 128, c, x.dtype, platform[mod.__name__.rsplit(".", 1)[1]],
+                         impl="pallas-ce")
+        return mod.ce_rows(x, labels, row_w, counted, weight, opts=opts, config=cfg,
+                           interpret=interpret)
+
+    return _per_platform(run, (x, labels, row_w, counted, weight), interpret)

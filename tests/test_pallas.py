@@ -1,0 +1,423 @@
+"""Pallas kernels (impl="pallas"): interpret mode on the CPU against the XLA path and float64
+references, exports for cuda and tpu, the platform check, and the autotuner's cache."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxent
+from jaxent import _autotune, _core
+from jaxent._options import Options
+from jaxent.impl import pallas_common, pallas_gpu, pallas_tpu
+from tests import reference
+
+N, D, V = 37, 48, 300  # ragged against every block below (D too, for the GPU's block_d)
+BACKENDS = {
+    "gpu": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16, block_d=16,
+                                          d_split=2, v_split=2)),
+    "gpu_whole_d": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
+                                                  block_d=32)),
+    "gpu_recompute": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=32,
+                                                    block_d=16, backward="recompute")),
+    "tpu": (pallas_tpu, pallas_tpu.Config(block_n=128, block_v=128)),
+}
+OPTION_SETS = {
+    "plain": {},
+    "smooth_weight_where": {"label_smoothing": 0.2, "weight": True, "where": True},
+    "zloss_cap_temp": {"z_loss": 1e-2, "logit_softcap": 3.0, "temperature": 1.7},
+    "all": {"weight": True, "where": True, "label_smoothing": 0.05, "z_loss": 1e-3,
+            "logit_softcap": 5.0, "temperature": 0.8, "ignore_index": 7},
+}
+TOL = {"float32": (2e-5, 2e-5), "bfloat16": (1e-2, 1e-2)}  # (rtol, atol / max |ref|)
+
+
+def _data(rng, layout, dtype, c=V):
+    h = rng.standard_normal((N, D)).astype(np.float32)
+    w = (rng.standard_normal((D, c) if layout == "dv" else (c, D)) / 3).astype(np.float32)
+    b = rng.standard_normal((c,)).astype(np.float32)
+    y = rng.integers(0, c, (N,)).astype(np.int32)
+    y[0], y[5] = -100, 7  # one ignored (default ignore_index), one class 7 ("all" ignores 7)
+    weight = rng.uniform(0.5, 2.0, (c,)).astype(np.float32)
+    where = rng.random((N,)) < 0.8
+    cast = lambda a: jnp.asarray(a).astype(dtype)  # noqa: E731
+    return cast(h), cast(w), cast(b), jnp.asarray(y), jnp.asarray(weight), jnp.asarray(where)
+
+
+def _split(opts_set, weight, where):
+    """``(loss keywords, Options, weight or None, where or None, ignore_index)``."""
+    kw = dict(opts_set)
+    w = weight if kw.pop("weight", False) else None
+    m = where if kw.pop("where", False) else None
+    ignore = kw.get("ignore_index", -100)
+    opts = Options(kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0),
+                   kw.get("temperature", 1.0), kw.get("logit_softcap"))
+    kw = {k: v for k, v in kw.items() if k != "ignore_index"}
+    return kw, opts, w, m, ignore
+
+
+def _relabel(y, ignore):
+    """Labels with the data's ignored entry (-100) moved to ``ignore``: no label out of range
+    (jaxent gives those nan, the reference clips)."""
+    return jnp.where(y == -100, ignore, y)
+
+
+def _close(a, b, dtype):
+    rtol, atol = TOL[jnp.dtype(dtype).name]
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * max(1.0, float(np.abs(b).max())))
+
+
+def _f64(*arrays):
+    return [jnp.asarray(np.asarray(a, np.float64)) for a in arrays]
+
+
+def _ref_vjp(fn, args, g):
+    """Float64 values and ``vjp(g)`` of a jax.numpy reference."""
+    with jax.enable_x64(True):
+        out, vjp = jax.vjp(fn, *_f64(*args))
+        grads = vjp(jnp.asarray(np.asarray(g, np.float64)))
+        return np.asarray(out), [np.asarray(x) for x in grads]
+
+
+def _jit_vjp(fn, n_args):
+    """Jitted ``(out, aux, vjp(g))`` of ``fn(*args) -> (rows, aux)``."""
+
+    def run(g, *args):
+        out, vjp, aux = jax.vjp(fn, *args, has_aux=True)
+        return out, aux, vjp(g.astype(out.dtype))
+
+    return jax.jit(run)
+
+
+def _cases():
+    names = list(OPTION_SETS)
+    yield "gpu_recompute", "all", "vd", "float32"
+    yield "gpu_recompute", "smooth_weight_where", "dv", "bfloat16"
+    for backend in ("gpu", "tpu"):
+        for i, name in enumerate(names):
+            yield backend, name, "vd" if i % 2 else "dv", "float32"
+        if backend == "gpu":
+            yield backend, "all", "dv", "float32"  # "all" in both layouts
+        yield backend, "plain", "vd", "bfloat16"
+        yield backend, "all", "dv", "bfloat16"
+
+
+@pytest.mark.parametrize(("backend", "name", "layout", "dtype"), list(_cases()))
+def test_linear_matches_references(backend, name, layout, dtype, rng):
+    mod, cfg = BACKENDS[backend]
+    h, w, b, y, weight, where = _data(rng, layout, dtype)
+    kw, opts, wt, mask, ignore = _split(OPTION_SETS[name], weight, where)
+    y = _relabel(y, ignore)
+    yf, counted, row_w = _core.counted_rows(y, mask, wt, ignore, jnp.float32)
+
+    def rows(h, w, b):
+        loss, lse, arg = mod.linear_ce_rows(
+            h, w, b, yf, row_w, counted, wt, opts=opts, num_classes=V, layout=layout,
+            config=cfg, interpret=True, aux=True)
+        return loss, (lse, arg)
+
+    g = jnp.asarray(rng.standard_normal((N,)), jnp.float32)
+    loss, (lse, arg), grads = _jit_vjp(rows, 3)(g, h, w, b)
+    assert loss.dtype == jnp.float32 and [x.dtype for x in grads] == [h.dtype] * 3
+
+    def ref(h, w, b):
+        logits = h @ (w if layout == "dv" else w.T) + b[None, :]
+        return reference.cross_entropy(logits, y, weight=wt, where=mask, ignore_index=ignore,
+                                       reduction="none", xp=jnp, **kw)
+
+    ref_loss, ref_grads = _ref_vjp(ref, (h, w, b), g)
+    _close(loss, ref_loss, dtype)
+    for got, want in zip(grads, ref_grads, strict=True):
+        _close(got, want, dtype)
+    logits = np.asarray(_f64(h)[0] @ (_f64(w)[0] if layout == "dv" else _f64(w)[0].T)
+                        + _f64(b)[0][None, :])
+    z = logits / opts.temperature
+    if opts.logit_softcap is not None:
+        z = opts.logit_softcap * np.tanh(z / opts.logit_softcap)
+    zmax = z.max(1, keepdims=True)
+    _close(lse, (zmax + np.log(np.exp(z - zmax).sum(1, keepdims=True)))[:, 0], dtype)
+    if dtype == "float32":
+        np.testing.assert_array_equal(arg, logits.argmax(1))
+        # The XLA path, same rows and gradients.
+        def xla(h, w, b):
+            out = jaxent.linear_cross_entropy(
+                h, w, y, bias=b, weight=wt, where=mask, ignore_index=ignore,
+                reduction="none", kernel_layout=layout, **kw)
+            return out, ()
+
+        x_loss, _, x_grads = _jit_vjp(xla, 3)(g, h, w, b)
+        _close(loss, x_loss, dtype)
+        for got, want in zip(grads, x_grads, strict=True):
+            _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend", ["gpu_whole_d", "tpu"])
+def test_linear_without_bias_and_reduced(backend, rng):
+    """No bias, a mean over the rows as the front function forms it, and its gradient."""
+    mod, cfg = BACKENDS[backend]
+    h, w, _, y, _, _ = _data(rng, "dv", jnp.float32)
+    yf, counted, row_w = _core.counted_rows(y, None, None, -100, jnp.float32)
+
+    def mean(h, w):
+        loss, _, arg = mod.linear_ce_rows(h, w, None, yf, row_w, counted, None, opts=Options(),
+                                          num_classes=V, config=cfg, interpret=True)
+        assert arg is None
+        return _core.reduce(loss, row_w.sum(), "mean")
+
+    val, grads = jax.jit(jax.value_and_grad(mean, argnums=(0, 1)))(h, w)
+    want, want_grads = jax.value_and_grad(
+        lambda h, w: jaxent.linear_cross_entropy(h, w, y), argnums=(0, 1))(h, w)
+    _close(val, want, jnp.float32)
+    for got, ref in zip(grads, want_grads, strict=True):
+        _close(got, ref, jnp.float32)
+
+
+@pytest.mark.parametrize(("backend", "name", "dtype"), [
+    (b, n, d) for b in ("gpu_whole_d", "tpu") for n, d in
+    [("plain", "float32"), ("all", "float32"), ("smooth_weight_where", "bfloat16")]])
+def test_ce_rows_match_references(backend, name, dtype, rng):
+    mod, cfg = BACKENDS[backend]
+    c = 203
+    x = jnp.asarray(3 * rng.standard_normal((N, c)), jnp.float32).astype(dtype)
+    y = jnp.asarray(rng.integers(0, c, (N,)), jnp.int32).at[0].set(-100).at[5].set(7)
+    weight = jnp.asarray(rng.uniform(0.5, 2.0, (c,)), jnp.float32)
+    where = jnp.asarray(rng.random((N,)) < 0.8)
+    kw, opts, wt, mask, ignore = _split(OPTION_SETS[name], weight, where)
+    y = _relabel(y, ignore)
+    yf, counted, row_w = _core.counted_rows(y, mask, wt, ignore, jnp.float32)
+
+    def rows(x):
+        return mod.ce_rows(x, yf, row_w, counted, wt, opts=opts, config=cfg,
+                           interpret=True), ()
+
+    g = jnp.asarray(rng.standard_normal((N,)), jnp.float32)
+    loss, _, (dx,) = _jit_vjp(rows, 1)(g, x)
+    assert dx.dtype == x.dtype
+
+    def ref(x):
+        return reference.cross_entropy(x, y, weight=wt, where=mask, ignore_index=ignore,
+                                       reduction="none", xp=jnp, **kw)
+
+    ref_loss, (ref_dx,) = _ref_vjp(ref, (x,), g)
+    _close(loss, ref_loss, dtype)
+    _close(dx, ref_dx, dtype)
+
+    def xla(x):
+        return jaxent.cross_entropy(x, y, weight=wt, where=mask, ignore_index=ignore,
+                                    reduction="none", **kw), ()
+
+    x_loss, _, (x_dx,) = _jit_vjp(xla, 1)(g, x)
+    _close(loss, x_loss, dtype)
+    _close(dx, x_dx, dtype)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_ce_rows_minus_inf_logits(backend, rng):
+    """-inf logits (a masked vocabulary): finite loss and gradient where a class is live; a
+    row of only -inf that is not counted gives exactly 0 and 0 (as the XLA path)."""
+    mod, cfg = BACKENDS[backend]
+    c = 203
+    x = np.asarray(rng.standard_normal((N, c)), np.float32)
+    x[:, 150:] = -np.inf
+    x[3] = -np.inf
+    y = jnp.asarray(rng.integers(0, 150, (N,)), jnp.int32).at[3].set(-100)
+    weight = jnp.asarray(rng.uniform(0.5, 2.0, (c,)), jnp.float32)
+    x = jnp.asarray(x)
+    yf, counted, row_w = _core.counted_rows(y, None, weight, -100, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((N,)), jnp.float32)
+    rows = lambda x: (mod.ce_rows(x, yf, row_w, counted, weight, opts=Options(),  # noqa: E731
+                                  config=cfg, interpret=True), ())
+    loss, _, (dx,) = _jit_vjp(rows, 1)(g, x)
+    xla = lambda x: (jaxent.cross_entropy(x, y, weight=weight, reduction="none"), ())  # noqa: E731
+    want, _, (want_dx,) = _jit_vjp(xla, 1)(g, x)
+    assert np.isfinite(loss).all() and np.isfinite(dx).all()
+    assert loss[3] == 0 and (dx[3] == 0).all() and (dx[:, 150:] == 0).all()
+    _close(loss, want, jnp.float32)
+    _close(dx, want_dx, jnp.float32)
+
+
+# ------------------------------------------------------------------------------ exports
+
+_S = jax.ShapeDtypeStruct
+_ALL = Options(label_smoothing=0.1, z_loss=1e-3, temperature=0.7, logit_softcap=5.0)
+EXPORTS = [(b, k, layout, dt) for b in BACKENDS
+           for k, layout, dt in [("linear", "dv", "float32"), ("linear", "vd", "float32"),
+                                 ("linear", "dv", "bfloat16"), ("linear", "vd", "bfloat16"),
+                                 ("linear-plain", "dv", "float32"),
+                                 ("ce", None, "float32"), ("ce", None, "bfloat16")]
+           if b in ("gpu", "tpu") or k == "linear"]
+
+
+def _export_fn(mod, cfg, kind, layout):
+    if kind == "ce":
+        def f(x, y, rw, c, wt):
+            return mod.ce_rows(x, y, rw, c, wt, opts=_ALL, config=cfg).sum()
+
+        return jax.value_and_grad(f), 2
+    plain = kind == "linear-plain"
+
+    def f(h, w, b, y, rw, c, wt):
+        loss, lse, arg = mod.linear_ce_rows(
+            h, w, None if plain else b, y, rw, c, None if plain else wt,
+            opts=Options() if plain else _ALL, num_classes=V, layout=layout, config=cfg,
+            aux=not plain)
+        return loss.sum()
+
+    return jax.value_and_grad(f, argnums=(0, 1, 2)), 3
+
+
+@pytest.mark.parametrize(("backend", "kind", "layout", "dtype"), EXPORTS)
+def test_export(backend, kind, layout, dtype):
+    """value_and_grad lowers for the device with the kernels' custom calls (fwd + bwd)."""
+    mod, cfg = BACKENDS[backend]
+    dt = jnp.dtype(dtype)
+    rows = (_S((N,), jnp.int32), _S((N,), jnp.float32), _S((N,), jnp.bool_),
+            _S((V,), jnp.float32))
+    if kind == "ce":
+        args = (_S((N, V), dt),) + rows
+    else:
+        wshape = (D, V) if layout == "dv" else (V, D)
+        args = (_S((N, D), dt), _S(wshape, dt), _S((V,), dt)) + rows
+    fn, n_kernels = _export_fn(mod, cfg, kind, layout)
+    if backend != "tpu":
+        exp = jax.export.export(jax.jit(fn), platforms=["cuda"],
+                                disabled_checks=list(mod.EXPORT_CHECKS))(*args)
+        target = mod.TRITON_TARGET
+    else:
+        with mod.export_mesh():
+            exp = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+        target = mod.MOSAIC_TARGET
+    assert exp.mlir_module().count(target) == n_kernels
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu", "cpu"])
+def test_dispatch_per_platform(platform):
+    """The per-platform entry lowers the Triton kernels for cuda, Mosaic's for tpu, and
+    refuses the CPU (without interpret)."""
+    dt = jnp.bfloat16
+    args = (_S((N, D), dt), _S((D, V), dt), _S((V,), dt), _S((N,), jnp.int32),
+            _S((N,), jnp.float32), _S((N,), jnp.bool_), _S((V,), jnp.float32))
+
+    def f(h, w, b, y, rw, c, wt):
+        loss, _, _ = pallas_common.dispatch_linear_ce_rows(
+            h, w, b, y, rw, c, wt, opts=_ALL, num_classes=V, layout="dv", interpret=False)
+        return loss.sum()
+
+    fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+    if platform == "cpu":
+        with pytest.raises(ValueError, match="interpret=True"):
+            fn.lower(*args).compile()
+        return
+    with pallas_tpu.export_mesh():
+        exp = jax.export.export(fn, platforms=[platform],
+                                disabled_checks=list(pallas_gpu.EXPORT_CHECKS))(*args)
+    text = exp.mlir_module()
+    assert text.count(pallas_gpu.TRITON_TARGET) == (3 if platform == "cuda" else 0)
+    assert text.count(pallas_tpu.MOSAIC_TARGET) == (3 if platform == "tpu" else 0)
+
+
+def test_dispatch_interpret_matches_backend(rng):
+    x = jnp.asarray(rng.standard_normal((N, 203)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 203, (N,)), jnp.int32)
+    yf, counted, row_w = _core.counted_rows(y, None, None, -100, jnp.float32)
+    got = jax.jit(lambda x: pallas_common.dispatch_ce_rows(
+        x, yf, row_w, counted, None, opts=_ALL, interpret=True))(x)
+    want = jaxent.cross_entropy(x, y, reduction="none", label_smoothing=0.1, z_loss=1e-3,
+                                temperature=0.7, logit_softcap=5.0)
+    _close(got, want, jnp.float32)
+
+
+# ----------------------------------------------------------------------- platform check
+
+
+def test_cpu_without_interpret_raises():
+    with pytest.raises(ValueError, match="interpret=True"):
+        pallas_common.check_platform(False, "cpu")
+    pallas_common.check_platform(True, "cpu")
+    pallas_common.check_platform(False, "tpu")
+    mod, cfg = BACKENDS["gpu"]
+    h, w = jnp.ones((N, D)), jnp.ones((D, V))
+    y, rw, c = jnp.zeros((N,), jnp.int32), jnp.ones((N,)), jnp.ones((N,), bool)
+    with pytest.raises(ValueError, match="interpret=True.*GPU or TPU"):
+        jax.jit(lambda h, w: mod.linear_ce_rows(
+            h, w, None, y, rw, c, None, opts=Options(), num_classes=V, config=cfg))(h, w)
+    with pytest.raises(ValueError, match="interpret=True"):
+        pallas_tpu.ce_rows(h, y, rw, c, None, opts=Options(), config=BACKENDS["tpu"][1])
+
+
+def test_configs_validate_and_default():
+    with pytest.raises(ValueError, match="power of two"):
+        pallas_gpu.Config(block_n=24)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        pallas_tpu.Config(block_v=200)
+    for platform in ("cuda", "tpu", "cpu"):
+        cfg = pallas_common.default_config(4096, 2048, 128256, jnp.bfloat16, platform)
+        assert cfg.padded(4096, 2048, 128256)[2] >= 128256
+    with pytest.raises(ValueError, match="cuda and tpu"):
+        pallas_common.backend("rocm")
+    for mod in (pallas_gpu, pallas_tpu):
+        cands = mod.candidates(4096, 1024, 32000, jnp.bfloat16)
+        assert cands[0] == mod.default_config(4096, 1024, 32000, jnp.bfloat16)
+        assert len(set(cands)) == len(cands) > 4
+        json.dumps([_autotune.encode(c) for c in cands])
+
+
+# ---------------------------------------------------------------------------- autotune
+
+
+def test_autotune_caches_xla_block_sizes(tmp_path, monkeypatch):
+    cache = tmp_path / "tune.json"
+    monkeypatch.setenv(_autotune.ENV_CACHE, str(cache))
+    h = jnp.asarray(np.random.default_rng(0).standard_normal((32, 16)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((16, V)), jnp.float32)
+    y = jnp.arange(32, dtype=jnp.int32)
+    built = []
+
+    def build(bs):
+        built.append(bs)
+        return jax.jit(jax.grad(lambda h, w: jaxent.linear_cross_entropy(
+            h, w, y, block_size=bs, impl="vocab"), argnums=(0, 1)))
+
+    key = jaxent.autotune_key("xla-vocab", h.dtype, n=32, d=16, v=V)
+    assert key == "xla-vocab|float32|d=16,n=32,v=512"
+    best = jaxent.autotune(build, [64, 128], (h, w), key, reps=2)
+    assert best in (64, 128) and built == [64, 128]
+    entry = json.loads(cache.read_text())[f"{_autotune.device_kind()}|{key}"]
+    assert entry["choice"] == best and len(entry["timings"]) == 2
+    assert jaxent.autotune(build, [64, 128], (h, w), key) == best
+    assert built == [64, 128]  # the second call did not time
+    assert _autotune.lookup(key, [64, 128]) == best
+    assert _autotune.lookup("other|float32|n=1", [64, 128], default=256) == 256
+    # Both XLA walks' sizes at once: dict candidates round-trip too.
+    pairs = [{"block_size": 64, "token_block_size": 16}, {"block_size": 128,
+                                                          "token_block_size": 32}]
+    assert jaxent.autotune(lambda c: (lambda: c), pairs, (), key + "|pair") in pairs
+    assert _autotune.lookup(key + "|pair", pairs) in pairs
+    # A candidate that fails is skipped; a config dataclass round-trips through the cache.
+    cfgs = [pallas_gpu.Config(block_n=8 * 4), pallas_gpu.Config(block_n=64)]
+    fails = {cfgs[0]}
+
+    def build_cfg(cfg):
+        if cfg in fails:
+            raise ValueError("infeasible")
+        return lambda: 0
+
+    gkey = _autotune.autotune_key("pallas-linear", jnp.bfloat16, n=4096, d=2048, v=128256)
+    assert jaxent.autotune(build_cfg, cfgs, (), gkey) == cfgs[1]
+    assert pallas_common.config_for(4096, 2048, 128256, jnp.bfloat16, "cuda") == cfgs[1]
+    assert pallas_common.config_for(8, 16, 32, jnp.float32, "cuda") == \
+        pallas_gpu.default_config(8, 16, 32, jnp.float32)
+
+
+def test_autotune_unreadable_cache_falls_back(tmp_path, monkeypatch):
+    cache = tmp_path / "bad.json"
+    cache.write_text("{not json")
+    monkeypatch.setenv(_autotune.ENV_CACHE, str(cache))
+    assert _autotune.lookup("k", [1, 2], default=2) == 2
+    assert jaxent.autotune(lambda c: (lambda: c), [1], (), "k") == 1
+    assert json.loads(cache.read_text())[f"{_autotune.device_kind()}|k"]["choice"] == 1

@@ -119,11 +119,15 @@ def train_and_evaluate(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     """Command-line entry: parses options, trains, prints the final numbers."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="passes over the training digits (the NNX twin, digits_cnn.py, took "
+                             "100 s wall for 20 on 2 busy cores)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the initialization and the shuffling")
     parser.add_argument("--out", default="out/digits_linen", help="directory for the curves PNG")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     args = parser.parse_args(argv)

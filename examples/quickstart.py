@@ -62,9 +62,12 @@ def make_train_step(optimizer: optax.GradientTransformation):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Trains full-batch for ``--steps`` Adam steps and prints loss and test accuracy."""
-    parser = argparse.ArgumentParser(description="jaxent quickstart on sklearn digits")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser = argparse.ArgumentParser(description="jaxent quickstart on sklearn digits",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200,
+                        help="full-batch Adam steps (the default: about 10 s on 2 CPU cores, "
+                             "start-up included)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
     args = parser.parse_args(argv)
 
     digits = load_digits()

@@ -87,13 +87,17 @@ def expect_shape(x: jax.Array, shape: Sequence[int], name: str, what: str,
 
 
 def _label_shape_hint(got: tuple, want: tuple, logits_shape, axis) -> str:
-    """A porting hint for labels shaped unlike ``want``, or ``""``."""
-    if logits_shape is None:
-        return ""
+    """A porting hint for labels shaped unlike ``want``, or ``""``.
+
+    The squeeze and reshape hints need only the two shapes (the fused loss gets them too);
+    the class-axis hint needs the logits' shape.
+    """
     if got == want + (1,):
         return "; squeeze the last axis of the labels (labels[..., 0])"
     if len(got) == 1 and len(want) > 1 and math.prod(want) == got[0]:
         return f"; reshape the labels to {list(want)}"
+    if logits_shape is None:
+        return ""
     rank = len(logits_shape)
     if axis == rank - 1 and rank >= 3 and got == (logits_shape[0],) + tuple(logits_shape[2:]):
         return ("; the classes look like axis 1 (PyTorch's (N, C, d1, ...) layout): "

@@ -177,9 +177,16 @@ def soft_cross_entropy(
       logits: float array ``[..., C, ...]``, classes along ``axis``.
       targets: float array, same shape as ``logits``; each slice along ``axis`` is a
         distribution (not checked, as in PyTorch).
-      axis, weight, label_smoothing, reduction, where, z_loss, logit_softcap, temperature,
-      residual: as in :func:`cross_entropy`; ``where`` is shaped like ``logits`` without
-        ``axis``.
+      axis: the class axis, as in :func:`cross_entropy`.
+      weight: optional per-class weights ``[C]``; ``"mean"`` still divides by the number of
+        counted elements (PyTorch).
+      label_smoothing: in ``[0, 1]``; the targets become ``(1 - eps) * t + eps / C``.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      where: optional boolean mask shaped like ``logits`` without ``axis``.
+      z_loss: as in :func:`cross_entropy`.
+      logit_softcap: as in :func:`cross_entropy`.
+      temperature: as in :func:`cross_entropy`.
+      residual: as in :func:`cross_entropy`.
 
     Returns:
       float32 scalar, or ``logits.shape`` without ``axis`` for ``"none"``.
@@ -242,7 +249,12 @@ def nll_loss(
     Args:
       log_probs: float array ``[..., C, ...]`` (e.g. ``jax.nn.log_softmax``), classes
         along ``axis``.
-      labels, axis, weight, ignore_index, reduction, where: as in :func:`cross_entropy`.
+      labels: integer array, ``log_probs.shape`` without ``axis``.
+      axis: the class axis, as in :func:`cross_entropy`.
+      weight: optional per-class weights ``[C]``, as in :func:`cross_entropy`.
+      ignore_index: label value that counts for nothing.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      where: optional boolean mask shaped like ``labels``.
 
     Returns:
       A scalar, or ``labels.shape`` for ``"none"``, in the accumulation dtype.

@@ -24,12 +24,37 @@ def _class_axis(x: jax.Array) -> int:
 class CrossEntropyLoss:
     """``torch.nn.CrossEntropyLoss``: integer targets or class probabilities, by dtype.
 
+    **The class axis is 1, as in torch** (``(N, C)``, ``(N, C, d1, ..., dk)``), and 0 for a
+    single unbatched ``(C,)`` input. This differs from :func:`jaxent.cross_entropy`, whose
+    ``axis`` defaults to -1 as in JAX: for logits ``[2, 7, 7]`` and labels ``[2, 7]`` both
+    readings fit the shapes, and ``CrossEntropyLoss()(x, y)`` equals
+    ``cross_entropy(x, y, axis=1)``, not ``cross_entropy(x, y)``.
+
+    Args:
+      weight: optional per-class weights ``[C]``; ``"mean"`` divides by the summed weights
+        of the counted labels (integer targets) or by the number of rows (probabilities).
+      ignore_index: target value that counts for nothing (integer targets only).
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      label_smoothing: in ``[0, 1]``, PyTorch's definition.
+
+    Calling it with ``(input, target)``: ``input`` is float logits with the classes on axis
+    1 (axis 0 if 1-D); an integer ``target`` is class indices shaped like ``input`` without
+    that axis (:func:`jaxent.cross_entropy`), a floating ``target`` is probabilities shaped
+    like ``input`` (:func:`jaxent.soft_cross_entropy`).
+
     Example:
       >>> import jax.numpy as jnp, jaxent
       >>> loss_fn = jaxent.CrossEntropyLoss(label_smoothing=0.1)
       >>> x = jnp.array([[1.5, 0.3, 2.1], [2.0, 1.0, 0.1]])
       >>> round(float(loss_fn(x, jnp.array([2, 0]))), 4)
       0.5663
+      >>> import jax
+      >>> x3 = jax.random.normal(jax.random.key(0), (2, 7, 7))      # (N, C, d1)
+      >>> y3 = jax.random.randint(jax.random.key(1), (2, 7), 0, 7)
+      >>> bool(jaxent.CrossEntropyLoss()(x3, y3) == jaxent.cross_entropy(x3, y3, axis=1))
+      True
+      >>> bool(jaxent.CrossEntropyLoss()(x3, y3) == jaxent.cross_entropy(x3, y3))
+      False
     """
 
     weight: ArrayLike | None = None
@@ -38,6 +63,7 @@ class CrossEntropyLoss:
     label_smoothing: float = 0.0
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:  # noqa: A002
+        """The loss of ``input`` logits (classes on axis 1) against ``target``."""
         x, t = jnp.asarray(input), jnp.asarray(target)
         axis, reduction = _class_axis(x), self.reduction
         if jnp.issubdtype(t.dtype, jnp.floating):
@@ -58,13 +84,15 @@ class CrossEntropyLoss:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class NLLLoss:
-    """``torch.nn.NLLLoss`` on log-probabilities."""
+    """``torch.nn.NLLLoss`` on log-probabilities; the class axis is 1 as in torch (0 for an
+    unbatched ``(C,)`` input), unlike :func:`jaxent.nll_loss`'s -1."""
 
     weight: ArrayLike | None = None
     ignore_index: int = -100
     reduction: Reduction = "mean"
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:  # noqa: A002
+        """The loss of ``input`` log-probabilities (classes on axis 1) against ``target``."""
         x = jnp.asarray(input)
         return nll_loss(x, target, axis=_class_axis(x), weight=self.weight,
                         ignore_index=self.ignore_index, reduction=self.reduction)
@@ -79,5 +107,6 @@ class BCEWithLogitsLoss:
     pos_weight: ArrayLike | None = None
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:  # noqa: A002
+        """The loss of ``input`` logits against ``target`` probabilities (same shape)."""
         return binary_cross_entropy(input, target, weight=self.weight,
                                     pos_weight=self.pos_weight, reduction=self.reduction)

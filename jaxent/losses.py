@@ -20,7 +20,7 @@ from jaxent import _checks
 from jaxent import _rowmath as rm
 from jaxent._options import Options, Reduction, Residual
 from jaxent.impl import Request, select
-from jaxent.impl import pallas_common as _pallas
+from jaxent.impl import pallas as _pallas
 from jaxent.impl import rows as _impl_rows
 
 

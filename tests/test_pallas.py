@@ -14,6 +14,7 @@ import jaxent
 from jaxent import _autotune
 from jaxent import _rowmath as rm
 from jaxent._options import Options
+from jaxent.impl import pallas as pallas_entry
 from jaxent.impl import pallas_common, pallas_gpu, pallas_tpu
 from tests import reference
 
@@ -312,7 +313,7 @@ def test_dispatch_per_platform(platform):
             _S((N,), jnp.float32), _S((N,), jnp.bool_), _S((V,), jnp.float32))
 
     def f(h, w, b, y, rw, c, wt):
-        loss, _, _ = pallas_common.dispatch_linear_ce_rows(
+        loss, _, _ = pallas_entry.dispatch_linear_ce_rows(
             h, w, b, y, rw, c, wt, opts=_ALL, num_classes=V, layout="dv", interpret=False)
         return loss.sum()
 
@@ -333,7 +334,7 @@ def test_dispatch_interpret_matches_backend(rng):
     x = jnp.asarray(rng.standard_normal((N, 203)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 203, (N,)), jnp.int32)
     yf, counted, row_w = _counted_rows(y, None, None, -100, jnp.float32)
-    got = jax.jit(lambda x: pallas_common.dispatch_ce_rows(
+    got = jax.jit(lambda x: pallas_entry.dispatch_ce_rows(
         x, yf, row_w, counted, None, opts=_ALL, interpret=True))(x)
     want = jaxent.cross_entropy(x, y, reduction="none", label_smoothing=0.1, z_loss=1e-3,
                                 temperature=0.7, logit_softcap=5.0)
@@ -364,10 +365,10 @@ def test_configs_validate_and_default():
     with pytest.raises(ValueError, match="multiple of 128"):
         pallas_tpu.Config(block_v=200)
     for platform in ("cuda", "tpu", "cpu"):
-        cfg = pallas_common.default_config(4096, 2048, 128256, jnp.bfloat16, platform)
+        cfg = pallas_entry.default_config(4096, 2048, 128256, jnp.bfloat16, platform)
         assert cfg.padded(4096, 2048, 128256)[2] >= 128256
     with pytest.raises(ValueError, match="cuda and tpu"):
-        pallas_common.backend("rocm")
+        pallas_entry.backend("rocm")
     for mod in (pallas_gpu, pallas_tpu):
         cands = mod.candidates(4096, 1024, 32000, jnp.bfloat16)
         assert cands[0] == mod.default_config(4096, 1024, 32000, jnp.bfloat16)
@@ -417,8 +418,8 @@ def test_autotune_caches_xla_block_sizes(tmp_path, monkeypatch):
 
     gkey = _autotune.autotune_key("pallas-linear", jnp.bfloat16, n=4096, d=2048, v=128256)
     assert jaxent.autotune(build_cfg, cfgs, (), gkey) == cfgs[1]
-    assert pallas_common.config_for(4096, 2048, 128256, jnp.bfloat16, "cuda") == cfgs[1]
-    assert pallas_common.config_for(8, 16, 32, jnp.float32, "cuda") == \
+    assert pallas_entry.config_for(4096, 2048, 128256, jnp.bfloat16, "cuda") == cfgs[1]
+    assert pallas_entry.config_for(8, 16, 32, jnp.float32, "cuda") == \
         pallas_gpu.default_config(8, 16, 32, jnp.float32)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,7 @@ def _w_spec(spec, d: int, order: str):
     """The kernel's tile: ``[D, bv]`` (``"dv"``) or ``[bv, D]``; ``order`` names the grid
     axes (``"nv"``: token tile first)."""
     bv = spec.config.block_v
+    idx: Callable[..., tuple]
     if order == "nv":
         idx = (lambda i, j: (0, j)) if spec.layout == "dv" else (lambda i, j: (j, 0))
     else:

@@ -19,7 +19,7 @@ from jax import lax
 from jaxent import _rowmath as rm
 from jaxent._options import Options
 from jaxent.impl import Request, select
-from jaxent.impl import pallas_common as _pallas
+from jaxent.impl import pallas as _pallas
 from jaxent.impl import token as _token
 from jaxent.impl import vocab as _vocab
 from jaxent.impl._blocks import vocab_axis as _vocab_axis

@@ -588,3 +588,43 @@ def test_sharded_losses_export_round_trip(rng, grad):
             back = export.deserialize(export.export(jax.jit(f))(*args).serialize())
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                          back.call(*args), jax.jit(f)(*args))
+
+
+# ------------------------------------------ robustness on the vocabulary-parallel losses
+
+from tests import conformance  # noqa: E402
+
+_PAIR = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2])
+conformance.IMPLS.clear()
+conformance.IMPLS.update({
+    "sharded-ce": lambda x, y, **kw: sharded.shard_cross_entropy(x, y, mesh=_PAIR, **kw),
+    "sharded-linear": lambda x, y, **kw: sharded.shard_linear_cross_entropy(
+        jnp.eye(x.shape[0], dtype=x.dtype), x, y, mesh=_PAIR, block_size=32, **kw),
+})
+# The checks of tests/test_robustness.py, parametrized over the two entries above.
+from tests.test_robustness import (  # noqa: E402,F401
+    test_class_weights_summing_to_zero,
+    test_every_logit_far_below_zero,
+    test_narrow_label_dtypes_do_not_wrap,
+    test_tiny_temperatures,
+)
+
+
+def test_shard_cross_entropy_unbatched_logits(rng):
+    x = jnp.asarray(rng.normal(size=(V,)), jnp.float32)
+    mesh, _ = _mesh("model8")
+    with jax.set_mesh(mesh):
+        got = jax.value_and_grad(lambda x: sharded.shard_cross_entropy(x, jnp.array(3),
+                                                                       mesh=mesh))(x)
+    want = jax.value_and_grad(lambda x: jaxent.cross_entropy(x, jnp.array(3)))(x)
+    _close(got, want)
+
+
+def test_nll_loss_on_explicitly_sharded_log_probs(rng):
+    mesh, tok = _mesh("data2xmodel4", axis_types=(AxisType.Explicit,) * 2)
+    lp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(N, V)), jnp.float32))
+    y = jnp.asarray(rng.integers(0, V, N), jnp.int32)
+    lps = jax.device_put(lp, NamedSharding(mesh, P("data", "model")))
+    ys = jax.device_put(y, NamedSharding(mesh, P("data")))
+    got = jax.jit(jax.value_and_grad(lambda a, b: jaxent.nll_loss(a, b)))(lps, ys)
+    _close(got, jax.value_and_grad(lambda a, b: jaxent.nll_loss(a, b))(lp, y))

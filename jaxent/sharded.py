@@ -1122,3 +1122,9 @@ def _auto_token_bwd(ap: AutoPlan, res, cts):
 
 
 auto_token_sum.defvjp(_auto_token_fwd, _auto_token_bwd)
+
+
+# Vocabulary-parallel RL and distillation losses (jaxent/_sharded_rl.py).
+from jaxent._sharded_rl import linear_distillation_loss as linear_distillation_loss  # noqa: E402
+from jaxent._sharded_rl import linear_log_probs as linear_log_probs  # noqa: E402
+from jaxent._sharded_rl import linear_soft_cross_entropy as linear_soft_cross_entropy  # noqa: E402,E501

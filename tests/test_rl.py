@@ -484,3 +484,45 @@ def test_compiled_temp_memory_against_naive():
         f = temp_bytes(fused, *shapes)
         r = temp_bytes(naive, *shapes)
         assert f <= 0.03 * r, (fused.__name__, f, r)
+
+
+def test_linear_soft_cross_entropy_torch_opinfo_samples():
+    """torch's own OpInfo samples of ``F.linear_cross_entropy`` with probability targets
+    (2-D weights: jaxent's kernels are ``[V, D]`` with ``kernel_layout="vd"``)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("expecttest")  # torch.testing._internal needs it
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    op = next(o for o in op_db if o.name == "nn.functional.linear_cross_entropy"
+              and not o.variant_test_name)
+    rng = np.random.default_rng(0)
+    seen, done = 0, set()
+    for s in op.sample_inputs("cpu", torch.float64, requires_grad=True):
+        x, w, t = s.input, s.args[0], s.args[1]
+        # Probability targets and 2-D weights; one sample per option set (batched inputs) and
+        # one unbatched sample, to bound the compile time.
+        key = "unbatched" if x.ndim == 1 else (tuple(sorted(s.kwargs)),
+                                               s.kwargs.get("reduction"))
+        if not t.is_floating_point() or w.ndim != 2 or key in done:
+            continue
+        done.add(key)
+        kw = dict(s.kwargs)
+        out = torch.nn.functional.linear_cross_entropy(x, w, t, **kw)
+        ct = torch.tensor(rng.normal(size=tuple(out.shape)))
+        leaves = [x, w, t] + ([kw["linear_bias"]] if "linear_bias" in kw else [])
+        want = torch.autograd.grad(out, leaves, ct)
+        weight = kw.get("weight")
+
+        def fn(*a, kw=kw, weight=weight):
+            return jaxent.linear_soft_cross_entropy(
+                a[0], a[1], a[2], bias=a[3] if len(a) > 3 else None, kernel_layout="vd",
+                weight=None if weight is None else np.asarray(weight.detach(), np.float32),
+                reduction=kw.get("reduction", "mean"))
+
+        args = [jnp.asarray(a.detach().numpy(), jnp.float32) for a in leaves]
+        got, vjp = jax.vjp(jax.jit(fn), *args)
+        _close(got, out.detach().numpy(), rtol=1e-5, atol=1e-5)
+        _close(vjp(jnp.asarray(ct.numpy(), jnp.float32)), [g.numpy() for g in want],
+               rtol=1e-4, atol=1e-5)
+        seen += 1
+    assert seen >= 8

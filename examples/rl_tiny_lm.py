@@ -77,7 +77,7 @@ def sample(model: tiny_lm.TinyLM, buffer: jax.Array, temps: jax.Array, key: jax.
     def step(pos, carry):
         buf, key = carry
         h = model.hidden(buf)[:, pos - 1]  # [R, D]: only the last position's logits
-        logits = h @ embedding.T / temps[:, None] + banned
+        logits = h @ embedding.T / temps[:, None] + banned[None, :]
         key, sub = jax.random.split(key)
         nxt = jax.random.categorical(sub, logits).astype(buf.dtype)
         return buf.at[:, pos].set(nxt), key

@@ -140,9 +140,9 @@ def rl_step(model, ref_model, optimizer, tokens, advantages, temps, *, prompt_le
 # -------------------------------------------------------------------------------- main
 
 
-def run(*, pretrain_steps: int = 300, rl_steps: int = 60, prompts: int = 8, group: int = 8,
-        prompt_len: int = 8, completion: int = 16, lr: float = 1e-3, entropy_coef: float = 1e-3,
-        kl_coef: float = 0.05, vocab_size: int = 2048, d_model: int = 64, seed: int = 0,
+def run(*, pretrain_steps: int = 300, rl_steps: int = 100, prompts: int = 8, group: int = 8,
+        prompt_len: int = 8, completion: int = 16, lr: float = 1e-3, entropy_coef: float = 1e-2,
+        kl_coef: float = 0.1, vocab_size: int = 2048, d_model: int = 64, seed: int = 0,
         out_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Pretrains, fine-tunes by GRPO and returns the per-step curves and timings."""
     start = time.perf_counter()
@@ -225,14 +225,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--rl-steps", type=int, default=60)
+    p.add_argument("--rl-steps", type=int, default=100)
     p.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
     p.add_argument("--group", type=int, default=8, help="completions per prompt (GRPO group)")
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--completion", type=int, default=16, help="sampled words per completion")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--entropy-coef", type=float, default=1e-3)
-    p.add_argument("--kl-coef", type=float, default=0.05)
+    p.add_argument("--entropy-coef", type=float, default=1e-2)
+    p.add_argument("--kl-coef", type=float, default=0.1)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)

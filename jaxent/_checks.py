@@ -212,9 +212,9 @@ def temperature_array(
     arrays must be finite and ``> 0``. A wrong shape raises ``ValueError`` naming
     ``temperature``.
     """
-    if not isinstance(temperature, jax.Array | np.ndarray) or (
-            isinstance(temperature, np.ndarray) and temperature.ndim == 0
-            and not isinstance(temperature, jax.Array)):
+    is_array = isinstance(temperature, jax.Array) or (
+        isinstance(temperature, np.ndarray) and temperature.ndim > 0)
+    if not is_array:
         temp = static_float(temperature, "temperature")
         if not (temp > 0.0 and math.isfinite(temp)):
             raise ValueError(f"`temperature` must be a finite number > 0, got {temp}")

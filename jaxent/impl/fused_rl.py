@@ -15,12 +15,13 @@ the raw domain) and ``s = sum exp(zs)``, ``p = exp(zs - log s)``:
 * **probability targets** -- ``wt = w (1 - eps) t + w eps / V``: ``WT = sum wt``,
   ``WTZ = sum wt zs``; loss ``WT log s - WTZ + lambda_z lse^2``;
   ``d/dz = g (p (WT + 2 lambda_z lse) - wt)``, ``d/dt = g (1 - eps) w (log s - zs)``.
-* **distillation** (student ``p``, teacher ``q``, two streams with their own ``m, s``):
-  ``"kl"`` ``KL(q || p) = sum q (zs_t - zs_s) / ... = (U_t - X) / s_t + log s_s - log s_t``
-  with ``U_t = sum e_t zs_t``, ``X = sum e_t zs_s`` (``d/dz_s = p - q``); ``"reverse_kl"``
-  symmetrically (``d/dz_s = p (log p - log q - KL)``); ``"jsd"`` needs the normalized
-  probabilities, so a second pass sums ``beta q log(q/M) + (1-beta) p log(p/M)`` and
-  ``K = KL(p || M)``, ``M = beta q + (1 - beta) p`` (``d/dz_s = (1-beta) p (log(p/M) - K)``).
+* **distillation** (student ``p``, teacher ``q``: two streams, each with its own ``m, s``):
+  ``"kl"``: ``KL(q || p) = (U_t - X) / s_t + log s_s - log s_t`` with ``U_t = sum e_t zs_t``
+  and ``X = sum e_t zs_s`` (``d/dz_s = p - q``); ``"reverse_kl"`` symmetrically with
+  ``U_s = sum e_s zs_s``, ``Y = sum e_s zs_t`` (``d/dz_s = p (log p - log q - KL)``);
+  ``"jsd"`` needs the normalized probabilities, so a second forward pass sums
+  ``beta q log(q/M) + (1-beta) p log(p/M)`` and ``K = KL(p || M)``, ``M = beta q + (1 - beta)
+  p`` (``d/dz_s = (1-beta) p (log(p/M) - K)``).
 
 Online sums ``sum e_a zs_b`` fold as ``alpha_a (old + back_b s_a,old) + block`` with
 ``alpha = exp(shift(m_old, m_new))`` and ``back = shift(safe(m_old), safe(m_new))``; the

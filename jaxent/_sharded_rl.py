@@ -88,9 +88,9 @@ def linear_log_probs(
       >>> h = jax.random.normal(jax.random.key(0), (6, 8))
       >>> w = jax.random.normal(jax.random.key(1), (8, 50)) / 4
       >>> y = jnp.array([1, 7, 49, 0, 2, 3])
-      >>> lp = jax.shard_map(
+      >>> lp = jax.jit(jax.shard_map(
       ...     lambda h, w, y: jaxent.sharded.linear_log_probs(h, w, y, axis_name="model"),
-      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P())(h, w, y)
+      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P()))(h, w, y)
       >>> bool(jnp.allclose(lp, jaxent.token_log_probs(h @ w, y), atol=1e-5))
       True
     """
@@ -105,7 +105,7 @@ def linear_log_probs(
     plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), v, local,
                          _rl._block_size(block_size, n, local), kernel_layout, "logp",
                          bool(return_entropy), axis_name=axis_name)
-    lp, ent = fused_rl.log_probs(plan, (h, k, b), y.reshape(-1), _rl._counted(mask, n), temp)
+    lp, ent = _rl._log_probs(plan, (h, k, b), y.reshape(-1), _rl._counted(mask, n), temp)
     lp = lp.reshape(batch_shape)
     return (lp, ent.reshape(batch_shape)) if return_entropy else lp
 
@@ -157,11 +157,11 @@ def linear_soft_cross_entropy(
       >>> h = jax.random.normal(jax.random.key(0), (6, 8))
       >>> w = jax.random.normal(jax.random.key(1), (8, 50)) / 4
       >>> t = jax.nn.softmax(jax.random.normal(jax.random.key(2), (6, 50)))
-      >>> loss = jax.shard_map(
+      >>> loss = jax.jit(jax.shard_map(
       ...     lambda h, w, t: jaxent.sharded.linear_soft_cross_entropy(
       ...         h, w, t, axis_name="model"),
       ...     mesh=mesh, in_specs=(P(), P(None, "model"), P(None, "model")),
-      ...     out_specs=P())(h, w, t)
+      ...     out_specs=P()))(h, w, t)
       >>> bool(jnp.allclose(loss, jaxent.soft_cross_entropy(h @ w, t), rtol=1e-5))
       True
     """
@@ -181,7 +181,7 @@ def linear_soft_cross_entropy(
                          _rl._block_size(block_size, n, local), kernel_layout, "soft",
                          axis_name=axis_name)
     counted = _rl._counted(mask, n)
-    losses = fused_rl.soft_rows(plan, (h, k, b), t.reshape(n, local), w, counted, temp)
+    losses = _rl._soft_rows(plan, (h, k, b), t.reshape(n, local), w, counted, temp)
     return _reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
 
 
@@ -235,10 +235,10 @@ def linear_distillation_loss(
       >>> ks = jax.random.split(jax.random.key(0), 4)
       >>> hs, ws = jax.random.normal(ks[0], (6, 8)), jax.random.normal(ks[1], (8, 40)) / 3
       >>> ht, wt = jax.random.normal(ks[2], (6, 4)), jax.random.normal(ks[3], (4, 40))
-      >>> loss = jax.shard_map(
+      >>> loss = jax.jit(jax.shard_map(
       ...     lambda *a: jaxent.sharded.linear_distillation_loss(*a, axis_name="model"),
       ...     mesh=mesh, in_specs=(P(), P(None, "model"), P(), P(None, "model")),
-      ...     out_specs=P())(hs, ws, ht, wt)
+      ...     out_specs=P()))(hs, ws, ht, wt)
       >>> bool(jnp.allclose(loss, jaxent.distillation_loss(hs @ ws, ht @ wt), rtol=1e-5))
       True
     """
@@ -265,6 +265,6 @@ def linear_distillation_loss(
                          _rl._block_size(block_size, n, local, 2), kernel_layout, kind,
                          beta=b, axis_name=axis_name)
     counted = _rl._counted(mask, n)
-    losses = fused_rl.distill_rows(plan, (hs, ks, bs), jax.lax.stop_gradient((ht, kt, bt)),
+    losses = _rl._distill_rows(plan, (hs, ks, bs), jax.lax.stop_gradient((ht, kt, bt)),
                                    counted, temp)
     return _reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)

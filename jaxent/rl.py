@@ -104,6 +104,13 @@ def _head(hidden, kernel, bias, layout, names=("hidden", "kernel", "bias")):
     return h, k.astype(dtype), None if b is None else b.astype(dtype), v
 
 
+# The walks, jitted with their static plan: eager calls compile once instead of running the
+# walk op by op (inside an outer jit these are inlined).
+_log_probs = jax.jit(fused_rl.log_probs, static_argnums=0)
+_soft_rows = jax.jit(fused_rl.soft_rows, static_argnums=0)
+_distill_rows = jax.jit(fused_rl.distill_rows, static_argnums=0)
+
+
 def _counted(mask, n):
     return jnp.ones((n,), bool) if mask is None else mask.reshape(-1)
 
@@ -174,7 +181,7 @@ def token_log_probs(
     n = rows.shape[0]
     plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), c, c, max(c, 1),
                          kind="logp", entropy=bool(return_entropy))
-    lp, ent = fused_rl.log_probs(plan, (rows,), y.reshape(-1), _counted(mask, n), temp)
+    lp, ent = _log_probs(plan, (rows,), y.reshape(-1), _counted(mask, n), temp)
     lp = lp.reshape(batch_shape)
     return (lp, ent.reshape(batch_shape)) if return_entropy else lp
 
@@ -249,7 +256,7 @@ def linear_log_probs(
     plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), v, v,
                          _block_size(block_size, n, v), kernel_layout, "logp",
                          bool(return_entropy))
-    lp, ent = fused_rl.log_probs(plan, (h, k, b), y.reshape(-1), _counted(mask, n), temp)
+    lp, ent = _log_probs(plan, (h, k, b), y.reshape(-1), _counted(mask, n), temp)
     lp = lp.reshape(batch_shape)
     return (lp, ent.reshape(batch_shape)) if return_entropy else lp
 
@@ -334,7 +341,7 @@ def linear_soft_cross_entropy(
     plan = fused_rl.Plan(Options(eps, zl, temp_s, cap), v, v, _block_size(block_size, n, v),
                          kernel_layout, "soft")
     counted = _counted(mask, n)
-    losses = fused_rl.soft_rows(plan, (h, k, b), t.reshape(n, v), w, counted, temp)
+    losses = _soft_rows(plan, (h, k, b), t.reshape(n, v), w, counted, temp)
     return _reduce(losses.reshape(batch_shape), counted.sum(), reduction)
 
 
@@ -445,7 +452,7 @@ def distillation_loss(
     n = rs.shape[0]
     plan = fused_rl.Plan(Options(temperature=temp_s), v, v, max(v, 1), kind=kind, beta=b)
     counted = _counted(mask, n)
-    losses = fused_rl.distill_rows(plan, (rs,), (rt,), counted, temp)
+    losses = _distill_rows(plan, (rs,), (rt,), counted, temp)
     return _reduce(losses.reshape(batch_shape), counted.sum(), reduction)
 
 
@@ -532,7 +539,7 @@ def linear_distillation_loss(
                          kernel_layout, kind, beta=b)
     tops = jax.lax.stop_gradient((ht, kt, bt))
     counted = _counted(mask, n)
-    losses = fused_rl.distill_rows(plan, (hs, ks, bs), tops, counted, temp)
+    losses = _distill_rows(plan, (hs, ks, bs), tops, counted, temp)
     return _reduce(losses.reshape(batch_shape), counted.sum(), reduction)
 
 

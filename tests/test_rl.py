@@ -42,9 +42,16 @@ def _check(fn, reference, args, argnums, rng, rtol=2e-5, atol=2e-5):
             out[i] = d
         return out
 
-    out, vjp = jax.vjp(lambda *d: jax.jit(fn)(*put(args, d)), *[args[i] for i in argnums])
-    cts = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), o.dtype), out)
-    grads = vjp(cts)
+    diff = [args[i] for i in argnums]
+    shapes = jax.eval_shape(lambda *d: fn(*put(args, d)), *diff)
+    cts = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), o.dtype), shapes)
+
+    @jax.jit
+    def value_and_vjp(diff, cts):  # one compilation for the values and the gradients
+        out, vjp = jax.vjp(lambda *d: fn(*put(args, d)), *diff)
+        return out, vjp(cts)
+
+    out, grads = value_and_vjp(diff, cts)
     with jax.enable_x64(True):
         a64 = _to64(args)
         out64, vjp64 = jax.vjp(lambda *d: reference(*put(a64, d)), *[a64[i] for i in argnums])
@@ -73,8 +80,7 @@ def _head_logits(h, k, b, layout):
 
 
 @pytest.mark.parametrize("temp,cap,masked", [
-    ("one", None, False), ("scalar", None, True), ("rows", None, True), ("one", 2.5, True),
-    ("rows", 2.5, False)])
+    ("one", None, False), ("scalar", None, True), ("rows", 2.5, True), ("rows", None, False)])
 def test_token_log_probs(rng, temp, cap, masked):
     x = jnp.asarray(rng.normal(size=N_LEAD + (V,)) * 2, jnp.float32)
     y = jnp.asarray(rng.integers(0, V, N_LEAD))
@@ -227,14 +233,6 @@ def test_linear_soft_cross_entropy(rng, layout, reduction, opts):
     _check(fn, reference, [h, k, b, tgt], argnums, rng)
 
 
-def test_linear_soft_cross_entropy_sum_and_soft_ce(rng):
-    h = jnp.asarray(rng.normal(size=(6, D)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
-    tgt = jax.nn.softmax(jnp.asarray(rng.normal(size=(6, V)), jnp.float32))
-    got = jaxent.linear_soft_cross_entropy(h, k, tgt, reduction="sum", z_loss=1e-3)
-    _close(got, jaxent.soft_cross_entropy(h @ k, tgt, reduction="sum", z_loss=1e-3))
-
-
 def _torch_cases():
     """Probability-target samples in the style of torch's OpInfo for linear_cross_entropy:
     with and without bias, class weights, label smoothing and each reduction."""
@@ -244,7 +242,7 @@ def _torch_cases():
             for smoothing in (0.0, 0.25):
                 for reduction in ("mean", "sum", "none"):
                     cases.append((bias, weight, smoothing, reduction))
-    return cases[::4] + [(True, True, 0.1, "none")]
+    return [cases[0], (True, True, 0.1, "none")]  # the OpInfo samples below cover the rest
 
 
 @pytest.mark.parametrize("bias,weight,smoothing,reduction", _torch_cases())
@@ -349,8 +347,7 @@ def test_distillation_empty_mean_is_zero(rng):
 
 @pytest.mark.parametrize("divergence,beta,layout,bias,temp", [
     ("kl", 0.5, "dv", False, "one"), ("reverse_kl", 0.5, "vd", True, "rows"),
-    ("jsd", 0.5, "dv", True, "scalar"), ("jsd", 0.2, "vd", True, "rows"),
-    ("kl", 0.5, "vd", True, "rows")])
+    ("jsd", 0.5, "dv", True, "scalar"), ("jsd", 0.2, "vd", True, "rows")])
 def test_linear_distillation_loss(rng, divergence, beta, layout, bias, temp):
     dt = 12  # the teacher is wider
     hs = jnp.asarray(rng.normal(size=N_LEAD + (D,)), jnp.float32)

@@ -91,16 +91,17 @@ def train_model(model, data, steps, batch_size, lr, seed, desc, progress, teache
 def run(*, teacher_steps: int = 600, student_steps: int = 300, batch_size: int = 32,
         alpha: float = 0.5, temperature: float = 1.0, divergence: str = "kl",
         vocab_size: int = 2048, seq_len: int = 32, teacher_d: int = 128, student_d: int = 32,
-        lr: float = 3e-3, seed: int = 0, out_dir: str | Path | None = None,
+        teacher_layers: int = 2, student_layers: int = 1, teacher_heads: int = 4,
+        student_heads: int = 2, lr: float = 3e-3, seed: int = 0, out_dir: str | Path | None = None,
         progress: bool = True) -> dict:
     """Trains the teacher and both students; returns their validation losses and timings."""
     start = time.perf_counter()
     data = tiny_lm.prepare_data("pydoc", vocab_size, seq_len)
     v = len(data.vocab)
-    t_cfg = tiny_lm.Config(vocab_size=v, seq_len=seq_len, d_model=teacher_d, num_layers=2,
-                           num_heads=4)
-    s_cfg = tiny_lm.Config(vocab_size=v, seq_len=seq_len, d_model=student_d, num_layers=1,
-                           num_heads=2)
+    t_cfg = tiny_lm.Config(vocab_size=v, seq_len=seq_len, d_model=teacher_d,
+                           num_layers=teacher_layers, num_heads=teacher_heads)
+    s_cfg = tiny_lm.Config(vocab_size=v, seq_len=seq_len, d_model=student_d,
+                           num_layers=student_layers, num_heads=student_heads)
     teacher = tiny_lm.TinyLM(t_cfg, rngs=nnx.Rngs(seed))
     train_model(teacher, data, teacher_steps, batch_size, lr, seed, "teacher", progress)
 
@@ -143,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--teacher-d", type=int, default=128)
     p.add_argument("--student-d", type=int, default=32)
+    p.add_argument("--teacher-layers", type=int, default=2)
+    p.add_argument("--student-layers", type=int, default=1)
+    p.add_argument("--teacher-heads", type=int, default=4)
+    p.add_argument("--student-heads", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/distill_lm", help="directory for distill_lm.json")
@@ -151,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     r = run(teacher_steps=a.teacher_steps, student_steps=a.student_steps,
             batch_size=a.batch_size, alpha=a.alpha, temperature=a.temperature,
             divergence=a.divergence, vocab_size=a.vocab_size, seq_len=a.seq_len,
-            teacher_d=a.teacher_d, student_d=a.student_d, lr=a.lr, seed=a.seed, out_dir=a.out,
+            teacher_d=a.teacher_d, student_d=a.student_d, teacher_layers=a.teacher_layers,
+            student_layers=a.student_layers, teacher_heads=a.teacher_heads,
+            student_heads=a.student_heads, lr=a.lr, seed=a.seed, out_dir=a.out,
             progress=not a.no_progress)
     n = r["parameters"]
     print(f"teacher {n['teacher']:,} parameters: validation loss {r['teacher_val_loss']:.3f}")

@@ -41,7 +41,9 @@ def test_distill_lm_runs(tmp_path, capsys):
     import distill_lm
 
     r = distill_lm.main(["--teacher-steps", "6", "--student-steps", "4", "--seq-len", "16",
-                         "--teacher-d", "32", "--student-d", "16", "--batch-size", "8",
+                         "--teacher-d", "16", "--student-d", "16", "--teacher-layers", "1",
+                         "--teacher-heads", "2",
+                         "--batch-size", "8",
                          "--out", str(tmp_path), "--vocab-size", "256", "--no-progress"])
     for name in ("teacher", "plain", "distilled"):
         assert math.isfinite(r[f"{name}_val_loss"])

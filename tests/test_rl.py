@@ -523,3 +523,31 @@ def test_linear_soft_cross_entropy_torch_opinfo_samples():
                rtol=1e-4, atol=1e-5)
         seen += 1
     assert seen >= 8
+
+
+def test_reverse_over_reverse_and_vmap(rng):
+    """Hessian-vector products (grad of grad) through the walks, and per-example vmap."""
+    h = jnp.asarray(rng.normal(size=(5, D)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(D, V)) / 2, jnp.float32)
+    ht = jnp.asarray(rng.normal(size=(5, D)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, V, (5,)))
+    v = jnp.asarray(rng.normal(size=h.shape), jnp.float32)
+
+    def fused(h):
+        lp, ent = jaxent.linear_log_probs(h, k, y, return_entropy=True, block_size=BLOCK)
+        kd = jaxent.linear_distillation_loss(h, k, ht, k, divergence="jsd", block_size=BLOCK)
+        return (lp + 0.3 * ent).sum() + kd
+
+    def naive(h):
+        lp, ent = ref.token_log_probs(h @ k, y, xp=jnp)
+        kd = ref.distillation(h @ k, jax.lax.stop_gradient(ht @ k), divergence="jsd", xp=jnp)
+        return (lp + 0.3 * ent).sum() + kd
+
+    def hvp(f):
+        return jax.jit(jax.grad(lambda h: jnp.vdot(jax.grad(f)(h), v)))(h)
+
+    _close(hvp(fused), hvp(naive), rtol=1e-4, atol=1e-4)
+    per_example = jax.jit(jax.vmap(jax.grad(
+        lambda h1, y1: jaxent.linear_log_probs(h1[None], k, y1[None], block_size=BLOCK)[0])))
+    want = jax.vmap(jax.grad(lambda h1, y1: ref.token_log_probs(h1 @ k, y1, xp=jnp)[0]))
+    _close(per_example(h, y), want(h, y))

@@ -47,6 +47,9 @@ from jaxent.linear import (
     block_dhidden,
     block_dkernel,
     block_logits,
+    carry_value,
+    carry_zeros,
+    dupdate,
     kernel_block,
     psum_to_type,
     varying_like,
@@ -135,22 +138,24 @@ def _grads(plan: Plan, ops, dz_fn, refs, dt_like=None):
             return (lax.dynamic_update_slice_in_dim(g[0], dx.astype(g[0].dtype), start, 1),), dt
         dh, dk, db = g
         h = ops[0]
-        dk = lax.dynamic_update_slice_in_dim(
-            dk, block_dkernel(h, dx, plan.layout).astype(dk.dtype), start, axis)
+        dk = dupdate(dk, block_dkernel(h, dx, plan.layout), start, axis, ops[1].dtype)
         if db is not None:
-            db = lax.dynamic_update_slice_in_dim(db, dx.sum(0).astype(db.dtype), start, 0)
+            db = dupdate(db, dx.sum(0), start, 0, ops[2].dtype)
         return (dh + block_dhidden(dx, kb, plan.layout), dk, db), dt
 
     if rows:
         g0 = (jnp.zeros(ops[0].shape, ops[0].dtype),)
     else:
         h, k, b = ops
-        g0 = (jnp.zeros(h.shape, _acc(ops)), jnp.zeros(k.shape, k.dtype),
-              None if b is None else jnp.zeros(b.shape, b.dtype))
+        # bf16 gradients are carried as uint16 bits (linear.carry_zeros: XLA:CPU has no
+        # bf16 dynamic-update-slice and would rewrite the whole buffer per block).
+        g0 = (jnp.zeros(h.shape, _acc(ops)), carry_zeros(k.shape, k.dtype),
+              None if b is None else carry_zeros(b.shape, b.dtype))
     dt0 = None if dt_like is None else jnp.zeros(dt_like.shape, dt_like.dtype)
     g, dt = _walk(plan, step, varying_like((g0, dt0), *refs))
     if not rows:
-        g = (g[0].astype(ops[0].dtype), g[1], g[2])
+        g = (g[0].astype(ops[0].dtype), carry_value(g[1], ops[1].dtype),
+             None if g[2] is None else carry_value(g[2], ops[2].dtype))
     g = tuple(psum_to_type(c, r) for c, r in zip(g, ops, strict=True))
     return g, psum_to_type(dt, dt_like)
 

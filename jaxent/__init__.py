@@ -9,6 +9,11 @@ from jaxent.losses import binary_cross_entropy as binary_cross_entropy
 from jaxent.losses import cross_entropy as cross_entropy
 from jaxent.losses import nll_loss as nll_loss
 from jaxent.losses import soft_cross_entropy as soft_cross_entropy
+from jaxent.rl import distillation_loss as distillation_loss
+from jaxent.rl import linear_distillation_loss as linear_distillation_loss
+from jaxent.rl import linear_log_probs as linear_log_probs
+from jaxent.rl import linear_soft_cross_entropy as linear_soft_cross_entropy
+from jaxent.rl import token_log_probs as token_log_probs
 from jaxent.torch_style import BCEWithLogitsLoss as BCEWithLogitsLoss
 from jaxent.torch_style import CrossEntropyLoss as CrossEntropyLoss
 from jaxent.torch_style import NLLLoss as NLLLoss

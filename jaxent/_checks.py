@@ -303,3 +303,68 @@ def _register_checkify_rule() -> None:
 
 
 _register_checkify_rule()
+
+
+def temperature_array(
+    temperature, shape: Sequence[int], dtype
+) -> tuple[float, jax.Array | None]:
+    """A temperature that is either static or one value per row.
+
+    A Python number (or NumPy scalar) is static configuration: returns ``(T, None)`` after
+    the checks of :func:`options`. An array (NumPy or JAX, any rank) must be broadcastable
+    to the labels' ``shape``: returns ``(1.0, temp)`` with ``temp`` broadcast, flattened to
+    ``[prod(shape)]``, cast to ``dtype`` and under ``stop_gradient`` (a constant). Concrete
+    arrays must be finite and ``> 0``. A wrong shape raises ``ValueError`` naming
+    ``temperature``.
+    """
+    is_array = isinstance(temperature, jax.Array) or (
+        isinstance(temperature, np.ndarray) and temperature.ndim > 0)
+    if not is_array:
+        temp = static_float(temperature, "temperature")
+        if not (temp > 0.0 and math.isfinite(temp)):
+            raise ValueError(f"`temperature` must be a finite number > 0, got {temp}")
+        return temp, None
+    arr = jnp.asarray(temperature)
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+        raise TypeError(f"`temperature` must be a real number or array, got dtype {arr.dtype}")
+    try:
+        ok = jnp.broadcast_shapes(arr.shape, tuple(shape)) == tuple(shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`temperature` must be a number or an array broadcastable to the labels' shape "
+            f"{tuple(shape)} (one value per row), got shape {tuple(arr.shape)}")
+    if _is_concrete(arr):
+        a = np.asarray(arr, np.float64)
+        if not np.all(np.isfinite(a) & (a > 0)):
+            raise ValueError("`temperature` must be finite and > 0 everywhere")
+    arr = jnp.broadcast_to(arr.astype(dtype), tuple(shape)).reshape(-1)
+    return 1.0, jax.lax.stop_gradient(arr)
+
+
+def token_values(tokens: jax.Array, num_classes: int, where: jax.Array | None = None,
+                 name: str = "tokens") -> jax.Array:
+    """Token ids must lie in ``[0, num_classes)`` where ``where`` is True (no ignore value).
+
+    Concrete ids: ``ValueError`` naming the bad values and positions. Traced ids: returned
+    through :data:`label_check_p` (``checkify`` reports them; their outputs are ``nan``).
+    """
+    if _is_concrete(tokens, where):
+        y = np.asarray(tokens).astype(np.int64)
+        bad = (y < 0) | (y >= num_classes)
+        if where is not None:
+            bad &= np.asarray(where)
+        if bad.any():
+            pos = np.argwhere(bad)
+            shown = ", ".join(
+                f"{name}[{', '.join(map(str, p))}]={y[tuple(p)]}" for p in pos[:8])
+            raise ValueError(
+                f"`{name}` must be ids in [0, {num_classes}) where `where` is True; got "
+                f"{len(pos)} out-of-range value(s): {shown}")
+        return tokens
+    bad = ~_rowmath.in_range(tokens, num_classes)
+    if where is not None:
+        bad = bad & where
+    return label_check_p.bind(tokens, bad, message=f"`{name}` has values outside "
+                              f"[0, {num_classes}); their outputs are nan")

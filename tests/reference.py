@@ -115,3 +115,50 @@ def grad64(fn, *args, argnums=0):
         args64 = [jnp.asarray(np.asarray(a, np.float64)) if np.issubdtype(np.asarray(a).dtype,
                   np.floating) else jnp.asarray(a) for a in args]
         return jax.tree.map(np.asarray, jax.grad(fn, argnums=argnums)(*args64))
+
+
+def token_log_probs(logits, tokens, *, temperature=1.0, logit_softcap=None, where=None,
+                    xp=np):
+    """``log softmax(z)[token]`` and the entropy ``-sum p log p`` per row (class axis last).
+
+    ``temperature`` is a number or an array broadcastable to ``logits.shape`` (e.g. the
+    tokens' shape plus a trailing 1). Rows outside ``where`` are 0.
+    """
+    x = xp.asarray(logits, np.float64) if xp is np else logits
+    logp, _ = _log_softmax(_transform(x, temperature, logit_softcap, xp), -1, xp)
+    c = x.shape[-1]
+    y = xp.clip(xp.asarray(tokens), 0, c - 1)
+    onehot = _last(xp.arange(c), x.ndim) == y[..., None]
+    picked = xp.sum(xp.where(onehot, logp, 0.0), axis=-1)
+    p = xp.exp(logp)
+    ent = -xp.sum(xp.where(p > 0, p * logp, 0.0), axis=-1)
+    if where is not None:
+        picked, ent = xp.where(where, picked, 0.0), xp.where(where, ent, 0.0)
+    return picked, ent
+
+
+def distillation(student, teacher, *, divergence="kl", beta=0.5, temperature=1.0,
+                 where=None, reduction="mean", xp=np):
+    """KL(q || p) ("kl"), KL(p || q) ("reverse_kl") or Liger's generalized JSD
+    ``beta KL(q || M) + (1 - beta) KL(p || M)``, ``M = beta q + (1 - beta) p`` ("jsd"; at
+    beta 0 the forward KL, at beta 1 the reverse KL), student ``p``, teacher ``q``, class
+    axis last; ``"mean"`` over the counted rows (0 when none)."""
+    if xp is np:
+        student, teacher = np.asarray(student, np.float64), np.asarray(teacher, np.float64)
+    lp, _ = _log_softmax(student / temperature, -1, xp)
+    lq, _ = _log_softmax(teacher / temperature, -1, xp)
+    p, q = xp.exp(lp), xp.exp(lq)
+
+    def kl(a, la, lb):
+        return xp.sum(xp.where(a > 0, a * (la - lb), 0.0), axis=-1)
+
+    if divergence == "kl" or (divergence == "jsd" and beta == 0.0):
+        loss = kl(q, lq, lp)
+    elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        loss = kl(p, lp, lq)
+    else:
+        lm = xp.log(beta * q + (1.0 - beta) * p)
+        loss = beta * kl(q, lq, lm) + (1.0 - beta) * kl(p, lp, lm)
+    counted = xp.ones(loss.shape, bool) if where is None else xp.asarray(where)
+    loss = xp.where(counted, loss, 0.0)
+    return _reduce(loss, counted.sum(), reduction, xp)

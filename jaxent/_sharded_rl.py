@@ -1,0 +1,270 @@
+r"""Vocabulary-parallel versions of the fused RL and distillation losses (``jax.shard_map``).
+
+Re-exported by :mod:`jaxent.sharded`. Each device holds the columns ``[i V/k, (i + 1) V/k)``
+of the kernel(s) (``[D, V/k]``, or ``[V/k, D]`` with ``kernel_layout="vd"``) and of the
+biases, and the whole ``hidden`` of its tokens. Each shard walks its ``V/k`` columns in
+blocks with the single-device walk (:mod:`jaxent.impl.fused_rl`); the ``[N]`` online
+statistics are merged over ``axis_name`` with one ``pmax`` of the raw maxima and ``psum`` of
+the rescaled sums, e.g. for the entropy sum ``u = sum e (z - m)``
+
+.. math::
+    m = \max_i m_i,\quad s = \sum_i s_i e^{z(m_i) - z(m)},\quad
+    u = \sum_i e^{z(m_i) - z(m)} \big(u_i + s_i (z(m_i) - z(m))\big),
+
+and the backward recomputes the local blocks and sums ``d hidden`` over ``axis_name``;
+``d kernel`` and ``d bias`` stay local. No ``[N, V]`` array exists anywhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxent import _checks, _rowmath
+from jaxent import rl as _rl
+from jaxent._options import KernelLayout, Options, Reduction
+from jaxent.impl import fused_rl
+
+
+def _local_head(hidden, kernel, bias, layout, axis_name, names=("hidden", "kernel", "bias")):
+    """Validate a local head block; ``(h [N, D], k, b, V_local, V_global)``."""
+    hn, kn, bn = names
+    k = _checks.float_array(kernel, kn)
+    if k.ndim != 2:
+        raise ValueError(f"`{kn}` must be 2-D, this device's [D, V/k] ('dv') or [V/k, D] "
+                         f"('vd') block, got shape {tuple(k.shape)}")
+    local = k.shape[1] if layout == "dv" else k.shape[0]
+    h, k, b, _ = _rl._head(hidden, k, bias, layout, names)
+    return h, k, b, local, local * lax.axis_size(axis_name)
+
+
+def _reduce(losses, counted, reduction, token_axis_name):
+    if reduction == "none" or token_axis_name is None:
+        return _rl._reduce(losses, counted.sum(), reduction)
+    total = lax.psum(losses.sum(), token_axis_name)
+    return _rl._reduce(total, lax.psum(counted.sum(), token_axis_name), reduction)
+
+
+def linear_log_probs(
+    hidden: ArrayLike,
+    kernel: ArrayLike,
+    tokens: ArrayLike,
+    *,
+    axis_name,
+    bias: ArrayLike | None = None,
+    kernel_layout: KernelLayout = "dv",
+    temperature: float | ArrayLike = 1.0,
+    logit_softcap: float | None = None,
+    where: ArrayLike | None = None,
+    return_entropy: bool = False,
+    block_size: int | None = None,
+):
+    r"""Vocabulary-parallel :func:`jaxent.linear_log_probs`, inside ``jax.shard_map``.
+
+    .. math:: \log p_y = z_y - \log\sum_c e^{z_c},\qquad H = -\sum_c p_c \log p_c
+
+    over the global vocabulary, each device holding a ``V/k`` slice of the kernel.
+
+    Args:
+      hidden: float ``[..., D]``, this device's tokens (the same on every shard of
+        ``axis_name``).
+      kernel: this device's ``[D, V/k]`` (``"dv"``) or ``[V/k, D]`` (``"vd"``) block.
+      tokens: integer global token ids, ``hidden.shape[:-1]``.
+      axis_name: the mesh axis (or tuple of axes) the vocabulary is sharded over.
+      bias: optional this device's ``[V/k]`` block.
+      kernel_layout, temperature, logit_softcap, where, return_entropy, block_size: as in
+        :func:`jaxent.linear_log_probs` (``block_size`` counts local columns).
+
+    Returns:
+      This device's ``log_probs`` shaped like ``tokens`` (the same on every shard of
+      ``axis_name``), or ``(log_probs, entropy)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> from jax.sharding import AxisType, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
+      >>> h = jax.random.normal(jax.random.key(0), (6, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 50)) / 4
+      >>> y = jnp.array([1, 7, 49, 0, 2, 3])
+      >>> lp = jax.jit(jax.shard_map(
+      ...     lambda h, w, y: jaxent.sharded.linear_log_probs(h, w, y, axis_name="model"),
+      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P()))(h, w, y)
+      >>> bool(jnp.allclose(lp, jaxent.token_log_probs(h @ w, y), atol=1e-5))
+      True
+    """
+    h, k, b, local, v = _local_head(hidden, kernel, bias, kernel_layout, axis_name)
+    batch_shape = jnp.shape(hidden)[:-1]
+    _, _, _, cap = _checks.options(reduction="none", logit_softcap=logit_softcap)
+    y = _checks.int_labels(tokens, batch_shape, "tokens")
+    mask = _checks.where_mask(where, batch_shape)
+    acc = _rowmath.compute_dtype(h.dtype)
+    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    n = h.shape[0]
+    plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), v, local,
+                         _rl._block_size(block_size, n, local), kernel_layout, "logp",
+                         bool(return_entropy), axis_name=axis_name)
+    lp, ent = _rl._log_probs(plan, (h, k, b), y.reshape(-1), _rl._counted(mask, n), temp)
+    lp = lp.reshape(batch_shape)
+    return (lp, ent.reshape(batch_shape)) if return_entropy else lp
+
+
+def linear_soft_cross_entropy(
+    hidden: ArrayLike,
+    kernel: ArrayLike,
+    targets: ArrayLike,
+    *,
+    axis_name,
+    token_axis_name=None,
+    bias: ArrayLike | None = None,
+    kernel_layout: KernelLayout = "dv",
+    weight: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    reduction: Reduction = "mean",
+    where: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float | ArrayLike = 1.0,
+    block_size: int | None = None,
+):
+    r"""Vocabulary-parallel :func:`jaxent.linear_soft_cross_entropy`, inside ``jax.shard_map``.
+
+    .. math:: \sum_c w_c t'_c (\ell - z_c) + \lambda_z \ell^2,\qquad
+        t' = (1-\epsilon) t + \epsilon / V
+
+    over the global vocabulary ``V``.
+
+    Args:
+      hidden: float ``[..., D]``, this device's tokens.
+      kernel: this device's ``[D, V/k]`` or ``[V/k, D]`` block.
+      targets: this device's ``[..., V/k]`` block of the probability targets.
+      axis_name: the mesh axis (or axes) the vocabulary is sharded over.
+      token_axis_name: the mesh axis (or axes) the tokens are sharded over, if any
+        (``"mean"``/``"sum"`` are then over all tokens).
+      bias: optional this device's ``[V/k]`` block.
+      weight: optional this device's ``[V/k]`` block of the class weights.
+      kernel_layout, label_smoothing, reduction, where, z_loss, logit_softcap, temperature,
+        block_size: as in :func:`jaxent.linear_soft_cross_entropy`.
+
+    Returns:
+      A float32 scalar, the same on every device, or this device's per-token losses.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> from jax.sharding import AxisType, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
+      >>> h = jax.random.normal(jax.random.key(0), (6, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 50)) / 4
+      >>> t = jax.nn.softmax(jax.random.normal(jax.random.key(2), (6, 50)))
+      >>> loss = jax.jit(jax.shard_map(
+      ...     lambda h, w, t: jaxent.sharded.linear_soft_cross_entropy(
+      ...         h, w, t, axis_name="model"),
+      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P(None, "model")),
+      ...     out_specs=P()))(h, w, t)
+      >>> bool(jnp.allclose(loss, jaxent.soft_cross_entropy(h @ w, t), rtol=1e-5))
+      True
+    """
+    h, k, b, local, v = _local_head(hidden, kernel, bias, kernel_layout, axis_name)
+    batch_shape = jnp.shape(hidden)[:-1]
+    eps, zl, _, cap = _checks.options(reduction=reduction, label_smoothing=label_smoothing,
+                                      z_loss=z_loss, logit_softcap=logit_softcap)
+    t = _checks.float_array(targets, "targets")
+    _checks.expect_shape(t, tuple(batch_shape) + (local,), "targets",
+                         "hidden.shape[:-1] + (V/k,), this device's vocabulary block")
+    mask = _checks.where_mask(where, batch_shape)
+    w = _checks.class_weight(weight, local)
+    acc = _rowmath.compute_dtype(h.dtype)
+    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    n = h.shape[0]
+    plan = fused_rl.Plan(Options(eps, zl, temp_s, cap), v, local,
+                         _rl._block_size(block_size, n, local), kernel_layout, "soft",
+                         axis_name=axis_name)
+    counted = _rl._counted(mask, n)
+    losses = _rl._soft_rows(plan, (h, k, b), t.reshape(n, local), w, counted, temp)
+    return _reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
+
+
+def linear_distillation_loss(
+    student_hidden: ArrayLike,
+    student_kernel: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_kernel: ArrayLike,
+    *,
+    axis_name,
+    token_axis_name=None,
+    divergence: _rl.Divergence = "kl",
+    beta: float = 0.5,
+    temperature: float | ArrayLike = 1.0,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    kernel_layout: KernelLayout = "dv",
+    labels: ArrayLike | None = None,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    reduction: Reduction = "mean",
+    block_size: int | None = None,
+):
+    r"""Vocabulary-parallel :func:`jaxent.linear_distillation_loss`, inside ``jax.shard_map``.
+
+    .. math::
+        \mathrm{kl} = \sum_c q_c \log\frac{q_c}{p_c},\quad
+        \mathrm{reverse\_kl} = \sum_c p_c \log\frac{p_c}{q_c},\quad
+        \mathrm{jsd}_\beta = \beta\,\mathrm{KL}(q\|M) + (1-\beta)\,\mathrm{KL}(p\|M)
+
+    (student ``p``, teacher ``q``, ``M = beta q + (1 - beta) p``; see
+    :func:`jaxent.linear_distillation_loss`), both kernels sharded over ``axis_name``. The
+    teacher is a constant.
+
+    Args:
+      student_hidden, teacher_hidden: this device's tokens, ``[..., Ds]`` and ``[..., Dt]``.
+      student_kernel, teacher_kernel: this device's vocabulary blocks (same layout).
+      axis_name: the mesh axis (or axes) the vocabulary is sharded over.
+      token_axis_name: the mesh axis (or axes) the tokens are sharded over, if any.
+      divergence, beta, temperature, student_bias, teacher_bias (local ``[V/k]`` blocks),
+        kernel_layout, labels, ignore_index, where, reduction, block_size: as in
+        :func:`jaxent.linear_distillation_loss`.
+
+    Returns:
+      A float32 scalar, the same on every device, or this device's per-token losses.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxent
+      >>> from jax.sharding import AxisType, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
+      >>> ks = jax.random.split(jax.random.key(0), 4)
+      >>> hs, ws = jax.random.normal(ks[0], (6, 8)), jax.random.normal(ks[1], (8, 40)) / 3
+      >>> ht, wt = jax.random.normal(ks[2], (6, 4)), jax.random.normal(ks[3], (4, 40))
+      >>> loss = jax.jit(jax.shard_map(
+      ...     lambda *a: jaxent.sharded.linear_distillation_loss(*a, axis_name="model"),
+      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P(), P(None, "model")),
+      ...     out_specs=P()))(hs, ws, ht, wt)
+      >>> bool(jnp.allclose(loss, jaxent.distillation_loss(hs @ ws, ht @ wt), rtol=1e-5))
+      True
+    """
+    kind, b = _rl._divergence(divergence, beta)
+    _rl._reduction(reduction)
+    hs, ks, bs, local, v = _local_head(
+        student_hidden, student_kernel, student_bias, kernel_layout, axis_name,
+        ("student_hidden", "student_kernel", "student_bias"))
+    ht, kt, bt, local_t, _ = _local_head(
+        teacher_hidden, teacher_kernel, teacher_bias, kernel_layout, axis_name,
+        ("teacher_hidden", "teacher_kernel", "teacher_bias"))
+    if local_t != local:
+        raise ValueError(f"`teacher_kernel` must hold the student's {local} vocabulary "
+                         f"columns per device, got {local_t}")
+    batch_shape = jnp.shape(student_hidden)[:-1]
+    if jnp.shape(teacher_hidden)[:-1] != batch_shape:
+        raise ValueError(f"`teacher_hidden` must have the student's leading shape "
+                         f"{tuple(batch_shape)}, got shape {tuple(jnp.shape(teacher_hidden))}")
+    mask = _rl._distill_mask(labels, ignore_index, where, batch_shape)
+    acc = _rowmath.compute_dtype(hs.dtype)
+    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    n = hs.shape[0]
+    plan = fused_rl.Plan(Options(temperature=temp_s), v, local,
+                         _rl._block_size(block_size, n, local, 2), kernel_layout, kind,
+                         beta=b, axis_name=axis_name)
+    counted = _rl._counted(mask, n)
+    losses = _rl._distill_rows(plan, (hs, ks, bs), jax.lax.stop_gradient((ht, kt, bt)),
+                                   counted, temp)
+    return _reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)

@@ -96,7 +96,7 @@ def linear_log_probs(
     """
     h, k, b, local, v = _local_head(hidden, kernel, bias, kernel_layout, axis_name)
     batch_shape = jnp.shape(hidden)[:-1]
-    _, _, _, cap = _checks.options(reduction="none", logit_softcap=logit_softcap)
+    cap = _checks.options(reduction="none", logit_softcap=logit_softcap).logit_softcap
     y = _checks.int_labels(tokens, batch_shape, "tokens")
     mask = _checks.where_mask(where, batch_shape)
     acc = _rowmath.compute_dtype(h.dtype)
@@ -167,8 +167,9 @@ def linear_soft_cross_entropy(
     """
     h, k, b, local, v = _local_head(hidden, kernel, bias, kernel_layout, axis_name)
     batch_shape = jnp.shape(hidden)[:-1]
-    eps, zl, _, cap = _checks.options(reduction=reduction, label_smoothing=label_smoothing,
-                                      z_loss=z_loss, logit_softcap=logit_softcap)
+    opts = _checks.options(reduction=reduction, label_smoothing=label_smoothing,
+                           z_loss=z_loss, logit_softcap=logit_softcap)
+    eps, zl, cap = opts.label_smoothing, opts.z_loss, opts.logit_softcap
     t = _checks.float_array(targets, "targets")
     _checks.expect_shape(t, tuple(batch_shape) + (local,), "targets",
                          "hidden.shape[:-1] + (V/k,), this device's vocabulary block")

@@ -11,23 +11,22 @@ constant (no gradient).
 
 from __future__ import annotations
 
-import math
 from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxent import _checks, _rowmath
+from jaxent import _checks, _platform, _rowmath
 from jaxent._options import LAYOUTS, Impl, KernelLayout, Options, Reduction
 from jaxent.impl import fused_rl
+from jaxent.impl.plan import auto_block_sizes
 
 Divergence = Literal["kl", "reverse_kl", "jsd"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 _IMPLS = ("auto", "xla", "vocab")
 
 # Blocked temporaries aim at about 4M float32 elements (16 MB) per [N, block] logits block.
-_BLOCK_ELEMS = 4 * 1024 * 1024
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -66,8 +65,8 @@ def _block_size(block_size, n: int, v: int, streams: int = 1) -> int:
             raise ValueError(f"`block_size` must be a positive Python int or None, got "
                              f"{block_size!r}")
         return min(block_size, v)
-    target = _BLOCK_ELEMS / streams / max(n, 1)
-    return min(v, max(128, 1 << max(0, int(math.floor(math.log2(max(target, 1.0)))))))
+    # The fused walks' one rule (a symbolic n counts as large), for `streams` models at once.
+    return auto_block_sizes(_platform.static_size(n) * streams, 1, v)[0]
 
 
 def _head(hidden, kernel, bias, layout, names=("hidden", "kernel", "bias")):
@@ -169,7 +168,7 @@ def token_log_probs(
     """
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
-    _, _, _, cap = _checks.options(reduction="none", logit_softcap=logit_softcap)
+    cap = _checks.options(reduction="none", logit_softcap=logit_softcap).logit_softcap
     c = x.shape[ax]
     batch_shape = x.shape[:ax] + x.shape[ax + 1:]
     y = _checks.int_labels(tokens, batch_shape, "tokens")
@@ -246,7 +245,7 @@ def linear_log_probs(
     _impl(impl)
     h, k, b, v = _head(hidden, kernel, bias, kernel_layout)
     batch_shape = jnp.shape(hidden)[:-1]
-    _, _, _, cap = _checks.options(reduction="none", logit_softcap=logit_softcap)
+    cap = _checks.options(reduction="none", logit_softcap=logit_softcap).logit_softcap
     y = _checks.int_labels(tokens, batch_shape, "tokens")
     mask = _checks.where_mask(where, batch_shape)
     acc = _rowmath.compute_dtype(h.dtype)
@@ -325,8 +324,9 @@ def linear_soft_cross_entropy(
     _impl(impl)
     h, k, b, v = _head(hidden, kernel, bias, kernel_layout)
     batch_shape = jnp.shape(hidden)[:-1]
-    eps, zl, _, cap = _checks.options(reduction=reduction, label_smoothing=label_smoothing,
-                                      z_loss=z_loss, logit_softcap=logit_softcap)
+    opts = _checks.options(reduction=reduction, label_smoothing=label_smoothing,
+                           z_loss=z_loss, logit_softcap=logit_softcap)
+    eps, zl, cap = opts.label_smoothing, opts.z_loss, opts.logit_softcap
     t = jnp.asarray(targets)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         raise TypeError(f"`targets` must be floating-point probabilities, got dtype {t.dtype};"

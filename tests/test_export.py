@@ -51,6 +51,16 @@ LOSSES = {
                          ("x", "y"), (0,)),
     "NLLLoss": (lambda x, y: jaxent.NLLLoss()(jax.nn.log_softmax(x), y), ("x", "y"), (0,)),
     "BCEWithLogitsLoss": (lambda x, b: jaxent.BCEWithLogitsLoss()(x, b), ("x", "b"), (0,)),
+    "token_log_probs": (lambda x, y: jnp.sum(jnp.stack(jaxent.token_log_probs(
+        x, jnp.maximum(y, 0), return_entropy=True))), ("x", "y"), (0,)),
+    "linear_log_probs": (lambda h, k, y: jnp.sum(jnp.stack(jaxent.linear_log_probs(
+        h, k, jnp.maximum(y, 0), return_entropy=True))), ("h", "k", "y"), (0, 1)),
+    "linear_soft_cross_entropy": (lambda h, k, t: jaxent.linear_soft_cross_entropy(
+        h, k, t, label_smoothing=0.1), ("h", "k", "t"), (0, 1)),
+    "distillation_loss": (lambda x, t: jaxent.distillation_loss(x, t * 3.0, divergence="jsd"),
+                          ("x", "t"), (0,)),
+    "linear_distillation_loss": (lambda h, k: jaxent.linear_distillation_loss(
+        h, k, h * 0.5, k, divergence="reverse_kl"), ("h", "k"), (0, 1)),
 }
 
 

@@ -41,6 +41,11 @@ class Quirks:
         of the label logits makes it materialize a float32 copy. A barrier keeps them apart.
       split_long_rows: XLA:CPU's row reductions slow down 2-3x on rows longer than 32K
         elements; such rows are reduced in equal pieces, twice.
+      variadic_sum: XLA:CPU hands row sums to a library reduction that cannot fuse its
+        producer: ``exp(z - m)`` (and the upcast of 16-bit logits) is then materialized, and
+        CSE shares that ``[N, C]`` buffer with the backward's ``exp(z - m - log s)``. A
+        two-output reduce (sum, max) is lowered as XLA's own loop, which reads the fused
+        producer. Its loop is sequential: terms far below the row max lose precision.
       transpose_bf16_dkernel: XLA:CPU multiplies bf16 without upcasting only ``A @ B`` and
         ``A @ B^T`` with row-major operands; ``h^T @ dx`` would run in float32 on a copy of
         ``h``, so the block-sized ``dx`` is transposed instead.
@@ -49,11 +54,12 @@ class Quirks:
     bf16_bits: bool = False
     barrier_before_gather: bool = False
     split_long_rows: bool = False
+    variadic_sum: bool = False
     transpose_bf16_dkernel: bool = False
 
 
 NONE = Quirks()
-CPU = Quirks(True, True, True, True)
+CPU = Quirks(True, True, True, True, True)
 
 
 def per_platform(fn: Callable[..., Any], *args: Any) -> Any:
@@ -72,6 +78,18 @@ def row_pieces(c: int, q: Quirks) -> int:
     if not q.split_long_rows or c <= MAX_PIECE:
         return 1
     return next((k for k in range(-(-c // MAX_PIECE), c // 1024 + 1) if c % k == 0), 1)
+
+
+def sum_rows(e: jax.Array, q: Quirks) -> jax.Array:
+    """Row sums of ``e = exp(z - m) [N, C]``; on the CPU a two-output reduce whose second
+    output, ``max(e)``, is exactly 1 (0 for a row of ``-inf``, whose sum is 0 too), so that
+    multiplying by it keeps it alive without changing the value."""
+    if not q.variadic_sum:
+        return e.sum(axis=-1)
+    total, top = lax.reduce(
+        (e, e), (jnp.zeros((), e.dtype), jnp.full((), -jnp.inf, e.dtype)),
+        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])), (1,))
+    return total * top
 
 
 def fresh(x: jax.Array, q: Quirks) -> jax.Array:

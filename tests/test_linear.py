@@ -250,7 +250,7 @@ def test_out_of_range_labels():
          r"`weight`.*30"),
         (((4, 16), (16, 30), (4,)), {"block_size": 0}, ValueError, r"`block_size`"),
         (((4, 16), (16, 30), (4,)), {"reduction": "avg"}, ValueError, r"`reduction`"),
-        (((4, 16), (16, 30), (4,)), {"impl": "pallas"}, ValueError, r"`impl`"),
+        (((4, 16), (16, 30), (4,)), {"impl": "fast"}, ValueError, r"`impl` must be one of"),
     ],
 )
 def test_bad_input(args, kwargs, exc, pattern):

@@ -69,11 +69,11 @@ def _max_and_sum(x: jax.Array, m_lo: jax.Array, opts: Options, q: Quirks):
     if k == 1:
         m = rm.safe(jnp.maximum(x.max(axis=1).astype(acc), m_lo))
         e = jnp.exp(rm.shift(x, m[:, None], opts))
-        return m, e, e.sum(axis=1)
+        return m, e, _platform.sum_rows(e, q)
     xr = x.reshape(n * k, c // k)
     m = rm.safe(jnp.maximum(xr.max(axis=1).reshape(n, k).max(axis=1).astype(acc), m_lo))
     e = jnp.exp(rm.shift(xr, jnp.repeat(m, k)[:, None], opts))
-    return m, e.reshape(n, c), e.sum(axis=1).reshape(n, k).sum(axis=1)
+    return m, e.reshape(n, c), _platform.sum_rows(e, q).reshape(n, k).sum(axis=1)
 
 
 def _label_stats(x, lab: rm.Labels, weight, opts: Options, q: Quirks):

@@ -81,15 +81,18 @@ def row_pieces(c: int, q: Quirks) -> int:
 
 
 def sum_rows(e: jax.Array, q: Quirks) -> jax.Array:
-    """Row sums of ``e = exp(z - m) [N, C]``; on the CPU a two-output reduce whose second
-    output, ``max(e)``, is exactly 1 (0 for a row of ``-inf``, whose sum is 0 too), so that
-    multiplying by it keeps it alive without changing the value."""
+    """Row sums of ``e = exp(z - m) [N, C]`` (``e <= 1``, 1 at the row max).
+
+    On the CPU a two-output reduce: the terms below 1 and, apart, the count of the ones at
+    the max, so that the sequential loop does not drop the small terms next to a 1.
+    """
     if not q.variadic_sum:
         return e.sum(axis=-1)
-    total, top = lax.reduce(
-        (e, e), (jnp.zeros((), e.dtype), jnp.full((), -jnp.inf, e.dtype)),
-        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])), (1,))
-    return total * top
+    one, zero = jnp.ones((), e.dtype), jnp.zeros((), e.dtype)
+    rest, top = lax.reduce(
+        (jnp.where(e < one, e, zero), jnp.where(e < one, zero, e)), (zero, zero),
+        lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
+    return top + rest
 
 
 def fresh(x: jax.Array, q: Quirks) -> jax.Array:

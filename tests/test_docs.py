@@ -38,6 +38,33 @@ FENCE = re.compile(r"(?:<!-- doctest: needs ([\w ]+) -->\n)?^```(pycon|python)[^
                    re.S | re.M)
 DEVICES = re.compile(r"\A<!-- doctest: devices=(\d+) -->")
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+_FLOAT = re.compile(r"-?\d+\.\d*(?:e[-+]?\d+)?")
+
+
+class NumberChecker(doctest.OutputChecker):
+    """Exact text, except that floats written with 5 or more significant digits match
+    within 2e-6 relative (the last float32 digit depends on the reduction order)."""
+
+    def check_output(self, want: str, got: str, optionflags: int) -> bool:
+        if super().check_output(want, got, optionflags):
+            return True
+        wants, gots = _FLOAT.findall(want), _FLOAT.findall(got)
+        if len(wants) != len(gots) or _FLOAT.sub("#", want) != _FLOAT.sub("#", got):
+            return super().check_output(_FLOAT.sub("#", want), _FLOAT.sub("#", got),
+                                        optionflags) and self._close(wants, gots)
+        return self._close(wants, gots)
+
+    @staticmethod
+    def _close(wants: list[str], gots: list[str]) -> bool:
+        if len(wants) != len(gots):
+            return False
+        for w, g in zip(wants, gots, strict=True):
+            a, b = float(w), float(g)
+            digits = len(w.lstrip("-").split("e")[0].replace(".", "").lstrip("0"))
+            tol = 2e-6 if digits >= 5 else 0.0
+            if abs(a - b) > tol * max(abs(a), abs(b)):
+                return False
+        return True
 
 
 def blocks(text: str):
@@ -63,7 +90,7 @@ def run_page(path: pathlib.Path) -> tuple[int, int, str]:
     text = path.read_text()
     parser = doctest.DocTestParser()
     out = io.StringIO()
-    runner = doctest.DocTestRunner(optionflags=FLAGS)
+    runner = doctest.DocTestRunner(checker=NumberChecker(), optionflags=FLAGS)
     globs: dict = {"__name__": f"docs.{path.stem}"}
     examples = 0
     problems = []

@@ -363,8 +363,8 @@ def token_values(tokens: jax.Array, num_classes: int, where: jax.Array | None = 
                 f"`{name}` must be ids in [0, {num_classes}) where `where` is True; got "
                 f"{len(pos)} out-of-range value(s): {shown}")
         return tokens
-    bad = ~_rowmath.in_range(tokens, num_classes)
+    bad_ids = ~_rowmath.in_range(tokens, num_classes)
     if where is not None:
-        bad = bad & where
-    return label_check_p.bind(tokens, bad, message=f"`{name}` has values outside "
+        bad_ids = bad_ids & where
+    return label_check_p.bind(tokens, bad_ids, message=f"`{name}` has values outside "
                               f"[0, {num_classes}); their outputs are nan")

@@ -543,6 +543,6 @@ def linear_distillation_loss(
     return _reduce(losses.reshape(batch_shape), counted.sum(), reduction)
 
 
-distillation_loss.__doc__ = distillation_loss.__doc__.replace("{doc}", _DOC_DIVERGENCE)
-linear_distillation_loss.__doc__ = linear_distillation_loss.__doc__.replace(
+distillation_loss.__doc__ = (distillation_loss.__doc__ or "").replace("{doc}", _DOC_DIVERGENCE)
+linear_distillation_loss.__doc__ = (linear_distillation_loss.__doc__ or "").replace(
     "{doc}", _DOC_DIVERGENCE)

@@ -147,6 +147,7 @@ def _grads_walk(plan: Plan, q: Quirks, ops, dz_fn, refs, dt_like):
             db = dupdate(db, dx.sum(0), start, 0, ops[2].dtype, q)
         return (dh + block_dhidden(dx, kb, plan.layout), dk, db), dt
 
+    g0: tuple
     if rows:
         g0 = (jnp.zeros(ops[0].shape, ops[0].dtype),)
     else:

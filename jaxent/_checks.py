@@ -209,6 +209,29 @@ def check_ignore_index(ignore_index) -> int:
     return int(ignore_index)
 
 
+def head_shape(h: jax.Array, k: jax.Array, layout: str, hn: str = "hidden",
+               kn: str = "kernel") -> tuple[int, int]:
+    """``(D, V)`` of a head ``h [..., D] @ k`` (``[D, V]`` or ``[V, D]`` by ``layout``),
+    else ``ValueError`` naming ``hn``/``kn``, with a hint when ``k`` looks transposed."""
+    if h.ndim < 1:
+        raise ValueError(f"`{hn}` must have shape [..., D] (at least one dimension), got a "
+                         "scalar")
+    if k.ndim != 2:
+        raise ValueError(f"`{kn}` must be 2-D, [D, V] for kernel_layout='dv' or [V, D] for "
+                         f"'vd', got shape {tuple(k.shape)}")
+    d = h.shape[-1]
+    kd, v = (k.shape[0], k.shape[1]) if layout == "dv" else (k.shape[1], k.shape[0])
+    if kd != d:
+        other = "vd" if layout == "dv" else "dv"
+        swapped = k.shape[1] if layout == "dv" else k.shape[0]
+        hint = f"; it looks transposed, pass kernel_layout={other!r}" if swapped == d else ""
+        raise ValueError(
+            f"`{kn}` must have shape {'[D, V]' if layout == 'dv' else '[V, D]'} with D = "
+            f"{hn}.shape[-1] = {d} (kernel_layout={layout!r}), got shape "
+            f"{tuple(k.shape)}{hint}")
+    return d, v
+
+
 def kernel_layout(value: str) -> str:
     """``"dv"`` or ``"vd"``."""
     if value not in LAYOUTS:

@@ -32,24 +32,8 @@ def validate(hidden, kernel, labels, *, bias, weight, ignore_index, label_smooth
     layout = _checks.kernel_layout(kernel_layout)
     if not isinstance(impl, str):
         raise TypeError(f"`impl` must be a string, got {impl!r}")
-    if h.ndim < 1:
-        raise ValueError("`hidden` must have shape [..., D] (at least one dimension), "
-                         "got a scalar")
-    if k.ndim != 2:
-        raise ValueError(
-            f"`kernel` must be 2-D, [D, V] for kernel_layout='dv' or [V, D] for 'vd', got "
-            f"shape {tuple(k.shape)}")
-    d = h.shape[-1]
-    kd, v_local = (k.shape[0], k.shape[1]) if layout == "dv" else (k.shape[1], k.shape[0])
+    d, v_local = _checks.head_shape(h, k, layout)
     v = v_local if num_classes is None else num_classes
-    if kd != d:
-        other = "vd" if layout == "dv" else "dv"
-        swapped = k.shape[1] if layout == "dv" else k.shape[0]
-        hint = f"; it looks transposed, pass kernel_layout={other!r}" if swapped == d else ""
-        raise ValueError(
-            f"`kernel` must have shape {'[D, V]' if layout == 'dv' else '[V, D]'} "
-            f"with D = hidden.shape[-1] = {d} (kernel_layout={layout!r}), got shape "
-            f"{tuple(k.shape)}{hint}")
     b = None
     if bias is not None:
         b = _checks.float_array(bias, "bias")

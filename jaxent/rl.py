@@ -76,22 +76,7 @@ def _head(hidden, kernel, bias, layout, names=("hidden", "kernel", "bias")):
         raise ValueError(f"`kernel_layout` must be one of {LAYOUTS}, got {layout!r}")
     h = _checks.float_array(hidden, hn)
     k = _checks.float_array(kernel, kn)
-    if h.ndim < 1:
-        raise ValueError(f"`{hn}` must have shape [..., D] (at least one dimension), got a "
-                         "scalar")
-    if k.ndim != 2:
-        raise ValueError(f"`{kn}` must be 2-D, [D, V] for kernel_layout='dv' or [V, D] for "
-                         f"'vd', got shape {tuple(k.shape)}")
-    d = h.shape[-1]
-    kd, v = (k.shape[0], k.shape[1]) if layout == "dv" else (k.shape[1], k.shape[0])
-    if kd != d:
-        other = "vd" if layout == "dv" else "dv"
-        swapped = k.shape[1] if layout == "dv" else k.shape[0]
-        hint = f"; it looks transposed, pass kernel_layout={other!r}" if swapped == d else ""
-        raise ValueError(
-            f"`{kn}` must have shape {'[D, V]' if layout == 'dv' else '[V, D]'} with D = "
-            f"{hn}.shape[-1] = {d} (kernel_layout={layout!r}), got shape "
-            f"{tuple(k.shape)}{hint}")
+    d, v = _checks.head_shape(h, k, layout, hn, kn)
     b = None
     if bias is not None:
         b = _checks.float_array(bias, bn)

@@ -41,25 +41,26 @@ class Quirks:
         of the label logits makes it materialize a float32 copy. A barrier keeps them apart.
       split_long_rows: XLA:CPU's row reductions slow down 2-3x on rows longer than 32K
         elements; such rows are reduced in equal pieces, twice.
-      variadic_sum: XLA:CPU hands row sums to a library reduction that cannot fuse its
-        producer: ``exp(z - m)`` (and the upcast of 16-bit logits) is then materialized, and
-        CSE shares that ``[N, C]`` buffer with the backward's ``exp(z - m - log s)``. A
-        two-output reduce (sum, max) is lowered as XLA's own loop, which reads the fused
-        producer. Its loop is sequential: terms far below the row max lose precision.
       transpose_bf16_dkernel: XLA:CPU multiplies bf16 without upcasting only ``A @ B`` and
         ``A @ B^T`` with row-major operands; ``h^T @ dx`` would run in float32 on a copy of
         ``h``, so the block-sized ``dx`` is transposed instead.
+      shift_apart: XLA:CPU's library row reductions fuse their elementwise producer only
+        while it has no other reader. CSE merges the backward's ``z - m`` with the
+        forward's ``exp(z - m)``, and the merged ``[N, C]`` difference is then materialized
+        for both (a logits-sized temporary, or a copy of donated logits). The backward
+        reads the row max through an optimization barrier, so the two stay apart.
     """
 
     bf16_bits: bool = False
     barrier_before_gather: bool = False
     split_long_rows: bool = False
-    variadic_sum: bool = False
     transpose_bf16_dkernel: bool = False
+    shift_apart: bool = False
 
 
 NONE = Quirks()
-CPU = Quirks(True, True, True, True, True)
+CPU = Quirks(bf16_bits=True, barrier_before_gather=True, split_long_rows=True,
+             transpose_bf16_dkernel=True, shift_apart=True)
 
 
 def per_platform(fn: Callable[..., Any], *args: Any) -> Any:
@@ -80,19 +81,9 @@ def row_pieces(c: int, q: Quirks) -> int:
     return next((k for k in range(-(-c // MAX_PIECE), c // 1024 + 1) if c % k == 0), 1)
 
 
-def sum_rows(e: jax.Array, q: Quirks) -> jax.Array:
-    """Row sums of ``e = exp(z - m) [N, C]`` (``e <= 1``, 1 at the row max).
-
-    On the CPU a two-output reduce: the terms below 1 and, apart, the count of the ones at
-    the max, so that the sequential loop does not drop the small terms next to a 1.
-    """
-    if not q.variadic_sum:
-        return e.sum(axis=-1)
-    one, zero = jnp.ones((), e.dtype), jnp.zeros((), e.dtype)
-    rest, top = lax.reduce(
-        (jnp.where(e < one, e, zero), jnp.where(e < one, zero, e)), (zero, zero),
-        lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
-    return top + rest
+def apart(m: jax.Array, q: Quirks) -> jax.Array:
+    """The backward's row max ``m [N]``, behind a barrier where ``shift_apart`` asks."""
+    return lax.optimization_barrier(m) if q.shift_apart else m
 
 
 def fresh(x: jax.Array, q: Quirks) -> jax.Array:

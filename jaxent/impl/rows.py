@@ -60,28 +60,30 @@ def _pick(x: jax.Array, y: jax.Array, q: Quirks) -> jax.Array:
     return jnp.take_along_axis(_platform.fresh(x, q), y[:, None], axis=1)[:, 0].astype(acc)
 
 
-def _max_and_sum(x: jax.Array, m_lo: jax.Array, opts: Options, q: Quirks):
+def _max_and_sum(x: jax.Array, m_lo: jax.Array, opts: Options, q: Quirks,
+                 split: bool = True):
     """Safe raw row max (at least ``m_lo``), ``e = exp(z - m) [N, C]`` and ``s = sum e``;
-    long float32 rows are reduced in pieces where the platform needs it."""
+    with ``split``, long float32 rows are reduced in pieces where the platform needs it
+    (not when ``e`` is kept: the pieces' layout would make it a second ``[N, C]`` buffer)."""
     n, c = x.shape
     acc = rm.compute_dtype(x.dtype)
-    k = _platform.row_pieces(c, q) if x.dtype == acc else 1
+    k = _platform.row_pieces(c, q) if split and x.dtype == acc else 1
     if k == 1:
         m = rm.safe(jnp.maximum(x.max(axis=1).astype(acc), m_lo))
         e = jnp.exp(rm.shift(x, m[:, None], opts))
-        return m, e, _platform.sum_rows(e, q)
+        return m, e, e.sum(axis=1)
     xr = x.reshape(n * k, c // k)
     m = rm.safe(jnp.maximum(xr.max(axis=1).reshape(n, k).max(axis=1).astype(acc), m_lo))
     e = jnp.exp(rm.shift(xr, jnp.repeat(m, k)[:, None], opts))
-    return m, e.reshape(n, c), _platform.sum_rows(e, q).reshape(n, k).sum(axis=1)
+    return m, e.reshape(n, c), e.sum(axis=1).reshape(n, k).sum(axis=1)
 
 
-def _label_stats(x, lab: rm.Labels, weight, opts: Options, q: Quirks):
+def _label_stats(x, lab: rm.Labels, weight, opts: Options, q: Quirks, split: bool = True):
     """``(m, e, s, loss)`` of whole rows against integer labels (``e = exp(z - m)``)."""
     c = x.shape[1]
     x_y = _pick(x, lab.y, q)
     # max(m, x_y) == m; it orders the pick before a backward that may overwrite x in place.
-    m, e, s = _max_and_sum(x, x_y, opts, q)
+    m, e, s = _max_and_sum(x, x_y, opts, q, split)
     log_s = jnp.log(s)
     wz = None
     if opts.smoothing:
@@ -102,7 +104,7 @@ def _label_grad(x, lab: rm.Labels, weight, m, log_s, g, opts: Options, q: Quirks
                           rm.class_sum(weight, c, m.dtype), opts, c)
     x = _platform.fresh(x, q)
     if p is None:
-        p = rm.probs(x, m, log_s, opts)
+        p = rm.probs(x, _platform.apart(m, q), log_s, opts)
     dz = rm.dlogits(p, coefs, lab.y, weight, lab.counted, opts)
     return rm.transform_vjp(dz, x, opts).astype(x.dtype)
 
@@ -136,8 +138,9 @@ def loss_and_grad(x, lab: rm.Labels, weight, opts: Options, q: Quirks, reuse_e: 
     ``x`` and the gradient can take ``x``'s buffer. 16-bit logits always form ``p`` again
     (keeping ``e`` would be a float32 ``[N, C]``).
     """
-    m, e, s, loss = _label_stats(x, lab, weight, opts, q)
-    p = e * (1.0 / s)[:, None] if reuse_e and x.dtype == e.dtype else None
+    keep_e = reuse_e and x.dtype == rm.compute_dtype(x.dtype)
+    m, e, s, loss = _label_stats(x, lab, weight, opts, q, split=not keep_e)
+    p = e * (1.0 / s)[:, None] if keep_e else None
     log_s = jnp.log(s)
     dx = _label_grad(x, lab, weight, m, log_s, jnp.ones_like(m), opts, q, p)
     return loss, dx, rm.transform(m, opts) + log_s

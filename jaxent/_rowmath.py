@@ -248,6 +248,19 @@ def init_stats(n: int, dtype, smoothing: bool, aux: bool) -> Stats:
         arg=jnp.zeros((n,), jnp.int32) if aux else None)
 
 
+def mask_columns(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """``x`` with its padding columns (``valid`` False) at the lowest finite logit: never a
+    row max, and ``exp(z - m) = 0`` there (but with a soft-cap, which maps them to
+    ``-cap``)."""
+    return jnp.where(valid, x, jnp.finfo(x.dtype).min)
+
+
+def padding_bias(valid: jax.Array, dtype) -> jax.Array:
+    """0 on classes, the lowest finite number on padding columns: added to a block's logits
+    it masks them as :func:`mask_columns` does (sums may round them on to ``-inf``)."""
+    return jnp.where(valid, jnp.zeros((), dtype), jnp.finfo(dtype).min)
+
+
 def update_stats(st: Stats, x, y_local, w_block, start, opts: Options, valid=None) -> Stats:
     """Fold a block of raw logits ``x [N, B]`` (accumulation dtype) into ``st``.
 
@@ -256,14 +269,13 @@ def update_stats(st: Stats, x, y_local, w_block, start, opts: Options, valid=Non
     old sum is rescaled by ``exp(shift(m_old, m_new))``, which is 0 (not ``0 * inf``) when
     nothing was seen yet, however far below 0 the block's logits are. ``valid`` (bool,
     broadcastable to ``x``, or None) marks the block's columns that are classes: a
-    fixed-size block (a Pallas tile) may run past the vocabulary, and its padding columns
-    count for nothing: their raw logits become the lowest finite number (never the max,
-    ``exp`` 0), and with a soft-cap (which maps them to a finite ``-cap``) their exps are
-    masked too.
+    fixed-size block (a Pallas tile, a padded vocabulary) may run past the vocabulary, and
+    its padding columns count for nothing. Their logits must come masked
+    (:func:`mask_columns` or :func:`padding_bias`: never a max, ``exp`` 0); here they are
+    left out of the label-smoothing sums, and with a soft-cap (which maps them to a finite
+    ``-cap``) out of the sum of exps.
     With a ``valid`` of ``N`` rows, ``wseen`` is counted per row: start from an ``[N]`` one.
     """
-    if valid is not None:  # padding: the lowest finite logit (exp(. - m) = 0, never a max)
-        x = jnp.where(valid, x, jnp.finfo(x.dtype).min)
     bm = jnp.max(x, axis=1)
     m_new = jnp.maximum(st.m, bm)
     new_safe = safe(m_new)[:, None]

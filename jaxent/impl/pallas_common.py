@@ -151,7 +151,8 @@ def init_stats(bn: int, dtype, opts: Options, aux: bool) -> _rowmath.Stats:
 def fold_tile(st, x, labels, w_blk, start, opts: Options, num_classes: int):
     """Fold the raw logits ``x [bn, bv]`` of the tile starting at class ``start`` into ``st``."""
     valid = column_mask(x.shape, start, num_classes)
-    return _rowmath.update_stats(st, x, labels - start, w_blk, start, opts, valid)
+    return _rowmath.update_stats(st, _rowmath.mask_columns(x, valid), labels - start, w_blk,
+                                 start, opts, valid)
 
 
 NUM_ROWS = 7  # the per-row vectors of the backward kernels: see grad_tile

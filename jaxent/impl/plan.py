@@ -30,8 +30,8 @@ class Plan:
       aux: whether the argmax is tracked (``return_aux``).
       vocab_axis: the mesh axis (or axes) the vocabulary is split over, or None.
       interpret: run Pallas kernels in interpret mode (on the CPU).
-      padded: the kernel's columns from ``num_classes`` on (counted over all shards) are
-        padding, masked out of the statistics and the gradients.
+      padding: how many of the kernel's columns (counted over all shards, from
+        ``num_classes`` on) are padding, masked out of the statistics and the gradients.
     """
 
     opts: Options
@@ -44,7 +44,12 @@ class Plan:
     aux: bool
     vocab_axis: Hashable | None = None
     interpret: bool = False
-    padded: bool = False
+    padding: int = 0
+
+    @property
+    def padded(self) -> bool:
+        """Whether the kernel holds padding columns."""
+        return self.padding > 0
 
 
 def _pow2_floor(x: float) -> int:
@@ -84,16 +89,15 @@ def positive_int(value, name: str) -> int:
 def make_plan(opts: Options, num_classes: int, local: int, n_local, d: int, layout: str,
               aux: bool, *, shards: int = 1, vocab_axis=None, block_size=None,
               token_block_size=None, interpret: bool = False) -> Plan:
-    """(the kernel's columns beyond ``num_classes`` over all shards are padding)"""
     """The plan of one device walking ``n_local`` tokens and ``local`` of the
-    ``num_classes`` classes (``shards`` devices along the vocabulary); given block sizes
-    are kept, clipped to what there is."""
+    ``num_classes`` classes (``shards`` devices along the vocabulary; the kernel's columns
+    beyond ``num_classes`` over all shards are padding); given block sizes are kept,
+    clipped to what there is."""
     n_static = _platform.static_size(n_local)
     bv, bn, bw = auto_block_sizes(n_static * shards, d, local)
     if block_size is not None:
         bv = bw = min(block_size, local)
     if token_block_size is not None:
         bn = min(token_block_size, max(n_static, 1))
-    padded = local * shards != num_classes
     return Plan(opts, num_classes, local, layout, bv, bn, bw, aux, vocab_axis, interpret,
-                padded)
+                local * shards - num_classes)

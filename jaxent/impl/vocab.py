@@ -53,32 +53,54 @@ def valid_columns(plan: Plan, start, size: int):
     return ids < plan.num_classes
 
 
-def block(plan: Plan, q: Quirks, h, kernel, bias, w_local, start, size: int):
+def block(plan: Plan, q: Quirks, h, kernel, bias, w_local, start, size: int,
+          masked: bool = False):
     """``(kernel block, raw logits [N, size], class weights, valid)`` of columns ``[start,
-    start + size)``; ``valid`` (``[1, size]``, None unless ``plan.padded``) marks the
-    columns that are classes (:func:`jaxent._rowmath.update_stats` leaves the others out)."""
+    start + size)``. With ``masked`` (and ``plan.padded``), ``valid [1, size]`` marks the
+    columns that are classes and the others' logits are masked by a
+    :func:`jaxent._rowmath.padding_bias`, added like a bias; else ``valid`` is None."""
     kb = B.kernel_block(kernel, start, size, plan.layout, q)
-    x = B.block_logits(h, kb, B.vocab_slice(bias, start, size, q), plan.layout)
-    return kb, x, B.vocab_slice(w_local, start, size, q), valid_columns(plan, start, size)
+    bb = B.vocab_slice(bias, start, size, q)
+    valid = valid_columns(plan, start, size) if masked else None
+    if valid is not None:
+        pad = rm.padding_bias(valid[0], rm.compute_dtype(h.dtype))
+        bb = pad if bb is None else bb.astype(pad.dtype) + pad
+    x = B.block_logits(h, kb, bb, plan.layout)
+    return kb, x, B.vocab_slice(w_local, start, size, q), valid
+
+
+def walk(plan: Plan, step, carry):
+    """``carry`` through ``step(start, size, masked, carry)`` over this device's columns in
+    blocks of ``block_v``.
+
+    Padding sits at the end of the vocabulary, so on any device only its last
+    ``plan.padding`` columns can be padding: they are walked in blocks of their own, the
+    only ones with ``masked`` (a masked block's logits are a second ``[N, size]`` buffer on
+    XLA:CPU, whose reductions read an elementwise producer materialized).
+    """
+    v, bv = plan.local_classes, plan.block_v
+    pad = min(plan.padding, v)
+    for first, width, masked in ((0, v - pad, False), (v - pad, pad, True)):
+        nb, tail = B.blocks(width, bv)
+        if nb:
+            carry = lax.fori_loop(
+                0, nb, lambda j, c, first=first, masked=masked: step(
+                    first + j * bv, bv, masked, c), carry)
+        if tail:
+            carry = step(first + nb * bv, tail, masked, carry)
+    return carry
 
 
 def forward_stats(plan: Plan, q: Quirks, h, kernel, bias, y_local, w_local) -> rm.Stats:
     """Online statistics of this device's classes, walked in blocks of ``block_v``."""
-    opts, v, bv = plan.opts, plan.local_classes, plan.block_v
-
-    def step(start, size, st):
-        _, x, wb, valid = block(plan, q, h, kernel, bias, w_local, start, size)
-        return rm.update_stats(st, x, y_local - start, wb, start, opts, valid=valid)
+    def step(start, size, masked, st):
+        _, x, wb, valid = block(plan, q, h, kernel, bias, w_local, start, size, masked)
+        return rm.update_stats(st, x, y_local - start, wb, start, plan.opts, valid=valid)
 
     acc = rm.compute_dtype(h.dtype)
-    st = rm.init_stats(h.shape[0], acc, opts.smoothing, plan.aux)
+    st = rm.init_stats(h.shape[0], acc, plan.opts.smoothing, plan.aux)
     st = B.varying_like(st, h, kernel, bias, y_local, w_local)
-    nb, tail = B.blocks(v, bv)
-    if nb:
-        st = lax.fori_loop(0, nb, lambda j, st: step(j * bv, bv, st), st)
-    if tail:
-        st = step(nb * bv, tail, st)
-    return st
+    return walk(plan, step, st)
 
 
 def _stage_width(n: int, d: int, bv: int) -> int:
@@ -102,11 +124,11 @@ def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, 
     refs = (h, kernel, bias, y_local, counted, w_local, m, log_s, coefs)
     slice_elems = _platform.heuristics().block_elems // 2
 
-    def step(start, size, carry, done=0, at=None):
+    def step(start, size, masked, carry, done=0, at=None):
         """Add block ``[start, start + size)``: its ``d kernel`` goes to column ``at`` of
         ``dk`` (``start`` by default), its columns before ``done`` are left out of ``dh``."""
         dh, dk, db = carry
-        kb, x, wb, valid = block(plan, q, h, kernel, bias, w_local, start, size)
+        kb, x, wb, valid = block(plan, q, h, kernel, bias, w_local, start, size, masked)
         dx = rm.block_grad(x, m, log_s, y_local - start, coefs, wb, counted, opts)
         if valid is not None:
             dx = jnp.where(valid, dx, 0.0)
@@ -123,13 +145,7 @@ def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, 
     width = _stage_width(h.shape[0], h.shape[1], bv)
     if not _platform.stages_bf16(kernel.dtype, q) or width >= v:
         dk = B.varying_like(_platform.carry_zeros(kernel.shape, kernel.dtype, q), *refs)
-        carry = (dh, dk, db)
-        nb, tail = B.blocks(v, bv)
-        if nb:
-            carry = lax.fori_loop(0, nb, lambda j, c: step(j * bv, bv, c), carry)
-        if tail:
-            carry = step(nb * bv, tail, carry)
-        dh, dk, db = carry
+        dh, dk, db = walk(plan, step, (dh, dk, db))
         dk = _platform.carry_value(dk, kernel.dtype)
     else:
         stage_shape = list(kernel.shape)
@@ -141,7 +157,8 @@ def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, 
             stage0 = B.varying_like(_platform.carry_zeros(stage_shape, kernel.dtype, q), *refs)
             dh, st, db = lax.fori_loop(
                 0, width // bv,
-                lambda j, c2: step(first + j * bv, bv, c2, done=c * width, at=j * bv),
+                lambda j, c2: step(first + j * bv, bv, plan.padded, c2, done=c * width,
+                                   at=j * bv),
                 (dh, stage0, db))
             bits = lax.bitcast_convert_type(dk, st.dtype)
             bits = lax.dynamic_update_slice_in_dim(bits, st, first, axis=axis)

@@ -17,34 +17,10 @@ and the backward recomputes the local blocks and sums ``d hidden`` over ``axis_n
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
-from jaxent import _checks, _rowmath
 from jaxent import rl as _rl
-from jaxent._options import KernelLayout, Options, Reduction
-from jaxent.impl import fused_rl
-
-
-def _local_head(hidden, kernel, bias, layout, axis_name, names=("hidden", "kernel", "bias")):
-    """Validate a local head block; ``(h [N, D], k, b, V_local, V_global)``."""
-    hn, kn, bn = names
-    k = _checks.float_array(kernel, kn)
-    if k.ndim != 2:
-        raise ValueError(f"`{kn}` must be 2-D, this device's [D, V/k] ('dv') or [V/k, D] "
-                         f"('vd') block, got shape {tuple(k.shape)}")
-    local = k.shape[1] if layout == "dv" else k.shape[0]
-    h, k, b, _ = _rl._head(hidden, k, bias, layout, names)
-    return h, k, b, local, local * lax.axis_size(axis_name)
-
-
-def _reduce(losses, counted, reduction, token_axis_name):
-    if reduction == "none" or token_axis_name is None:
-        return _rl._reduce(losses, counted.sum(), reduction)
-    total = lax.psum(losses.sum(), token_axis_name)
-    return _rl._reduce(total, lax.psum(counted.sum(), token_axis_name), reduction)
+from jaxent._options import KernelLayout, Reduction
 
 
 def linear_log_probs(
@@ -94,20 +70,10 @@ def linear_log_probs(
       >>> bool(jnp.allclose(lp, jaxent.token_log_probs(h @ w, y), atol=1e-5))
       True
     """
-    h, k, b, local, v = _local_head(hidden, kernel, bias, kernel_layout, axis_name)
-    batch_shape = jnp.shape(hidden)[:-1]
-    cap = _checks.options(reduction="none", logit_softcap=logit_softcap).logit_softcap
-    y = _checks.int_labels(tokens, batch_shape, "tokens")
-    mask = _checks.where_mask(where, batch_shape)
-    acc = _rowmath.compute_dtype(h.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
-    n = h.shape[0]
-    plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), v, local,
-                         _rl._block_size(block_size, n, local), kernel_layout, "logp",
-                         bool(return_entropy), axis_name=axis_name)
-    lp, ent = _rl._log_probs(plan, (h, k, b), y.reshape(-1), _rl._counted(mask, n), temp)
-    lp = lp.reshape(batch_shape)
-    return (lp, ent.reshape(batch_shape)) if return_entropy else lp
+    return _rl.fused_log_probs(
+        hidden, kernel, tokens, bias=bias, kernel_layout=kernel_layout,
+        temperature=temperature, logit_softcap=logit_softcap, where=where,
+        return_entropy=return_entropy, block_size=block_size, axis_name=axis_name)
 
 
 def linear_soft_cross_entropy(
@@ -165,25 +131,11 @@ def linear_soft_cross_entropy(
       >>> bool(jnp.allclose(loss, jaxent.soft_cross_entropy(h @ w, t), rtol=1e-5))
       True
     """
-    h, k, b, local, v = _local_head(hidden, kernel, bias, kernel_layout, axis_name)
-    batch_shape = jnp.shape(hidden)[:-1]
-    opts = _checks.options(reduction=reduction, label_smoothing=label_smoothing,
-                           z_loss=z_loss, logit_softcap=logit_softcap)
-    eps, zl, cap = opts.label_smoothing, opts.z_loss, opts.logit_softcap
-    t = _checks.float_array(targets, "targets")
-    _checks.expect_shape(t, tuple(batch_shape) + (local,), "targets",
-                         "hidden.shape[:-1] + (V/k,), this device's vocabulary block")
-    mask = _checks.where_mask(where, batch_shape)
-    w = _checks.class_weight(weight, local)
-    acc = _rowmath.compute_dtype(h.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
-    n = h.shape[0]
-    plan = fused_rl.Plan(Options(eps, zl, temp_s, cap), v, local,
-                         _rl._block_size(block_size, n, local), kernel_layout, "soft",
-                         axis_name=axis_name)
-    counted = _rl._counted(mask, n)
-    losses = _rl._soft_rows(plan, (h, k, b), t.reshape(n, local), w, counted, temp)
-    return _reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
+    return _rl.fused_soft_cross_entropy(
+        hidden, kernel, targets, bias=bias, kernel_layout=kernel_layout, weight=weight,
+        label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
+        logit_softcap=logit_softcap, temperature=temperature, block_size=block_size,
+        axis_name=axis_name, token_axis_name=token_axis_name)
 
 
 def linear_distillation_loss(
@@ -243,29 +195,9 @@ def linear_distillation_loss(
       >>> bool(jnp.allclose(loss, jaxent.distillation_loss(hs @ ws, ht @ wt), rtol=1e-5))
       True
     """
-    kind, b = _rl._divergence(divergence, beta)
-    _rl._reduction(reduction)
-    hs, ks, bs, local, v = _local_head(
-        student_hidden, student_kernel, student_bias, kernel_layout, axis_name,
-        ("student_hidden", "student_kernel", "student_bias"))
-    ht, kt, bt, local_t, _ = _local_head(
-        teacher_hidden, teacher_kernel, teacher_bias, kernel_layout, axis_name,
-        ("teacher_hidden", "teacher_kernel", "teacher_bias"))
-    if local_t != local:
-        raise ValueError(f"`teacher_kernel` must hold the student's {local} vocabulary "
-                         f"columns per device, got {local_t}")
-    batch_shape = jnp.shape(student_hidden)[:-1]
-    if jnp.shape(teacher_hidden)[:-1] != batch_shape:
-        raise ValueError(f"`teacher_hidden` must have the student's leading shape "
-                         f"{tuple(batch_shape)}, got shape {tuple(jnp.shape(teacher_hidden))}")
-    mask = _rl._distill_mask(labels, ignore_index, where, batch_shape)
-    acc = _rowmath.compute_dtype(hs.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
-    n = hs.shape[0]
-    plan = fused_rl.Plan(Options(temperature=temp_s), v, local,
-                         _rl._block_size(block_size, n, local, 2), kernel_layout, kind,
-                         beta=b, axis_name=axis_name)
-    counted = _rl._counted(mask, n)
-    losses = _rl._distill_rows(plan, (hs, ks, bs), jax.lax.stop_gradient((ht, kt, bt)),
-                                   counted, temp)
-    return _reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
+    return _rl.fused_distillation_loss(
+        student_hidden, student_kernel, teacher_hidden, teacher_kernel, divergence=divergence,
+        beta=beta, temperature=temperature, student_bias=student_bias,
+        teacher_bias=teacher_bias, kernel_layout=kernel_layout, labels=labels,
+        ignore_index=ignore_index, where=where, reduction=reduction, block_size=block_size,
+        axis_name=axis_name, token_axis_name=token_axis_name)

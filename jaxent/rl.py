@@ -15,6 +15,7 @@ from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from jaxent import _checks, _platform, _rowmath
@@ -37,11 +38,15 @@ def _rows(x: jax.Array, axis: int) -> jax.Array:
     return x.reshape(-1, x.shape[-1])
 
 
-def _reduce(losses: jax.Array, count: jax.Array, reduction: str) -> jax.Array:
-    """``"none"``: as is; ``"sum"``; ``"mean"``: sum / count, 0.0 when nothing counted."""
+def _reduce(losses: jax.Array, counted: jax.Array, reduction: str,
+            token_axis_name=None) -> jax.Array:
+    """``"none"``: as is; ``"sum"``; ``"mean"``: sum / count of ``counted``, 0.0 when
+    nothing is counted; with ``token_axis_name`` summed over the shards of the tokens."""
     if reduction == "none":
         return losses
-    total = losses.sum()
+    total, count = losses.sum(), counted.sum()
+    if token_axis_name is not None:
+        total, count = lax.psum(total, token_axis_name), lax.psum(count, token_axis_name)
     if reduction == "sum":
         return total
     return total / jnp.maximum(count, 1).astype(total.dtype)
@@ -69,23 +74,29 @@ def _block_size(block_size, n: int, v: int, streams: int = 1) -> int:
     return auto_block_sizes(_platform.static_size(n) * streams, 1, v)[0]
 
 
-def _head(hidden, kernel, bias, layout, names=("hidden", "kernel", "bias")):
-    """Validate a head ``hidden [..., D] @ kernel (+ bias)``; ``(h, k, b, V)``."""
+def _head(hidden, kernel, bias, layout, names=("hidden", "kernel", "bias"), axis_name=None):
+    """Validate a head ``hidden [..., D] @ kernel (+ bias)``; ``(h, k, b, V_local, V)``.
+
+    With ``axis_name`` (inside ``jax.shard_map``) the kernel and bias are this device's
+    block of ``V_local = V / k`` columns; else ``V_local = V``.
+    """
     hn, kn, bn = names
     if layout not in LAYOUTS:
         raise ValueError(f"`kernel_layout` must be one of {LAYOUTS}, got {layout!r}")
     h = _checks.float_array(hidden, hn)
     k = _checks.float_array(kernel, kn)
-    d, v = _checks.head_shape(h, k, layout, hn, kn)
+    d, local = _checks.head_shape(h, k, layout, hn, kn)
     b = None
     if bias is not None:
         b = _checks.float_array(bias, bn)
-        if b.shape != (v,):
-            raise ValueError(f"`{bn}` must have shape ({v},) (one per class, V from `{kn}`), "
-                             f"got shape {tuple(b.shape)}")
+        if b.shape != (local,):
+            what = "V from" if axis_name is None else "this device's V/k columns of"
+            raise ValueError(f"`{bn}` must have shape ({local},) (one per class, {what} "
+                             f"`{kn}`), got shape {tuple(b.shape)}")
     dtype = jnp.result_type(h.dtype, k.dtype)
     h = h.reshape(-1, d).astype(dtype)
-    return h, k.astype(dtype), None if b is None else b.astype(dtype), v
+    v = local if axis_name is None else local * lax.axis_size(axis_name)
+    return h, k.astype(dtype), None if b is None else b.astype(dtype), local, v
 
 
 # The walks, jitted with their static plan: eager calls compile once instead of running the
@@ -228,18 +239,27 @@ def linear_log_probs(
       (True, True)
     """
     _impl(impl)
-    h, k, b, v = _head(hidden, kernel, bias, kernel_layout)
+    return fused_log_probs(hidden, kernel, tokens, bias=bias, kernel_layout=kernel_layout,
+                           temperature=temperature, logit_softcap=logit_softcap, where=where,
+                           return_entropy=return_entropy, block_size=block_size)
+
+
+def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
+                    logit_softcap, where, return_entropy, block_size, axis_name=None):
+    """:func:`linear_log_probs`, vocabulary-parallel over ``axis_name`` when given."""
+    h, k, b, local, v = _head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
     batch_shape = jnp.shape(hidden)[:-1]
     cap = _checks.options(reduction="none", logit_softcap=logit_softcap).logit_softcap
     y = _checks.int_labels(tokens, batch_shape, "tokens")
     mask = _checks.where_mask(where, batch_shape)
     acc = _rowmath.compute_dtype(h.dtype)
     temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
-    y = _checks.token_values(y, v, mask)
+    if axis_name is None:  # inside shard_map the ids are traced: nan marks bad ones
+        y = _checks.token_values(y, v, mask)
     n = h.shape[0]
-    plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), v, v,
-                         _block_size(block_size, n, v), kernel_layout, "logp",
-                         bool(return_entropy))
+    plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), v, local,
+                         _block_size(block_size, n, local), kernel_layout, "logp",
+                         bool(return_entropy), axis_name=axis_name)
     lp, ent = _log_probs(plan, (h, k, b), y.reshape(-1), _counted(mask, n), temp)
     lp = lp.reshape(batch_shape)
     return (lp, ent.reshape(batch_shape)) if return_entropy else lp
@@ -307,27 +327,40 @@ def linear_soft_cross_entropy(
       True
     """
     _impl(impl)
-    h, k, b, v = _head(hidden, kernel, bias, kernel_layout)
+    return fused_soft_cross_entropy(
+        hidden, kernel, targets, bias=bias, kernel_layout=kernel_layout, weight=weight,
+        label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
+        logit_softcap=logit_softcap, temperature=temperature, block_size=block_size)
+
+
+def fused_soft_cross_entropy(hidden, kernel, targets, *, bias, kernel_layout, weight,
+                             label_smoothing, reduction, where, z_loss, logit_softcap,
+                             temperature, block_size, axis_name=None, token_axis_name=None):
+    """:func:`linear_soft_cross_entropy`, vocabulary-parallel over ``axis_name`` when given
+    (then ``targets`` and ``weight`` are this device's ``V/k`` columns)."""
+    h, k, b, local, v = _head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
     batch_shape = jnp.shape(hidden)[:-1]
     opts = _checks.options(reduction=reduction, label_smoothing=label_smoothing,
                            z_loss=z_loss, logit_softcap=logit_softcap)
-    eps, zl, cap = opts.label_smoothing, opts.z_loss, opts.logit_softcap
     t = jnp.asarray(targets)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         raise TypeError(f"`targets` must be floating-point probabilities, got dtype {t.dtype};"
                         " for integer class labels use jaxent.linear_cross_entropy")
-    _checks.expect_shape(t, tuple(batch_shape) + (v,), "targets",
-                         "hidden.shape[:-1] + (V,), one distribution per token")
+    _checks.expect_shape(t, tuple(batch_shape) + (local,), "targets",
+                         "hidden.shape[:-1] + (V,), one distribution per token"
+                         if axis_name is None else
+                         "hidden.shape[:-1] + (V/k,), this device's vocabulary block")
     mask = _checks.where_mask(where, batch_shape)
-    w = _checks.class_weight(weight, v)
+    w = _checks.class_weight(weight, local)
     acc = _rowmath.compute_dtype(h.dtype)
     temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
     n = h.shape[0]
-    plan = fused_rl.Plan(Options(eps, zl, temp_s, cap), v, v, _block_size(block_size, n, v),
-                         kernel_layout, "soft")
+    plan = fused_rl.Plan(
+        Options(opts.label_smoothing, opts.z_loss, temp_s, opts.logit_softcap), v, local,
+        _block_size(block_size, n, local), kernel_layout, "soft", axis_name=axis_name)
     counted = _counted(mask, n)
-    losses = _soft_rows(plan, (h, k, b), t.reshape(n, v), w, counted, temp)
-    return _reduce(losses.reshape(batch_shape), counted.sum(), reduction)
+    losses = _soft_rows(plan, (h, k, b), t.reshape(n, local), w, counted, temp)
+    return _reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
 
 
 # ------------------------------------------------------------------------ distillation
@@ -438,7 +471,7 @@ def distillation_loss(
     plan = fused_rl.Plan(Options(temperature=temp_s), v, v, max(v, 1), kind=kind, beta=b)
     counted = _counted(mask, n)
     losses = _distill_rows(plan, (rs,), (rt,), counted, temp)
-    return _reduce(losses.reshape(batch_shape), counted.sum(), reduction)
+    return _reduce(losses.reshape(batch_shape), counted, reduction)
 
 
 def linear_distillation_loss(
@@ -502,16 +535,33 @@ def linear_distillation_loss(
       >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
       True
     """
+    _impl(impl)
+    return fused_distillation_loss(
+        student_hidden, student_kernel, teacher_hidden, teacher_kernel, divergence=divergence,
+        beta=beta, temperature=temperature, student_bias=student_bias,
+        teacher_bias=teacher_bias, kernel_layout=kernel_layout, labels=labels,
+        ignore_index=ignore_index, where=where, reduction=reduction, block_size=block_size)
+
+
+def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teacher_kernel, *,
+                            divergence, beta, temperature, student_bias, teacher_bias,
+                            kernel_layout, labels, ignore_index, where, reduction,
+                            block_size, axis_name=None, token_axis_name=None):
+    """:func:`linear_distillation_loss`, vocabulary-parallel over ``axis_name`` when given."""
     kind, b = _divergence(divergence, beta)
     _reduction(reduction)
-    _impl(impl)
-    hs, ks, bs, v = _head(student_hidden, student_kernel, student_bias, kernel_layout,
-                          ("student_hidden", "student_kernel", "student_bias"))
-    ht, kt, bt, vt = _head(teacher_hidden, teacher_kernel, teacher_bias, kernel_layout,
-                           ("teacher_hidden", "teacher_kernel", "teacher_bias"))
-    if vt != v:
-        raise ValueError(f"`teacher_kernel` must have the student's vocabulary V = {v}, got "
-                         f"V = {vt} (shape {tuple(jnp.shape(teacher_kernel))})")
+    hs, ks, bs, local, v = _head(student_hidden, student_kernel, student_bias, kernel_layout,
+                                 ("student_hidden", "student_kernel", "student_bias"),
+                                 axis_name)
+    ht, kt, bt, local_t, _ = _head(teacher_hidden, teacher_kernel, teacher_bias,
+                                   kernel_layout,
+                                   ("teacher_hidden", "teacher_kernel", "teacher_bias"),
+                                   axis_name)
+    if local_t != local:
+        what = (f"vocabulary V = {v}, got V = {local_t}" if axis_name is None else
+                f"{local} vocabulary columns per device, got {local_t}")
+        raise ValueError(f"`teacher_kernel` must have the student's {what} (shape "
+                         f"{tuple(jnp.shape(teacher_kernel))})")
     batch_shape = jnp.shape(student_hidden)[:-1]
     if jnp.shape(teacher_hidden)[:-1] != batch_shape:
         raise ValueError(f"`teacher_hidden` must have the student's leading shape "
@@ -520,12 +570,13 @@ def linear_distillation_loss(
     acc = _rowmath.compute_dtype(hs.dtype)
     temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
     n = hs.shape[0]
-    plan = fused_rl.Plan(Options(temperature=temp_s), v, v, _block_size(block_size, n, v, 2),
-                         kernel_layout, kind, beta=b)
-    tops = jax.lax.stop_gradient((ht, kt, bt))
+    plan = fused_rl.Plan(Options(temperature=temp_s), v, local,
+                         _block_size(block_size, n, local, 2), kernel_layout, kind, beta=b,
+                         axis_name=axis_name)
     counted = _counted(mask, n)
-    losses = _distill_rows(plan, (hs, ks, bs), tops, counted, temp)
-    return _reduce(losses.reshape(batch_shape), counted.sum(), reduction)
+    losses = _distill_rows(plan, (hs, ks, bs), jax.lax.stop_gradient((ht, kt, bt)), counted,
+                           temp)
+    return _reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
 
 
 distillation_loss.__doc__ = (distillation_loss.__doc__ or "").replace("{doc}", _DOC_DIVERGENCE)

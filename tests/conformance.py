@@ -3,8 +3,10 @@
 Every implementation is called as ``impl(x, labels, **options)`` on logits ``x [N, C]``:
 the plain losses with either residual, and the fused walks on ``hidden = I_N`` and
 ``kernel = x`` (``hidden @ kernel`` is then ``x`` exactly, and the gradient w.r.t. the
-kernel is the gradient w.r.t. the logits). Tests parametrized over :data:`IMPLS` run the
-same checks on every path; ``tests/sharded_cases.py`` adds the vocabulary-parallel ones.
+kernel is the gradient w.r.t. the logits). Tests parametrized over :data:`IMPLS`
+(``tests/test_conformance.py``, ``tests/test_robustness.py``) run the same checks on every
+path; ``tests/sharded_cases.py`` runs them again with the vocabulary-parallel placements in
+the registry.
 """
 
 from __future__ import annotations

@@ -604,7 +604,12 @@ if os.environ.get("JAXENT_SHARDED_SUBPROCESS") == "1":
         "sharded-linear": lambda x, y, **kw: sharded.shard_linear_cross_entropy(
             jnp.eye(x.shape[0], dtype=x.dtype), x, y, mesh=_PAIR, block_size=32, **kw),
     })
-# The checks of tests/test_robustness.py, parametrized over the two entries above.
+# The conformance suite and the checks of tests/test_robustness.py, parametrized over the
+# two entries above.
+from tests.test_conformance import (  # noqa: E402,F401
+    test_16bit_logits_accumulate_in_float32,
+    test_value_and_vjp_match_float64,
+)
 from tests.test_robustness import (  # noqa: E402,F401
     test_class_weights_summing_to_zero,
     test_every_logit_far_below_zero,

@@ -24,7 +24,7 @@ from jaxent.impl import fused_rl
 from jaxent.impl.plan import auto_block_sizes
 
 Divergence = Literal["kl", "reverse_kl", "jsd"]
-DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+DIVERGENCES: tuple[Divergence, ...] = get_args(Divergence)
 _IMPLS = ("auto", "xla", "vocab")
 
 # Blocked temporaries aim at about 4M float32 elements (16 MB) per [N, block] logits block.

@@ -8,6 +8,7 @@ Examples::
     python -m jaxent.bench --gpu --quick                # the GPU suite (needs a GPU)
     python -m jaxent.bench --suite gpu --tiny           # its code path, tiny, on any device
     python -m jaxent.bench --suite linear-memory 8192 2048 128256
+    python -m jaxent.bench --suite rl-memory 8192 2048 128256
     python -m jaxent.bench --suite linear-speed 4096 1024 32000 --rounds 6 \\
         --contenders naive,ours,ours:impl=vocab,cce,torch
     python -m jaxent.bench --suite matmul 2048 2048 128256 128 1024
@@ -24,7 +25,8 @@ from collections.abc import Sequence
 
 from jaxent.bench.deps import MissingExtra
 
-SUITE_NAMES = ("main", "gpu", "linear-memory", "linear-speed", "matmul", "explore-ce", "ab")
+SUITE_NAMES = ("main", "gpu", "linear-memory", "rl-memory", "linear-speed", "matmul",
+               "explore-ce", "ab")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

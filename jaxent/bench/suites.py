@@ -6,6 +6,8 @@
   8192x128256 against jaxent's XLA walks, tokamax, Liger, Apple CCE and torch, with FLOP/s
   against a matmul and GB/s against a copy measured in the same run.
 * ``linear-memory [N D V]``: compiled temporaries of the fused loss's value_and_grad.
+* ``rl-memory [N D V]``: the same for the fused RL and distillation heads against the
+  textbook formulas on materialized logits.
 * ``linear-speed N D V``: interleaved value_and_grad timing of chosen fused variants.
 * ``matmul [N D V TOKEN_BLOCK DW_SLICE]``: throughput of the matmuls behind the fused loss.
 * ``explore-ce N C DTYPE [NAMES...]``: candidate plain-CE formulations
@@ -52,8 +54,9 @@ from jaxent.bench.contenders import (
 )
 from jaxent.bench.measure import SETTLE_S, machine_load, run_case, run_suite
 from jaxent.bench.report import to_json, to_markdown
+from jaxent.rl import DIVERGENCES, Divergence
 
-SuiteName = Literal["main", "gpu", "linear-memory", "linear-speed", "matmul", "explore-ce"]
+SuiteName = Literal["main", "gpu"]
 
 
 @dataclasses.dataclass
@@ -179,6 +182,71 @@ def linear_memory(args: Any) -> Report:
              *(f"| {r['dtype']} | {r['contender']} | {r['temp_bytes'] / 1e6:.1f} "
                f"| {100 * r['of_naive']:.2f} |" for r in rows)]
     return Report("\n".join(lines), {"n": n, "d": d, "v": v, "rows": rows}, notes=notes)
+
+
+# ---------------------------------------------------------------------------------- rl-memory
+def _rl_cases(n: int) -> list[tuple[str, Callable, Callable, int]]:
+    """``(name, fused, naive, number of head arguments)`` of the ``rl-memory`` suite."""
+    import jaxent
+
+    y = jnp.zeros((n,), jnp.int32)
+
+    def fused_lp(h, k):
+        lp, ent = jaxent.linear_log_probs(h, k, y, return_entropy=True)
+        return (lp + 0.1 * ent).sum()
+
+    def naive_lp(h, k):
+        logp = jax.nn.log_softmax(h @ k)
+        ent = -jnp.sum(jnp.exp(logp) * logp, -1)
+        return (jnp.take_along_axis(logp, y[:, None], -1)[:, 0] + 0.1 * ent).sum()
+
+    def naive_divergence(xs, xt, div):
+        """The textbook formulas on materialized float32 logits (the teacher constant)."""
+        lp, lq = jax.nn.log_softmax(xs), jax.nn.log_softmax(jax.lax.stop_gradient(xt))
+        p, q = jnp.exp(lp), jnp.exp(lq)
+        if div == "kl":
+            return jnp.mean(jnp.sum(q * (lq - lp), -1))
+        if div == "reverse_kl":
+            return jnp.mean(jnp.sum(p * (lp - lq), -1))
+        lm = jnp.log(0.5 * q + 0.5 * p)
+        return jnp.mean(0.5 * jnp.sum(q * (lq - lm), -1) + 0.5 * jnp.sum(p * (lp - lm), -1))
+
+    def fused_div(div: Divergence) -> Callable:
+        return lambda h, k, ht, kt: jaxent.linear_distillation_loss(h, k, ht, kt,
+                                                                    divergence=div)
+
+    def naive_div(div: Divergence) -> Callable:
+        return lambda h, k, ht, kt: naive_divergence(h @ k, ht @ kt, div)
+
+    out: list[tuple[str, Callable, Callable, int]] = [
+        ("linear_log_probs(entropy)", fused_lp, naive_lp, 2)]
+    out += [(f"linear_distillation_loss({div})", fused_div(div), naive_div(div), 4)
+            for div in DIVERGENCES]
+    return out
+
+
+def rl_memory(args: Any) -> Report:
+    """Compiled temporaries of value_and_grad (w.r.t. the student's hidden and kernel) of the
+    fused RL/distillation heads against the naive programs, float32, default N=8192, D=2048,
+    V=128256 (abstract inputs: nothing is allocated)."""
+    n, d, v = _ints(args.args, (8192, 2048, 128256), "rl-memory")
+    rows = []
+    for name, fused, naive, nargs in _rl_cases(n):
+        shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(n, d), (d, v)] * (nargs // 2)]
+        temp = []
+        for fn in (fused, naive):
+            compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*shapes).compile()
+            analysis = compiled.memory_analysis()
+            assert analysis is not None
+            temp.append(analysis.temp_size_in_bytes)
+        rows.append({"loss": name, "fused_bytes": temp[0], "naive_bytes": temp[1],
+                     "of_naive": temp[0] / temp[1]})
+    lines = [f"Compiled temporaries of value_and_grad (w.r.t. hidden and kernel) at N={n}, "
+             f"D={d}, V={v}, float32; `memory_analysis().temp_size_in_bytes`.", "",
+             "| loss | fused MiB | naive MiB | % of naive |", "| --- | ---: | ---: | ---: |",
+             *(f"| {r['loss']} | {r['fused_bytes'] / 2**20:.1f} | "
+               f"{r['naive_bytes'] / 2**20:.1f} | {100 * r['of_naive']:.2f} |" for r in rows)]
+    return Report("\n".join(lines), {"n": n, "d": d, "v": v, "rows": rows})
 
 
 # ------------------------------------------------------------------------------- linear-speed
@@ -348,6 +416,7 @@ SUITES: dict[str, Callable[[Any], Report]] = {
     "main": main_suite,
     "gpu": lambda args: main_suite(args, "gpu"),
     "linear-memory": linear_memory,
+    "rl-memory": rl_memory,
     "linear-speed": linear_speed,
     "matmul": matmul,
     "explore-ce": explore_ce,

@@ -219,6 +219,33 @@ def test_padded_vocabulary_matches_one_device(rng, opt_name, kernel_layout):
     assert not np.asarray(dk[:, V_REAL:]).any() and not np.asarray(db)[V_REAL:].any()
 
 
+@pytest.mark.parametrize("vocab_size", [700, 760])
+def test_padding_wider_than_blocks_and_shards(rng, vocab_size):
+    """1004 columns over 4 shards of 251 holding 700 classes (the last shard all padding, the
+    third partly) or 760 (244 of each shard's 251 columns walked masked): with 40-column
+    blocks the masked columns span several blocks. One-device values and gradients, zero
+    gradients on the padding."""
+    mesh = _mesh("fsdp", "Explicit")
+    h, k, b, y = _draw(rng, v=V_PAD)
+    k[:, vocab_size:] = 1e3 * rng.normal(size=(D, V_PAD - vocab_size))
+    b[vocab_size:] = 1e4
+    y = (y % vocab_size).astype(np.int32)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3,
+            "weight": jnp.asarray(rng.uniform(0.5, 2.0, size=vocab_size), jnp.float32)}
+    cot = rng.normal(size=(N,)).astype(np.float32)
+    want = _reference(h, k[:, :vocab_size], b[:vocab_size], y, cot, **opts)
+
+    def loss(h, k, b, y, **kw):
+        return jaxent.sharded.shard_linear_cross_entropy(
+            h, k, y, bias=b, mesh=mesh, token_axis="fsdp", vocab_size=vocab_size,
+            block_size=40, **opts, **kw)
+
+    value, (dh, dk, db) = _mixed(loss)(h, k, b, y, cot)
+    dk, db = np.asarray(dk), np.asarray(db)
+    _close((value, dh, dk[:, :vocab_size], db[:vocab_size]), want)
+    assert not dk[:, vocab_size:].any() and not db[vocab_size:].any()
+
+
 def test_padded_vocabulary_inside_shard_map_with_aux(rng):
     """The per-shard function in the user's shard_map, ``vocab_size=1001`` of 1004 columns:
     loss, lse, z-loss, argmax (never a padding column, though the padding's logits are the

@@ -75,8 +75,8 @@ def walk(plan: Plan, step, carry):
 
     Padding sits at the end of the vocabulary, so on any device only its last
     ``plan.padding`` columns can be padding: they are walked in blocks of their own, the
-    only ones with ``masked`` (a masked block's logits are a second ``[N, size]`` buffer on
-    XLA:CPU, whose reductions read an elementwise producer materialized).
+    only ones with ``masked`` (on XLA:CPU a masked block costs a second ``[N, size]``
+    buffer: each row reduction takes the masked logits materialized).
     """
     v, bv = plan.local_classes, plan.block_v
     pad = min(plan.padding, v)

@@ -254,7 +254,7 @@ def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
     mask = _checks.where_mask(where, batch_shape)
     acc = _rowmath.compute_dtype(h.dtype)
     temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
-    if axis_name is None:  # inside shard_map the ids are traced: nan marks bad ones
+    if axis_name is None:  # (inside shard_map ids are not checked: out-of-range ones give nan)
         y = _checks.token_values(y, v, mask)
     n = h.shape[0]
     plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), v, local,

@@ -151,6 +151,7 @@ def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, 
         stage_shape = list(kernel.shape)
         stage_shape[axis] = width
 
+        # Stages span the vocabulary in whole blocks: with padding, every block is masked.
         def stage(c, carry):
             dh, dk, db = carry
             first = B.piece_start(c, width, v)

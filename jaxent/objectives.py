@@ -55,11 +55,12 @@ RatioLevel = Literal["token", "sequence"]
 class Normalizers(NamedTuple):
     """The global counts an aggregation divides by (a pytree: it passes through ``jit``).
 
-    Attributes:
-      tokens: counted tokens of the global batch (float32 scalar).
-      sequences: sequences with at least one counted token (float32 scalar).
-      length: the constant of ``"seq-mean-token-sum-norm"`` (Dr. GRPO's maximal
-        completion length; float32 scalar).
+    Fields (float32 scalars):
+
+    - ``tokens``: counted tokens of the global batch;
+    - ``sequences``: sequences with at least one counted token;
+    - ``length``: the constant of ``"seq-mean-token-sum-norm"`` (Dr. GRPO's maximal
+      completion length).
     """
 
     tokens: jax.Array
@@ -75,18 +76,19 @@ class Metrics(NamedTuple):
     ``ratio_max`` is a maximum (take the max over micro-batches). With ``axis_name`` they
     are already combined over that axis.
 
-    Attributes:
-      clip_frac_low: tokens with :math:`A<0` and :math:`r<1-\\epsilon_{low}` (clipped).
-      clip_frac_high: tokens with :math:`A>0` and :math:`r>1+\\epsilon_{high}` (clipped).
-      clip_frac_dual: tokens with :math:`A<0` and :math:`r>c` (dual-clip bound).
-      approx_kl: ``k3`` estimate of :math:`KL(\\pi_{old}\\,\\|\\,\\pi_\\theta)`,
-        :math:`(r-1)-\\log r`.
-      kl: the KL penalty's estimate of :math:`KL(\\pi_\\theta\\,\\|\\,\\pi_{ref})` (0 without
-        ``ref_logp``).
-      entropy: mean entropy (0 without ``entropy``).
-      ratio_mean: mean of the ratio :math:`r` (the sequence ratio for GSPO).
-      ratio_max: largest ratio.
-      is_weight_mean: mean truncated importance weight (1 without ``behaviour_logp``).
+    Fields:
+
+    - ``clip_frac_low``: tokens with :math:`A<0` and :math:`r<1-\\epsilon_{low}` (clipped);
+    - ``clip_frac_high``: tokens with :math:`A>0` and :math:`r>1+\\epsilon_{high}` (clipped);
+    - ``clip_frac_dual``: tokens with :math:`A<0` and :math:`r>c` (dual-clip bound);
+    - ``approx_kl``: the ``k3`` estimate of :math:`KL(\\pi_{old}\\,\\|\\,\\pi_\\theta)`,
+      :math:`(r-1)-\\log r`;
+    - ``kl``: the KL penalty's estimate of :math:`KL(\\pi_\\theta\\,\\|\\,\\pi_{ref})` (0
+      without ``ref_logp``);
+    - ``entropy``: mean entropy (0 without ``entropy``);
+    - ``ratio_mean``: mean of the ratio :math:`r` (the sequence ratio for GSPO);
+    - ``ratio_max``: largest ratio;
+    - ``is_weight_mean``: mean truncated importance weight (1 without ``behaviour_logp``).
     """
 
     clip_frac_low: jax.Array
@@ -208,13 +210,11 @@ def aggregate(values: ArrayLike, mask: ArrayLike | None = None,
     verl's ``agg_loss`` modes (``verl/trainer/ppo/core_algos.py``), with
     :math:`S_i = \sum_t m_{i,t}\,\ell_{i,t}` and :math:`n_i = \sum_t m_{i,t}`:
 
-    ============================  ==============================================================
-    ``"token-mean"``              :math:`\sum_i S_i / N_{tok}` (DAPO's token-level mean)
-    ``"seq-mean-token-sum"``      :math:`\sum_i S_i / N_{seq}`
-    ``"seq-mean-token-mean"``     :math:`\sum_{i: n_i>0} (S_i / n_i) / N_{seq}` (GRPO)
-    ``"seq-mean-token-sum-norm"`` :math:`\sum_i S_i / (N_{seq} L)` (Dr. GRPO, TRL's
-                                  ``dr_grpo``; verl divides by :math:`L` alone)
-    ============================  ==============================================================
+    - ``"token-mean"``: :math:`\sum_i S_i / N_{tok}` (DAPO's token-level mean);
+    - ``"seq-mean-token-sum"``: :math:`\sum_i S_i / N_{seq}`;
+    - ``"seq-mean-token-mean"``: :math:`\sum_{i: n_i>0} (S_i / n_i) / N_{seq}` (GRPO);
+    - ``"seq-mean-token-sum-norm"``: :math:`\sum_i S_i / (N_{seq} L)` (Dr. GRPO, TRL's
+      ``dr_grpo``; verl divides by :math:`L` alone).
 
     :math:`N_{tok}`, :math:`N_{seq}` and :math:`L` are the *global* counts of
     :func:`normalizers` (given, or computed from ``mask`` and summed over ``axis_name``);
@@ -609,10 +609,10 @@ def gspo_loss(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike,
       >>> import jax.numpy as jnp
       >>> from jaxent import objectives
       >>> logp = jnp.log(jnp.array([[0.5, 0.3], [0.6, 0.1]]))
-      >>> old = jnp.log(jnp.array([[0.5, 0.3], [0.6, 0.1]])) - 1e-4
+      >>> old = logp - jnp.array([[0.005, 0.015], [0.0, 0.02]])    # s = exp(0.01) twice
       >>> loss, m = objectives.gspo_loss(logp, old, jnp.array([1.0, -1.0]))
-      >>> print(f"{float(m.ratio_mean):.5f}", f"{float(loss):.5f}")
-      1.00010 0.00000
+      >>> print(f"{float(m.ratio_mean):.5f}", f"{float(loss):.5f}", float(m.clip_frac_high))
+      1.01005 0.00483 0.5
     """
     return policy_loss(logp, old_logp, advantages, mask, ratio_level="sequence",
                        eps_low=eps_low, eps_high=eps_high, aggregation=aggregation, **options)

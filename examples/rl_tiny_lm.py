@@ -168,6 +168,8 @@ def run(*, pretrain_steps: int = 300, rl_steps: int = 100, prompts: int = 8, gro
         updates_per_batch: int = 1, out_dir: str | Path | None = None,
         progress: bool = True) -> dict:
     """Pretrains, fine-tunes by GRPO and returns the per-step curves and timings."""
+    if updates_per_batch < 1:
+        raise ValueError(f"`updates_per_batch` must be >= 1, got {updates_per_batch}")
     start = time.perf_counter()
     seq_len = prompt_len + completion
     data = tiny_lm.prepare_data("pydoc", vocab_size, seq_len)

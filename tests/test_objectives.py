@@ -353,19 +353,22 @@ def _micro_batches(batch, bounds, size=3):
     return {k: np.stack([mb[k] for mb in out]) for k in batch}
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _accumulate(w, batch, micro, objective):
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _accumulate(w, batch, micro, objective, naive=True):
     """For every aggregation: the full batch's loss and gradient; the micro-batches' (one
-    after another, under ``vmap``) summed, with the full batch's normalizers and with
-    their own."""
+    after another, under ``vmap``) summed, with the full batch's normalizers and (when
+    ``naive``) with their own."""
     vg = jax.value_and_grad(policy_loss_of)
     norm = objectives.normalizers(batch["mask"])
     out = {}
     for mode in MODES:
         full_loss, full = vg(w, batch, mode, None, objective)
         losses, grads = jax.vmap(lambda mb, mode=mode: vg(w, mb, mode, norm, objective))(micro)
-        _, local = jax.vmap(lambda mb, mode=mode: vg(w, mb, mode, None, objective))(micro)
-        out[mode] = full_loss, full, losses.sum(), grads.sum(0), local.sum(0)
+        local = full
+        if naive:
+            local = jax.vmap(lambda mb, mode=mode: vg(w, mb, mode, None, objective))(micro)[1]
+            local = local.sum(0)
+        out[mode] = full_loss, full, losses.sum(), grads.sum(0), local
     return out
 
 
@@ -385,7 +388,7 @@ def test_gradient_accumulation(rng, objective):
     def run(dtype):
         cast = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in batch.items()}
         out = _accumulate(jnp.asarray(w64, dtype), cast, _micro_batches(cast, bounds),
-                          objective)
+                          objective, dtype == np.float32)
         errors = {}
         for mode, (full_loss, full, loss_sum, summed, local) in out.items():
             np.testing.assert_allclose(float(loss_sum), float(full_loss), err_msg=mode,

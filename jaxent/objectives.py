@@ -195,6 +195,9 @@ def normalizers(mask: ArrayLike, *, max_length: int | None = None,
 def _normalizers_arg(norm, mask, max_length, axis_name) -> Normalizers:
     if norm is None:
         return normalizers(mask, max_length=max_length, axis_name=axis_name)
+    if max_length is not None:
+        raise ValueError("`max_length` is part of the given `normalizers`: pass it to "
+                         "objectives.normalizers(full_mask, max_length=...) instead")
     if not isinstance(norm, Normalizers):
         raise TypeError("`normalizers` must be a jaxent.objectives.Normalizers (from "
                         f"objectives.normalizers(full_mask)), got {type(norm).__name__}")

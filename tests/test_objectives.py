@@ -297,6 +297,9 @@ def test_bad_input_other_functions():
         objectives.kl_penalty(jnp.zeros(3), jnp.zeros(3), "k5")
     with pytest.raises(TypeError, match="`normalizers`"):
         objectives.aggregate(jnp.zeros((2, 3)), normalizers=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="`max_length`"):
+        objectives.aggregate(jnp.zeros((2, 3)), max_length=4,
+                             normalizers=objectives.normalizers(jnp.ones((2, 3), bool)))
     with pytest.raises(TypeError, match="`logp`"):
         objectives.ppo_loss(jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3)), jnp.ones(2))
     with pytest.raises(ValueError, match="`logp`"):

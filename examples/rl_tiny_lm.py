@@ -6,15 +6,20 @@ A small ``tiny_lm.TinyLM`` is first pretrained on the pydoc help texts (next-tok
 ``--completion`` words are sampled, each prompt with its own sampling temperature; the reward
 of a completion is the fraction of its words that lie in a target set (``--targets``). As in
 GRPO (Shao et al., 2024) the advantage of a completion is its reward standardized within its
-prompt's group, and the loss per completion token is
+prompt's group, and the loss is ``jaxent.objectives.grpo_loss`` (PPO's clipped ratio, each
+completion's tokens averaged, then the completions) with its entropy bonus, plus the exact
+KL to the frozen pretrained model:
 
-    - A * log pi(token)  -  c_H * H(pi)  +  c_KL * KL(pi || pi_ref)
+    - min(r A, clip(r, 0.8, 1.2) A)  -  c_H * H(pi)  +  c_KL * KL(pi || pi_ref)
 
 with ``log pi`` and the entropy ``H`` from ``jaxent.linear_log_probs(..., temperature=T_row,
-return_entropy=True)`` and the exact per-token KL to the frozen pretrained model from
-``jaxent.linear_distillation_loss(..., divergence="reverse_kl")``: neither the policy's nor
-the reference's ``[tokens, V]`` logits are ever built. A tqdm bar shows the reward; a PNG
-plots the mean reward and the KL per step.
+return_entropy=True)`` and the per-token KL from ``jaxent.linear_distillation_loss(...,
+divergence="reverse_kl")`` (the whole distribution's, not GRPO's k3 estimate from the sampled
+token): neither the policy's nor the reference's ``[tokens, V]`` logits are ever built. With
+one update per batch of samples (the default) the ratio ``r = pi / pi_old`` is 1 and the
+gradient is GRPO's ``-A grad log pi``; ``--updates-per-batch 2`` takes further clipped steps
+on the same samples. A tqdm bar shows the reward; a PNG plots the mean reward and the KL per
+step.
 
 Run::
 
@@ -100,37 +105,54 @@ def group_advantages(r: np.ndarray, group: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- RL loss
 
 
-def rl_loss(model, ref_model, tokens, advantages, temps, *, prompt_len: int,
-            entropy_coef: float, kl_coef: float):
-    """Policy-gradient loss of sampled ``tokens [R, S]`` (the completion part counts)."""
+def completion_log_probs(model, tokens, temps, *, prompt_len: int, return_entropy=False):
+    """Log-probs ``[R, S-1]`` of the sampled words (0 on the prompt) and, optionally, the
+    entropies; the hidden states ``[R*(S-1), D]``, the row temperatures and the mask."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     r, t = targets.shape
     mask = jnp.broadcast_to(jnp.arange(t)[None, :] >= prompt_len - 1, (r, t))
     h = model.hidden(inputs).reshape(r * t, -1)
-    emb = model.embed.embedding[...]
     row_temps = jnp.broadcast_to(temps[:, None], (r, t)).reshape(-1)
-    logp, ent = jaxent.linear_log_probs(h, emb, targets.reshape(-1), kernel_layout="vd",
-                                        temperature=row_temps, where=mask.reshape(-1),
-                                        return_entropy=True)
-    h_ref = jax.lax.stop_gradient(ref_model.hidden(inputs).reshape(r * t, -1))
-    kl = jaxent.linear_distillation_loss(h, emb, h_ref, ref_model.embed.embedding[...],
+    out = jaxent.linear_log_probs(h, model.embed.embedding[...], targets.reshape(-1),
+                                  kernel_layout="vd", temperature=row_temps,
+                                  where=mask.reshape(-1), return_entropy=return_entropy)
+    out = tuple(x.reshape(r, t) for x in out) if return_entropy else out.reshape(r, t)
+    return out, h, row_temps, mask
+
+
+@nnx.jit(static_argnames=("prompt_len",))
+def sampler_log_probs(model, tokens, temps, *, prompt_len: int):
+    """``log pi_old`` of the samples, for the clipped ratio of later updates on them."""
+    return completion_log_probs(model, tokens, temps, prompt_len=prompt_len)[0]
+
+
+def rl_loss(model, ref_model, tokens, advantages, temps, old_logp=None, *, prompt_len: int,
+            entropy_coef: float, kl_coef: float):
+    """GRPO loss of sampled ``tokens [R, S]`` (the completion part counts); ``old_logp``
+    None: the samples come from ``model`` itself (the ratio is 1)."""
+    (logp, ent), h, row_temps, mask = completion_log_probs(
+        model, tokens, temps, prompt_len=prompt_len, return_entropy=True)
+    inputs = tokens[:, :-1]
+    h_ref = jax.lax.stop_gradient(ref_model.hidden(inputs).reshape(h.shape))
+    kl = jaxent.linear_distillation_loss(h, model.embed.embedding[...], h_ref,
+                                         ref_model.embed.embedding[...],
                                          divergence="reverse_kl", temperature=row_temps,
                                          kernel_layout="vd", where=mask.reshape(-1))
-    count = mask.sum()
-    adv = jnp.broadcast_to(advantages[:, None], (r, t)).reshape(-1)
-    pg = -jnp.sum(adv * logp) / count
-    mean_ent = jnp.sum(ent) / count
-    loss = pg - entropy_coef * mean_ent + kl_coef * kl
-    return loss, {"kl": kl, "entropy": mean_ent}
+    old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
+    pg, metrics = jaxent.objectives.grpo_loss(logp, old, advantages, mask, kl_coef=0.0,
+                                              entropy=ent, entropy_coef=entropy_coef)
+    loss = pg + kl_coef * kl
+    clip_frac = metrics.clip_frac_low + metrics.clip_frac_high
+    return loss, {"kl": kl, "entropy": metrics.entropy, "clip_frac": clip_frac}
 
 
 @nnx.jit(static_argnames=("prompt_len", "entropy_coef", "kl_coef"))
-def rl_step(model, ref_model, optimizer, tokens, advantages, temps, *, prompt_len: int,
-            entropy_coef: float, kl_coef: float):
-    """One policy update; returns the loss and ``{"kl", "entropy"}``."""
+def rl_step(model, ref_model, optimizer, tokens, advantages, temps, old_logp=None, *,
+            prompt_len: int, entropy_coef: float, kl_coef: float):
+    """One policy update; returns the loss and ``{"kl", "entropy", "clip_frac"}``."""
     def loss_fn(model):
-        return rl_loss(model, ref_model, tokens, advantages, temps, prompt_len=prompt_len,
-                       entropy_coef=entropy_coef, kl_coef=kl_coef)
+        return rl_loss(model, ref_model, tokens, advantages, temps, old_logp,
+                       prompt_len=prompt_len, entropy_coef=entropy_coef, kl_coef=kl_coef)
 
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
@@ -143,8 +165,11 @@ def rl_step(model, ref_model, optimizer, tokens, advantages, temps, *, prompt_le
 def run(*, pretrain_steps: int = 300, rl_steps: int = 100, prompts: int = 8, group: int = 8,
         prompt_len: int = 8, completion: int = 16, lr: float = 1e-3, entropy_coef: float = 1e-2,
         kl_coef: float = 0.1, vocab_size: int = 2048, d_model: int = 64, seed: int = 0,
-        out_dir: str | Path | None = None, progress: bool = True) -> dict:
+        updates_per_batch: int = 1, out_dir: str | Path | None = None,
+        progress: bool = True) -> dict:
     """Pretrains, fine-tunes by GRPO and returns the per-step curves and timings."""
+    if updates_per_batch < 1:
+        raise ValueError(f"`updates_per_batch` must be >= 1, got {updates_per_batch}")
     start = time.perf_counter()
     seq_len = prompt_len + completion
     data = tiny_lm.prepare_data("pydoc", vocab_size, seq_len)
@@ -164,7 +189,7 @@ def run(*, pretrain_steps: int = 300, rl_steps: int = 100, prompts: int = 8, gro
     # One sampling temperature per prompt (shared by its group): a per-row array.
     prompt_temps = np.linspace(0.8, 1.2, prompts).astype(np.float32)
     temps = jnp.asarray(np.repeat(prompt_temps, group))
-    hist: dict = {"reward": [], "kl": [], "entropy": []}
+    hist: dict = {"reward": [], "kl": [], "entropy": [], "clip_frac": []}
     bar = tqdm(range(rl_steps), desc="grpo", unit="step", disable=not progress)
     for _ in bar:
         chosen = starts[rng.choice(len(starts), prompts, replace=False)]
@@ -174,13 +199,20 @@ def run(*, pretrain_steps: int = 300, rl_steps: int = 100, prompts: int = 8, gro
         tokens = np.asarray(sample(model, jnp.asarray(buffer), temps, sub,
                                    prompt_len=prompt_len))
         r = rewards(tokens[:, prompt_len:], target_ids)
-        adv = group_advantages(r, group)
-        _, aux = rl_step(model, ref_model, optimizer, jnp.asarray(tokens), jnp.asarray(adv,
-                         jnp.float32), temps, prompt_len=prompt_len, entropy_coef=entropy_coef,
-                         kl_coef=kl_coef)
+        adv = jnp.asarray(group_advantages(r, group), jnp.float32)
+        tokens_j = jnp.asarray(tokens)
+        old_logp = None  # the first update is on-policy: the ratio is 1
+        if updates_per_batch > 1:
+            old_logp = sampler_log_probs(model, tokens_j, temps, prompt_len=prompt_len)
+        clip_frac = 0.0
+        for _ in range(updates_per_batch):
+            _, aux = rl_step(model, ref_model, optimizer, tokens_j, adv, temps, old_logp,
+                             prompt_len=prompt_len, entropy_coef=entropy_coef, kl_coef=kl_coef)
+            clip_frac = max(clip_frac, float(aux["clip_frac"]))
         hist["reward"].append(float(r.mean()))
         hist["kl"].append(float(aux["kl"]))
         hist["entropy"].append(float(aux["entropy"]))
+        hist["clip_frac"].append(clip_frac)
         bar.set_postfix(reward=f"{hist['reward'][-1]:.3f}", kl=f"{hist['kl'][-1]:.3f}")
 
     k = max(1, rl_steps // 10)
@@ -214,7 +246,7 @@ def plot(hist: dict, path: Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(steps, hist["kl"], color="C1", label="KL(pi || pi_ref)")
     ax2.set_ylabel("KL to the starting model (nats/token)", color="C1")
-    ax.set_title("GRPO on the tiny LM with jaxent.linear_log_probs")
+    ax.set_title("GRPO on the tiny LM with jaxent.objectives.grpo_loss")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -245,13 +277,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="width of the tiny LM")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed")
+    p.add_argument("--updates-per-batch", type=int, default=1,
+                   help="clipped policy updates on each batch of samples")
     p.add_argument("--out", default="out/rl_tiny_lm", help="directory for the JSON and PNG")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     a = p.parse_args(argv)
     r = run(pretrain_steps=a.pretrain_steps, rl_steps=a.rl_steps, prompts=a.prompts,
             group=a.group, prompt_len=a.prompt_len, completion=a.completion, lr=a.lr,
             entropy_coef=a.entropy_coef, kl_coef=a.kl_coef, vocab_size=a.vocab_size,
-            d_model=a.d_model, seed=a.seed, out_dir=a.out, progress=not a.no_progress)
+            d_model=a.d_model, seed=a.seed, updates_per_batch=a.updates_per_batch,
+            out_dir=a.out, progress=not a.no_progress)
     print(f"target words: {', '.join(r['target_words'])}")
     print(f"mean reward: first {len(r['reward']) // 10 or 1} steps {r['first_reward']:.3f} -> "
           f"last {r['last_reward']:.3f}; final KL to the start {r['kl'][-1]:.3f} nats/token, "

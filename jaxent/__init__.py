@@ -1,5 +1,6 @@
 """jaxent: cross-entropy losses for JAX with PyTorch semantics and hand-written gradients."""
 
+from jaxent import objectives as objectives
 from jaxent import sharded as sharded
 from jaxent._autotune import autotune as autotune
 from jaxent._autotune import autotune_key as autotune_key

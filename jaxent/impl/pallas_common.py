@@ -168,7 +168,7 @@ def grad_tile(x, rows, start, w_blk, opts: Options, num_classes: int) -> jax.Arr
     ``-inf`` logits has ``log s = -inf``).
     """
     labels, m, log_s, cp, cy, cw, live = rows
-    dz = _rowmath.block_grad(x, m, log_s, labels - start, (cp, cy, cw), w_blk, live != 0,
+    dz = _rowmath.block_grad(x, m, log_s, labels - start, (cp, cy, cw), w_blk, live,
                              opts)
     return jnp.where(column_mask(x.shape, start, num_classes), dz, 0.0)
 

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,12 +115,13 @@ def _fused_args(n, d, v, dt):
     return (((n, d), dt), ((v, d), dt), ((n,), jnp.int32))
 
 
-HEADS: dict[str, Head] = {h.name: h for h in (
+HEADS: dict[str, Head] = {head.name: head for head in (
     Head("cross_entropy", False, ("auto", "xla", "pallas"),
          lambda impl: lambda x, y: jaxent.cross_entropy(x, y, impl=impl),
          lambda n, d, v, dt: (((n, v), dt), ((n,), jnp.int32)), (0,)),
-    Head("soft_cross_entropy", False, ("auto", "xla"),
-         lambda impl: lambda x, t: jaxent.soft_cross_entropy(x, t, impl=impl),
+    # soft_cross_entropy takes no `impl` (one XLA program): "-" calls it without.
+    Head("soft_cross_entropy", False, ("-",),
+         lambda impl: lambda x, t: jaxent.soft_cross_entropy(x, t),
          lambda n, d, v, dt: (((n, v), dt), ((n, v), dt)), (0,)),
     Head("linear_cross_entropy", True, ("auto", "vocab", "token", "pallas"),
          lambda impl: lambda h, w, y: jaxent.linear_cross_entropy(
@@ -154,6 +155,7 @@ class Kernel:
     grid: tuple[int, ...] | None = None
     registers: int | None = None
     spill_bytes: int | None = None
+    cost_flops: int | None = None  # the pallas_call's cost_estimate
 
 
 @dataclasses.dataclass
@@ -230,9 +232,10 @@ def _gpu_kernels(text: str, log: str) -> tuple[list[Kernel], int]:
     return out, len(report) or len(re.findall(r"ENTRY|fusion\(|custom-call\(", text))
 
 
-def _pallas_grids(jaxpr, backend: str) -> list[Kernel]:
+def pallas_calls(jaxpr, backend: str) -> list[Kernel]:
     """The ``pallas_call``\\ s of ``jaxpr`` (sub-jaxprs included) lowered by ``backend``
-    (``"mosaic"`` for TPU, ``"triton"``), told apart by their compiler params."""
+    (``"mosaic"`` for TPU, ``"triton"``), told apart by their compiler params: name, grid
+    and the flops of their ``cost_estimate``."""
     from jax.extend import core as jex_core
 
     out: list[Kernel] = []
@@ -242,7 +245,9 @@ def _pallas_grids(jaxpr, backend: str) -> list[Kernel]:
             if eqn.primitive.name == "pallas_call":
                 if backend in type(eqn.params["compiler_params"]).__module__:
                     src = eqn.params["jaxpr"].debug_info.func_src_info or "?"
-                    out.append(Kernel(src.split(" ")[0], tuple(eqn.params["grid_mapping"].grid)))
+                    est = eqn.params.get("cost_estimate")
+                    out.append(Kernel(src.split(" ")[0], tuple(eqn.params["grid_mapping"].grid),
+                                      cost_flops=None if est is None else est.flops))
         for sub in jex_core.subjaxprs(jx):
             walk(sub)
 
@@ -277,7 +282,7 @@ def compile_one(chip: Chip, dev, head: Head, impl: str, mode: str, shape,
             return rec
         text = compiled.as_text()
         ptx_log = open(log.name, errors="replace").read()
-        jaxpr = jax.make_jaxpr(prog)(*args) if chip.platform == "tpu" else None
+        jaxpr = jax.make_jaxpr(prog)(*args)
     rec.seconds = time.perf_counter() - t0
     rec.temp_bytes = compiled.memory_analysis().temp_size_in_bytes
     cost = compiled.cost_analysis()
@@ -285,38 +290,95 @@ def compile_one(chip: Chip, dev, head: Head, impl: str, mode: str, shape,
     rec.flops = float(cost.get("flops", 0.0)) if isinstance(cost, dict) else None
     if chip.platform == "cuda":
         rec.kernels, rec.launches = _gpu_kernels(text, ptx_log)
+        costs = {k.name: k.cost_flops for k in pallas_calls(jaxpr, "triton")}
+        for k in rec.kernels:
+            k.cost_flops = costs.get(k.name)
     else:
-        rec.kernels = _pallas_grids(jaxpr, "mosaic") if "tpu_custom_call" in text else []
+        rec.kernels = pallas_calls(jaxpr, "mosaic") if "tpu_custom_call" in text else []
         rec.launches = text.count('custom_call_target="tpu_custom_call"')
     return rec
 
 
-def records(chips: Sequence[str], heads: Sequence[str], shape_names: Sequence[str],
-            progress: bool = True) -> list[Record]:
-    """Compile every head x impl x mode for each chip and shape, with the naive programs."""
+SHAPES = {"small": SMALL, "llama": LLAMA, "plain": PLAIN, "plain-small": (SMALL[0], 0, SMALL[2])}
+
+
+class Key(NamedTuple):
+    """One program of the plan: ``target x head x impl x mode x shape`` (``impl="naive"``:
+    the materialized program a fused head replaces)."""
+
+    target: str
+    head: str
+    impl: str
+    mode: str
+    shape: str
+
+    def __str__(self) -> str:
+        return "-".join(self)
+
+
+def plan(profile: str = "full") -> list[Key]:
+    """The programs to compile. ``"full"``: every chip x head x impl x mode, fused heads at
+    a small shape and at Llama-3-8B's (16384 x 4096 x 128256), plain losses at a small shape
+    and at 8192 x 128256. ``"ci"`` (a few minutes on two cores): on the H100 and the v5e,
+    every head x impl x mode at the small shapes, value-and-gradient at the large ones
+    (the RL and distillation heads there on the H100 only: TPU compiles take longer); on
+    the other chips the Pallas kernels and the XLA walk they are held against."""
+    if profile == "full":
+        out = []
+        for target in targets.CHIPS:
+            for head in HEADS.values():
+                for shape in ("small", "llama") if head.fused else ("plain-small", "plain"):
+                    if head.naive is not None and shape == "llama":
+                        out.append(Key(target, head.name, "naive", "grad", shape))
+                    out += [Key(target, head.name, impl, mode, shape)
+                            for impl in head.impls for mode in ("value", "grad")]
+        return out
     out = []
-    shapes = {"small": SMALL, "llama": LLAMA}
-    for cname in chips:
-        chip = targets.CHIPS[cname]
-        dev = targets.device(chip)
-        for hname in heads:
-            head = HEADS[hname]
-            for sname in shape_names:
-                shape = shapes[sname] if head.fused else (
-                    (SMALL[0], 0, SMALL[2]) if sname == "small" else PLAIN)
-                naive = None
-                if head.naive is not None:
-                    naive = compile_one(chip, dev, head, "naive", "grad", shape,
-                                        fn=head.naive)
-                    out.append(naive)
-                for impl in head.impls:
-                    for mode in ("value", "grad"):
-                        rec = compile_one(chip, dev, head, impl, mode, shape)
-                        if naive is not None and mode == "grad":
-                            rec.naive_temp_bytes = naive.temp_bytes
-                        out.append(rec)
-                        if progress:
-                            print(_line(rec), file=sys.stderr, flush=True)
+    for target in targets.CHIPS:
+        wide = target in ("h100", "v5e")
+        big = ("vocab", "pallas") if not wide else ("naive", "auto", "vocab", "pallas")
+        for head in HEADS.values() if wide else ():
+            small = "small" if head.fused else "plain-small"
+            impls = head.impls if head.name.endswith("cross_entropy") else ("auto",)
+            out += [Key(target, head.name, i, m, small) for i in impls for m in ("value", "grad")]
+        out += [Key(target, "cross_entropy", "pallas", "value", "plain")]
+        out += [Key(target, "cross_entropy", i, "grad", "plain") for i in ("xla", "pallas")]
+        out += [Key(target, "linear_cross_entropy", i, "grad", "llama") for i in big]
+        if target == "h100":
+            out += [Key(target, h, i, "grad", "llama") for h in HEADS
+                    if HEADS[h].fused and h != "linear_cross_entropy" for i in ("naive", "auto")]
+    return out
+
+
+_DEVICES: dict[str, Any] = {}
+_RECORDS: dict[Key, Record] = {}
+
+
+def get(key: Key) -> Record:
+    """The record of ``key``, compiled once per process (with its naive program's
+    temporaries for a fused head's value-and-gradient program)."""
+    if key not in _RECORDS:
+        chip = targets.CHIPS[key.target]
+        if key.target not in _DEVICES:
+            _DEVICES[key.target] = targets.device(chip)
+        head = HEADS[key.head]
+        fn = head.naive if key.impl == "naive" else None
+        rec = compile_one(chip, _DEVICES[key.target], head, key.impl, key.mode,
+                          SHAPES[key.shape], fn=fn)
+        if head.naive is not None and key.mode == "grad" and key.impl != "naive" \
+                and key.shape == "llama":
+            rec.naive_temp_bytes = get(key._replace(impl="naive")).temp_bytes
+        _RECORDS[key] = rec
+    return _RECORDS[key]
+
+
+def records(keys: Sequence[Key], progress: bool = True) -> list[Record]:
+    """:func:`get` of every key, printing one line each to stderr with ``progress``."""
+    out = []
+    for key in keys:
+        out.append(get(key))
+        if progress:
+            print(_line(out[-1]), file=sys.stderr, flush=True)
     return out
 
 
@@ -353,16 +415,69 @@ def table(recs: Sequence[Record]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def mosaic_gpu_probe() -> dict[str, str]:
+    """Compile for the H100 the two pieces a Pallas Mosaic GPU cross-entropy kernel needs:
+    a row reduction (max and log-sum-exp of a ``[128, 128]`` float32 tile) and a warpgroup
+    MMA (``[128, 64] x [64, 128]`` bf16 from swizzled shared memory). ``{name: "ok" or the
+    error}``; the evidence behind the GPU kernel strategy (``benchmarks/COMPILED.md``)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plmg
+
+    dev = targets.device(targets.CHIPS["h100"])
+    sh = jax.sharding.SingleDeviceSharding(dev)
+
+    def rowstats(x):
+        def kernel(x_ref, o_ref):
+            v = x_ref[...]
+            m = jnp.max(v, axis=1)
+            o_ref[...] = m + jnp.log(jnp.sum(jnp.exp(v - m[:, None]), axis=1))
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((128,), jnp.float32),
+                              compiler_params=plmg.CompilerParams())(x)
+
+    def wgmma(a, b):
+        tr = (plmg.TilingTransform((8, 64)), plmg.SwizzleTransform(128))
+        smem = plmg.BlockSpec(memory_space=plmg.SMEM, transforms=tr)
+
+        def kernel(a_ref, b_ref, o_ref):
+            def scope(acc_ref):
+                plmg.wgmma(acc_ref, a_ref, b_ref)
+                return acc_ref[...]
+            o_ref[...] = pl.run_scoped(scope, plmg.ACC((128, 128), jnp.float32))
+        return pl.pallas_call(kernel, in_specs=[smem, smem],
+                              out_specs=pl.BlockSpec(memory_space=plmg.SMEM),
+                              out_shape=jax.ShapeDtypeStruct((128, 128), jnp.float32),
+                              compiler_params=plmg.CompilerParams())(a, b)
+
+    out = {}
+    for name, fn, shapes in (
+            ("row reduction", rowstats, [((128, 128), jnp.float32)]),
+            ("wgmma", wgmma, [((128, 64), jnp.bfloat16), ((64, 128), jnp.bfloat16)])):
+        args = [jax.ShapeDtypeStruct(s, dt, sharding=sh) for s, dt in shapes]
+        try:
+            with jax.default_device(dev):
+                jax.jit(fn).lower(*args).compile()
+            out[name] = "ok"
+        except Exception as e:  # noqa: BLE001 - the failure is the evidence
+            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> list[Record]:
     p = argparse.ArgumentParser(prog="python -m jaxent.bench.compiled", description=__doc__)
+    p.add_argument("--profile", default="full", choices=["full", "ci"])
     p.add_argument("--targets", nargs="+", default=list(targets.CHIPS), choices=targets.CHIPS)
     p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
-    p.add_argument("--shapes", nargs="+", default=["small", "llama"],
-                   choices=["small", "llama"])
     p.add_argument("--write", metavar="PATH", help="write the table (Markdown) to PATH")
+    p.add_argument("--mosaic-gpu-probe", action="store_true",
+                   help="only compile the Mosaic GPU probe (mosaic_gpu_probe) and print it")
     args = p.parse_args(argv)
     configure()
-    recs = records(args.targets, args.heads, args.shapes)
+    if args.mosaic_gpu_probe:
+        for name, got in mosaic_gpu_probe().items():
+            print(f"Mosaic GPU {name}: {got}")
+        return []
+    keys = [k for k in plan(args.profile) if k.target in args.targets and k.head in args.heads]
+    recs = records(keys)
     text = table(recs)
     if args.write:
         with open(args.write, "w") as f:

@@ -157,10 +157,32 @@ class Roofline:
         return self.floor_s / seconds
 
 
+def floor(chip: Chip, flops: float, moved: float) -> Roofline:
+    """The floor of a program doing ``flops`` (at the bf16 rate) and moving ``moved`` bytes."""
+    t_c, t_m = flops / chip.bf16_flops, moved / chip.hbm_bytes_per_s
+    return Roofline(flops, moved, max(t_c, t_m), "compute" if t_c >= t_m else "memory")
+
+
 def roofline(chip: Chip, n: int, d: int, v: int, itemsize: int = 2,
              forward_only: bool = False) -> Roofline:
     """The floor of ``[n, d] x [d, v]`` on ``chip`` (``2 N D V`` flops forward only)."""
     flops = (2.0 if forward_only else 6.0) * n * d * v
     moved = (1 if forward_only else 2) * (n * d + v * d) * itemsize
-    t_c, t_m = flops / chip.bf16_flops, moved / chip.hbm_bytes_per_s
-    return Roofline(flops, moved, max(t_c, t_m), "compute" if t_c >= t_m else "memory")
+    return floor(chip, flops, moved)
+
+
+def chip_of(device_kind: str) -> Chip | None:
+    """The :data:`CHIPS` entry whose runtime name ``device_kind`` is (e.g. ``"NVIDIA H100
+    80GB HBM3"``, ``"TPU v6 lite"``), matched on the model name; None for any other device.
+
+    >>> chip_of("NVIDIA H100 80GB HBM3").name, chip_of("cpu")
+    ('h100', None)
+    """
+    kind = device_kind.lower()
+    for chip in CHIPS.values():
+        model = chip.description.lower()
+        if chip.platform == "cuda":
+            model = model.split()[1]  # "h100", "h200"
+        if model in kind and not (chip.name == "v5p" and "lite" in kind):
+            return chip
+    return None

@@ -106,6 +106,24 @@ def pad_to(x: jax.Array | None, axis: int, size: int, value=0) -> jax.Array | No
     return jnp.pad(x, widths, constant_values=value)
 
 
+def cost(n: int, d: int, v: int, itemsize: int, *, matmuls: float, h_reads: float = 1,
+         w_reads: float = 1, extra_bytes: int = 0, elementwise: int = 8) -> pl.CostEstimate:
+    """What a kernel over ``[n, d] x [d, v]`` costs, for XLA's scheduler (``cost_estimate``).
+
+    ``flops = 2 * matmuls * n d v + elementwise * n v`` (``matmuls`` logits-sized products,
+    the row math a few flops per logit), ``transcendentals = n v`` (one ``exp`` per logit),
+    ``bytes = itemsize (h_reads n d + w_reads v d) + extra_bytes`` (each operand read as
+    often as the grid re-reads it, plus the outputs and row vectors). Plain CE: ``d = 0``,
+    its logits and ``dx`` in ``extra_bytes``.
+
+    >>> cost(8, 4, 16, 2, matmuls=1).flops
+    2048
+    """
+    return pl.CostEstimate(
+        flops=int(2 * matmuls * n * d * v + elementwise * n * v), transcendentals=int(n * v),
+        bytes_accessed=int(itemsize * (h_reads * n * d + w_reads * v * d) + extra_bytes))
+
+
 # ---------------------------------------------------------------------------- tile math
 
 

@@ -78,12 +78,14 @@ class Config:
 
 def default_config(n: int, d: int, v: int, dtype) -> Config:
     """Blocks that keep one step's tiles within ~12 MB of VMEM: ``block_v = 512``
-    (``256`` past ``D = 4096``), ``block_n = 256`` (128 for few tokens), and a 64 MB
-    scoped limit when the tiles need more than Mosaic's default 16 MB."""
-    del v
+    (``256`` past ``D = 4096``, and the largest of 512, 256, 128 that divides ``V`` when
+    one does: a vocabulary padded to whole blocks costs a padded copy of the kernel and of
+    its gradient), ``block_n = 256`` (128 for few tokens), and a 64 MB scoped limit when
+    the tiles need more than Mosaic's default 16 MB."""
     item = jnp.dtype(dtype).itemsize
     bn = 128 if n <= 128 else 256
     bv = 512 if d <= 4096 else 256
+    bv = next((b for b in (bv, 256, 128) if b <= bv and v % b == 0), bv)
     need = 2 * (bn * d + d * bv) * item + 4 * (bn * d + d * bv + 2 * bn * bv)
     return Config(block_n=bn, block_v=bv,
                   vmem_limit_bytes=None if need < 12 * 2**20 else 64 * 2**20)
@@ -184,7 +186,7 @@ def _stats_kernel(*refs, spec, has_b, has_w, plain):
         ref[...] = getattr(st, name)
 
 
-def _stats_call(spec, ins, in_specs, np_, vp, acc, plain, has_b, has_w, name):
+def _stats_call(spec, ins, in_specs, np_, vp, acc, plain, has_b, has_w, name, cost):
     cfg = spec.config
     names = _names(spec)
     row = pl.BlockSpec((cfg.block_n,), lambda i, j: (i,))
@@ -195,6 +197,7 @@ def _stats_call(spec, ins, in_specs, np_, vp, acc, plain, has_b, has_w, name):
         out_shape=[jax.ShapeDtypeStruct((np_,), jnp.int32 if k == "arg" else acc)
                    for k in names],
         compiler_params=_params(cfg), interpret=spec.interpret, name=name,
+        cost_estimate=cost,
     )(*ins)
     got = dict(zip(names, outs, strict=True))
     return _rowmath.Stats(got["m"], got["s"], got["zy"], got.get("wz"), None, got.get("arg"))
@@ -215,8 +218,10 @@ def _fwd(spec, h, w, b, y, wt):
     ins = [h, w] + [a for a in (b, wt) if a is not None] + [y]
     specs = [pl.BlockSpec((cfg.block_n, d), lambda i, j: (i, 0)), _w_spec(spec, d, "nv")] + [
         vec for a in (b, wt) if a is not None]
+    cost = common.cost(np_, d, vp, h.dtype.itemsize, matmuls=1, w_reads=np_ // cfg.block_n,
+                       extra_bytes=4 * np_ * len(_names(spec)))
     return _stats_call(spec, ins, specs, np_, vp, _rowmath.compute_dtype(h.dtype), False,
-                       b is not None, wt is not None, "jaxent_lce_fwd")
+                       b is not None, wt is not None, "jaxent_lce_fwd", cost)
 
 
 def _dhidden_kernel(*refs, spec, has_b, has_w):
@@ -259,6 +264,9 @@ def _dhidden(spec, h, w, b, rows, wt):
         out_shape=jax.ShapeDtypeStruct((np_, d), h.dtype),
         scratch_shapes=[pltpu.VMEM((cfg.block_n, d), _rowmath.compute_dtype(h.dtype))],
         compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_lce_dhidden",
+        cost_estimate=common.cost(np_, d, vp, h.dtype.itemsize, matmuls=2, h_reads=2,
+                                  w_reads=np_ // cfg.block_n, elementwise=12,
+                                  extra_bytes=4 * common.NUM_ROWS * np_),
     )(*ins)
 
 
@@ -318,6 +326,9 @@ def _dkernel(spec, h, w, b, rows, wt):
         grid=(vp // cfg.block_v, np_ // cfg.block_n), in_specs=specs, out_specs=out_specs,
         out_shape=out_shape, scratch_shapes=scratch, compiler_params=_params(cfg),
         interpret=spec.interpret, name="jaxent_lce_dkernel",
+        cost_estimate=common.cost(np_, d, vp, h.dtype.itemsize, matmuls=2, w_reads=2,
+                                  h_reads=vp // cfg.block_v, elementwise=12,
+                                  extra_bytes=4 * common.NUM_ROWS * np_ * (vp // cfg.block_v)),
     )(*ins)
     return outs[0], (outs[1] if b is not None else None)
 
@@ -330,8 +341,10 @@ def _ce_fwd(spec, x, y, wt):
     ins = [x] + ([wt] if wt is not None else []) + [y]
     specs = [pl.BlockSpec((cfg.block_n, cfg.block_v), lambda i, j: (i, j))] + (
         [pl.BlockSpec((cfg.block_v,), lambda i, j: (j,))] if wt is not None else [])
+    cost = common.cost(np_, 0, cp, 0, matmuls=0,
+                       extra_bytes=x.size * x.dtype.itemsize + 4 * np_ * len(_names(spec)))
     return _stats_call(spec, ins, specs, np_, cp, _rowmath.compute_dtype(x.dtype), True,
-                       False, wt is not None, "jaxent_ce_fwd")
+                       False, wt is not None, "jaxent_ce_fwd", cost)
 
 
 def _ce_bwd(spec, x, rows, wt):
@@ -352,6 +365,9 @@ def _ce_bwd(spec, x, rows, wt):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
                                              vmem_limit_bytes=cfg.vmem_limit_bytes),
         interpret=spec.interpret, name="jaxent_ce_bwd",
+        cost_estimate=common.cost(np_, 0, cp, 0, matmuls=0, elementwise=12,
+                                  extra_bytes=2 * x.size * x.dtype.itemsize
+                                  + 4 * common.NUM_ROWS * np_),
     )(*ins)
 
 

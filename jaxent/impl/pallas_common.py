@@ -206,19 +206,20 @@ def dkernel_part(h_tile: jax.Array, dz: jax.Array, layout: str) -> jax.Array:
 def ce_bwd_kernel(*refs, opts: Options, num_classes: int, block_c: int, weighted: bool):
     """Plain CE backward tile (grid ``(token tiles, class tiles)``): ``dx`` of one tile.
 
-    Refs: ``x [bn, bc]``, the :data:`NUM_ROWS` row vectors ``[bn]``, ``weight [bc]`` if
-    ``weighted``; out ``dx [bn, bc]`` in the logits' dtype. An edge tile may run past the
-    logits (TPU partial blocks: unspecified values there, writes dropped); its columns
-    beyond ``C`` are masked to 0 and its rows beyond ``N`` are only ever written out of
-    bounds, so nothing leaks.
+    Refs: ``x [bn, bc]``, the :data:`NUM_ROWS` row vectors ``[bn]`` (or ``[1, bn]``),
+    ``weight [bc]`` (or ``[1, bc]``) if ``weighted``; out ``dx [bn, bc]`` in the logits'
+    dtype. An edge tile may run past the logits (TPU partial blocks: unspecified values
+    there, writes dropped); its columns beyond ``C`` are masked to 0 and its rows beyond
+    ``N`` are only ever written out of bounds, so nothing leaks.
     """
     x_ref, *row_refs = refs[:1 + NUM_ROWS]
     w_ref = refs[1 + NUM_ROWS] if weighted else None
     dx_ref = refs[-1]
     start = pl.program_id(1) * block_c
     x = x_ref[...].astype(_rowmath.compute_dtype(x_ref.dtype))
-    rows = tuple(r[...] for r in row_refs)
-    dz = grad_tile(x, rows, start, None if w_ref is None else w_ref[...], opts, num_classes)
+    rows = tuple(r[...].reshape(-1) for r in row_refs)
+    dz = grad_tile(x, rows, start, None if w_ref is None else w_ref[...].reshape(-1), opts,
+                   num_classes)
     dx_ref[...] = dz.astype(dx_ref.dtype)
 
 

@@ -216,6 +216,9 @@ _SEEN_PTXAS: dict[str, tuple[int, int]] = {}  # XLA compiles an identical kernel
 
 
 def _gpu_kernels(text: str, log: str) -> tuple[list[Kernel], int]:
+    """The jaxent kernels of a compiled GPU program (grids from its HLO, registers and
+    spills from ptxas) and how many kernels ptxas compiled for it (the HLO's fusions and
+    custom calls when XLA reused every one from an earlier compile)."""
     report = ptxas_report(log)
     _SEEN_PTXAS.update(report)
     out = []
@@ -227,7 +230,7 @@ def _gpu_kernels(text: str, log: str) -> tuple[list[Kernel], int]:
         k = Kernel(name[1] if name else "?",
                    tuple(int(g) for g in grid.groups()) if grid else None)
         if k.name in _SEEN_PTXAS:
-            k.registers, k.spill_bytes = _SEEN_PTXAS[k.name if k.name in report else k.name]
+            k.registers, k.spill_bytes = _SEEN_PTXAS[k.name]
         out.append(k)
     return out, len(report) or len(re.findall(r"ENTRY|fusion\(|custom-call\(", text))
 

@@ -9,13 +9,17 @@ the XLA:CPU behaviour it answers; it can go when that behaviour changes (re-meas
 ``python -m jaxent.bench``).
 
 **Heuristics.** :data:`TABLE` holds, per platform, the choices ``"auto"`` makes (the plain-CE
-residual, the fused walk, block budgets). The platform is ``jax.default_backend()`` when
-tracing, so a program exported for another platform keeps the tracing host's choices; they
-change speed and memory, never the numbers.
+residual, the fused walk, block budgets). :func:`by_platform` traces a function once per
+distinct row of the table inside ``lax.platform_dependent``, each trace reading its own row
+(:func:`heuristics`), so the program lowered (compiled, exported) for cuda or tpu holds that
+platform's choices whatever the host; outside it, the row is the default backend's. The
+choices change speed and memory, never the numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -177,11 +181,54 @@ TABLE: dict[str, Heuristics] = {
 }
 
 
+_TRACED_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jaxent_traced_for", default=None)
+
+
 def platform() -> str:
-    """The platform programs are traced for: ``jax.default_backend()`` (``"cpu"``,
-    ``"gpu"``, ``"tpu"``; cuda and rocm are ``"gpu"``)."""
-    name = jax.default_backend()
+    """The platform programs are traced for: the branch of :func:`by_platform` being traced,
+    else ``jax.default_backend()`` (``"cpu"``, ``"gpu"``, ``"tpu"``; cuda and rocm are
+    ``"gpu"``)."""
+    name = _TRACED_FOR.get() or jax.default_backend()
     return "gpu" if name in ("cuda", "rocm") else name
+
+
+@contextlib.contextmanager
+def traced_for(name: str):
+    """Within it, :func:`heuristics` answers for platform ``name``."""
+    token = _TRACED_FOR.set(name)
+    try:
+        yield
+    finally:
+        _TRACED_FOR.reset(token)
+
+
+def by_platform(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with the heuristics of the platform the program is lowered for.
+
+    ``fn`` is traced once per distinct :data:`TABLE` row (cpu, gpu, tpu) inside
+    ``lax.platform_dependent``; lowering keeps the branch of its platform only. Nested
+    calls (already inside a branch) run ``fn`` directly.
+
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda x: x * len(heuristics().fused_impls[0])
+    >>> float(jax.jit(lambda x: by_platform(f, x))(jnp.float32(1.0)))  # cpu: "token"
+    5.0
+    """
+    if _TRACED_FOR.get() is not None:
+        return fn(*args)
+
+    def branch(name):
+        def run(*a):
+            with traced_for(name):
+                return fn(*a)
+        return run
+
+    rows = {"cpu": TABLE["cpu"], "cuda": TABLE["gpu"], "tpu": TABLE["tpu"]}
+    if rows["cuda"] == rows["tpu"]:
+        return lax.platform_dependent(*args, cpu=branch("cpu"), default=branch("gpu"))
+    return lax.platform_dependent(*args, cpu=branch("cpu"), tpu=branch("tpu"),
+                                  default=branch("gpu"))
 
 
 def heuristics() -> Heuristics:

@@ -199,12 +199,14 @@ def onehot(y_local: jax.Array, shape) -> jax.Array:
 
 def dlogits(p, coefs, y_local, w_block, counted, opts: Options):
     """``cp p - cy [c = y] - cw w_c`` over a block of probabilities ``p [N, B]``; 0 on rows
-    not counted (selected: their ``p`` may be ``nan`` when all their logits are ``-inf``)."""
+    not counted (selected: their ``p`` may be ``nan`` when all their logits are ``-inf``).
+    ``counted [N]`` is bool or int (nonzero: counted); kernels pass int32, since Mosaic TPU
+    cannot reshape a boolean vector to ``[N, 1]``."""
     cp, cy, cw = coefs
     dz = p * cp[:, None] - jnp.where(onehot(y_local, p.shape), cy[:, None], 0.0)
     if opts.label_smoothing > 0.0:
         dz = dz - cw[:, None] * (1.0 if w_block is None else w_block[None, :].astype(p.dtype))
-    return jnp.where(counted[:, None], dz, 0.0)
+    return jnp.where(counted[:, None] != 0, dz, 0.0)
 
 
 def probs(x, m_raw, log_s, opts: Options):

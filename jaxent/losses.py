@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxent import _checks
+from jaxent import _checks, _platform
 from jaxent import _rowmath as rm
 from jaxent._options import Options, Reduction, Residual
 from jaxent.impl import Request, select
@@ -142,8 +142,9 @@ def _labels_loss(x, y, w, mask, ax, opts: Options, impl: str, interpret: bool):
         losses = rm.row_losses(_pallas.dispatch_ce_rows(
             _rows(x, ax), lab.y, lab.row_w, lab.counted, w, opts=opts, interpret=interpret),
             lab)
-    else:
-        losses = _impl_rows.label_rows(_rows(x, ax), lab, w, opts)
+    else:  # the residual is chosen for the lowering's platform
+        losses = _platform.by_platform(functools.partial(_impl_rows.label_rows, opts=opts),
+                                       _rows(x, ax), lab, w)
     return rm.reduce(losses.reshape(y.shape), lab.row_w.sum(), opts.reduction,
                      lab.counted.sum())
 

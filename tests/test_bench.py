@@ -388,3 +388,26 @@ def test_gpu_script_dry_run():
 
 def test_suites_registry_matches_the_cli():
     assert set(suites.SUITES) == set(cli.SUITE_NAMES)
+
+
+def test_roofline_fraction_on_a_known_chip():
+    """On an H100 the floor of Llama-3-8B's head is its 6 N D V flops at 989.4 TFLOP/s
+    (compute bound); a measurement's row then shows its fraction; elsewhere there is none."""
+    from jaxent.bench import targets
+
+    case = bench.Case(bench.LINEAR, bench.FWD_BWD, "bfloat16", 16384, 128256, 4096)
+    h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
+    floor = measure.roofline_floor(case, h100)
+    assert floor == pytest.approx(6 * 16384 * 4096 * 128256 / 989.4e12)
+    assert floor == pytest.approx(targets.roofline(targets.CHIPS["h100"], 16384, 4096,
+                                                   128256).floor_s)
+    assert measure.roofline_floor(case, types.SimpleNamespace(device_kind="cpu")) is None
+    ce = bench.Case(bench.CE, bench.FWD_BWD, "bfloat16", 8192, 128256)  # memory bound
+    assert measure.roofline_floor(ce, types.SimpleNamespace(device_kind="TPU v6 lite")) == \
+        pytest.approx(ce.min_bytes() / 1640e9)
+    row = measure.Result(case="c", contender="x", median_s=2 * floor, min_s=floor, ratio=None,
+                         gbps=None, copy_fraction=None, gflops=None, temp_bytes=None,
+                         loss=1.0, c=8, kind="linear", mode="fwd+bwd", dtype="bfloat16",
+                         roofline_fraction=0.5)
+    lines = report.table([row])
+    assert lines[0].endswith("% roofline |") and lines[2].endswith(" 50 |")

@@ -161,3 +161,19 @@ def test_checkify_reports_traced_out_of_range_labels(name):
     inp["y"] = inp["y"].at[2].set(1)
     err, out = checked(*[inp[n] for n in names])
     assert err.get() is None and np.isfinite(out)
+
+
+@pytest.mark.parametrize(("platform", "walk"), [("cpu", "token"), ("cuda", "vocab"),
+                                                ("tpu", "vocab")])
+def test_auto_picks_the_walk_of_the_lowering_platform(platform, walk):
+    """impl="auto" chooses for the platform the program is lowered for, not the host: from
+    this CPU host, float32 at V = 1000 is the token walk for the CPU and the vocabulary walk
+    for cuda and tpu (jaxent._platform.TABLE). Each walk names itself in the program."""
+    f = jax.jit(jax.value_and_grad(
+        lambda h, k, y: jaxent.linear_cross_entropy(h, k, y, kernel_layout="vd"),
+        argnums=(0, 1)))
+    specs = (jax.ShapeDtypeStruct((64, 16), jnp.float32),
+             jax.ShapeDtypeStruct((1000, 16), jnp.float32),
+             jax.ShapeDtypeStruct((64,), jnp.int32))
+    text = export.export(f, platforms=[platform])(*specs).mlir_module()
+    assert {w for w in ("token", "vocab") if f"jaxent_{w}" in text} == {walk}

@@ -297,9 +297,8 @@ def test_export(backend, kind, layout, dtype):
         exp = jax.export.export(jax.jit(fn), platforms=["cuda"],
                                 disabled_checks=list(mod.EXPORT_CHECKS))(*args)
         target = mod.TRITON_TARGET
-    else:
-        with mod.export_mesh():
-            exp = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    else:  # from this CPU host, with no TPU and no context (Mosaic asks no device)
+        exp = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
         target = mod.MOSAIC_TARGET
     assert exp.mlir_module().count(target) == n_kernels
 
@@ -322,9 +321,8 @@ def test_dispatch_per_platform(platform):
         with pytest.raises(ValueError, match="interpret=True"):
             fn.lower(*args).compile()
         return
-    with pallas_tpu.export_mesh():
-        exp = jax.export.export(fn, platforms=[platform],
-                                disabled_checks=list(pallas_gpu.EXPORT_CHECKS))(*args)
+    exp = jax.export.export(fn, platforms=[platform],
+                            disabled_checks=list(pallas_gpu.EXPORT_CHECKS))(*args)
     text = exp.mlir_module()
     assert text.count(pallas_gpu.TRITON_TARGET) == (3 if platform == "cuda" else 0)
     assert text.count(pallas_tpu.MOSAIC_TARGET) == (3 if platform == "tpu" else 0)
@@ -430,3 +428,35 @@ def test_autotune_unreadable_cache_falls_back(tmp_path, monkeypatch):
     assert _autotune.lookup("k", [1, 2], default=2) == 2
     assert jaxent.autotune(lambda c: (lambda: c), [1], (), "k") == 1
     assert json.loads(cache.read_text())[f"{_autotune.device_kind()}|k"]["choice"] == 1
+
+
+@pytest.mark.parametrize("kind", ["linear", "ce"])
+def test_every_pallas_call_states_its_cost(kind):
+    """Both backends' kernels carry a cost_estimate (flops, bytes, transcendentals from the
+    shapes) for XLA's scheduler: a whole value_and_grad program, traced for any platform."""
+    dt = jnp.bfloat16
+    rows = (_S((N,), jnp.int32), _S((N,), jnp.float32), _S((N,), jnp.bool_), None)
+    if kind == "ce":
+        fn = jax.value_and_grad(lambda x, *r: pallas_entry.dispatch_ce_rows(
+            x, *r, opts=_ALL, interpret=False).sum())
+        args = (_S((N, V), dt),) + rows
+    else:
+        fn = jax.value_and_grad(lambda h, w, *r: pallas_entry.dispatch_linear_ce_rows(
+            h, w, None, *r, opts=_ALL, num_classes=V, layout="dv",
+            interpret=False)[0].sum(), argnums=(0, 1))
+        args = (_S((N, D), dt), _S((D, V), dt)) + rows
+    from jax.extend import core as jex_core
+
+    calls = []
+
+    def walk(jx):
+        calls.extend(e for e in jx.eqns if e.primitive.name == "pallas_call")
+        for sub in jex_core.subjaxprs(jx):
+            walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    assert len(calls) == (4 if kind == "ce" else 6)  # fwd + bwd kernels, GPU and TPU
+    for eqn in calls:
+        est = eqn.params["cost_estimate"]
+        assert est is not None and est.flops > 0 and est.bytes_accessed > 0
+        assert est.transcendentals > 0

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxent.bench import deps
+from jaxent.bench import deps, targets
 from jaxent.bench.cases import CE, Case, make_inputs, matmul_flops
 from jaxent.bench.contenders import Contender, Runner
 
@@ -67,6 +67,7 @@ class Result:
     matmul_fraction: float | None = None
     peak_bytes: int | None = None
     times_s: list[float] | None = None
+    roofline_fraction: float | None = None
 
     @property
     def spread(self) -> float | None:
@@ -263,6 +264,7 @@ def results_of(case: Case, times: dict[str, list[float]], runners: dict[str, Run
                matmul_gflops: float | None) -> list[Result]:
     """One :class:`Result` per timed contender, with ratios against ``baseline``."""
     base = statistics.median(times[baseline]) if baseline in times else None
+    floor = roofline_floor(case)
     out = []
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -276,8 +278,20 @@ def results_of(case: Case, times: dict[str, list[float]], runners: dict[str, Run
             matmul_fraction=gflops / matmul_gflops if gflops and matmul_gflops else None,
             temp_bytes=runners[name].temp_bytes, peak_bytes=runners[name].peak_bytes,
             loss=losses[name], c=case.c, n=case.n, d=case.d or None,
-            kind=case.kind, mode=case.mode, dtype=case.dtype))
+            kind=case.kind, mode=case.mode, dtype=case.dtype,
+            roofline_fraction=floor / med if floor else None))
     return out
+
+
+def roofline_floor(case: Case, device: Any = None) -> float | None:
+    """The analytic floor (seconds) of ``case`` on ``device`` (default: JAX's first) when it
+    is a chip of :mod:`jaxent.bench.targets`: its matmul flops at the bf16 rate against its
+    minimum bytes at the HBM bandwidth, whichever is longer; None on other devices."""
+    dev = device or jax.devices()[0]
+    chip = targets.chip_of(getattr(dev, "device_kind", ""))
+    if chip is None:
+        return None
+    return targets.floor(chip, case.flops(), case.min_bytes()).floor_s
 
 
 def run_case(case: Case, contenders: Sequence[Contender], rounds: int,

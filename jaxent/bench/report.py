@@ -81,10 +81,13 @@ def trust_lines(suite: dict[str, Any]) -> list[str]:
 def table(results: Sequence[Result]) -> list[str]:
     """The Markdown table, one row per case and contender."""
     unit, div = flops_unit(results)
+    # The fraction of the chip's analytic floor (jaxent.bench.targets), on a known chip.
+    roof = any(r.roofline_fraction is not None for r in results)
     lines = [
         f"| case | contender | median ms | min–max ms | ratio | GB/s | % copy BW | {unit} "
-        "| % matmul | temp MiB | peak MiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| % matmul | temp MiB | peak MiB |" + (" % roofline |" if roof else ""),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: |" if roof else ""),
     ]
     for r in results:
         span = f"{r.min_s * 1e3:.1f}–" + ("?" if r.max_s is None else f"{r.max_s * 1e3:.1f}")
@@ -94,7 +97,9 @@ def table(results: Sequence[Result]) -> list[str]:
             f"| {_fmt(r.copy_fraction and 100 * r.copy_fraction, '.0f')} "
             f"| {_fmt(r.gflops and r.gflops / div, '.1f' if div > 1 else '.0f')} "
             f"| {_fmt(r.matmul_fraction and 100 * r.matmul_fraction, '.0f')} "
-            f"| {_mib(r.temp_bytes)} | {_mib(r.peak_bytes)} |")
+            f"| {_mib(r.temp_bytes)} | {_mib(r.peak_bytes)} |"
+            + (f" {_fmt(r.roofline_fraction and 100 * r.roofline_fraction, '.0f')} |"
+               if roof else ""))
     return lines
 
 

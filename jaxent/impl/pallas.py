@@ -29,9 +29,13 @@ def backend(platform: str):
     raise ValueError(f"impl='pallas' has kernels for cuda and tpu, not {platform!r}")
 
 
-def default_config(n: int, d: int, v: int, dtype, platform: str):
-    """The heuristic block ``Config`` of ``platform``'s kernels for ``[n, d] x [d, v]``."""
-    return backend(platform).default_config(n, d, v, dtype)
+def default_config(n: int, d: int, v: int, dtype, platform: str, impl: str = "pallas-linear"):
+    """The heuristic block ``Config`` of ``platform``'s kernels for ``[n, d] x [d, v]``
+    (plain CE, ``impl="pallas-ce"``: the backend's ``ce_config`` where it has one)."""
+    mod = backend(platform)
+    if impl == "pallas-ce" and hasattr(mod, "ce_config"):
+        return mod.ce_config(n, v, dtype)
+    return mod.default_config(n, d, v, dtype)
 
 
 def config_for(n: int, d: int, v: int, dtype, platform: str, impl: str = "pallas-linear"):
@@ -40,7 +44,7 @@ def config_for(n: int, d: int, v: int, dtype, platform: str, impl: str = "pallas
     The cache (:mod:`jaxent._autotune`) is keyed by ``impl``, ``dtype`` and the shape class
     of ``(n, d, v)``; fill it with :func:`jaxent.autotune` and the backend's candidates.
     """
-    heuristic = default_config(n, d, v, dtype, platform)
+    heuristic = default_config(n, d, v, dtype, platform, impl)
     choice = _autotune.lookup(_autotune.autotune_key(impl, dtype, n=n, d=d, v=v))
     if isinstance(choice, dict) and choice.get("type") == type(heuristic).__qualname__:
         try:

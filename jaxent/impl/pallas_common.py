@@ -106,6 +106,24 @@ def pad_to(x: jax.Array | None, axis: int, size: int, value=0) -> jax.Array | No
     return jnp.pad(x, widths, constant_values=value)
 
 
+def cost(n: int, d: int, v: int, itemsize: int, *, matmuls: float, h_reads: float = 1,
+         w_reads: float = 1, extra_bytes: int = 0, elementwise: int = 8) -> pl.CostEstimate:
+    """What a kernel over ``[n, d] x [d, v]`` costs, for XLA's scheduler (``cost_estimate``).
+
+    ``flops = 2 * matmuls * n d v + elementwise * n v`` (``matmuls`` logits-sized products,
+    the row math a few flops per logit), ``transcendentals = n v`` (one ``exp`` per logit),
+    ``bytes = itemsize (h_reads n d + w_reads v d) + extra_bytes`` (each operand read as
+    often as the grid re-reads it, plus the outputs and row vectors). Plain CE: ``d = 0``,
+    its logits and ``dx`` in ``extra_bytes``.
+
+    >>> cost(8, 4, 16, 2, matmuls=1).flops
+    2048
+    """
+    return pl.CostEstimate(
+        flops=int(2 * matmuls * n * d * v + elementwise * n * v), transcendentals=int(n * v),
+        bytes_accessed=int(itemsize * (h_reads * n * d + w_reads * v * d) + extra_bytes))
+
+
 # ---------------------------------------------------------------------------- tile math
 
 
@@ -168,7 +186,7 @@ def grad_tile(x, rows, start, w_blk, opts: Options, num_classes: int) -> jax.Arr
     ``-inf`` logits has ``log s = -inf``).
     """
     labels, m, log_s, cp, cy, cw, live = rows
-    dz = _rowmath.block_grad(x, m, log_s, labels - start, (cp, cy, cw), w_blk, live != 0,
+    dz = _rowmath.block_grad(x, m, log_s, labels - start, (cp, cy, cw), w_blk, live,
                              opts)
     return jnp.where(column_mask(x.shape, start, num_classes), dz, 0.0)
 
@@ -188,19 +206,20 @@ def dkernel_part(h_tile: jax.Array, dz: jax.Array, layout: str) -> jax.Array:
 def ce_bwd_kernel(*refs, opts: Options, num_classes: int, block_c: int, weighted: bool):
     """Plain CE backward tile (grid ``(token tiles, class tiles)``): ``dx`` of one tile.
 
-    Refs: ``x [bn, bc]``, the :data:`NUM_ROWS` row vectors ``[bn]``, ``weight [bc]`` if
-    ``weighted``; out ``dx [bn, bc]`` in the logits' dtype. An edge tile may run past the
-    logits (TPU partial blocks: unspecified values there, writes dropped); its columns
-    beyond ``C`` are masked to 0 and its rows beyond ``N`` are only ever written out of
-    bounds, so nothing leaks.
+    Refs: ``x [bn, bc]``, the :data:`NUM_ROWS` row vectors ``[bn]`` (or ``[1, bn]``),
+    ``weight [bc]`` (or ``[1, bc]``) if ``weighted``; out ``dx [bn, bc]`` in the logits'
+    dtype. An edge tile may run past the logits (TPU partial blocks: unspecified values
+    there, writes dropped); its columns beyond ``C`` are masked to 0 and its rows beyond
+    ``N`` are only ever written out of bounds, so nothing leaks.
     """
     x_ref, *row_refs = refs[:1 + NUM_ROWS]
     w_ref = refs[1 + NUM_ROWS] if weighted else None
     dx_ref = refs[-1]
     start = pl.program_id(1) * block_c
     x = x_ref[...].astype(_rowmath.compute_dtype(x_ref.dtype))
-    rows = tuple(r[...] for r in row_refs)
-    dz = grad_tile(x, rows, start, None if w_ref is None else w_ref[...], opts, num_classes)
+    rows = tuple(r[...].reshape(-1) for r in row_refs)
+    dz = grad_tile(x, rows, start, None if w_ref is None else w_ref[...].reshape(-1), opts,
+                   num_classes)
     dx_ref[...] = dz.astype(dx_ref.dtype)
 
 

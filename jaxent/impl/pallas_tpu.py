@@ -23,7 +23,10 @@ Kernels:
   array, which the column mask and the dropped out-of-bounds writes keep out).
 
 ``jax.export(..., platforms=["tpu"])`` gives ``tpu_custom_call``\ s (Mosaic has a stable
-custom call; no safety check to disable). VMEM use per step is about
+custom call; no safety check to disable), from any host: every per-row or per-class vector
+travels as a ``[1, n]`` array in ``(1, block)`` blocks, since Mosaic would ask the default
+device (a CPU on such a host) how to tile 1-D blocks. Every kernel states its cost
+(:func:`jaxent.impl.pallas_common.cost`). VMEM use per step is about
 ``2 (block_n D + D block_v) itemsize`` (double-buffered inputs) plus the float32
 accumulator and the ``[block_n, block_v]`` float32 tile; ``vmem_limit_bytes`` raises
 Mosaic's scoped limit when a large ``D`` needs it. Unmeasured on a TPU.
@@ -54,7 +57,7 @@ class Config:
 
     Attributes:
       block_n: tokens per tile: a power of two >= 128 or a multiple of 1024 (the per-row
-        vectors are 1-D blocks, which Mosaic tiles so).
+        vectors are ``(1, block_n)`` blocks: whole lanes).
       block_v: vocabulary (or class) columns per tile (a multiple of 128).
       vmem_limit_bytes: Mosaic's scoped VMEM limit (None: its default).
     """
@@ -78,12 +81,14 @@ class Config:
 
 def default_config(n: int, d: int, v: int, dtype) -> Config:
     """Blocks that keep one step's tiles within ~12 MB of VMEM: ``block_v = 512``
-    (``256`` past ``D = 4096``), ``block_n = 256`` (128 for few tokens), and a 64 MB
-    scoped limit when the tiles need more than Mosaic's default 16 MB."""
-    del v
+    (``256`` past ``D = 4096``, and the largest of 512, 256, 128 that divides ``V`` when
+    one does: a vocabulary padded to whole blocks costs a padded copy of the kernel and of
+    its gradient), ``block_n = 256`` (128 for few tokens), and a 64 MB scoped limit when
+    the tiles need more than Mosaic's default 16 MB."""
     item = jnp.dtype(dtype).itemsize
     bn = 128 if n <= 128 else 256
     bv = 512 if d <= 4096 else 256
+    bv = next((b for b in (bv, 256, 128) if b <= bv and v % b == 0), bv)
     need = 2 * (bn * d + d * bv) * item + 4 * (bn * d + d * bv + 2 * bn * bv)
     return Config(block_n=bn, block_v=bv,
                   vmem_limit_bytes=None if need < 12 * 2**20 else 64 * 2**20)
@@ -99,21 +104,6 @@ def candidates(n: int, d: int, v: int, dtype) -> list[Config]:
             if bn <= max(128, n) * 2 and bv <= max(128, v) * 2:
                 out.append(dataclasses.replace(base, block_n=bn, block_v=bv))
     return list(dict.fromkeys(out))
-
-
-def export_mesh(device_kind: str = "TPU v5 lite", num_cores: int = 1):
-    """A context that lowers for a TPU of ``device_kind`` from any host (for ``jax.export``).
-
-    Mosaic reads the target chip's tiling when it checks 1-D blocks; on a CPU host there is
-    no TPU to ask, so name one::
-
-        with pallas_tpu.export_mesh():
-            exported = jax.export.export(jax.jit(f), platforms=["tpu"])(*shapes)
-    """
-    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores,
-                                         platform="tpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device)
-    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def _params(cfg: Config):
@@ -133,8 +123,29 @@ def _unpack(refs, has_b: bool, has_w: bool):
     return h, w, b, wt, rest
 
 
+def _lanes(x):
+    """A vector ``[n]`` as ``[1, n]``: Mosaic lays 1-D blocks out by asking the default
+    device for its tiling, which a CPU host exporting for tpu cannot answer; ``(1, b)``
+    blocks of ``[1, n]`` need no such query (and keep the vector lane-dense)."""
+    return None if x is None else x.reshape(1, -1)
+
+
+def _row(bn: int, order: str = "nv") -> pl.BlockSpec:
+    """The ``(1, bn)`` block of a token vector (:func:`_lanes`); ``order`` names the grid
+    axes (``"nv"``: token tile first)."""
+    return pl.BlockSpec((1, bn), (lambda i, j: (0, i)) if order == "nv" else (
+        lambda j, i: (0, i)))
+
+
+def _col(bv: int, order: str = "nv") -> pl.BlockSpec:
+    """The ``(1, bv)`` block of a vocabulary vector (bias, class weights)."""
+    return pl.BlockSpec((1, bv), (lambda i, j: (0, j)) if order == "nv" else (
+        lambda j, i: (0, j)))
+
+
 def _read(ref):
-    return None if ref is None else ref[...]
+    """A ``(1, b)`` vector block as ``[b]``."""
+    return None if ref is None else ref[...].reshape(-1)
 
 
 def _w_spec(spec, d: int, order: str):
@@ -168,9 +179,9 @@ def _stats_kernel(*refs, spec, has_b, has_w, plain):
     def _():
         init = common.init_stats(bn, acc, spec.opts, spec.aux)
         for name, ref in zip(names, outs, strict=True):
-            ref[...] = getattr(init, name)
+            ref[...] = getattr(init, name).reshape(ref.shape)
 
-    got = dict(zip(names, (r[...] for r in outs), strict=True))
+    got = dict(zip(names, (_read(r) for r in outs), strict=True))
     st = _rowmath.Stats(got["m"], got["s"], got["zy"], got.get("wz"), got.get("wseen"),
                         got.get("arg"))
     if plain:
@@ -178,30 +189,31 @@ def _stats_kernel(*refs, spec, has_b, has_w, plain):
     else:
         x = common.logits_tile(lambda k: h_ref[...], lambda k: w_ref[...], 1, spec.layout,
                                _read(b_ref))
-    st = common.fold_tile(st, x, y_ref[...], _read(wt_ref), start, spec.opts,
+    st = common.fold_tile(st, x, _read(y_ref), _read(wt_ref), start, spec.opts,
                           spec.num_classes)
     for name, ref in zip(names, outs, strict=True):
-        ref[...] = getattr(st, name)
+        ref[...] = getattr(st, name).reshape(ref.shape)
 
 
-def _stats_call(spec, ins, in_specs, np_, vp, acc, plain, has_b, has_w, name):
+def _stats_call(spec, ins, in_specs, np_, vp, acc, plain, has_b, has_w, name, cost):
     cfg = spec.config
     names = _names(spec)
-    row = pl.BlockSpec((cfg.block_n,), lambda i, j: (i,))
+    row = _row(cfg.block_n)
     outs = pl.pallas_call(
         functools.partial(_stats_kernel, spec=spec, has_b=has_b, has_w=has_w, plain=plain),
         grid=(np_ // cfg.block_n, vp // cfg.block_v), in_specs=in_specs + [row],
         out_specs=[row] * len(names),
-        out_shape=[jax.ShapeDtypeStruct((np_,), jnp.int32 if k == "arg" else acc)
+        out_shape=[jax.ShapeDtypeStruct((1, np_), jnp.int32 if k == "arg" else acc)
                    for k in names],
         compiler_params=_params(cfg), interpret=spec.interpret, name=name,
-    )(*ins)
-    got = dict(zip(names, outs, strict=True))
+        cost_estimate=cost,
+    )(*[_lanes(a) if a.ndim == 1 else a for a in ins])
+    got = dict(zip(names, (o.reshape(-1) for o in outs), strict=True))
     return _rowmath.Stats(got["m"], got["s"], got["zy"], got.get("wz"), None, got.get("arg"))
 
 
 def _f32_bias(b, h):
-    """The bias in the accumulation dtype: 1-D 16-bit blocks would need ``block_v >= 256``."""
+    """The bias in the accumulation dtype (its blocks are read as float32 like the logits)."""
     return None if b is None else b.astype(_rowmath.compute_dtype(h.dtype))
 
 
@@ -211,12 +223,14 @@ def _fwd(spec, h, w, b, y, wt):
     np_, d = h.shape
     vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
     h = common.guard_platform(h, spec.interpret)
-    vec = pl.BlockSpec((cfg.block_v,), lambda i, j: (j,))
+    vec = _col(cfg.block_v)
     ins = [h, w] + [a for a in (b, wt) if a is not None] + [y]
     specs = [pl.BlockSpec((cfg.block_n, d), lambda i, j: (i, 0)), _w_spec(spec, d, "nv")] + [
         vec for a in (b, wt) if a is not None]
+    cost = common.cost(np_, d, vp, h.dtype.itemsize, matmuls=1, w_reads=np_ // cfg.block_n,
+                       extra_bytes=4 * np_ * len(_names(spec)))
     return _stats_call(spec, ins, specs, np_, vp, _rowmath.compute_dtype(h.dtype), False,
-                       b is not None, wt is not None, "jaxent_lce_fwd")
+                       b is not None, wt is not None, "jaxent_lce_fwd", cost)
 
 
 def _dhidden_kernel(*refs, spec, has_b, has_w):
@@ -231,7 +245,7 @@ def _dhidden_kernel(*refs, spec, has_b, has_w):
 
     x = common.logits_tile(lambda k: h_ref[...], lambda k: w_ref[...], 1, spec.layout,
                            _read(b_ref))
-    rows = tuple(r[...] for r in row_refs)
+    rows = tuple(_read(r) for r in row_refs)
     dz = common.grad_tile(x, rows, start, _read(wt_ref), spec.opts, spec.num_classes)
     acc_ref[...] += common.dhidden_part(dz, w_ref[...], spec.layout)
 
@@ -246,9 +260,8 @@ def _dhidden(spec, h, w, b, rows, wt):
     np_, d = h.shape
     vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
     rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
-    row = pl.BlockSpec((cfg.block_n,), lambda i, j: (i,))
-    vec = pl.BlockSpec((cfg.block_v,), lambda i, j: (j,))
-    ins = [h, w] + [a for a in (b, wt) if a is not None] + list(rows)
+    row, vec = _row(cfg.block_n), _col(cfg.block_v)
+    ins = [h, w] + [_lanes(a) for a in (b, wt) if a is not None] + [_lanes(r) for r in rows]
     specs = [pl.BlockSpec((cfg.block_n, d), lambda i, j: (i, 0)), _w_spec(spec, d, "nv")] + [
         vec for a in (b, wt) if a is not None] + [row] * len(rows)
     return pl.pallas_call(
@@ -259,6 +272,9 @@ def _dhidden(spec, h, w, b, rows, wt):
         out_shape=jax.ShapeDtypeStruct((np_, d), h.dtype),
         scratch_shapes=[pltpu.VMEM((cfg.block_n, d), _rowmath.compute_dtype(h.dtype))],
         compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_lce_dhidden",
+        cost_estimate=common.cost(np_, d, vp, h.dtype.itemsize, matmuls=2, h_reads=2,
+                                  w_reads=np_ // cfg.block_n, elementwise=12,
+                                  extra_bytes=4 * common.NUM_ROWS * np_),
     )(*ins)
 
 
@@ -280,11 +296,11 @@ def _dkernel_kernel(*refs, spec, has_b, has_w):
 
     x = common.logits_tile(lambda k: h_ref[...], lambda k: w_ref[...], 1, spec.layout,
                            _read(b_ref))
-    rows = tuple(r[...] for r in row_refs)
+    rows = tuple(_read(r) for r in row_refs)
     dz = common.grad_tile(x, rows, start, _read(wt_ref), spec.opts, spec.num_classes)
     acc_ref[...] += common.dkernel_part(h_ref[...], dz, spec.layout)
     if dbacc_ref is not None:
-        dbacc_ref[...] += jnp.sum(dz, axis=0)
+        dbacc_ref[...] += jnp.sum(dz, axis=0, keepdims=True)
 
     @pl.when(i == ni - 1)
     def _():
@@ -299,9 +315,8 @@ def _dkernel(spec, h, w, b, rows, wt):
     np_, d = h.shape
     vp = w.shape[1] if spec.layout == "dv" else w.shape[0]
     rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
-    row = pl.BlockSpec((cfg.block_n,), lambda j, i: (i,))
-    vec = pl.BlockSpec((cfg.block_v,), lambda j, i: (j,))
-    ins = [h, w] + [a for a in (b, wt) if a is not None] + list(rows)
+    row, vec = _row(cfg.block_n, "vn"), _col(cfg.block_v, "vn")
+    ins = [h, w] + [_lanes(a) for a in (b, wt) if a is not None] + [_lanes(r) for r in rows]
     specs = [pl.BlockSpec((cfg.block_n, d), lambda j, i: (i, 0)), _w_spec(spec, d, "vn")] + [
         vec for a in (b, wt) if a is not None] + [row] * len(rows)
     acc_t = _rowmath.compute_dtype(h.dtype)
@@ -310,16 +325,19 @@ def _dkernel(spec, h, w, b, rows, wt):
     scratch = [pltpu.VMEM(tile, acc_t)]
     if b is not None:
         out_specs.append(vec)
-        out_shape.append(jax.ShapeDtypeStruct((vp,), b.dtype))
-        scratch.append(pltpu.VMEM((cfg.block_v,), acc_t))
+        out_shape.append(jax.ShapeDtypeStruct((1, vp), b.dtype))
+        scratch.append(pltpu.VMEM((1, cfg.block_v), acc_t))
     outs = pl.pallas_call(
         functools.partial(_dkernel_kernel, spec=spec, has_b=b is not None,
                           has_w=wt is not None),
         grid=(vp // cfg.block_v, np_ // cfg.block_n), in_specs=specs, out_specs=out_specs,
         out_shape=out_shape, scratch_shapes=scratch, compiler_params=_params(cfg),
         interpret=spec.interpret, name="jaxent_lce_dkernel",
+        cost_estimate=common.cost(np_, d, vp, h.dtype.itemsize, matmuls=2, w_reads=2,
+                                  h_reads=vp // cfg.block_v, elementwise=12,
+                                  extra_bytes=4 * common.NUM_ROWS * np_ * (vp // cfg.block_v)),
     )(*ins)
-    return outs[0], (outs[1] if b is not None else None)
+    return outs[0], (outs[1].reshape(-1) if b is not None else None)
 
 
 def _ce_fwd(spec, x, y, wt):
@@ -329,9 +347,11 @@ def _ce_fwd(spec, x, y, wt):
     x = common.guard_platform(x, spec.interpret)
     ins = [x] + ([wt] if wt is not None else []) + [y]
     specs = [pl.BlockSpec((cfg.block_n, cfg.block_v), lambda i, j: (i, j))] + (
-        [pl.BlockSpec((cfg.block_v,), lambda i, j: (j,))] if wt is not None else [])
+        [_col(cfg.block_v)] if wt is not None else [])
+    cost = common.cost(np_, 0, cp, 0, matmuls=0,
+                       extra_bytes=x.size * x.dtype.itemsize + 4 * np_ * len(_names(spec)))
     return _stats_call(spec, ins, specs, np_, cp, _rowmath.compute_dtype(x.dtype), True,
-                       False, wt is not None, "jaxent_ce_fwd")
+                       False, wt is not None, "jaxent_ce_fwd", cost)
 
 
 def _ce_bwd(spec, x, rows, wt):
@@ -339,10 +359,10 @@ def _ce_bwd(spec, x, rows, wt):
     np_, cp = rows[0].shape[0], common.round_up(x.shape[1], cfg.block_v)
     bn, bv = cfg.block_n, cfg.block_v
     rows = (common.guard_platform(rows[0], spec.interpret),) + tuple(rows[1:])
-    row = pl.BlockSpec((bn,), lambda i, j: (i,))
-    ins = [x] + list(rows) + ([wt] if wt is not None else [])
+    row = _row(bn)
+    ins = [x] + [_lanes(r) for r in rows] + ([_lanes(wt)] if wt is not None else [])
     specs = [pl.BlockSpec((bn, bv), lambda i, j: (i, j))] + [row] * len(rows) + (
-        [pl.BlockSpec((bv,), lambda i, j: (j,))] if wt is not None else [])
+        [_col(bv)] if wt is not None else [])
     return pl.pallas_call(
         functools.partial(common.ce_bwd_kernel, opts=spec.opts, num_classes=spec.num_classes,
                           block_c=bv, weighted=wt is not None),
@@ -352,6 +372,9 @@ def _ce_bwd(spec, x, rows, wt):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
                                              vmem_limit_bytes=cfg.vmem_limit_bytes),
         interpret=spec.interpret, name="jaxent_ce_bwd",
+        cost_estimate=common.cost(np_, 0, cp, 0, matmuls=0, elementwise=12,
+                                  extra_bytes=2 * x.size * x.dtype.itemsize
+                                  + 4 * common.NUM_ROWS * np_),
     )(*ins)
 
 

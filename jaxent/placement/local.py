@@ -10,12 +10,15 @@ own versions of them (:mod:`jaxent.placement.auto`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Hashable
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxent import _platform
 from jaxent import _rowmath as rm
 from jaxent._options import Options
 from jaxent.impl import Request, select
@@ -113,9 +116,13 @@ def fused_call(spec: FusedSpec, hidden, kernel, bias, labels, weight, where, *,
     acc = rm.compute_dtype(dtype)
     w = None if weight is None else weight.astype(acc)
     lab = rm.labels_info(labels, spec.num_classes, spec.opts.ignore_index, where, w, acc)
-    return fused_loss(spec, hidden.reshape(n, d).astype(dtype), kernel.astype(dtype),
-                      None if bias is None else bias.astype(dtype), lab, w, batch_shape,
-                      vocab_axis=vocab_axis, token_axis=token_axis, walks=walks)
+    run = functools.partial(fused_loss, spec, batch_shape=batch_shape, vocab_axis=vocab_axis,
+                            token_axis=token_axis, walks=walks)
+    args = (hidden.reshape(n, d).astype(dtype), kernel.astype(dtype),
+            None if bias is None else bias.astype(dtype), lab, w)
+    if spec.impl in ("auto", "xla"):  # the walk is chosen for the lowering's platform
+        return _platform.by_platform(run, *args)
+    return run(*args)
 
 
 def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_shape, *,
@@ -133,7 +140,8 @@ def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_s
                      shards=shards, vocab_axis=vocab_axis, block_size=spec.block_size,
                      token_block_size=spec.token_block_size, interpret=spec.interpret)
     walk, per_row = walks[name]
-    out, (lse, arg) = walk(plan, h, kernel, bias, lab, weight)
+    with jax.named_scope(f"jaxent_{name}"):  # names the walk in the lowered program
+        out, (lse, arg) = walk(plan, h, kernel, bias, lab, weight)
     loss = reduce_rows(out.reshape(batch_shape) if per_row else out, lab,
                        spec.opts.reduction, token_axis)
     if not spec.aux:

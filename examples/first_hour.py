@@ -8,7 +8,7 @@
    PyTorch (the same number), and the time of ``value_and_grad`` of the mean loss over a
    language-model head's logits (``--rows`` x ``--vocab``, float32), relative to optax.
 
-About 20 s on 2 CPU cores, start-up included. The full benchmark (more shapes, bf16, the
+About 25 s on 2 quiet CPU cores, start-up included (20 s of CPU time). The full benchmark (more shapes, bf16, the
 fused linear head, memory, the GPU suite) is ``python3 -m jaxent.bench``.
 """
 
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="rows (tokens) of the timed logits")
     parser.add_argument("--vocab", type=int, default=32000,
                         help="classes (vocabulary) of the timed logits")
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="timed calls of each loss (the median is shown)")
     args = parser.parse_args(argv)
     if min(args.steps, args.batch, args.rows, args.vocab, args.rounds) < 1:

@@ -123,7 +123,7 @@ def test_pages_exist():
     for page in ("index.md", "getting_started.md", "coming_from_pytorch.md",
                  "zh/coming_from_pytorch.md", "coming_from_optax.md", "language_models.md",
                  "sharding.md", "rl_distillation.md", "debugging.md", "benchmarks.md",
-                 "api/index.md"):
+                 "compared_with.md", "api/index.md"):
         assert page in names, f"docs/{page} is missing"
 
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 import ast
 import inspect
 import pathlib
+import re
 import sys
 import types
 
 DOCS = pathlib.Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))  # document this checkout, not an installed copy
+sys.path.insert(0, str(DOCS / "_ext"))  # mathml: math rendered when the site is built
 
 import jaxent  # noqa: E402
 
@@ -41,9 +43,11 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "mathml",
 ]
+# No CDN: math becomes MathML at build time (docs/_ext/mathml.py), readable offline.
+html_math_renderer = "mathml"
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build", "generated", "README.md", "Thumbs.db", ".DS_Store"]
 myst_enable_extensions = ["colon_fence", "dollarmath"]
@@ -60,6 +64,9 @@ autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike", "Reduction": "Reduc
                         "Residual": "Residual", "Impl": "Impl", "KernelLayout": "KernelLayout",
                         "AxisName": "AxisName"}
 autodoc_default_options = {"members": False}
+# Sphinx renders an alias inside a union (``ArrayLike | None``) as
+# ``TypeAliasForwardRef('jax.typing.ArrayLike')``; ``_alias_names`` puts the name back.
+_FORWARD_REF = re.compile(r"TypeAliasForwardRef\('([^']*)'\)")
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 # Docstrings name private modules and JAX objects in ``:mod:`` / ``:func:`` roles; without
@@ -139,6 +146,30 @@ def write_gpu_results(app=None) -> None:
     path = out / "gpu_results.md"
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
+
+
+def _alias_names(app, what, name, obj, options, signature, return_annotation):
+    """``autodoc-process-signature``: type aliases by name in every signature."""
+    if signature is None and return_annotation is None:
+        return None
+    return (_FORWARD_REF.sub(r"\1", signature) if signature else signature,
+            _FORWARD_REF.sub(r"\1", return_annotation) if return_annotation else return_annotation)
+
+
+# The pages under zh/ are Chinese: their <html lang> says so (screen readers, search, fonts).
+PAGE_LANGUAGES = {"zh/": "zh-CN"}
+
+
+def _page_language(app, pagename, templatename, context, doctree):
+    """``html-page-context``: the language of the pages under a translated folder."""
+    for prefix, language in PAGE_LANGUAGES.items():
+        if pagename.startswith(prefix):
+            context["language"] = language
+
+
+def setup(app):
+    app.connect("autodoc-process-signature", _alias_names)
+    app.connect("html-page-context", _page_language)
 
 
 # Written at import time too, so that the toctree globs see them on the first read.

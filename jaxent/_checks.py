@@ -90,18 +90,32 @@ def _label_shape_hint(got: tuple, want: tuple, logits_shape, axis) -> str:
     """A porting hint for labels shaped unlike ``want``, or ``""``.
 
     The squeeze and reshape hints need only the two shapes (the fused loss gets them too);
-    the class-axis hint needs the logits' shape.
+    the others need the logits' shape: the class axis (PyTorch's axis 1 against JAX's last
+    axis, either way round) and one-hot targets shaped like the logits.
     """
+    if want == () and got == (1,):
+        return ("; one unbatched example takes a scalar label (labels[0]), or batch the "
+                "logits to shape (1, C) (logits[None]) as PyTorch does for a (1,) target")
     if got == want + (1,):
         return "; squeeze the last axis of the labels (labels[..., 0])"
     if len(got) == 1 and len(want) > 1 and math.prod(want) == got[0]:
         return f"; reshape the labels to {list(want)}"
     if logits_shape is None:
         return ""
-    rank = len(logits_shape)
-    if axis == rank - 1 and rank >= 3 and got == (logits_shape[0],) + tuple(logits_shape[2:]):
+    logits_shape, rank = tuple(logits_shape), len(logits_shape)
+    if got == logits_shape:
+        return (f"; these look like one-hot targets: pass class indices "
+                f"(labels.argmax(axis={axis})), or float probabilities "
+                "(labels.astype(jnp.float32)) to jaxent.soft_cross_entropy or "
+                "jaxent.CrossEntropyLoss")
+    if axis == rank - 1 and rank >= 3 and got == (logits_shape[0],) + logits_shape[2:]:
         return ("; the classes look like axis 1 (PyTorch's (N, C, d1, ...) layout): "
                 "did you mean axis=1?")
+    if axis != rank - 1 and rank >= 2 and got == logits_shape[:-1]:
+        return (f"; the classes look like the last axis (JAX's [..., C] layout), not axis "
+                f"{axis}: did you mean axis=-1? (jaxent.CrossEntropyLoss and NLLLoss take "
+                "them on axis 1, as PyTorch: call jaxent.cross_entropy(logits, labels), or "
+                "jnp.moveaxis(logits, -1, 1))")
     return ""
 
 

@@ -411,3 +411,58 @@ def test_roofline_fraction_on_a_known_chip():
                          roofline_fraction=0.5)
     lines = report.table([row])
     assert lines[0].endswith("% roofline |") and lines[2].endswith(" 50 |")
+
+
+# ------------------------------------------------- bad command lines: one line, non-zero exit
+def _saved_run_files(tmp_path):
+    """Files that are not saved ``--json`` runs, each for a different reason."""
+    files = {"missing": tmp_path / "missing.json", "folder": tmp_path}
+    for name, text in {"not JSON": "not json", "a list": "[1, 2]",
+                       "no results": '{"notes": []}',
+                       "foreign rows": '{"results": [{"bogus": 1}]}',
+                       "too deep": "[" * 100_000 + "]" * 100_000}.items():
+        files[name] = tmp_path / f"{name.replace(' ', '_')}.json"
+        files[name].write_text(text)
+    return files
+
+
+def test_bad_from_json_names_the_file(tmp_path):
+    for why, path in _saved_run_files(tmp_path).items():
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--from-json", str(path)])
+        message = str(exc.value.code)
+        assert message.startswith(f"--from-json {path}: not a readable saved run"), (why, message)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--only", "["], "argument --only: not a regular expression: '['"),
+    (["--rounds", "-1"], "argument --rounds: expected an integer >= 1, got -1"),
+    (["--rounds", "0"], "argument --rounds: expected an integer >= 1, got 0"),
+    (["--rounds", "two"], "argument --rounds: expected an integer >= 1, got 'two'"),
+    (["--suite", "explore-ce", "16", "50", "float33"],
+     "DTYPE (the third argument) must be one of float32, bfloat16, got 'float33'"),
+])
+def test_bad_arguments_are_usage_errors(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2  # argparse's usage error, before anything runs
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_a_requested_contender_that_is_missing_stops_the_run(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax_cce", None)  # import jax_cce -> ImportError
+    with pytest.raises(bench.MissingExtra, match=r"--contenders cce needs `jax_cce`"):
+        bench.main(["--suite", "linear-speed", "8", "4", "16", "--contenders", "naive,cce"])
+
+
+def test_a_jaxent_that_is_not_the_package_stops_the_bench(monkeypatch, tmp_path):
+    # From a clone's parent directory, ``import jaxent`` finds the clone as an empty
+    # namespace package (a folder without __init__.py): the bench must not run without it.
+    clone = types.ModuleType("jaxent")
+    clone.__path__ = [str(tmp_path / "jaxent")]
+    monkeypatch.setitem(sys.modules, "jaxent", clone)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--list"])
+    message = str(exc.value.code)
+    assert "not the jaxent package" in message and str(tmp_path / "jaxent") in message

@@ -21,12 +21,14 @@ without it; CI can also build the site directly with
 from __future__ import annotations
 
 import doctest
+import html
 import importlib.util
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import urllib.parse
 
 import pytest
 
@@ -121,7 +123,7 @@ def test_pages_exist():
     for page in ("index.md", "getting_started.md", "coming_from_pytorch.md",
                  "zh/coming_from_pytorch.md", "coming_from_optax.md", "language_models.md",
                  "sharding.md", "rl_distillation.md", "debugging.md", "benchmarks.md",
-                 "api/index.md"):
+                 "compared_with.md", "api/index.md"):
         assert page in names, f"docs/{page} is missing"
 
 
@@ -167,6 +169,7 @@ def test_docs_build_without_warnings(tmp_path):
     pytest.importorskip("sphinx", reason='the docs build needs: pip install -e ".[docs]"')
     pytest.importorskip("myst_parser", reason='the docs build needs: pip install -e ".[docs]"')
     pytest.importorskip("furo", reason='the docs build needs: pip install -e ".[docs]"')
+    pytest.importorskip("latex2mathml", reason='the docs build needs: pip install -e ".[docs]"')
     out = tmp_path / "html"
     proc = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
@@ -176,9 +179,65 @@ def test_docs_build_without_warnings(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     conf = _conf()
     for name in conf.public_names():
-        html = (out / "api" / "generated" / f"{name}.html").read_text()
-        assert f"jaxent.{name}" in html
+        assert f"jaxent.{name}" in (out / "api" / "generated" / f"{name}.html").read_text()
     assert (out / "zh" / "coming_from_pytorch.html").exists()
+    pages = {p: p.read_text() for p in out.rglob("*.html")}
+    # Type aliases by name, math as MathML, nothing loaded from another site.
+    for page, text in pages.items():
+        assert "TypeAliasForwardRef" not in text, page
+        assert not re.search(r'<(script|link|img)[^>]+(src|href)="(https?:)?//', text), page
+    assert "<math" in pages[out / "api" / "generated" / "cross_entropy.html"]
+    assert "jax.typing.ArrayLike | None" in html.unescape(
+        re.sub(r"<[^>]+>", "", pages[out / "api" / "generated" / "cross_entropy.html"]))
+    # The Chinese pages say so; the others are English.
+    for page, text in pages.items():
+        lang = re.search(r'<html[^>]* lang="([^"]+)"', text).group(1)
+        assert lang == ("zh-CN" if page.parent.name == "zh" else "en"), (page, lang)
+    assert broken_links(out, pages) == []
+
+
+def broken_links(out: pathlib.Path, pages: dict[pathlib.Path, str]) -> list[str]:
+    """Every relative ``href``/``src`` of the built site that names a missing file or a
+    missing ``#anchor`` (links to other sites are not followed: CI has no network)."""
+    anchors: dict[pathlib.Path, set[str]] = {}
+    bad = []
+    for page, text in pages.items():
+        for url in re.findall(r'(?:href|src)="([^"]*)"', text):
+            url = html.unescape(url)
+            if re.match(r"[a-z][a-z0-9+.-]*:|//", url):
+                continue
+            path, _, fragment = url.partition("#")
+            path = urllib.parse.unquote(path.split("?")[0])
+            target = (page.parent / path).resolve() if path else page
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.exists():
+                bad.append(f"{page.relative_to(out)}: {url} (no such file)")
+            elif fragment and target.suffix == ".html":
+                if target not in anchors:
+                    anchors[target] = set(re.findall(r'\bid="([^"]*)"', target.read_text()))
+                if urllib.parse.unquote(fragment) not in anchors[target]:
+                    bad.append(f"{page.relative_to(out)}: {url} (no such anchor)")
+    return bad
+
+
+def test_link_check_finds_missing_files_and_anchors(tmp_path):
+    (tmp_path / "b.html").write_text('<h1 id="y">b</h1>')
+    (tmp_path / "a.html").write_text('<a href="b.html#y">ok</a> <a href="b.html#x">no anchor</a>'
+                                     '<a href="c.html">no file</a> <a href="https://x.org/">'
+                                     'not followed</a> <a href="#top">self</a>')
+    pages = {p: p.read_text() for p in tmp_path.glob("*.html")}
+    assert broken_links(tmp_path, pages) == ["a.html: b.html#x (no such anchor)",
+                                             "a.html: c.html (no such file)",
+                                             "a.html: #top (no such anchor)"]
+
+
+def test_readme_links_name_files_of_the_repository():
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    assert links
+    missing = [x for x in links if not re.match(r"[a-z]+:", x) and not (ROOT / x).exists()]
+    assert missing == []
 
 
 if __name__ == "__main__":  # one page, in this process: python tests/test_docs.py PAGE

@@ -25,6 +25,23 @@ def test_quickstart_learns(capsys):
     assert "test accuracy" in capsys.readouterr().out
 
 
+def test_first_hour_trains_and_compares(capsys):
+    import first_hour
+
+    result = first_hour.main(["--steps", "40", "--rows", "64", "--vocab", "300",
+                              "--rounds", "1"])
+    assert result["train_loss"] < 0.5 * result["first_loss"]
+    assert result["test_accuracy"] > 0.8  # chance is 0.1
+    rows = {r["name"].split()[0]: r for r in result["rows"]}
+    assert set(rows) == {"jaxent.cross_entropy", "optax", "torch"}
+    # The three libraries agree on the trained model's test loss.
+    losses = [r["test_loss"] for r in rows.values()]
+    assert max(losses) - min(losses) < 1e-5 * max(losses)
+    assert rows["optax"]["vs_optax"] == {"float32": 1.0, "bfloat16": 1.0}
+    out = capsys.readouterr().out
+    assert "| jaxent.cross_entropy |" in out and "test accuracy" in out
+
+
 def test_digits_cnn_learns_and_plots(tmp_path):
     import digits_cnn
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import traceback
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -131,3 +132,52 @@ def test_fused_errors_speak_of_hidden_and_kernel(kwargs, fragment):
     assert "logits" not in str(err), f"the fused loss takes no logits: {err}"
     assert AXIS_HINT not in str(err)
     _assert_not_chained(err)
+
+
+# ------------------------------------------------- the PyTorch tutorials' three slips
+UNBATCHED_HINT = "one unbatched example takes a scalar label (labels[0])"
+ONE_HOT_HINT = "these look like one-hot targets: pass class indices (labels.argmax(axis=1))"
+LAST_AXIS_HINT = "the classes look like the last axis (JAX's [..., C] layout), not axis 1"
+
+
+@pytest.mark.parametrize("loss", [jaxent.CrossEntropyLoss(), jaxent.cross_entropy],
+                         ids=["CrossEntropyLoss", "cross_entropy"])
+def test_unbatched_logits_with_a_batched_label(loss):
+    logits = jnp.array([0.3, -1.2, 2.0, 0.5])            # (C,): one example, unbatched
+    err = _error(loss, logits, jnp.array([2]))           # (1,): torch's batched target
+    assert UNBATCHED_HINT in str(err) and "logits[None]" in str(err)
+    _assert_not_chained(err)
+    # Both fixes the hint names give the same (right) number.
+    expected = -jax.nn.log_softmax(logits)[2]
+    assert jnp.allclose(loss(logits, jnp.array([2])[0]), expected)
+    assert jnp.allclose(loss(logits[None], jnp.array([2])), expected)
+
+
+@pytest.mark.parametrize("loss", [jaxent.CrossEntropyLoss(), jaxent.cross_entropy],
+                         ids=["CrossEntropyLoss", "cross_entropy"])
+def test_integer_one_hot_targets(loss):
+    logits = jax.random.normal(jax.random.key(0), (5, 4))
+    labels = jnp.array([3, 0, 1, 3, 2])
+    one_hot = jax.nn.one_hot(labels, 4, dtype=jnp.int32)
+    err = _error(loss, logits, one_hot)
+    assert ONE_HOT_HINT in str(err) and "astype(jnp.float32)" in str(err)
+    _assert_not_chained(err)
+    expected = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(5), labels])
+    assert jnp.allclose(loss(logits, one_hot.argmax(axis=1)), expected, rtol=1e-6)
+    assert jnp.allclose(jaxent.CrossEntropyLoss()(logits, one_hot.astype(jnp.float32)),
+                        expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss", [jaxent.CrossEntropyLoss(), jaxent.NLLLoss()],
+                         ids=["CrossEntropyLoss", "NLLLoss"])
+def test_jax_layout_logits_to_the_torch_style_class(loss):
+    logits = jax.nn.log_softmax(jax.random.normal(jax.random.key(1), (2, 6, 11)))  # [B, T, V]
+    tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, 11)
+    err = _error(loss, logits, tokens)
+    assert LAST_AXIS_HINT in str(err) and "did you mean axis=-1?" in str(err)
+    assert AXIS_HINT not in str(err)
+    _assert_not_chained(err)
+    # The fix the hint names (the classes moved to axis 1) gives the per-token mean.
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    expected = -jnp.mean(picked - jax.nn.logsumexp(logits, axis=-1))
+    assert jnp.allclose(loss(jnp.moveaxis(logits, -1, 1), tokens), expected, rtol=1e-6)

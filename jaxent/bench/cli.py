@@ -20,13 +20,46 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import get_args
 
+from jaxent.bench.cases import DType
 from jaxent.bench.deps import MissingExtra
 
 SUITE_NAMES = ("main", "gpu", "linear-memory", "rl-memory", "linear-speed", "matmul",
                "explore-ce", "ab")
+# The packages the ``--contenders`` of ``linear-speed`` need beyond jaxent and JAX.
+CONTENDER_PACKAGES = {"cce": "jax_cce", "torch": "torch"}
+
+
+def positive_int(text: str) -> int:
+    """argparse type of ``--rounds``: an integer of at least 1.
+
+    >>> positive_int("3")
+    3
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def regex(text: str) -> str:
+    """argparse type of ``--only``: a regular expression that compiles.
+
+    >>> regex("^CE ")
+    '^CE '
+    """
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({e})") from None
+    return text
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -42,7 +75,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small shapes, a run under 2 minutes")
     p.add_argument("--tiny", action="store_true",
                    help="gpu suite: tiny shapes, to check its code path on a CPU")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per case")
+    p.add_argument("--rounds", type=positive_int, default=None,
+                   help="timed rounds per case, at least 1 (default: 5, or 3 with --quick)")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.add_argument("--plot", metavar="FILE.png", help="plot time ratio and memory per shape")
     p.add_argument("--write", nargs="?", const="benchmarks/RESULTS.md", metavar="PATH",
@@ -51,7 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the GPU suite on the GPU (tokamax, Liger, Apple CCE when installed)")
     p.add_argument("--list", action="store_true",
                    help="list the suite's cases and contenders (and those skipped), run nothing")
-    p.add_argument("--only", default="", help="regular expression searched in case names")
+    p.add_argument("--only", type=regex, default="",
+                   help="regular expression searched in case names")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=TARGET:FUNC",
                    help="add a CE loss f(logits, labels) from a file.py or module (repeatable)")
     p.add_argument("--contenders", default="naive,ours,cce,torch",
@@ -67,7 +102,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.suite = "gpu" if args.gpu else (args.suite or "main")
     if args.args and args.suite in ("main", "gpu"):
         p.error(f"the {args.suite} suite takes no positional arguments, got {args.args}")
+    dtypes = get_args(DType)
+    if args.suite == "explore-ce" and len(args.args) >= 3 and args.args[2] not in dtypes:
+        p.error(f"--suite explore-ce: DTYPE (the third argument) must be one of "
+                f"{', '.join(dtypes)}, got {args.args[2]!r}")
     return args
+
+
+def _load_saved(paths: Sequence[str]) -> tuple[dict, list[str]]:
+    """:func:`jaxent.bench.report.load_json`, with a file that is missing or is not a saved
+    ``--json`` run reported in one line naming it."""
+    from jaxent.bench import report
+
+    for path in paths:
+        try:
+            report.load_json([path])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            raise SystemExit(f"--from-json {path}: not a readable saved run of `python -m "
+                             f"jaxent.bench --json` ({why})") from None
+    return report.load_json(paths)
+
+
+def _require_contenders(args: argparse.Namespace) -> None:
+    """A contender asked for by name whose package is missing stops the run (exit 2) instead
+    of being skipped with a note."""
+    from jaxent.bench import deps
+
+    if args.suite != "linear-speed":
+        return
+    for spec in args.contenders.split(","):
+        if spec in CONTENDER_PACKAGES:
+            deps.require(CONTENDER_PACKAGES[spec], f"--contenders {spec}")
 
 
 def _configure_platform(args: argparse.Namespace) -> None:
@@ -97,17 +163,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """Parse, run the suite (or re-report saved runs), print, plot and write; returns the
     suite's data (the timing suite's dict for ``main``/``gpu``/``linear-speed``/``explore-ce``).
     """
-    from jaxent.bench import report, suites
+    from jaxent.bench import deps, report, suites
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    deps.require_jaxent()
     _configure_platform(args)
     if args.from_json:
-        suite, notes = report.load_json(args.from_json)
+        suite, notes = _load_saved(args.from_json)
         out = suites.Report(report.to_markdown(suite), {}, suite, notes)
     elif args.list:
         out = suites.list_suite(args, args.suite)
     else:
+        _require_contenders(args)
         _set_torch_threads(args)
         out = suites.SUITES[args.suite](args)
     for n in out.notes:

@@ -46,3 +46,24 @@ def require(module: str, needed_for: str) -> ModuleType:
         raise MissingExtra(f"jaxent.bench: {needed_for} needs `{module}`, which is not "
                            f"installed ({why}). Install the benchmark extra: {BENCH_EXTRA}")
     return mod
+
+
+def require_jaxent() -> None:
+    """Stop with one line when ``import jaxent`` is not the jaxent package.
+
+    Run from the directory that holds a clone named ``jaxent``, Python imports the clone
+    itself as an empty namespace package (no ``__init__.py`` at its top), and the benchmark
+    would measure nothing of jaxent; this names the folder it found and what to do instead.
+
+    >>> require_jaxent()  # the package, as imported here
+    """
+    import jaxent
+
+    if getattr(jaxent, "__file__", None) is not None and hasattr(jaxent, "cross_entropy"):
+        return
+    where = ", ".join(getattr(jaxent, "__path__", [])) or repr(jaxent)
+    raise SystemExit(
+        f"jaxent.bench: `import jaxent` found {where}, which is not the jaxent package (a "
+        "folder named jaxent without jaxent's __init__.py, such as a clone when run from "
+        "its parent directory). Run from the clone's root, or from any other directory, "
+        "with jaxent installed: pip install -e \".[bench]\" in the clone.")

@@ -49,3 +49,13 @@ def test_counts_of_known_programs():
     two = hlo.counts(compiled(
         lambda x, y: (x.max(1), jnp.exp(x).sum(1), x[jnp.arange(64), y])))
     assert (two["passes"], two["picks"], two["writes"], two["exps"]) == (2, 1, 0, 1)
+
+
+def test_hlo_suite_prints_the_counts(capsys):
+    from jaxent.bench import cli
+
+    cli.run(["--suite", "hlo", "64", "512"])
+    out = capsys.readouterr().out
+    assert "| float32 value_and_grad | 4 / 2 / 1 / " in out
+    assert "| bfloat16 value_and_grad | 3 / 1 / 2 / " in out
+    assert "(at SHAPE only)" in out  # expected counts are given at hlo.SHAPE only

@@ -15,6 +15,7 @@ import importlib
 import io
 import pathlib
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -90,17 +91,27 @@ def _inputs(kind: str, dtype: str, shape: tuple) -> tuple:
             jnp.asarray(rng.integers(0, v, n), jnp.int32))
 
 
-def time_case(programs: dict[str, Callable], args: tuple, rounds: int) -> dict[str, list]:
-    """Interleaved wall times of each program (after one warm-up call each)."""
+def _cpu_seconds() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def time_case(programs: dict[str, Callable], args: tuple, rounds: int,
+              cpu: dict[str, list] | None = None) -> dict[str, list]:
+    """Interleaved wall times of each program (after one warm-up call each); the process's
+    CPU seconds per call go into ``cpu`` when given (less moved by other processes' load
+    than wall time, as long as this one is not starved)."""
     for f in programs.values():
         jax.block_until_ready(f(*args))
     times: dict[str, list] = {k: [] for k in programs}
     for _ in range(rounds):
         for name, f in programs.items():
             time.sleep(0.2)
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_seconds(), time.perf_counter()
             jax.block_until_ready(f(*args))
             times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(_cpu_seconds() - c0)
     return times
 
 
@@ -112,6 +123,12 @@ def temp_bytes(fn: Callable, dtype: str) -> int:
     analysis = compiled.memory_analysis()
     assert analysis is not None
     return int(analysis.temp_size_in_bytes)
+
+
+def _mins(times: dict[str, list], name: str) -> str:
+    """``name``'s fastest call over optax's and over the fresh-write floor's."""
+    best = min(times[name])
+    return f"{best / min(times['baseline']):.2f}x, {best / min(times['floor']):.2f}x"
 
 
 def _cell(ts: list, ref: float) -> str:
@@ -127,24 +144,26 @@ def run(rev: str, rounds: int, root: pathlib.Path, only: str = "") -> tuple[str,
     lines = [f"Base {rev} against this checkout; each cell: median / baseline (min-max "
              f"over {rounds} interleaved calls); for plain CE also min / min of optax and "
              "of the fresh-write floor (`jnp.exp(x)` into a new buffer).", "",
-             "| case | base | this | base min: optax, floor | this min: optax, floor |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             "| case | base | this | base min: optax, floor (CPU s) | this min: optax, floor "
+             "(CPU s) |", "| --- | ---: | ---: | ---: | ---: |"]
     data: dict[str, Any] = {"rev": rev, "rounds": rounds, "cases": {}}
     cases = [case for case in CASES if re.search(only, case[0])]
     for name, kind, dtype, shape in cases:
-        times = time_case(_programs(jaxent, base, kind), _inputs(kind, dtype, shape), rounds)
+        cpu: dict[str, list] = {}
+        times = time_case(_programs(jaxent, base, kind), _inputs(kind, dtype, shape), rounds,
+                          cpu)
         ref = statistics.median(times["baseline"])
         mins = ["", ""]
         if "floor" in times:
-            lo, floor = min(times["baseline"]), min(times["floor"])
-            mins = [f"{min(times[k]) / lo:.2f}x, {min(times[k]) / floor:.2f}x"
-                    for k in ("base", "this")]
+            mins = [f"{_mins(times, k)} ({_mins(cpu, k)})" for k in ("base", "this")]
         lines.append(f"| {name} | {_cell(times['base'], ref)} | {_cell(times['this'], ref)} "
                      f"| {mins[0]} | {mins[1]} |")
         data["cases"][name] = times
+        data.setdefault("cpu", {})[name] = cpu
+    fused = any(case[1] == "linear" for case in cases)
     lines += ["", "| fused temporaries at 8192x2048x128256 | base | this |",
-              "| --- | ---: | ---: |"]
-    for dtype in ("float32", "bfloat16") if any(c[1] == "linear" for c in cases) else ():
+              "| --- | ---: | ---: |"] if fused else []
+    for dtype in ("float32", "bfloat16") if fused else ():
         naive = temp_bytes(_naive_linear(jaxent), dtype)
         row = [temp_bytes(lib.linear_cross_entropy, dtype) / naive for lib in (base, jaxent)]
         data[f"memory {dtype}"] = row

@@ -170,8 +170,10 @@ class Heuristics:
 TABLE: dict[str, Heuristics] = {
     # Measured on 2-core CPUs (benchmarks/RESULTS.md, benchmarks/linear_notes.md): the token
     # walk up to V = 64K (1.03x naive at 4096x1024x32000), the vocabulary walk above it
-    # (1.20x against 1.34x at 2048x2048x128256, and fewer temporaries).
-    "cpu": Heuristics(),
+    # (1.20x against 1.34x at 2048x2048x128256, and fewer temporaries). float32 plain CE
+    # keeps the gradient at every size: one exp per logit and four passes beat the
+    # log-sum-exp's second exp in three (benchmarks/FINDINGS.md, 2026-12-05).
+    "cpu": Heuristics(lse_min_elements=1 << 62),
     # Not measured yet: the lse residual moves the fewest bytes, the vocabulary walk keeps
     # the fewest temporaries.
     "gpu": Heuristics(lse_min_elements=0, lse_16bit_rows=(0, 1 << 62),

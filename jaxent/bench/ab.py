@@ -5,7 +5,8 @@ archive``) into a temporary folder as the package ``jaxent_base`` and times, per
 baseline (optax for plain CE, the naive materialized product for the fused loss), the base
 commit and this checkout, interleaved (A B C A B C ...), reporting each one's median over
 the baseline's with the spread; the fused loss's compiled temporaries at the large shape
-come from ``memory_analysis()``.
+come from ``memory_analysis()``. Plain CE is also timed against the fresh-write floor, and
+both commits' plain-CE programs are counted (:mod:`jaxent.bench.hlo`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib
 import io
 import pathlib
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxent.bench import hlo
 
 # (name, kind, dtype, shape): plain CE [N, C] or the fused loss [N, D, V], value and gradient
 CASES = (
@@ -66,7 +70,10 @@ def _naive_linear(lib: Any) -> Callable:
 def _programs(lib: Any, base: Any, kind: str) -> dict[str, Callable]:
     if kind == "ce":
         fns = {"baseline": _optax_ce, "base": base.cross_entropy, "this": lib.cross_entropy}
-        return {k: jax.jit(jax.value_and_grad(f)) for k, f in fns.items()}
+        progs = {k: jax.jit(jax.value_and_grad(f)) for k, f in fns.items()}
+        # The fresh-write floor: one read and one new [N, C] buffer, as any non-donating
+        # gradient pays.
+        return {**progs, "floor": jax.jit(lambda x, y: jnp.exp(x))}
     fns = {"baseline": _naive_linear(lib), "base": base.linear_cross_entropy,
            "this": lib.linear_cross_entropy}
     return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in fns.items()}
@@ -84,17 +91,27 @@ def _inputs(kind: str, dtype: str, shape: tuple) -> tuple:
             jnp.asarray(rng.integers(0, v, n), jnp.int32))
 
 
-def time_case(programs: dict[str, Callable], args: tuple, rounds: int) -> dict[str, list]:
-    """Interleaved wall times of each program (after one warm-up call each)."""
+def _cpu_seconds() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def time_case(programs: dict[str, Callable], args: tuple, rounds: int,
+              cpu: dict[str, list] | None = None) -> dict[str, list]:
+    """Interleaved wall times of each program (after one warm-up call each); the process's
+    CPU seconds per call go into ``cpu`` when given (less moved by other processes' load
+    than wall time, as long as this one is not starved)."""
     for f in programs.values():
         jax.block_until_ready(f(*args))
     times: dict[str, list] = {k: [] for k in programs}
     for _ in range(rounds):
         for name, f in programs.items():
             time.sleep(0.2)
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_seconds(), time.perf_counter()
             jax.block_until_ready(f(*args))
             times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(_cpu_seconds() - c0)
     return times
 
 
@@ -108,30 +125,49 @@ def temp_bytes(fn: Callable, dtype: str) -> int:
     return int(analysis.temp_size_in_bytes)
 
 
+def _mins(times: dict[str, list], name: str) -> str:
+    """``name``'s fastest call over optax's and over the fresh-write floor's."""
+    best = min(times[name])
+    return f"{best / min(times['baseline']):.2f}x, {best / min(times['floor']):.2f}x"
+
+
 def _cell(ts: list, ref: float) -> str:
     return f"{statistics.median(ts) / ref:.2f}x ({min(ts) / ref:.2f}-{max(ts) / ref:.2f})"
 
 
-def run(rev: str, rounds: int, root: pathlib.Path) -> tuple[str, dict]:
-    """The markdown table and the raw data of one ``ab`` run."""
+def run(rev: str, rounds: int, root: pathlib.Path, only: str = "") -> tuple[str, dict]:
+    """The markdown table and the raw data of one ``ab`` run (the cases whose names match
+    ``only``; the fused temporaries only when a fused case runs)."""
     import jaxent  # noqa: PLC0415  (this checkout)
 
     base = load_base(rev, root)
     lines = [f"Base {rev} against this checkout; each cell: median / baseline (min-max "
-             f"over {rounds} interleaved calls).", "",
-             "| case | base | this |", "| --- | ---: | ---: |"]
+             f"over {rounds} interleaved calls); for plain CE also min / min of optax and "
+             "of the fresh-write floor (`jnp.exp(x)` into a new buffer).", "",
+             "| case | base | this | base min: optax, floor (CPU s) | this min: optax, floor "
+             "(CPU s) |", "| --- | ---: | ---: | ---: | ---: |"]
     data: dict[str, Any] = {"rev": rev, "rounds": rounds, "cases": {}}
-    for name, kind, dtype, shape in CASES:
-        times = time_case(_programs(jaxent, base, kind), _inputs(kind, dtype, shape), rounds)
+    cases = [case for case in CASES if re.search(only, case[0])]
+    for name, kind, dtype, shape in cases:
+        cpu: dict[str, list] = {}
+        times = time_case(_programs(jaxent, base, kind), _inputs(kind, dtype, shape), rounds,
+                          cpu)
         ref = statistics.median(times["baseline"])
-        lines.append(f"| {name} | {_cell(times['base'], ref)} | {_cell(times['this'], ref)} |")
+        mins = ["", ""]
+        if "floor" in times:
+            mins = [f"{_mins(times, k)} ({_mins(cpu, k)})" for k in ("base", "this")]
+        lines.append(f"| {name} | {_cell(times['base'], ref)} | {_cell(times['this'], ref)} "
+                     f"| {mins[0]} | {mins[1]} |")
         data["cases"][name] = times
+        data.setdefault("cpu", {})[name] = cpu
+    fused = any(case[1] == "linear" for case in cases)
     lines += ["", "| fused temporaries at 8192x2048x128256 | base | this |",
-              "| --- | ---: | ---: |"]
-    for dtype in ("float32", "bfloat16"):
+              "| --- | ---: | ---: |"] if fused else []
+    for dtype in ("float32", "bfloat16") if fused else ():
         naive = temp_bytes(_naive_linear(jaxent), dtype)
         row = [temp_bytes(lib.linear_cross_entropy, dtype) / naive for lib in (base, jaxent)]
         data[f"memory {dtype}"] = row
         lines.append(f"| {dtype} (of naive's {naive / 2**20:.0f} MiB) | {row[0]:.2%} | "
                      f"{row[1]:.2%} |")
+    lines += ["", hlo.table(*hlo.SHAPE, {"base": base, "this": jaxent})]
     return "\n".join(lines), data

@@ -12,6 +12,9 @@
 * ``matmul [N D V TOKEN_BLOCK DW_SLICE]``: throughput of the matmuls behind the fused loss.
 * ``explore-ce N C DTYPE [NAMES...]``: candidate plain-CE formulations
   (:mod:`jaxent.bench.formulations`).
+* ``ab [REV]``: this checkout against a commit, interleaved (:mod:`jaxent.bench.ab`).
+* ``hlo [N C]``: passes, writes, ``exp`` per logit and fusions of the compiled plain-CE
+  programs (:mod:`jaxent.bench.hlo`).
 
 Each suite takes the parsed command line and returns a :class:`Report`.
 """
@@ -407,12 +410,24 @@ def ab_suite(args: Any) -> Report:
     from jaxent.bench import ab  # noqa: PLC0415  (imports the base commit's package)
 
     rev = args.args[0] if args.args else "HEAD~1"
-    text, data = ab.run(rev, args.rounds or 5, pathlib.Path(__file__).resolve().parents[2])
+    text, data = ab.run(rev, args.rounds or 5, pathlib.Path(__file__).resolve().parents[2],
+                        args.only)
     return Report(text, data)
+
+
+def hlo_suite(args: Any) -> Report:
+    """``--suite hlo [N C]``: passes over the logits, writes, ``exp`` per logit and fusions
+    of the compiled plain-CE programs (:mod:`jaxent.bench.hlo`; compiled, never run)."""
+    import jaxent  # noqa: PLC0415
+    from jaxent.bench import hlo  # noqa: PLC0415
+
+    n, c = _ints(args.args, hlo.SHAPE, "hlo")
+    return Report(hlo.table(n, c, {"this": jaxent}), {})
 
 
 SUITES: dict[str, Callable[[Any], Report]] = {
     "ab": ab_suite,
+    "hlo": hlo_suite,
     "main": main_suite,
     "gpu": lambda args: main_suite(args, "gpu"),
     "linear-memory": linear_memory,

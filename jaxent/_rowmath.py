@@ -102,6 +102,13 @@ def in_range(labels: jax.Array, num_classes: int) -> jax.Array:
     return ok
 
 
+def class_ids(labels: jax.Array, num_classes: int) -> jax.Array:
+    """``labels`` as int32 class ids, ``-1`` where out of ``[0, num_classes)`` (compared in
+    the labels' own dtype, so that no narrow or 64-bit id wraps onto a class)."""
+    ok = in_range(labels, num_classes)
+    return jnp.where(ok, labels.astype(jnp.int32), jnp.int32(-1))
+
+
 class Labels(NamedTuple):
     """Flat integer labels, ready for the row math (each ``[N]``).
 
@@ -128,6 +135,13 @@ def labels_info(labels, num_classes: int, ignore_index: int, where, weight, dtyp
     y = jnp.where(valid, flat, jnp.zeros((), flat.dtype)).astype(jnp.int32)
     w_y = jnp.ones(y.shape, dtype) if weight is None else take_class(weight.astype(dtype), y)
     return Labels(y, valid, counted, jnp.where(counted, w_y, jnp.zeros((), dtype)))
+
+
+def kernel_labels(lab: Labels) -> jax.Array:
+    """``lab.y`` with ``-1`` on out-of-range labels, for kernels that form the ``nan`` of a
+    bad label inside their ``custom_vjp`` (so that its gradient is ``nan`` too, not the zero
+    cotangent that :func:`row_losses` passes through a select)."""
+    return jnp.where(lab.valid, lab.y, jnp.int32(-1))
 
 
 def take_class(values: jax.Array, y: jax.Array) -> jax.Array:

@@ -419,3 +419,22 @@ def token_values(tokens: jax.Array, num_classes: int, where: jax.Array | None = 
         bad_ids = bad_ids & where
     return label_check_p.bind(tokens, bad_ids, message=f"`{name}` has values outside "
                               f"[0, {num_classes}); their outputs are nan")
+
+
+def _axis_names(names) -> tuple:
+    if names is None:
+        return ()
+    return tuple(names) if isinstance(names, tuple | list) else (names,)
+
+
+def disjoint_axes(vocab_axis, token_axis, vocab_name: str = "axis_name",
+                  token_name: str = "token_axis_name") -> None:
+    """The vocabulary and token mesh axes must not share an axis (``ValueError``): one
+    axis cannot split both the classes and the tokens, and the sums over it would count
+    the other dimension's shards as well."""
+    shared = set(_axis_names(vocab_axis)) & set(_axis_names(token_axis))
+    if shared:
+        raise ValueError(
+            f"`{token_name}` ({token_axis!r}) must not share a mesh axis with `{vocab_name}` "
+            f"({vocab_axis!r}): {sorted(map(str, shared))} would split both the vocabulary "
+            "and the tokens")

@@ -325,6 +325,16 @@ def update_stats(st: Stats, x, y_local, w_block, start, opts: Options, valid=Non
     return Stats(m_new, s, zy, wz, wseen, arg)
 
 
+def shared_max(m: jax.Array, axis_name) -> jax.Array:
+    """``pmax`` of the raw row maxima over ``axis_name``, under ``stop_gradient``.
+
+    The max is only the shift that keeps ``exp`` finite: every statistic built on it is
+    invariant to it (``lse = m + log sum e^{z - m}``), so its derivative is 0 and a constant
+    is exact. ``pmax`` has no differentiation rule, so without the ``stop_gradient`` the
+    forward of a ``custom_vjp`` could not be differentiated again (second order)."""
+    return lax.pmax(lax.stop_gradient(m), axis_name)
+
+
 def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
     r"""Merge the statistics of vocabulary shards over the mesh axis ``axis_name``.
 
@@ -337,7 +347,7 @@ def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
     ``st.arg`` holds local column ids; ``offset`` (this shard's first class id) makes them
     global: the smallest global id among the shards that hold the max (0 if none does).
     """
-    m = lax.pmax(st.m, axis_name)
+    m = shared_max(st.m, axis_name)
     new_safe = safe(m)
     back = shift(safe(st.m), new_safe, opts)
     alpha = jnp.exp(shift(st.m, new_safe, opts))

@@ -203,7 +203,7 @@ def _fold(old, a: _Stream, s_old, back_b, block):
 
 def _merge_stream(m, s, plan: Plan, temp):
     """``(m, s, alpha, back)`` of a stream merged over the vocabulary shards."""
-    mg = lax.pmax(m, plan.axis_name)
+    mg = _rowmath.shared_max(m, plan.axis_name)
     ns = _rowmath.safe(mg)
     alpha = jnp.exp(_rowtemp.shift(m, ns, plan.opts, temp))
     back = _rowtemp.shift(_rowmath.safe(m), ns, plan.opts, temp)

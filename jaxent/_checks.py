@@ -255,6 +255,9 @@ def head_shape(h: jax.Array, k: jax.Array, layout: str, hn: str = "hidden",
             f"`{kn}` must have shape {'[D, V]' if layout == 'dv' else '[V, D]'} with D = "
             f"{hn}.shape[-1] = {d} (kernel_layout={layout!r}), got shape "
             f"{tuple(k.shape)}{hint}")
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"`{kn}` must have at least one vocabulary column (V >= 1), got "
+                         f"shape {tuple(k.shape)} (kernel_layout={layout!r})")
     return d, v
 
 

@@ -87,9 +87,6 @@ def _head(hidden, kernel, bias, layout, names=("hidden", "kernel", "bias"), axis
     h = _checks.float_array(hidden, hn)
     k = _checks.float_array(kernel, kn)
     d, local = _checks.head_shape(h, k, layout, hn, kn)
-    if local < 1:
-        raise ValueError(f"`{kn}` must have at least one vocabulary column (V >= 1), got "
-                         f"shape {tuple(k.shape)} (kernel_layout={layout!r})")
     b = None
     if bias is not None:
         b = _checks.float_array(bias, bn)

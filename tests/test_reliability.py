@@ -272,3 +272,32 @@ def test_linear_distillation_ignore_index_without_labels_is_an_error(head):
     h, w = head
     with pytest.raises(ValueError, match="`ignore_index`.*`labels`"):
         jaxent.linear_distillation_loss(h, w, h, w, ignore_index=3)
+
+
+# --------------------------------------------------- 9. second order, one device
+
+
+@pytest.mark.parametrize("impl", ["xla", "token", "pallas"])
+def test_second_order_works_or_is_a_clear_not_implemented(rng, impl):
+    """The walks give the float64 reference's grad-of-grad; the Pallas kernels (no
+    differentiation rule) say so, while their first order still works."""
+    h = rng.normal(size=(8, 4)).astype(np.float32)
+    w = rng.normal(size=(4, 32)).astype(np.float32)
+    y = jnp.asarray(rng.integers(0, 32, 8))
+    kw = {"impl": impl, **({"interpret": True} if impl == "pallas" else {})}
+
+    def loss(h):
+        return jaxent.linear_cross_entropy(h, w, y, **kw)
+
+    def ref(h):
+        return jaxent.cross_entropy(h @ w, y)
+
+    def gg(f):
+        return jax.grad(lambda h: jnp.sum(jax.grad(f)(h) ** 2))(h)
+
+    np.testing.assert_allclose(jax.grad(loss)(h), jax.grad(ref)(h), rtol=1e-5, atol=1e-7)
+    if impl == "pallas":
+        with pytest.raises(NotImplementedError, match="impl='pallas'"):
+            gg(loss)
+    else:
+        np.testing.assert_allclose(gg(loss), gg(ref), rtol=1e-4, atol=1e-7)

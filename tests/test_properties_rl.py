@@ -310,3 +310,63 @@ def test_ignore_index_extremes(ignore_index, fn, seed):
         per_row = -lp[np.arange(4), y]
     want = np.where(y == ignore_index, 0.0, per_row)
     _assert_matches(got, want)
+
+
+@SETTINGS
+@given(value=st.sampled_from([np.nan, np.inf, -np.inf]), row=st.integers(0, 3),
+       col=st.integers(0, 2), target=st.sampled_from(["hidden", "kernel", "teacher"]),
+       fn=st.sampled_from(["linear_log_probs", "linear_cross_entropy",
+                           "linear_distillation_loss:kl", "linear_distillation_loss:jsd"]),
+       seed=st.integers(0, 2**16))
+def test_nan_and_inf_in_linear_heads(value, row, col, target, fn, seed):
+    """A bad entry of ``hidden`` touches one row, of a kernel every row: those rows are the
+    reference's (an inf: the true limit or nan) and a nan value has non-finite gradients."""
+    rng = np.random.default_rng(seed)
+    h = rng.normal(size=(4, 3)).astype(np.float32)
+    w = rng.normal(size=(3, 6)).astype(np.float32)
+    ht = rng.normal(size=(4, 3)).astype(np.float32)
+    y = rng.integers(0, 6, 4)
+    name, _, divergence = fn.partition(":")
+    if target == "teacher" and name != "linear_distillation_loss":
+        target = "hidden"
+    if target == "hidden":
+        h[row, col] = value
+    elif target == "kernel":
+        w[col, row] = value
+    else:
+        ht[row, col] = value
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        x64 = np.asarray(h, np.float64) @ w
+        lp = _log_softmax64(x64)
+        lq = _log_softmax64(np.asarray(ht, np.float64) @ w)
+        p, q = np.exp(lp), np.exp(lq)
+        if name == "linear_log_probs":
+            want = lp[np.arange(4), y]
+        elif name == "linear_cross_entropy":
+            want = -lp[np.arange(4), y]
+        elif divergence == "kl":
+            want = np.where(q == 0, 0, q * (lq - lp)).sum(-1)
+        else:
+            lm = np.logaddexp(np.log(0.5) + lq, np.log(0.5) + lp)
+            want = 0.5 * np.where(q == 0, 0, q * (lq - lm)).sum(-1) + \
+                0.5 * np.where(p == 0, 0, p * (lp - lm)).sum(-1)
+
+    def f(h, w):
+        if name == "linear_log_probs":
+            return jaxent.linear_log_probs(h, w, y)
+        if name == "linear_cross_entropy":
+            return jaxent.linear_cross_entropy(h, w, y, reduction="none")
+        return jaxent.linear_distillation_loss(h, w, ht, w, divergence=divergence,
+                                               reduction="none")
+
+    got, vjp = jax.vjp(f, jnp.asarray(h), jnp.asarray(w))
+    got = np.asarray(got, np.float64)
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=2e-4, atol=2e-5)
+    assert not np.isfinite(got[~finite]).any(), (got, want)  # nan or the true inf
+    if np.isnan(value):
+        assert np.isnan(got[~finite]).all()
+    bad_rows = np.flatnonzero(np.isnan(got))
+    for r in bad_rows[:1]:
+        gh, gw = vjp(jnp.asarray(np.eye(4)[r], jnp.float32))
+        assert not np.isfinite(np.asarray(gh)[r]).all() or not np.isfinite(gw).all()

@@ -12,6 +12,15 @@ The cache lives at ``$JAXENT_AUTOTUNE_CACHE`` if set, else
 unreadable cache, an unknown device or a cached value that is no longer a candidate give the
 caller's default (its heuristics).
 
+The file is JSON only (never code) and is checked against its schema when read: an object
+of ``{"choice": <JSON value>, "seconds": <finite number >= 0>, "timings": {<str>: <finite
+number >= 0>}}`` entries, with integers in ``[-2**31, 2**31)``, strings of at most 256
+characters and nesting at most 8 deep. Entries that fail (or a file that is not such an
+object) are ignored with one warning, and the defaults are used. Writers take an exclusive
+``fcntl`` lock on ``<cache>.lock`` around their read-modify-write and replace the file by an
+atomic rename, so concurrent autotuning processes lose no entry and readers never see a
+half-written file.
+
 Example (the XLA walks' block sizes)::
 
     def build(bs):
@@ -24,12 +33,14 @@ Example (the XLA walks' block sizes)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,21 +91,164 @@ def encode(candidate: Any) -> Any:
     raise TypeError(f"autotune candidates must have a JSON form, got {candidate!r}")
 
 
+_MAX_BYTES = 16 << 20  # a cache larger than this is not one of ours
+_MAX_DEPTH = 8
+_MAX_STR = 256
+_INT_RANGE = (-(2**31), 2**31)
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(path: Path, why: str) -> None:
+    """One warning per cache file and reason (per process)."""
+    if (str(path), why) in _warned:
+        return
+    _warned.add((str(path), why))
+    warnings.warn(f"jaxent: ignoring {why} in the autotune cache {path}; the default block "
+                  "sizes are used (the next jaxent.autotune run rewrites the file)",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _json_ok(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is a JSON value within the schema's bounds."""
+    if depth > _MAX_DEPTH:
+        return False
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return _INT_RANGE[0] <= value < _INT_RANGE[1]
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return len(value) <= _MAX_STR
+    if isinstance(value, list):
+        return all(_json_ok(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and len(k) <= _MAX_STR and _json_ok(v, depth + 1)
+                   for k, v in value.items())
+    return False
+
+
+def _seconds_ok(t: Any) -> bool:
+    return (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
+            and t >= 0)
+
+
+def _entry_ok(entry: Any) -> bool:
+    """One cache entry: ``{"choice": JSON, "seconds": t, "timings": {str: t}}``."""
+    if not isinstance(entry, dict) or set(entry) != {"choice", "seconds", "timings"}:
+        return False
+    timings = entry["timings"]
+    return (_json_ok(entry["choice"]) and _seconds_ok(entry["seconds"])
+            and isinstance(timings, dict) and len(timings) <= 1024
+            and all(isinstance(k, str) and len(k) <= 4 * _MAX_STR and _seconds_ok(t)
+                    for k, t in timings.items()))
+
+
 def _load(path: Path) -> dict:
+    """The valid entries of the cache at ``path`` (``{}`` if there is none); anything that
+    fails the schema is dropped with one warning."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        with path.open("rb") as f:
+            raw = f.read(_MAX_BYTES + 1)
+    except OSError:
         return {}
-    return data if isinstance(data, dict) else {}
+    if len(raw) > _MAX_BYTES:
+        _warn_once(path, f"a file over {_MAX_BYTES} bytes")
+        return {}
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        _warn_once(path, "text that is not JSON (or nested too deeply)")
+        return {}
+    if not isinstance(data, dict):
+        _warn_once(path, f"a top-level {type(data).__name__} (expected an object)")
+        return {}
+    good = {k: v for k, v in data.items() if isinstance(k, str) and _entry_ok(v)}
+    if len(good) != len(data):
+        _warn_once(path, f"{len(data) - len(good)} entries that do not fit its schema")
+    return good
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``<path>.lock`` (``fcntl``; no lock where there is none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only
+    except ImportError:  # pragma: no cover - Windows: atomic rename alone
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _store(path: Path, data: dict) -> None:
     """Write ``data`` atomically (a temporary file renamed over the cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def record(key: str, choice: Any, seconds: float, timings: dict[str, float]) -> None:
+    """Add one winner to the cache: a locked read-modify-write and an atomic rename, so
+    that concurrent writers lose nothing. Raises ``OSError`` if it cannot be written and
+    ``ValueError`` if the entry does not fit the schema."""
+    entry = {"choice": encode(choice), "seconds": float(seconds),
+             "timings": {str(k): float(v) for k, v in timings.items()}}
+    if not _entry_ok(entry):
+        raise ValueError(f"autotune: the winner {choice!r} does not fit the cache's schema")
+    path = cache_path()
+    with _locked(path):
+        data = _load(path)
+        data[_full_key(key)] = entry
+        _store(path, data)
+
+
+def decode(choice: Any, cls: type, bounds: dict[str, tuple[int, int]] | None = None):
+    """A frozen dataclass ``cls`` from its :func:`encode` form, or ``None`` (with one
+    warning) if ``choice`` is not one: a foreign type name, unknown fields, a value whose
+    type differs from the field default's, an int outside ``bounds[field]`` (inclusive;
+    ``[1, 2**31)`` by default), or one that ``cls`` itself rejects."""
+    if not (isinstance(choice, dict) and set(choice) == {"type", "fields"}
+            and choice["type"] == cls.__qualname__ and isinstance(choice["fields"], dict)):
+        _warn_once(cache_path(), f"a choice that is not a {cls.__qualname__}")
+        return None
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    fields = choice["fields"]
+    why = None
+    for name, value in fields.items():
+        if name not in defaults:
+            why = f"an unknown field {name!r}"
+            break
+        want = defaults[name]
+        if value is None and want is None:
+            continue
+        kind = type(want) if want is not None else int
+        if isinstance(value, bool) != isinstance(want, bool) or not isinstance(value, kind):
+            why = f"{name}={value!r} (expected {kind.__name__})"
+            break
+        lo, hi = (bounds or {}).get(name, (1, _INT_RANGE[1] - 1))
+        if isinstance(value, int) and not isinstance(value, bool) and not lo <= value <= hi:
+            why = f"{name}={value} (expected [{lo}, {hi}])"
+            break
+    if why is None:
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as e:
+            why = f"a {cls.__qualname__} it rejects ({e})"
+    _warn_once(cache_path(), why)
+    return None
 
 
 def _full_key(key: str) -> str:
@@ -167,11 +321,6 @@ def autotune(build: Callable[[Any], Callable], candidates: Sequence[Hashable],
             best, best_t = c, t
     if best is None:
         return default if default is not None else candidates[0]
-    path = cache_path()
-    data = _load(path)
-    data[_full_key(key)] = {"choice": encode(best), "seconds": best_t, "timings": timings}
-    try:
-        _store(path, data)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError, ValueError):
+        record(key, best, best_t, timings)
     return best

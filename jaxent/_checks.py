@@ -123,6 +123,7 @@ def int_labels(labels: ArrayLike, shape: Sequence[int], name: str = "labels", *,
                logits_shape: Sequence[int] | None = None, axis: int | None = None,
                what: str = "the logits' shape without the class axis") -> jax.Array:
     """Integer class labels of the given shape (logits' shape without the class axis)."""
+    _fits_canonical_dtype(labels, name)
     arr = jnp.asarray(labels)
     if jnp.issubdtype(arr.dtype, jnp.floating):
         raise TypeError(
@@ -136,6 +137,31 @@ def int_labels(labels: ArrayLike, shape: Sequence[int], name: str = "labels", *,
     hint = _label_shape_hint(tuple(arr.shape), tuple(shape), logits_shape, axis)
     expect_shape(arr, shape, name, what, hint)
     return arr
+
+
+def _fits_canonical_dtype(labels, name: str) -> None:
+    """Concrete integer ids that JAX would wrap on conversion raise ``ValueError``.
+
+    Without ``jax_enable_x64`` a NumPy int64 array becomes int32, so ``2**32 + 3`` would
+    silently become class 3; such ids are out of range for any vocabulary, so say so.
+    """
+    if isinstance(labels, jax.Array | jax.core.Tracer) or labels is None:
+        return
+    try:
+        arr = np.asarray(labels)
+    except (TypeError, ValueError, OverflowError):
+        return
+    if arr.dtype.kind not in "iu" or arr.size == 0:
+        return
+    target = np.dtype(jax.dtypes.canonicalize_dtype(arr.dtype))
+    info = np.iinfo(target)
+    bad = (arr < info.min) | (arr > info.max)
+    if bad.any():
+        pos = np.argwhere(bad)[:8]
+        shown = ", ".join(f"{name}[{', '.join(map(str, p))}]={arr[tuple(p)]}" for p in pos)
+        raise ValueError(
+            f"`{name}` must be class indices; got value(s) outside {target} (JAX's integer "
+            f"dtype here, jax_enable_x64 is off), which no vocabulary holds: {shown}")
 
 
 def where_mask(where: ArrayLike | None, shape: Sequence[int]) -> jax.Array | None:
@@ -243,6 +269,9 @@ def head_shape(h: jax.Array, k: jax.Array, layout: str, hn: str = "hidden",
             f"`{kn}` must have shape {'[D, V]' if layout == 'dv' else '[V, D]'} with D = "
             f"{hn}.shape[-1] = {d} (kernel_layout={layout!r}), got shape "
             f"{tuple(k.shape)}{hint}")
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"`{kn}` must have at least one vocabulary column (V >= 1), got "
+                         f"shape {tuple(k.shape)} (kernel_layout={layout!r})")
     return d, v
 
 
@@ -358,8 +387,9 @@ def temperature_array(
         isinstance(temperature, np.ndarray) and temperature.ndim > 0)
     if not is_array:
         temp = static_float(temperature, "temperature")
-        if not (temp > 0.0 and math.isfinite(temp)):
-            raise ValueError(f"`temperature` must be a finite number > 0, got {temp}")
+        if not (temp >= _TINY and math.isfinite(temp)):
+            raise ValueError(
+                f"`temperature` must be a finite number > 0 (at least {_TINY}), got {temp}")
         return temp, None
     arr = jnp.asarray(temperature)
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
@@ -374,8 +404,9 @@ def temperature_array(
             f"{tuple(shape)} (one value per row), got shape {tuple(arr.shape)}")
     if _is_concrete(arr):
         a = np.asarray(arr, np.float64)
-        if not np.all(np.isfinite(a) & (a > 0)):
-            raise ValueError("`temperature` must be finite and > 0 everywhere")
+        if not np.all(np.isfinite(a) & (a >= _TINY)):
+            raise ValueError(f"`temperature` must be finite and > 0 (at least {_TINY}) "
+                             "everywhere")
     arr = jnp.broadcast_to(arr.astype(dtype), tuple(shape)).reshape(-1)
     return 1.0, jax.lax.stop_gradient(arr)
 
@@ -405,3 +436,22 @@ def token_values(tokens: jax.Array, num_classes: int, where: jax.Array | None = 
         bad_ids = bad_ids & where
     return label_check_p.bind(tokens, bad_ids, message=f"`{name}` has values outside "
                               f"[0, {num_classes}); their outputs are nan")
+
+
+def _axis_names(names) -> tuple:
+    if names is None:
+        return ()
+    return tuple(names) if isinstance(names, tuple | list) else (names,)
+
+
+def disjoint_axes(vocab_axis, token_axis, vocab_name: str = "axis_name",
+                  token_name: str = "token_axis_name") -> None:
+    """The vocabulary and token mesh axes must not share an axis (``ValueError``): one
+    axis cannot split both the classes and the tokens, and the sums over it would count
+    the other dimension's shards as well."""
+    shared = set(_axis_names(vocab_axis)) & set(_axis_names(token_axis))
+    if shared:
+        raise ValueError(
+            f"`{token_name}` ({token_axis!r}) must not share a mesh axis with `{vocab_name}` "
+            f"({vocab_axis!r}): {sorted(map(str, shared))} would split both the vocabulary "
+            "and the tokens")

@@ -102,6 +102,13 @@ def in_range(labels: jax.Array, num_classes: int) -> jax.Array:
     return ok
 
 
+def class_ids(labels: jax.Array, num_classes: int) -> jax.Array:
+    """``labels`` as int32 class ids, ``-1`` where out of ``[0, num_classes)`` (compared in
+    the labels' own dtype, so that no narrow or 64-bit id wraps onto a class)."""
+    ok = in_range(labels, num_classes)
+    return jnp.where(ok, labels.astype(jnp.int32), jnp.int32(-1))
+
+
 class Labels(NamedTuple):
     """Flat integer labels, ready for the row math (each ``[N]``).
 
@@ -128,6 +135,13 @@ def labels_info(labels, num_classes: int, ignore_index: int, where, weight, dtyp
     y = jnp.where(valid, flat, jnp.zeros((), flat.dtype)).astype(jnp.int32)
     w_y = jnp.ones(y.shape, dtype) if weight is None else take_class(weight.astype(dtype), y)
     return Labels(y, valid, counted, jnp.where(counted, w_y, jnp.zeros((), dtype)))
+
+
+def kernel_labels(lab: Labels) -> jax.Array:
+    """``lab.y`` with ``-1`` on out-of-range labels, for kernels that form the ``nan`` of a
+    bad label inside their ``custom_vjp`` (so that its gradient is ``nan`` too, not the zero
+    cotangent that :func:`row_losses` passes through a select)."""
+    return jnp.where(lab.valid, lab.y, jnp.int32(-1))
 
 
 def take_class(values: jax.Array, y: jax.Array) -> jax.Array:
@@ -313,6 +327,16 @@ def update_stats(st: Stats, x, y_local, w_block, start, opts: Options, valid=Non
     return Stats(m_new, s, zy, wz, wseen, arg)
 
 
+def shared_max(m: jax.Array, axis_name) -> jax.Array:
+    """``pmax`` of the raw row maxima over ``axis_name``, under ``stop_gradient``.
+
+    The max is only the shift that keeps ``exp`` finite: every statistic built on it is
+    invariant to it (``lse = m + log sum e^{z - m}``), so its derivative is 0 and a constant
+    is exact. ``pmax`` has no differentiation rule, so without the ``stop_gradient`` the
+    forward of a ``custom_vjp`` could not be differentiated again (second order)."""
+    return lax.pmax(lax.stop_gradient(m), axis_name)
+
+
 def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
     r"""Merge the statistics of vocabulary shards over the mesh axis ``axis_name``.
 
@@ -325,7 +349,7 @@ def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
     ``st.arg`` holds local column ids; ``offset`` (this shard's first class id) makes them
     global: the smallest global id among the shards that hold the max (0 if none does).
     """
-    m = lax.pmax(st.m, axis_name)
+    m = shared_max(st.m, axis_name)
     new_safe = safe(m)
     back = shift(safe(st.m), new_safe, opts)
     alpha = jnp.exp(shift(st.m, new_safe, opts))

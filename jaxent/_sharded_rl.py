@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from jax.typing import ArrayLike
 
+from jaxent import _checks
 from jaxent import rl as _rl
 from jaxent._options import KernelLayout, Reduction
 
@@ -131,6 +132,7 @@ def linear_soft_cross_entropy(
       >>> bool(jnp.allclose(loss, jaxent.soft_cross_entropy(h @ w, t), rtol=1e-5))
       True
     """
+    _checks.disjoint_axes(axis_name, token_axis_name)
     return _rl.fused_soft_cross_entropy(
         hidden, kernel, targets, bias=bias, kernel_layout=kernel_layout, weight=weight,
         label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
@@ -195,6 +197,7 @@ def linear_distillation_loss(
       >>> bool(jnp.allclose(loss, jaxent.distillation_loss(hs @ ws, ht @ wt), rtol=1e-5))
       True
     """
+    _checks.disjoint_axes(axis_name, token_axis_name)
     return _rl.fused_distillation_loss(
         student_hidden, student_kernel, teacher_hidden, teacher_kernel, divergence=divergence,
         beta=beta, temperature=temperature, student_bias=student_bias,

@@ -140,8 +140,8 @@ def _labels_loss(x, y, w, mask, ax, opts: Options, impl: str, interpret: bool):
     lab = rm.labels_info(y, x.shape[ax], opts.ignore_index, mask, w, acc)
     if impl == "pallas":
         losses = rm.row_losses(_pallas.dispatch_ce_rows(
-            _rows(x, ax), lab.y, lab.row_w, lab.counted, w, opts=opts, interpret=interpret),
-            lab)
+            _rows(x, ax), rm.kernel_labels(lab), lab.row_w, lab.counted, w, opts=opts,
+            interpret=interpret), lab)
     else:  # the residual is chosen for the lowering's platform
         losses = _platform.by_platform(functools.partial(_impl_rows.label_rows, opts=opts),
                                        _rows(x, ax), lab, w)

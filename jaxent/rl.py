@@ -11,6 +11,7 @@ constant (no gradient).
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import jax
@@ -35,7 +36,7 @@ _IMPLS = ("auto", "xla", "vocab")
 
 def _rows(x: jax.Array, axis: int) -> jax.Array:
     x = jnp.moveaxis(x, axis, -1)
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (-1 fails for 0 classes)
 
 
 def _reduce(losses: jax.Array, counted: jax.Array, reduction: str,
@@ -94,7 +95,7 @@ def _head(hidden, kernel, bias, layout, names=("hidden", "kernel", "bias"), axis
             raise ValueError(f"`{bn}` must have shape ({local},) (one per class, {what} "
                              f"`{kn}`), got shape {tuple(b.shape)}")
     dtype = jnp.result_type(h.dtype, k.dtype)
-    h = h.reshape(-1, d).astype(dtype)
+    h = h.reshape(math.prod(h.shape[:-1]), d).astype(dtype)  # (-1 fails for D = 0)
     v = local if axis_name is None else local * lax.axis_size(axis_name)
     return h, k.astype(dtype), None if b is None else b.astype(dtype), local, v
 
@@ -165,13 +166,13 @@ def token_log_probs(
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
     cap = _checks.options(reduction="none", logit_softcap=logit_softcap).logit_softcap
-    c = x.shape[ax]
+    c = _checks.num_classes(x, ax)
     batch_shape = x.shape[:ax] + x.shape[ax + 1:]
     y = _checks.int_labels(tokens, batch_shape, "tokens")
     mask = _checks.where_mask(where, batch_shape)
     acc = _rowmath.compute_dtype(x.dtype)
     temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
-    y = _checks.token_values(y, c, mask)
+    y = _rowmath.class_ids(_checks.token_values(y, c, mask), c)
     rows = _rows(x, ax)
     n = rows.shape[0]
     plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), c, c, max(c, 1),
@@ -256,6 +257,7 @@ def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
     temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
     if axis_name is None:  # (inside shard_map ids are not checked: out-of-range ones give nan)
         y = _checks.token_values(y, v, mask)
+    y = _rowmath.class_ids(y, v)
     n = h.shape[0]
     plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), v, local,
                          _block_size(block_size, n, local), kernel_layout, "logp",
@@ -402,9 +404,7 @@ def _distill_mask(labels, ig, where, batch_shape):
     if labels is None:
         return mask
     y = _checks.int_labels(labels, batch_shape)
-    if isinstance(ig, bool) or not isinstance(ig, int):
-        raise TypeError(f"`ignore_index` must be a Python int, got {ig!r}")
-    keep = y != ig
+    keep = ~_rowmath.equals(y, _checks.check_ignore_index(ig))  # (no narrow-dtype wrap)
     return keep if mask is None else keep & mask
 
 
@@ -458,7 +458,7 @@ def distillation_loss(
     xt = _checks.float_array(teacher_logits, "teacher_logits")
     _checks.expect_shape(xt, xs.shape, "teacher_logits", "the student_logits' shape")
     ax = _checks.normalize_axis(axis, xs.ndim)
-    v = xs.shape[ax]
+    v = _checks.num_classes(xs, ax, "student_logits")
     batch_shape = xs.shape[:ax] + xs.shape[ax + 1:]
     if labels is None and ignore_index is not None:
         raise ValueError("`ignore_index` masks tokens through `labels`; pass `labels` too")
@@ -550,6 +550,8 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
     """:func:`linear_distillation_loss`, vocabulary-parallel over ``axis_name`` when given."""
     kind, b = _divergence(divergence, beta)
     _reduction(reduction)
+    if labels is None and ignore_index != -100:
+        raise ValueError("`ignore_index` masks tokens through `labels`; pass `labels` too")
     hs, ks, bs, local, v = _head(student_hidden, student_kernel, student_bias, kernel_layout,
                                  ("student_hidden", "student_kernel", "student_bias"),
                                  axis_name)

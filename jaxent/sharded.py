@@ -149,6 +149,7 @@ def cross_entropy(
       >>> round(float(loss), 4)
       0.4364
     """
+    _checks.disjoint_axes(axis_name, token_axis_name)
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
     opts = _checks.options(
@@ -254,6 +255,7 @@ def linear_cross_entropy(
       >>> bool(jnp.allclose(loss, jaxent.cross_entropy(h @ w, y), rtol=1e-5))
       True
     """
+    _checks.disjoint_axes(axis_name, token_axis_name)
     k = _checks.float_array(kernel, "kernel")
     if k.ndim != 2:
         raise ValueError(
@@ -351,6 +353,7 @@ def shard_cross_entropy(
       >>> round(float(loss), 4)
       0.4364
     """
+    _checks.disjoint_axes(vocab_axis, token_axis, "vocab_axis", "token_axis")
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
     _checks.options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
@@ -460,6 +463,7 @@ def shard_linear_cross_entropy(
       >>> bool(jnp.allclose(loss, jaxent.linear_cross_entropy(h, w, y), rtol=1e-5))
       True
     """
+    _checks.disjoint_axes(vocab_axis, token_axis, "vocab_axis", "token_axis")
     k = _checks.float_array(kernel, "kernel")
     columns = k.shape[1 if kernel_layout == "dv" else 0] if k.ndim == 2 else 0
     k_vocab = _axis_size(mesh, vocab_axis)

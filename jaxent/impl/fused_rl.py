@@ -192,8 +192,8 @@ def _stream(m, s, x, temp, opts: Options) -> _Stream:
 
 
 def _wsum(e, zs):
-    """``sum_c e_c zs_c`` with ``0 * (-inf) = 0``."""
-    return jnp.sum(jnp.where(e > 0, e * zs, 0.0), axis=1)
+    """``sum_c e_c zs_c`` with ``0 * (-inf) = 0`` (a ``nan`` ``e`` stays ``nan``)."""
+    return jnp.sum(jnp.where(e == 0, 0.0, e * zs), axis=1)
 
 
 def _fold(old, a: _Stream, s_old, back_b, block):
@@ -203,7 +203,7 @@ def _fold(old, a: _Stream, s_old, back_b, block):
 
 def _merge_stream(m, s, plan: Plan, temp):
     """``(m, s, alpha, back)`` of a stream merged over the vocabulary shards."""
-    mg = lax.pmax(m, plan.axis_name)
+    mg = _rowmath.shared_max(m, plan.axis_name)
     ns = _rowmath.safe(mg)
     alpha = jnp.exp(_rowtemp.shift(m, ns, plan.opts, temp))
     back = _rowtemp.shift(_rowmath.safe(m), ns, plan.opts, temp)
@@ -253,7 +253,8 @@ def _logp_bwd(plan: Plan, res, cts):
     ops, y, counted, temp, m, log_s, ent = res
     g_lp, g_h = cts
     opts, tcol, off = plan.opts, _tcol(temp), _offset(plan)
-    g_lp = jnp.where(counted, g_lp, 0.0)
+    valid = (y >= 0) & (y < plan.num_classes)  # a counted bad id: nan gradients, as its value
+    g_lp = jnp.where(counted, jnp.where(valid, g_lp, jnp.nan), 0.0)
     g_h = jnp.where(counted, g_h, 0.0)
 
     def dz_fn(start, size, x):
@@ -262,7 +263,7 @@ def _logp_bwd(plan: Plan, res, cts):
         hit = _rowmath.onehot(y - off - start, x.shape)
         dz = jnp.where(hit, g_lp[:, None], 0.0) - g_lp[:, None] * p
         if plan.entropy:
-            dz = dz - g_h[:, None] * jnp.where(p > 0, p * (lp + ent[:, None]), 0.0)
+            dz = dz - g_h[:, None] * _xlogy_diff(p, lp, -ent[:, None])
         dz = jnp.where(counted[:, None], dz, 0.0)
         return _rowtemp.transform_vjp(dz, x, opts, tcol), None
 
@@ -404,8 +405,8 @@ def _log_mix(plan: Plan, lp, lq):
 
 
 def _xlogy_diff(p, lp, lo):
-    """``p (lp - lo)`` with ``0 log 0 = 0``."""
-    return jnp.where(p > 0, p * (lp - lo), 0.0)
+    """``p (lp - lo)`` with ``0 log 0 = 0`` (a ``nan`` ``p`` stays ``nan``)."""
+    return jnp.where(p == 0, 0.0, p * (lp - lo))
 
 
 def _distill_fwd(plan: Plan, sops, tops, counted, temp):
@@ -450,10 +451,10 @@ def _distill_bwd(plan: Plan, res, g):
         if plan.kind == "kl":
             dz = p - jnp.exp(lq)
         elif plan.kind == "reverse_kl":
-            dz = jnp.where(p > 0, p * (lp - lq - extra[:, None]), 0.0)
+            dz = _xlogy_diff(p, lp, lq + extra[:, None])
         else:
             lm = _log_mix(plan, lp, lq)
-            dz = (1.0 - beta) * jnp.where(p > 0, p * (lp - lm - extra[:, None]), 0.0)
+            dz = (1.0 - beta) * _xlogy_diff(p, lp, lm + extra[:, None])
         dz = jnp.where(counted[:, None], g[:, None] * dz, 0.0)
         return _rowtemp.transform_vjp(dz, xs, plan.opts, tcol), None
 

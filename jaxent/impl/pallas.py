@@ -46,12 +46,16 @@ def config_for(n: int, d: int, v: int, dtype, platform: str, impl: str = "pallas
     """
     heuristic = default_config(n, d, v, dtype, platform, impl)
     choice = _autotune.lookup(_autotune.autotune_key(impl, dtype, n=n, d=d, v=v))
-    if isinstance(choice, dict) and choice.get("type") == type(heuristic).__qualname__:
-        try:
-            return type(heuristic)(**choice["fields"])
-        except (TypeError, ValueError):
-            return heuristic
-    return heuristic
+    if choice is None:
+        return heuristic
+    config = _autotune.decode(choice, type(heuristic), _CONFIG_BOUNDS)
+    return heuristic if config is None else config
+
+
+# The range a cached block ``Config`` field may take (inclusive); the Configs check the rest.
+_CONFIG_BOUNDS = {"block_n": (1, 1 << 16), "block_v": (1, 1 << 16), "block_k": (1, 1 << 12),
+                  "block_d": (1, 1 << 12), "num_warps": (1, 32), "num_stages": (1, 8),
+                  "d_split": (1, 64), "v_split": (1, 64), "vmem_limit_bytes": (1, 1 << 31)}
 
 
 def _per_platform(run: Callable, operands, interpret: bool):

@@ -256,6 +256,28 @@ class Spec:
     aux: bool = False
 
 
+_SECOND_ORDER = (
+    "second-order derivatives (differentiating a gradient) of the Pallas kernels "
+    "(impl='pallas') are not supported: pallas_call has no differentiation rule for them. "
+    "Use impl='xla' (or 'vocab' / 'token') where a gradient is differentiated again")
+
+
+def _first_order(launch: Callable, spec, *args):
+    """``launch(spec, *args)``, with a clear ``NotImplementedError`` when differentiated (only
+    a gradient of the loss's gradient differentiates the kernels themselves)."""
+
+    @jax.custom_jvp
+    def call(*args):
+        return launch(spec, *args)
+
+    @call.defjvp
+    def _no_jvp(primals, tangents):
+        del primals, tangents
+        raise NotImplementedError(_SECOND_ORDER)
+
+    return call(*args)
+
+
 def _finish(spec: Spec, st: _rowmath.Stats, labels, row_w, counted, weight):
     """Per-row loss, lse and the backward's residuals from the kernels' statistics."""
     rs = _rowmath.finish(st, spec.opts)
@@ -295,7 +317,7 @@ def _linear_padded(spec: Spec, h, kernel, bias, labels, weight):
 def _linear_fwd(spec: Spec, h, kernel, bias, labels, row_w, counted, weight):
     n = h.shape[0]
     hp, kp, bp, yp, wp, _ = _linear_padded(spec, h, kernel, bias, labels, weight)
-    st = spec.launch.fwd(spec, hp, kp, bp, yp, wp)
+    st = _first_order(spec.launch.fwd, spec, hp, kp, bp, yp, wp)
     st = jax.tree.map(lambda a: a[:n], st)
     loss, rs = _finish(spec, st, labels, row_w, counted, weight)
     out = (loss, rs.lse, rs.arg)
@@ -307,8 +329,8 @@ def _linear_bwd(spec: Spec, res, cts):
     n, d = h.shape
     hp, kp, bp, yp, wp, (np_, _, _) = _linear_padded(spec, h, kernel, bias, labels, weight)
     rows = _coef_rows(spec, cts[0], rs, labels, row_w, counted, weight, np_)
-    dh = spec.launch.dhidden(spec, hp, kp, bp, rows, wp)[:n, :d]
-    dk, db = spec.launch.dkernel(spec, hp, kp, bp, rows, wp)
+    dh = _first_order(spec.launch.dhidden, spec, hp, kp, bp, rows, wp)[:n, :d]
+    dk, db = _first_order(spec.launch.dkernel, spec, hp, kp, bp, rows, wp)
     dk = dk[: kernel.shape[0], : kernel.shape[1]]
     db = None if db is None else db[: bias.shape[0]]
     return (dh.astype(h.dtype), dk.astype(kernel.dtype),
@@ -344,7 +366,7 @@ def _ce_padded(spec: Spec, x, labels, weight):
 def _ce_fwd(spec: Spec, x, labels, row_w, counted, weight):
     n = x.shape[0]
     xp, yp, wp, _ = _ce_padded(spec, x, labels, weight)
-    st = jax.tree.map(lambda a: a[:n], spec.launch.ce_fwd(spec, xp, yp, wp))
+    st = jax.tree.map(lambda a: a[:n], _first_order(spec.launch.ce_fwd, spec, xp, yp, wp))
     loss, rs = _finish(spec, st, labels, row_w, counted, weight)
     return loss, (x, labels, row_w, counted, weight, rs)
 
@@ -354,7 +376,7 @@ def _ce_bwd(spec: Spec, res, g):
     n, c = x.shape
     xp, _, wp, np_ = _ce_padded(spec, x, labels, weight)
     rows = _coef_rows(spec, g, rs, labels, row_w, counted, weight, np_)
-    dx = spec.launch.ce_bwd(spec, xp, rows, wp)
+    dx = _first_order(spec.launch.ce_bwd, spec, xp, rows, wp)
     return (dx.astype(x.dtype), None, jnp.zeros_like(row_w), None,
             None if weight is None else jnp.zeros_like(weight))
 

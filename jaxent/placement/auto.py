@@ -236,9 +236,25 @@ def _custom_partitioned(name: str, fun, per_shard, out_kinds):
                 0 if batched else None for batched in in_batched))(*args)
             return out, jax.tree.map(lambda _: True, out)
 
-        return run(*args)
+        @jax.custom_jvp
+        def first_order_only(*args):
+            return run(*args)
+
+        @first_order_only.defjvp
+        def _no_jvp(primals, tangents):
+            del primals, tangents
+            raise NotImplementedError(_SECOND_ORDER)
+
+        return first_order_only(*args)
 
     return call
+
+
+_SECOND_ORDER = (
+    "second-order derivatives (differentiating a gradient) of the fused losses on a mesh "
+    "with AxisType.Auto axes are not supported: jax.experimental.custom_partitioning has no "
+    "differentiation rule. Use a mesh with AxisType.Explicit axes, or jax.shard_map with "
+    "jaxent.sharded.linear_cross_entropy (or shard_linear_cross_entropy): both support it")
 
 
 _rows_forward_op = _custom_partitioned(

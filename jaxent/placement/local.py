@@ -57,7 +57,7 @@ def _pallas_rows(plan, h, kernel, bias, lab: rm.Labels, weight):
     """The Pallas kernels' per-token losses, ``(lse, argmax)`` (their platform chosen when
     lowering: Triton on NVIDIA GPUs, Mosaic on TPUs)."""
     losses, lse, arg = _pallas.dispatch_linear_ce_rows(
-        h, kernel, bias, lab.y, lab.row_w, lab.counted, weight, opts=plan.opts,
+        h, kernel, bias, rm.kernel_labels(lab), lab.row_w, lab.counted, weight, opts=plan.opts,
         num_classes=plan.num_classes, layout=plan.layout, interpret=plan.interpret,
         aux=plan.aux)
     return rm.row_losses(losses, lab), (lse, arg)

@@ -8,8 +8,9 @@
    PyTorch (the same number), and the time of ``value_and_grad`` of the mean loss over a
    language-model head's logits (``--rows`` x ``--vocab``, float32), relative to optax.
 
-About 25 s on 2 quiet CPU cores, start-up included (20 s of CPU time). The full benchmark (more shapes, bf16, the
-fused linear head, memory, the GPU suite) is ``python3 -m jaxent.bench``.
+About 25 s on 2 quiet CPU cores, start-up included (20 s of CPU time). The full
+benchmark (more shapes, bf16, the fused linear head, memory, the GPU suite) is
+``python3 -m jaxent.bench``.
 """
 
 from __future__ import annotations

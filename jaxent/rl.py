@@ -106,6 +106,13 @@ _soft_rows = jax.jit(fused_rl.soft_rows, static_argnums=0)
 _distill_rows = jax.jit(fused_rl.distill_rows, static_argnums=0)
 
 
+def _row_temperature(temperature, batch_shape, acc):
+    """``(static T, flat [N] per-row temperatures or None)`` (see
+    :func:`jaxent._checks.temperature_array`)."""
+    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    return temp_s, None if temp is None else temp.reshape(-1)
+
+
 def _counted(mask, n):
     return jnp.ones((n,), bool) if mask is None else mask.reshape(-1)
 
@@ -170,7 +177,7 @@ def token_log_probs(
     y = _checks.int_labels(tokens, batch_shape, "tokens")
     mask = _checks.where_mask(where, batch_shape)
     acc = _rowmath.compute_dtype(x.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    temp_s, temp = _row_temperature(temperature, batch_shape, acc)
     y = _checks.token_values(y, c, mask)
     rows = _rows(x, ax)
     n = rows.shape[0]
@@ -253,7 +260,7 @@ def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
     y = _checks.int_labels(tokens, batch_shape, "tokens")
     mask = _checks.where_mask(where, batch_shape)
     acc = _rowmath.compute_dtype(h.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    temp_s, temp = _row_temperature(temperature, batch_shape, acc)
     if axis_name is None:  # (inside shard_map ids are not checked: out-of-range ones give nan)
         y = _checks.token_values(y, v, mask)
     n = h.shape[0]
@@ -353,7 +360,7 @@ def fused_soft_cross_entropy(hidden, kernel, targets, *, bias, kernel_layout, we
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, local)
     acc = _rowmath.compute_dtype(h.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    temp_s, temp = _row_temperature(temperature, batch_shape, acc)
     n = h.shape[0]
     plan = fused_rl.Plan(
         Options(opts.label_smoothing, opts.z_loss, temp_s, opts.logit_softcap), v, local,
@@ -465,7 +472,7 @@ def distillation_loss(
     mask = _distill_mask(labels, -100 if ignore_index is None else ignore_index, where,
                          batch_shape)
     acc = _rowmath.compute_dtype(xs.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    temp_s, temp = _row_temperature(temperature, batch_shape, acc)
     rs, rt = _rows(xs, ax), jax.lax.stop_gradient(_rows(xt, ax))
     n = rs.shape[0]
     plan = fused_rl.Plan(Options(temperature=temp_s), v, v, max(v, 1), kind=kind, beta=b)
@@ -568,7 +575,7 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
                          f"{tuple(batch_shape)}, got shape {tuple(jnp.shape(teacher_hidden))}")
     mask = _distill_mask(labels, ignore_index, where, batch_shape)
     acc = _rowmath.compute_dtype(hs.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    temp_s, temp = _row_temperature(temperature, batch_shape, acc)
     n = hs.shape[0]
     plan = fused_rl.Plan(Options(temperature=temp_s), v, local,
                          _block_size(block_size, n, local, 2), kernel_layout, kind, beta=b,

@@ -28,6 +28,8 @@ class Request:
       static_tokens: the number of tokens is a concrete int (not symbolic, as in export).
       padded: the kernel holds padding columns beyond the vocabulary (``vocab_size``).
       num_classes: the vocabulary ``V`` (``"auto"`` may prefer a walk by it).
+      row_temperature: the temperature is one value per row (an array), not static.
+      auto_mesh: the call is split by the partitioner on a mesh with Auto axes.
     """
 
     kind: str
@@ -37,6 +39,8 @@ class Request:
     static_tokens: bool = True
     padded: bool = False
     num_classes: int = 0
+    row_temperature: bool = False
+    auto_mesh: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,11 @@ def _pallas_refuses(req: Request) -> str | None:
         return "its kernels pad the tokens to whole blocks of a static size"
     if req.padded:
         return "its kernels do not mask padding columns of the kernel"
+    if req.row_temperature:
+        return "its kernels take one static temperature, not one per row"
+    if req.auto_mesh:
+        return ("its kernels are not split by the partitioner on a mesh with Auto axes "
+                "(use an Explicit mesh, or jax.shard_map with jaxent.sharded)")
     return None
 
 

@@ -6,7 +6,7 @@ few) and the fused head (``ops = (h, kernel, bias)``: each block's raw logits ar
 statistics; each ``jax.custom_vjp`` keeps ``O(N)`` of them and the backward recomputes the
 blocks (for the head: ``d h += dx @ W_b^T``, ``d W_b = h^T dx``, ``d b_b = sum dx``).
 
-Per row, with shifted logits ``zs = shift(x, m)`` (:mod:`jaxent._rowtemp`, the max kept in
+Per row, with shifted logits ``zs = shift(x, m)`` (:mod:`jaxent._rowmath`, the max kept in
 the raw domain) and ``s = sum exp(zs)``, ``p = exp(zs - log s)``:
 
 * **log-probs and entropy** -- statistics ``m, s``, ``u = sum e zs`` and the token's raw
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxent import _platform, _rowmath, _rowtemp
+from jaxent import _platform, _rowmath
 from jaxent._options import Options
 from jaxent._platform import Quirks, carry_value, carry_zeros, dupdate
 from jaxent.impl._blocks import (
@@ -184,10 +184,10 @@ def _stream(m, s, x, temp, opts: Options) -> _Stream:
     """Fold a block of raw logits into a stream's ``(m, s)`` and keep what the sums need."""
     m_new = jnp.maximum(m, jnp.max(x, axis=1))
     ns = _rowmath.safe(m_new)[:, None]
-    zs = _rowtemp.shift(x, ns, opts, temp)
+    zs = _rowmath.shift(x, ns, _rowmath.row_options(opts, temp))
     e = jnp.exp(zs)
-    alpha = jnp.exp(_rowtemp.shift(m[:, None], ns, opts, temp))[:, 0]
-    back = _rowtemp.shift(_rowmath.safe(m)[:, None], ns, opts, temp)[:, 0]
+    alpha = jnp.exp(_rowmath.shift(m[:, None], ns, _rowmath.row_options(opts, temp)))[:, 0]
+    back = _rowmath.shift(_rowmath.safe(m)[:, None], ns, _rowmath.row_options(opts, temp))[:, 0]
     return _Stream(m_new, s * alpha + e.sum(1), alpha, back, zs, e)
 
 
@@ -205,8 +205,8 @@ def _merge_stream(m, s, plan: Plan, temp):
     """``(m, s, alpha, back)`` of a stream merged over the vocabulary shards."""
     mg = lax.pmax(m, plan.axis_name)
     ns = _rowmath.safe(mg)
-    alpha = jnp.exp(_rowtemp.shift(m, ns, plan.opts, temp))
-    back = _rowtemp.shift(_rowmath.safe(m), ns, plan.opts, temp)
+    alpha = jnp.exp(_rowmath.shift(m, ns, _rowmath.row_options(plan.opts, temp)))
+    back = _rowmath.shift(_rowmath.safe(m), ns, _rowmath.row_options(plan.opts, temp))
     return mg, lax.psum(s * alpha, plan.axis_name), alpha, back
 
 
@@ -236,7 +236,7 @@ def _logp_stats(plan: Plan, ops, y, temp):
         zy, s = lax.psum(zy, plan.axis_name), s_all
     m = _rowmath.safe(m)
     log_s = jnp.log(s)
-    logp = _rowtemp.shift(zy, m, opts, temp) - log_s
+    logp = _rowmath.shift(zy, m, _rowmath.row_options(opts, temp)) - log_s
     ent = log_s - u / s if plan.entropy else jnp.zeros_like(log_s)
     return m, log_s, logp, ent
 
@@ -257,14 +257,14 @@ def _logp_bwd(plan: Plan, res, cts):
     g_h = jnp.where(counted, g_h, 0.0)
 
     def dz_fn(start, size, x):
-        lp = _rowtemp.shift(x, m[:, None], opts, tcol) - log_s[:, None]
+        lp = _rowmath.shift(x, m[:, None], _rowmath.row_options(opts, tcol)) - log_s[:, None]
         p = jnp.exp(lp)
         hit = _rowmath.onehot(y - off - start, x.shape)
         dz = jnp.where(hit, g_lp[:, None], 0.0) - g_lp[:, None] * p
         if plan.entropy:
             dz = dz - g_h[:, None] * jnp.where(p > 0, p * (lp + ent[:, None]), 0.0)
         dz = jnp.where(counted[:, None], dz, 0.0)
-        return _rowtemp.transform_vjp(dz, x, opts, tcol), None
+        return _rowmath.transform_vjp(dz, x, _rowmath.row_options(opts, tcol)), None
 
     g, _ = _grads(plan, ops, dz_fn, (ops, y, counted, temp, m, log_s, ent, g_lp, g_h))
     return g, None, None, None
@@ -311,7 +311,7 @@ def _soft_fwd(plan: Plan, ops, targets, weight, counted, temp):
         wt, s = lax.psum(wt, plan.axis_name), s_all
     m = _rowmath.safe(m)
     log_s = jnp.log(s)
-    lse = _rowtemp.transform(m, opts, temp) + log_s
+    lse = _rowmath.transform(m, _rowmath.row_options(opts, temp)) + log_s
     loss = wt * log_s - wtz
     if opts.z_loss > 0.0:
         loss = loss + opts.z_loss * jnp.square(lse)
@@ -326,7 +326,7 @@ def _soft_bwd(plan: Plan, res, g):
     coef = wt + 2.0 * opts.z_loss * lse
 
     def dz_fn(start, size, x):
-        zs = _rowtemp.shift(x, m[:, None], opts, tcol)
+        zs = _rowmath.shift(x, m[:, None], _rowmath.row_options(opts, tcol))
         p = jnp.exp(zs - log_s[:, None])
         wb = _cols(weight, start, size)
         w = _smoothed(plan, _cols(targets, start, size), wb, acc)
@@ -335,7 +335,7 @@ def _soft_bwd(plan: Plan, res, g):
         if wb is not None:
             dt = dt * wb.astype(acc)[None, :]
         dt = jnp.where(counted[:, None], dt, 0.0)
-        return _rowtemp.transform_vjp(dz, x, opts, tcol), dt
+        return _rowmath.transform_vjp(dz, x, _rowmath.row_options(opts, tcol)), dt
 
     refs = (ops, targets, weight, counted, temp, m, log_s, lse, wt, g)
     gops, dt = _grads(plan, ops, dz_fn, refs, dt_like=targets)
@@ -393,8 +393,8 @@ def _two_stats(plan: Plan, sops, tops, temp):
 
 def _log_pq(plan: Plan, xs, xt, ms, ls, mt, lt, tcol):
     """Student and teacher log-probabilities of a block (final statistics)."""
-    lp = _rowtemp.shift(xs, ms[:, None], plan.opts, tcol) - ls[:, None]
-    lq = _rowtemp.shift(xt, mt[:, None], plan.opts, tcol) - lt[:, None]
+    lp = _rowmath.shift(xs, ms[:, None], _rowmath.row_options(plan.opts, tcol)) - ls[:, None]
+    lq = _rowmath.shift(xt, mt[:, None], _rowmath.row_options(plan.opts, tcol)) - lt[:, None]
     return lp, lq
 
 
@@ -455,7 +455,7 @@ def _distill_bwd(plan: Plan, res, g):
             lm = _log_mix(plan, lp, lq)
             dz = (1.0 - beta) * jnp.where(p > 0, p * (lp - lm - extra[:, None]), 0.0)
         dz = jnp.where(counted[:, None], g[:, None] * dz, 0.0)
-        return _rowtemp.transform_vjp(dz, xs, plan.opts, tcol), None
+        return _rowmath.transform_vjp(dz, xs, _rowmath.row_options(plan.opts, tcol)), None
 
     refs = (sops, tops, counted, temp, ms, ls, mt, lt, extra, g)
     gs, _ = _grads(plan, sops, dz_fn, refs)

@@ -91,15 +91,19 @@ def walk(plan: Plan, step, carry):
     return carry
 
 
-def forward_stats(plan: Plan, q: Quirks, h, kernel, bias, y_local, w_local) -> rm.Stats:
-    """Online statistics of this device's classes, walked in blocks of ``block_v``."""
+def forward_stats(plan: Plan, q: Quirks, h, kernel, bias, y_local, w_local,
+                  temp=None) -> rm.Stats:
+    """Online statistics of this device's classes, walked in blocks of ``block_v``
+    (``temp [N]``: per-row temperatures, or None)."""
+    opts = rm.row_options(plan.opts, temp)
+
     def step(start, size, masked, st):
         _, x, wb, valid = block(plan, q, h, kernel, bias, w_local, start, size, masked)
-        return rm.update_stats(st, x, y_local - start, wb, start, plan.opts, valid=valid)
+        return rm.update_stats(st, x, y_local - start, wb, start, opts, valid=valid)
 
     acc = rm.compute_dtype(h.dtype)
     st = rm.init_stats(h.shape[0], acc, plan.opts.smoothing, plan.aux)
-    st = B.varying_like(st, h, kernel, bias, y_local, w_local)
+    st = B.varying_like(st, h, kernel, bias, y_local, w_local, temp)
     return walk(plan, step, st)
 
 
@@ -110,7 +114,7 @@ def _stage_width(n: int, d: int, bv: int) -> int:
 
 
 def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, m, log_s,
-             coefs):
+             coefs, temp=None):
     """Recompute each block; return ``(dh float32, dkernel, dbias)``.
 
     With ``q.bf16_bits`` a bf16 ``d kernel`` is written in stages: blocks go, as uint16
@@ -118,10 +122,10 @@ def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, 
     into the bf16 gradient with one pass. Stages are whole blocks; the last one is shifted
     left to end at ``V``, and the columns it repeats count once in ``d hidden``.
     """
-    opts, v, bv = plan.opts, plan.local_classes, plan.block_v
+    opts, v, bv = rm.row_options(plan.opts, temp), plan.local_classes, plan.block_v
     acc = rm.compute_dtype(h.dtype)
     axis = B.vocab_axis(plan.layout)
-    refs = (h, kernel, bias, y_local, counted, w_local, m, log_s, coefs)
+    refs = (h, kernel, bias, y_local, counted, w_local, m, log_s, coefs, temp)
     slice_elems = _platform.heuristics().block_elems // 2
 
     def step(start, size, masked, carry, done=0, at=None):
@@ -173,10 +177,12 @@ def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, 
 def _stats(plan: Plan, q: Quirks, h, kernel, bias, lab: rm.Labels, weight):
     """``(losses, m, log_s, lse, argmax)`` over the whole vocabulary."""
     off = shard_offset(plan)
-    st = forward_stats(plan, q, h, kernel, bias, lab.y - off, local_weight(weight, plan))
+    st = forward_stats(plan, q, h, kernel, bias, lab.y - off, local_weight(weight, plan),
+                       lab.temp)
+    opts = lab.options(plan.opts)
     if plan.vocab_axis is not None:
-        st = rm.merge_stats(st, plan.vocab_axis, off, plan.opts)
-    rs = rm.finish(st, plan.opts)
+        st = rm.merge_stats(st, plan.vocab_axis, off, opts)
+    rs = rm.finish(st, opts)
     losses = rm.stats_losses(rs, lab, weight, plan.opts, plan.num_classes)
     return losses, rs.m, rs.log_s, rs.lse, rs.arg
 
@@ -190,7 +196,7 @@ def _rows_fwd(plan: Plan, h, kernel, bias, lab, weight):
 def _grads(plan: Plan, q: Quirks, h, kernel, bias, lab, weight, m, log_s, lse, g):
     coefs = rm.stats_coefs(g, lse, lab, weight, plan.opts, plan.num_classes)
     return backward(plan, q, h, kernel, bias, lab.y - shard_offset(plan), lab.counted,
-                    local_weight(weight, plan), m, log_s, coefs)
+                    local_weight(weight, plan), m, log_s, coefs, lab.temp)
 
 
 def _rows_bwd(plan: Plan, res, cts):

@@ -66,6 +66,7 @@ class AutoPlan:
     plan: Plan  # the single-device plan (global vocabulary and token count)
     has_bias: bool
     has_weight: bool
+    has_temp: bool = False
 
 
 def _device_plan(ap: AutoPlan, vocab: tuple, h, k) -> Plan:
@@ -83,35 +84,35 @@ def _psum_over(x, axes: tuple):
     return x if x is None or not axes else lax.psum(x, entry_of(axes))
 
 
-def _labels(y, valid, counted, row_w) -> rm.Labels:
-    return rm.Labels(y, valid, counted, row_w)
+def _labels(y, valid, counted, row_w, temp) -> rm.Labels:
+    return rm.Labels(y, valid, counted, row_w, temp)
 
 
 # The three custom calls: the single-device function (what runs unpartitioned) and its
 # per-device version for token axes ``tok`` and vocabulary axes ``vocab``.
 
 
-def _rows_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, w):
+def _rows_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, temp, w):
     (loss, (lse, arg)), res = _vocab._rows_fwd(ap.plan, h, k, b, _labels(y, valid, counted,
-                                                                          row_w), w)
+                                                                          row_w, temp), w)
     return loss, lse, arg, res[5], res[6]
 
 
-def _rows_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, w):
+def _rows_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp, w):
     plan = _device_plan(ap, vocab, h, k)
     (loss, (lse, arg)), res = _vocab._rows_fwd(plan, h, k, b, _labels(y, valid, counted,
-                                                                      row_w), w)
+                                                                      row_w, temp), w)
     return loss, lse, arg, res[5], res[6]
 
 
-def _rows_backward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, w, m, log_s, lse, g):
-    res = (h, k, b, _labels(y, valid, counted, row_w), w, m, log_s, lse)
+def _rows_backward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, temp, w, m, log_s, lse, g):
+    res = (h, k, b, _labels(y, valid, counted, row_w, temp), w, m, log_s, lse)
     return _vocab._rows_bwd(ap.plan, res, (g,))[:3]
 
 
-def _rows_backward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, w, m, log_s,
+def _rows_backward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp, w, m, log_s,
                          lse, g):
-    res = (h, k, b, _labels(y, valid, counted, row_w), w, m, log_s, lse)
+    res = (h, k, b, _labels(y, valid, counted, row_w, temp), w, m, log_s, lse)
     dh, dk, db = _vocab._rows_bwd(_device_plan(ap, vocab, h, k), res, (g,))[:3]
     return dh, _psum_over(dk, tok), _psum_over(db, tok)
 
@@ -120,14 +121,14 @@ def _token_walk(plan: Plan, h, k, b, lab, w):
     return _platform.per_platform(functools.partial(_token.walk, plan), h, k, b, lab, w)
 
 
-def _token_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, w):
+def _token_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, temp, w):
     total, (lse, arg), (dh, dk, db) = _token_walk(
-        ap.plan, h, k, b, _labels(y, valid, counted, row_w), w)
+        ap.plan, h, k, b, _labels(y, valid, counted, row_w, temp), w)
     return total, lse, arg, dh, dk, db
 
 
-def _token_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, w):
-    lab = _labels(y, valid, counted, row_w)
+def _token_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp, w):
+    lab = _labels(y, valid, counted, row_w, temp)
     plan = _device_plan(ap, vocab, h, k)
     if vocab:  # whole rows exist on no device: the vocabulary walk, forward and backward
         (loss, (lse, arg)), res = _vocab._rows_fwd(plan, h, k, b, lab, w)
@@ -158,7 +159,8 @@ def _auto_split(ap: AutoPlan, h_sharding, k_sharding, n: int, v: int) -> tuple[t
 
 def _rule_operands(ap: AutoPlan, extra: int) -> str:
     kernel = "d v" if ap.spec.layout == "dv" else "v d"
-    ops = ["n d", kernel] + ["v"] * ap.has_bias + ["n"] * 4 + ["c"] * ap.has_weight
+    ops = (["n d", kernel] + ["v"] * ap.has_bias + ["n"] * (4 + ap.has_temp)
+           + ["c"] * ap.has_weight)
     return ", ".join(ops + ["n"] * extra)
 
 
@@ -206,7 +208,8 @@ def _custom_partitioned(name: str, fun, per_shard, out_kinds):
 
     def partition(ap, mesh, arg_shapes, result_shape):
         mesh, tok, vocab, specs = _auto_specs(ap, arg_shapes)
-        in_kinds = ("hidden", "kernel", "bias", "row", "row", "row", "row", "replicated")
+        in_kinds = ("hidden", "kernel", "bias", "row", "row", "row", "row", "row",
+                    "replicated")
         in_kinds += ("row",) * (len(arg_shapes) - len(in_kinds))
         in_shardings = tuple(None if a is None else NamedSharding(mesh, specs[kind])
                              for a, kind in zip(arg_shapes, in_kinds, strict=True))
@@ -251,7 +254,7 @@ _token_forward_op = _custom_partitioned(
 
 
 def _auto_plan(plan: Plan, spec: FusedSpec, bias, weight) -> AutoPlan:
-    return AutoPlan(spec, plan, bias is not None, weight is not None)
+    return AutoPlan(spec, plan, bias is not None, weight is not None, spec.row_temperature)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

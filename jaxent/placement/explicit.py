@@ -97,7 +97,7 @@ def place(mesh: Mesh, specs, args):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask):
+def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask, temp=None):
     """``jax.shard_map`` of the per-device fused program: the vocabulary over ``vocab``
     (None: not split), the token axes of ``hidden``/``labels`` as the spec entries
     ``batch`` say."""
@@ -106,16 +106,18 @@ def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask)
     y_spec, h_spec = P(*batch), P(*batch, None)
     k_spec = P(None, vocab) if spec.layout == "dv" else P(vocab, None)
     specs = (h_spec, k_spec, y_spec, None if b is None else P(vocab),
-             None if w is None else P(), None if mask is None else y_spec)
+             None if w is None else P(), None if mask is None else y_spec,
+             None if temp is None else y_spec)
     out_spec: object = y_spec if spec.opts.reduction == "none" else P()
     if spec.aux:
         out_spec = (out_spec, {"lse": y_spec, "z_loss": y_spec, "argmax": y_spec,
                                "accuracy": P()})
 
-    def body(h, k, y, b, w, mask):
-        return fused_call(spec, h, k, b, y, w, mask, vocab_axis=vocab, token_axis=tok)
+    def body(h, k, y, b, w, mask, temp):
+        return fused_call(spec, h, k, b, y, w, mask, temp=temp, vocab_axis=vocab,
+                          token_axis=tok)
 
-    args = place(mesh, specs, (h, k, y, b, w, mask))
+    args = place(mesh, specs, (h, k, y, b, w, mask, temp))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
 
 
@@ -133,6 +135,7 @@ def _pad_vocab(k, b, layout: str, mesh, vocab):
     return jnp.pad(k, pads), None if b is None else jnp.pad(b, (0, extra))
 
 
-def run(spec: FusedSpec, layout: ExplicitLayout, h, k, b, y, w, mask):
+def run(spec: FusedSpec, layout: ExplicitLayout, h, k, b, y, w, mask, temp=None):
     """The fused loss split as ``layout`` says."""
-    return shard_fused(spec, layout.mesh, layout.vocab, layout.batch, h, k, y, b, w, mask)
+    return shard_fused(spec, layout.mesh, layout.vocab, layout.batch, h, k, y, b, w, mask,
+                       temp)

@@ -38,6 +38,7 @@ class FusedSpec:
       impl: the implementation asked for.
       aux: ``return_aux``.
       interpret: run Pallas kernels in interpret mode (``impl="pallas"`` on the CPU).
+      row_temperature: the temperature comes as one value per token (``temp``).
     """
 
     opts: Options
@@ -48,6 +49,7 @@ class FusedSpec:
     impl: str
     aux: bool
     interpret: bool = False
+    row_temperature: bool = False
 
 
 def _pallas_rows(plan, h, kernel, bias, lab: rm.Labels, weight):
@@ -95,32 +97,38 @@ def aux_dict(lse, arg, lab: rm.Labels, z_loss: float, batch_shape,
     }
 
 
-def choose_walk(spec: FusedSpec, h, *, vocab_parallel: bool, padded: bool = False) -> str:
+def choose_walk(spec: FusedSpec, h, *, vocab_parallel: bool, padded: bool = False,
+                auto_mesh: bool = False) -> str:
     """The walk :func:`jaxent.impl.select` picks for this device's part of the call."""
     req = Request("linear", h.dtype, spec.opts.reduction, vocab_parallel,
-                  isinstance(h.shape[0], int), padded, spec.num_classes)
+                  isinstance(h.shape[0], int), padded, spec.num_classes,
+                  spec.row_temperature, auto_mesh)
     return select(spec.impl, req)
 
 
 def fused_call(spec: FusedSpec, hidden, kernel, bias, labels, weight, where, *,
-               vocab_axis: Hashable | None = None, token_axis: Hashable | None = None,
-               walks: dict | None = None):
+               temp=None, vocab_axis: Hashable | None = None,
+               token_axis: Hashable | None = None, walks: dict | None = None,
+               auto_mesh: bool = False):
     """:func:`fused_loss` of validated arrays as the user passed them: ``hidden [..., D]``,
-    ``labels [...]``, ``where [...]`` or None, the full ``weight [V]`` or None."""
+    ``labels [...]``, ``where [...]`` or None, ``temp [...]`` (per-row temperatures) or
+    None, the full ``weight [V]`` or None."""
     batch_shape = hidden.shape[:-1]
     n, d = math.prod(batch_shape), hidden.shape[-1]
     dtype = jnp.result_type(hidden.dtype, kernel.dtype)
     acc = rm.compute_dtype(dtype)
     w = None if weight is None else weight.astype(acc)
-    lab = rm.labels_info(labels, spec.num_classes, spec.opts.ignore_index, where, w, acc)
+    lab = rm.labels_info(labels, spec.num_classes, spec.opts.ignore_index, where, w, acc,
+                         temp)
     return fused_loss(spec, hidden.reshape(n, d).astype(dtype), kernel.astype(dtype),
                       None if bias is None else bias.astype(dtype), lab, w, batch_shape,
-                      vocab_axis=vocab_axis, token_axis=token_axis, walks=walks)
+                      vocab_axis=vocab_axis, token_axis=token_axis, walks=walks,
+                      auto_mesh=auto_mesh)
 
 
 def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_shape, *,
                vocab_axis: Hashable | None = None, token_axis: Hashable | None = None,
-               walks: dict | None = None):
+               walks: dict | None = None, auto_mesh: bool = False):
     """The fused loss of this device's ``h [N, D]`` and kernel columns: the reduced loss,
     and with ``spec.aux`` the aux dict."""
     walks = WALKS if walks is None else walks
@@ -128,7 +136,7 @@ def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_s
     local = kernel.shape[_vocab_axis(spec.layout)]
     shards = 1 if vocab_axis is None else lax.axis_size(vocab_axis)
     name = choose_walk(spec, h, vocab_parallel=vocab_axis is not None,
-                       padded=local * shards != spec.num_classes)
+                       padded=local * shards != spec.num_classes, auto_mesh=auto_mesh)
     plan = make_plan(spec.opts, spec.num_classes, local, n, d, spec.layout, spec.aux,
                      shards=shards, vocab_axis=vocab_axis, block_size=spec.block_size,
                      token_block_size=spec.token_block_size, interpret=spec.interpret)

@@ -81,7 +81,8 @@ def _pallas_refuses(req: Request) -> str | None:
         return "its kernels take one static temperature, not one per row"
     if req.auto_mesh:
         return ("its kernels are not split by the partitioner on a mesh with Auto axes "
-                "(use an Explicit mesh, or jax.shard_map with jaxent.sharded)")
+                "(on an Explicit mesh or inside jax.shard_map they serve token-parallel "
+                "splits)")
     return None
 
 

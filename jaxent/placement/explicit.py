@@ -64,8 +64,14 @@ def layout_of(hidden, kernel, bias, labels, weight, where,
     replicated): the walk cannot mix them with the mesh-less arrays it creates. An axis
     that does not divide the vocabulary or a token dimension is left out of the split.
     """
-    typed = [typed_sharding(x)[0] for x in (hidden, kernel, bias, labels, weight, where)
-             if x is not None]
+    return head_layout(hidden, kernel, kernel_layout, bias, labels, weight, where)
+
+
+def head_layout(hidden, kernel, kernel_layout: str, *others) -> ExplicitLayout | None:
+    """:func:`layout_of` of any head: ``hidden [..., D]`` and ``kernel`` give the split,
+    every array (``others`` included; None and non-arrays are skipped) may carry the mesh."""
+    typed = [typed_sharding(x)[0] for x in (hidden, kernel, *others)
+             if isinstance(x, jax.Array)]
     meshes = {m for m in typed if m is not None and AxisType.Explicit in m.axis_types}
     if not meshes:
         return None
@@ -87,7 +93,7 @@ def layout_of(hidden, kernel, bias, labels, weight, where,
     return ExplicitLayout(mesh, entry_of(vocab), tuple(batch))
 
 
-def place(mesh: Mesh, specs, args):
+def place(mesh: Mesh | jax.sharding.AbstractMesh, specs, args):
     """Reshard ``args`` to ``specs`` on a mesh with explicit axes (auto axes need nothing:
     ``shard_map`` reshards its inputs itself)."""
     if not any(t == AxisType.Explicit for t in mesh.axis_types):
@@ -119,6 +125,44 @@ def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask,
 
     args = place(mesh, specs, (h, k, y, b, w, mask, temp))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+
+
+# The layout kinds of a head's arguments: how each is split (``vocab``: the vocabulary axis
+# entry, ``batch``: the entries of the token axes).
+def kind_spec(kind: str, layout: str, vocab, batch: tuple) -> P:
+    """The ``PartitionSpec`` of an argument of layout ``kind``: ``"hidden"`` (``[..., D]``),
+    ``"kernel"``, ``"vocab"`` (``[V]``: bias, class weights), ``"row"`` (the tokens' shape),
+    ``"targets"`` (``[..., V]``) or ``"replicated"`` (a scalar result)."""
+    if kind == "kernel":
+        return P(None, vocab) if layout == "dv" else P(vocab, None)
+    return {"hidden": P(*batch, None), "vocab": P(vocab), "row": P(*batch),
+            "targets": P(*batch, vocab), "replicated": P()}[kind]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def shard_head(fn, static: tuple, layout: ExplicitLayout, kernel_layout: str, kinds: tuple,
+               out_kinds, *arrays):
+    """``fn(vocab_axis, token_axis, **static, **arrays)`` in a ``jax.shard_map`` split as
+    ``layout`` says.
+
+    ``static`` holds ``(name, value)`` pairs of hashable options, ``kinds`` one ``(name,
+    layout kind)`` per array of ``arrays`` (None stays None), ``out_kinds`` the kind of each
+    result (a tuple, or one kind) (see :func:`kind_spec`); ``fn`` gets the vocabulary axis
+    (or None) and the token axes (or None) the split uses.
+    """
+    tok = entry_of(tuple(a for e in layout.batch for a in axes_of(e)))
+    spec = lambda kind: kind_spec(kind, kernel_layout, layout.vocab, layout.batch)  # noqa: E731
+    specs = tuple(None if a is None else spec(kind)
+                  for a, (_, kind) in zip(arrays, kinds, strict=True))
+    outs = (spec(out_kinds) if isinstance(out_kinds, str)
+            else tuple(spec(k) for k in out_kinds))
+
+    def body(*arrays):
+        named = {name: a for a, (name, _) in zip(arrays, kinds, strict=True)}
+        return fn(layout.vocab, tok, **dict(static), **named)
+
+    args = place(layout.mesh, specs, arrays)
+    return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=outs)(*args)
 
 
 def _pad_vocab(k, b, layout: str, mesh, vocab):

@@ -39,6 +39,10 @@ from jax import lax
 from jaxent import _rowmath as rm
 from jaxent._options import Options
 
+# The row math a statistic is written with (the one copy, :mod:`jaxent._rowmath`).
+onehot, safe, shift, transform, transform_vjp = (
+    rm.onehot, rm.safe, rm.shift, rm.transform, rm.transform_vjp)
+
 
 class Rows(NamedTuple):
     """Per-row inputs of a statistic (each ``[N]``): ``y`` int32 global class ids (or None),

@@ -310,16 +310,17 @@ def _register_checkify_rule() -> None:
     traced labels are still ``nan``, only the checkify report is lost)."""
     try:
         from jax._src import checkify as _ck  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
+        table, failed = _ck.error_checks, _ck.FailedCheckError
+    except (ImportError, AttributeError):  # pragma: no cover
         return
 
     def rule(error, enabled_errors, labels, bad, *, message):
-        if _ck.FailedCheckError not in enabled_errors:
+        if failed not in enabled_errors:
             return error, labels
-        err = _ck.FailedCheckError(_ck.get_traceback(), message)
+        err = failed(_ck.get_traceback(), message)
         return _ck.assert_func(error, jnp.any(bad), err), labels
 
-    _ck.error_checks[label_check_p] = rule
+    table[label_check_p] = rule
 
 
 _register_checkify_rule()

@@ -13,6 +13,7 @@ backward recomputes each block's logits, forms its gradient from the kept ``m`` 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -187,25 +188,50 @@ def _stats(plan: Plan, q: Quirks, h, kernel, bias, lab: rm.Labels, weight):
     return losses, rs.m, rs.log_s, rs.lse, rs.arg
 
 
-def _rows_fwd(plan: Plan, h, kernel, bias, lab, weight):
-    losses, m, log_s, lse, arg = _platform.per_platform(
-        functools.partial(_stats, plan), h, kernel, bias, lab, weight)
-    return (losses, (lse, arg)), (h, kernel, bias, lab, weight, m, log_s, lse)
-
-
 def _grads(plan: Plan, q: Quirks, h, kernel, bias, lab, weight, m, log_s, lse, g):
     coefs = rm.stats_coefs(g, lse, lab, weight, plan.opts, plan.num_classes)
     return backward(plan, q, h, kernel, bias, lab.y - shard_offset(plan), lab.counted,
                     local_weight(weight, plan), m, log_s, coefs, lab.temp)
 
 
-def _rows_bwd(plan: Plan, res, cts):
-    h, kernel, bias, lab, weight, m, log_s, lse = res
-    dh, dk, db = _platform.per_platform(functools.partial(_grads, plan), *res, cts[0])
+class Forward(NamedTuple):
+    """What the forward walk gives: per-token ``losses``, ``lse`` and ``arg`` (argmax or
+    None), and the row statistics ``m`` (raw max) and ``log_s`` its backward needs."""
+
+    losses: jax.Array
+    lse: jax.Array
+    arg: jax.Array | None
+    m: jax.Array
+    log_s: jax.Array
+
+
+def row_stats(plan: Plan, h, kernel, bias, lab: rm.Labels, weight) -> Forward:
+    """The forward walk of :func:`rows` (no ``custom_vjp``: for placements that split it)."""
+    losses, m, log_s, lse, arg = _platform.per_platform(
+        functools.partial(_stats, plan), h, kernel, bias, lab, weight)
+    return Forward(losses, lse, arg, m, log_s)
+
+
+def row_grads(plan: Plan, h, kernel, bias, lab: rm.Labels, weight, m, log_s, lse, g):
+    """``(d hidden, d kernel, d bias)`` of :func:`rows` for the per-token cotangent ``g``
+    (the backward walk, summed over the vocabulary shards)."""
+    dh, dk, db = _platform.per_platform(functools.partial(_grads, plan), h, kernel, bias,
+                                        lab, weight, m, log_s, lse, g)
     if plan.vocab_axis is not None:  # each shard holds its classes' share of d hidden
         dh = lax.psum(dh, plan.vocab_axis)
     return (B.psum_to_type(dh.astype(h.dtype), h), B.psum_to_type(dk, kernel),
-            B.psum_to_type(db, bias), None, None if weight is None else jnp.zeros_like(weight))
+            B.psum_to_type(db, bias))
+
+
+def _rows_fwd(plan: Plan, h, kernel, bias, lab, weight):
+    f = row_stats(plan, h, kernel, bias, lab, weight)
+    return (f.losses, (f.lse, f.arg)), (h, kernel, bias, lab, weight, f.m, f.log_s, f.lse)
+
+
+def _rows_bwd(plan: Plan, res, cts):
+    h, kernel, bias, lab, weight, m, log_s, lse = res
+    dh, dk, db = row_grads(plan, h, kernel, bias, lab, weight, m, log_s, lse, cts[0])
+    return dh, dk, db, None, None if weight is None else jnp.zeros_like(weight)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

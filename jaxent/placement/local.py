@@ -3,25 +3,23 @@
 The same function serves one device and every device of a split: inside ``jax.shard_map``
 ``vocab_axis`` names the mesh axis the vocabulary is split over (the walk merges its row
 statistics over it) and ``token_axis`` the axes the tokens are split over (the reduction
-and the accuracy are summed over them). A placement may swap the walks (``ops``) for its
-own versions of them (:mod:`jaxent.placement.auto`).
+and the accuracy are summed over them). Each implementation's ``run`` comes from the
+registry (:func:`jaxent.impl.implementation`); a placement may swap in its own versions
+(``walks``, :mod:`jaxent.placement.auto`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 
 import jax.numpy as jnp
 from jax import lax
 
 from jaxent import _rowmath as rm
 from jaxent._options import Options
-from jaxent.impl import Request, select
-from jaxent.impl import pallas as _pallas
-from jaxent.impl import token as _token
-from jaxent.impl import vocab as _vocab
+from jaxent.impl import Request, implementation, select
 from jaxent.impl._blocks import vocab_axis as _vocab_axis
 from jaxent.impl.plan import make_plan
 
@@ -50,24 +48,6 @@ class FusedSpec:
     aux: bool
     interpret: bool = False
     row_temperature: bool = False
-
-
-def _pallas_rows(plan, h, kernel, bias, lab: rm.Labels, weight):
-    """The Pallas kernels' per-token losses, ``(lse, argmax)`` (their platform chosen when
-    lowering: Triton on NVIDIA GPUs, Mosaic on TPUs)."""
-    losses, lse, arg = _pallas.dispatch_linear_ce_rows(
-        h, kernel, bias, lab.y, lab.row_w, lab.counted, weight, opts=plan.opts,
-        num_classes=plan.num_classes, layout=plan.layout, interpret=plan.interpret,
-        aux=plan.aux)
-    return rm.row_losses(losses, lab), (lse, arg)
-
-
-# name -> (walk, whether it returns per-token losses rather than their sum)
-WALKS: dict[str, tuple[Callable, bool]] = {
-    "vocab": (_vocab.rows, True),
-    "token": (_token.token_sum, False),
-    "pallas": (_pallas_rows, True),
-}
 
 
 def _psum(x, axis: Hashable | None):
@@ -131,7 +111,6 @@ def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_s
                walks: dict | None = None, auto_mesh: bool = False):
     """The fused loss of this device's ``h [N, D]`` and kernel columns: the reduced loss,
     and with ``spec.aux`` the aux dict."""
-    walks = WALKS if walks is None else walks
     n, d = h.shape
     local = kernel.shape[_vocab_axis(spec.layout)]
     shards = 1 if vocab_axis is None else lax.axis_size(vocab_axis)
@@ -140,9 +119,11 @@ def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_s
     plan = make_plan(spec.opts, spec.num_classes, local, n, d, spec.layout, spec.aux,
                      shards=shards, vocab_axis=vocab_axis, block_size=spec.block_size,
                      token_block_size=spec.token_block_size, interpret=spec.interpret)
-    walk, per_row = walks[name]
-    out, (lse, arg) = walk(plan, h, kernel, bias, lab, weight)
-    loss = reduce_rows(out.reshape(batch_shape) if per_row else out, lab,
+    impl = implementation("linear", name)
+    run = impl.run if walks is None else walks[name]
+    assert run is not None, f"{name} has no fused run"
+    out, (lse, arg) = run(plan, h, kernel, bias, lab, weight)
+    loss = reduce_rows(out.reshape(batch_shape) if impl.per_row else out, lab,
                        spec.opts.reduction, token_axis)
     if not spec.aux:
         return loss

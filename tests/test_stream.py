@@ -65,3 +65,38 @@ def test_vocab_size_errors():
         jaxent.linear_log_probs(h, k, y, vocab_size=V + 1)
     with pytest.raises(ValueError, match="`tokens`"):
         jaxent.linear_log_probs(h, _pad(k), y.at[0].set(V + 2), vocab_size=V)
+
+
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2},
+                                {"logit_softcap": 3.0, "label_smoothing": 0.2}])
+@pytest.mark.parametrize("pad", [0, PAD])
+def test_cross_entropy_statistic_matches_the_fused_loss(kw, pad):
+    """Cross-entropy as a statistic on the streaming walk (class weights, row temperatures,
+    padding columns) equals linear_cross_entropy's tuned walk: values, grads, argmax."""
+    from jaxent import _rowmath as rm
+    from jaxent.impl import stats, stream
+    from jaxent.impl.plan import Options, stream_plan
+
+    h, k, _, _, _, y, t = _data(2)
+    y = y.at[3].set(-100)
+    w = jnp.asarray(np.random.default_rng(3).uniform(0.5, 2.0, (V,)), jnp.float32)
+    opts = Options(kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), 1.0,
+                   kw.get("logit_softcap"))
+
+    def mine(h, k):
+        kp = jnp.pad(k, ((0, 0), (0, pad)), constant_values=2.0)
+        lab = rm.labels_info(y, V, -100, None, w, jnp.float32, t)
+        plan = stream_plan(opts, V, V + pad, N, block_size=8)
+        losses, _, arg = stream.run(stats.CrossEntropy(V, True), plan, ((h, kp, None),), lab,
+                                    {"weight": jnp.pad(w, (0, pad))})
+        return losses.sum() / lab.row_w.sum(), arg
+
+    def ref(h, k):
+        loss, aux = jaxent.linear_cross_entropy(h, k, y, weight=w, temperature=t,
+                                                block_size=8, return_aux=True, **kw)
+        return loss, aux["argmax"]
+
+    (got, arg), grads = jax.value_and_grad(mine, argnums=(0, 1), has_aux=True)(h, k)
+    (want, arg_ref), grads_ref = jax.value_and_grad(ref, argnums=(0, 1), has_aux=True)(h, k)
+    _close((got, grads), (want, grads_ref))
+    np.testing.assert_array_equal(np.asarray(arg), np.asarray(arg_ref))

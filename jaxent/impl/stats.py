@@ -386,3 +386,60 @@ class _JsdPass(_OnePass):
 
     def block_grad(self, opts, res, xs, rows, cols, start, cts):  # pragma: no cover
         raise NotImplementedError("the jsd gradient is Distill's")
+
+
+# ----------------------------------------------------------------------- cross-entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy(_OnePass):
+    """Cross-entropy against integer labels with every option (class weights
+    ``cols["weight"]``, smoothing, z-loss, soft-cap, temperature): the online statistics of
+    :func:`jaxent._rowmath.update_stats` (``m, s, z_y``, ``wz`` and ``W`` with smoothing,
+    the argmax with ``aux``). ``rows`` is a :class:`jaxent._rowmath.Labels`. Outputs
+    ``(losses, lse, argmax or None)``, the last two without gradient.
+
+    The fused cross-entropy of :func:`jaxent.linear_cross_entropy` runs the tuned walks of
+    :mod:`jaxent.impl.vocab` and :mod:`jaxent.impl.token` on the same row math; this
+    statistic is the same loss on the one streaming walk.
+    """
+
+    num_classes: int
+    aux: bool = False
+
+    def init(self, n, dtype):
+        return rm.init_stats(n, dtype, False, self.aux), (
+            (jnp.zeros((n,), dtype), jnp.zeros((), dtype)))
+
+    def fold(self, opts, carry, xs, rows, cols, start, valid):
+        st, (wz, wseen) = carry
+        smooth = opts.label_smoothing > 0.0
+        st = rm.Stats(st.m, st.s, st.zy, wz if smooth else None, wseen if smooth else None,
+                      st.arg)
+        st = rm.update_stats(st, xs[0], rows.y - start, cols.get("weight"), start, opts,
+                             valid=valid)
+        sums = (st.wz, st.wseen) if smooth else (wz, wseen)
+        return st._replace(wz=None, wseen=None), sums
+
+    def merge(self, opts, carry, axis_name):
+        st, (wz, wseen) = carry
+        st = rm.merge_stats(st._replace(wz=wz, wseen=wseen), axis_name, 0, opts)
+        return st._replace(wz=None, wseen=None), (st.wz, st.wseen)
+
+    def finish(self, opts, carry, rows):
+        st, (wz, wseen) = carry
+        rs = rm.finish(st._replace(wz=wz), opts)
+        big_w = wseen if opts.label_smoothing > 0.0 else jnp.zeros((), wz.dtype)
+        loss = rm.label_loss(rs.log_s, rs.zy_s, rs.wz, rs.lse, rows.row_w, big_w, opts,
+                             self.num_classes)
+        arg = rs.arg if self.aux else None
+        return ((rm.row_losses(loss, rows), lax.stop_gradient(rs.lse), arg),
+                (rs.m, rs.log_s, rs.lse, big_w))
+
+    def block_grad(self, opts, res, xs, rows, cols, start, cts):
+        m, log_s, lse, big_w = res
+        coefs = rm.grad_coefs(rm.row_cotangent(cts[0], rows), lse, rows.row_w, big_w, opts,
+                              self.num_classes)
+        dx = rm.block_grad(xs[0], m, log_s, rows.y - start, coefs, cols.get("weight"),
+                           rows.counted, opts)
+        return dx, {}

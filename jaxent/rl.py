@@ -132,47 +132,6 @@ def _row_temperature(temperature, batch_shape, acc):
     return temp_s, None if temp is None else temp.reshape(-1)
 
 
-# How each array argument of a head is split on a mesh (explicit.kind_spec).
-_KINDS = {"hidden": "hidden", "student_hidden": "hidden", "teacher_hidden": "hidden",
-          "kernel": "kernel", "student_kernel": "kernel", "teacher_kernel": "kernel",
-          "bias": "vocab", "student_bias": "vocab", "teacher_bias": "vocab",
-          "weight": "vocab", "targets": "targets", "tokens": "row", "labels": "row",
-          "where": "row", "temperature": "row"}
-
-
-def _on_explicit_mesh(shard_fn, arrays: dict, static: dict, temperature, out_kinds):
-    """The head split as its inputs' types say when one is typed over a mesh with explicit
-    axes (:func:`jaxent.placement.explicit.head_layout`), else None.
-
-    The vocabulary-parallel walk runs in a ``jax.shard_map`` over the kernel's vocabulary
-    axis, the tokens split over ``hidden``'s token axes: ``shard_fn(vocab, tok, **kw)``
-    is the head's vocabulary-parallel version. Concrete token ids are checked first.
-    """
-    names = [n for n in arrays if n.endswith("hidden")]
-    hidden = jnp.asarray(arrays[names[0]])
-    kernel_name = names[0].replace("hidden", "kernel")
-    layout = _explicit.head_layout(hidden, arrays[kernel_name], static["kernel_layout"],
-                                   *arrays.values(), temperature)
-    if layout is None:
-        return None
-    batch_shape = hidden.shape[:-1]
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, jnp.float32)
-    if temp is not None:  # the array goes through the split; the checks ran above
-        arrays = {**arrays, "temperature": temp}
-    else:
-        static = {**static, "temperature": temp_s}
-    if "tokens" in arrays:  # the vocabulary is split inside: check concrete ids here
-        y = _checks.int_labels(arrays["tokens"], batch_shape, "tokens")
-        k = _checks.float_array(arrays["kernel"], "kernel")
-        v = k.shape[1 if static["kernel_layout"] == "dv" else 0] if k.ndim == 2 else 0
-        v = static["vocab_size"] or v
-        _checks.token_values(y, v, _checks.where_mask(arrays["where"], batch_shape))
-    arrays = {n: None if a is None else jnp.asarray(a) for n, a in arrays.items()}
-    kinds = tuple((n, _KINDS[n]) for n in arrays)
-    return _explicit.shard_head(shard_fn, tuple(static.items()), layout,
-                                static["kernel_layout"], kinds, out_kinds, *arrays.values())
-
-
 def _counted(mask, n):
     return jnp.ones((n,), bool) if mask is None else mask.reshape(-1)
 
@@ -315,7 +274,7 @@ def linear_log_probs(
     static = {"kernel_layout": kernel_layout, "logit_softcap": logit_softcap,
               "return_entropy": bool(return_entropy), "block_size": block_size,
               "vocab_size": vocab_size}
-    placed = _on_explicit_mesh(_log_probs_shard, arrays, static, temperature,
+    placed = _explicit.run_head(_log_probs_shard, arrays, static, temperature,
                                ("row", "row") if return_entropy else "row")
     if placed is not None:
         return placed
@@ -417,7 +376,7 @@ def linear_soft_cross_entropy(
     static = {"kernel_layout": kernel_layout, "label_smoothing": label_smoothing,
               "reduction": reduction, "z_loss": z_loss, "logit_softcap": logit_softcap,
               "block_size": block_size}
-    placed = _on_explicit_mesh(_soft_shard, arrays, static, temperature,
+    placed = _explicit.run_head(_soft_shard, arrays, static, temperature,
                                "row" if reduction == "none" else "replicated")
     if placed is not None:
         return placed
@@ -642,7 +601,7 @@ def linear_distillation_loss(
     static = {"divergence": divergence, "beta": beta, "kernel_layout": kernel_layout,
               "ignore_index": ignore_index, "reduction": reduction, "block_size": block_size,
               "vocab_size": vocab_size}
-    placed = _on_explicit_mesh(_distill_shard, arrays, static, temperature,
+    placed = _explicit.run_head(_distill_shard, arrays, static, temperature,
                                "row" if reduction == "none" else "replicated")
     if placed is not None:
         return placed

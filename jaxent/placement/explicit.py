@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxent import _checks, _rowmath
 from jaxent.impl._blocks import vocab_axis as _vocab_axis
 from jaxent.placement.local import FusedSpec, fused_call
 
@@ -163,6 +164,48 @@ def shard_head(fn, static: tuple, layout: ExplicitLayout, kernel_layout: str, ki
 
     args = place(layout.mesh, specs, arrays)
     return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=outs)(*args)
+
+
+# How each array argument of a head is split on a mesh (kind_spec), by its name.
+_KINDS = {"hidden": "hidden", "student_hidden": "hidden", "teacher_hidden": "hidden",
+          "kernel": "kernel", "student_kernel": "kernel", "teacher_kernel": "kernel",
+          "bias": "vocab", "student_bias": "vocab", "teacher_bias": "vocab",
+          "weight": "vocab", "targets": "targets", "tokens": "row", "labels": "row",
+          "where": "row", "temperature": "row"}
+
+
+def run_head(shard_fn, arrays: dict, static: dict, temperature, out_kinds):
+    """The head split as its inputs' types say when one is typed over a mesh with explicit
+    axes (:func:`jaxent.placement.explicit.head_layout`), else None.
+
+    The vocabulary-parallel walk runs in a ``jax.shard_map`` over the kernel's vocabulary
+    axis, the tokens split over ``hidden``'s token axes: ``shard_fn(vocab, tok, **kw)``
+    is the head's vocabulary-parallel version. Concrete token ids are checked first.
+    """
+    names = [n for n in arrays if n.endswith("hidden")]
+    hidden = jnp.asarray(arrays[names[0]])
+    kernel_name = names[0].replace("hidden", "kernel")
+    layout = head_layout(hidden, arrays[kernel_name], static["kernel_layout"],
+                                   *arrays.values(), temperature)
+    if layout is None:
+        return None
+    batch_shape = hidden.shape[:-1]
+    temp_s, temp = _checks.temperature_array(temperature, batch_shape,
+                                             _rowmath.compute_dtype(hidden.dtype))
+    if temp is not None:  # the array goes through the split; the checks ran above
+        arrays = {**arrays, "temperature": temp}
+    else:
+        static = {**static, "temperature": temp_s}
+    if "tokens" in arrays:  # the vocabulary is split inside: check concrete ids here
+        y = _checks.int_labels(arrays["tokens"], batch_shape, "tokens")
+        k = _checks.float_array(arrays["kernel"], "kernel")
+        v = k.shape[1 if static["kernel_layout"] == "dv" else 0] if k.ndim == 2 else 0
+        v = static["vocab_size"] or v
+        _checks.token_values(y, v, _checks.where_mask(arrays["where"], batch_shape))
+    arrays = {n: None if a is None else jnp.asarray(a) for n, a in arrays.items()}
+    kinds = tuple((n, _KINDS[n]) for n in arrays)
+    return shard_head(shard_fn, tuple(static.items()), layout,
+                                static["kernel_layout"], kinds, out_kinds, *arrays.values())
 
 
 def _pad_vocab(k, b, layout: str, mesh, vocab):

@@ -224,10 +224,7 @@ def options(
     zl = static_float(z_loss, "z_loss")
     if not (zl >= 0.0 and math.isfinite(zl)):
         raise ValueError(f"`z_loss` must be a finite number >= 0, got {zl}")
-    temp = static_float(temperature, "temperature")
-    if not (temp >= _TINY and math.isfinite(temp)):
-        raise ValueError(
-            f"`temperature` must be a finite number > 0 (at least {_TINY}), got {temp}")
+    temp = _static_temperature(temperature)
     cap = None
     if logit_softcap is not None:
         cap = static_float(logit_softcap, "logit_softcap")
@@ -356,16 +353,17 @@ def _register_checkify_rule() -> None:
     traced labels are still ``nan``, only the checkify report is lost)."""
     try:
         from jax._src import checkify as _ck  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
+        table, failed = _ck.error_checks, _ck.FailedCheckError
+    except (ImportError, AttributeError):  # pragma: no cover
         return
 
     def rule(error, enabled_errors, labels, bad, *, message):
-        if _ck.FailedCheckError not in enabled_errors:
+        if failed not in enabled_errors:
             return error, labels
-        err = _ck.FailedCheckError(_ck.get_traceback(), message)
+        err = failed(_ck.get_traceback(), message)
         return _ck.assert_func(error, jnp.any(bad), err), labels
 
-    _ck.error_checks[label_check_p] = rule
+    table[label_check_p] = rule
 
 
 _register_checkify_rule()
@@ -378,19 +376,16 @@ def temperature_array(
 
     A Python number (or NumPy scalar) is static configuration: returns ``(T, None)`` after
     the checks of :func:`options`. An array (NumPy or JAX, any rank) must be broadcastable
-    to the labels' ``shape``: returns ``(1.0, temp)`` with ``temp`` broadcast, flattened to
-    ``[prod(shape)]``, cast to ``dtype`` and under ``stop_gradient`` (a constant). Concrete
-    arrays must be finite and ``> 0``. A wrong shape raises ``ValueError`` naming
-    ``temperature``.
+    to the labels' ``shape``: returns ``(1.0, temp)`` with ``temp`` broadcast to ``shape``,
+    cast to ``dtype`` and under ``stop_gradient`` (a constant). Concrete arrays must be
+    finite and ``> 0`` (else ``ValueError`` naming ``temperature``); traced ones that are
+    not become ``nan`` there, so the rows they divide get ``nan`` losses, never a silently
+    wrong finite number. A wrong shape raises ``ValueError`` naming ``temperature``.
     """
     is_array = isinstance(temperature, jax.Array) or (
         isinstance(temperature, np.ndarray) and temperature.ndim > 0)
     if not is_array:
-        temp = static_float(temperature, "temperature")
-        if not (temp >= _TINY and math.isfinite(temp)):
-            raise ValueError(
-                f"`temperature` must be a finite number > 0 (at least {_TINY}), got {temp}")
-        return temp, None
+        return _static_temperature(temperature), None
     arr = jnp.asarray(temperature)
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise TypeError(f"`temperature` must be a real number or array, got dtype {arr.dtype}")
@@ -402,13 +397,26 @@ def temperature_array(
         raise ValueError(
             f"`temperature` must be a number or an array broadcastable to the labels' shape "
             f"{tuple(shape)} (one value per row), got shape {tuple(arr.shape)}")
+    arr = arr.astype(dtype)
     if _is_concrete(arr):
         a = np.asarray(arr, np.float64)
-        if not np.all(np.isfinite(a) & (a >= _TINY)):
-            raise ValueError(f"`temperature` must be finite and > 0 (at least {_TINY}) "
-                             "everywhere")
-    arr = jnp.broadcast_to(arr.astype(dtype), tuple(shape)).reshape(-1)
-    return 1.0, jax.lax.stop_gradient(arr)
+        bad = ~(np.isfinite(a) & (a >= _TINY))
+        if np.any(bad):
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"`temperature` must be finite and > 0 (at least {_TINY}) everywhere, got "
+                f"{a[where]} at index {where}")
+    else:
+        arr = jnp.where(jnp.isfinite(arr) & (arr >= _TINY), arr, jnp.nan)
+    return 1.0, jax.lax.stop_gradient(jnp.broadcast_to(arr, tuple(shape)))
+
+
+def _static_temperature(temperature) -> float:
+    temp = static_float(temperature, "temperature")
+    if not (temp >= _TINY and math.isfinite(temp)):
+        raise ValueError(
+            f"`temperature` must be a finite number > 0 (at least {_TINY}), got {temp}")
+    return temp
 
 
 def token_values(tokens: jax.Array, num_classes: int, where: jax.Array | None = None,

@@ -8,7 +8,10 @@ it, as a ``nondiff_argnums`` argument of the ``jax.custom_vjp`` functions.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:
+    import jax
 
 Reduction = Literal["mean", "sum", "none"]
 Residual = Literal["auto", "grad", "lse"]
@@ -28,7 +31,8 @@ class Options:
     Attributes:
       label_smoothing: ``epsilon`` in ``[0, 1]`` (PyTorch's definition).
       z_loss: coefficient of ``logsumexp(z)**2`` per counted row.
-      temperature: logits are divided by it first.
+      temperature: logits are divided by it first. A float here; inside a walk the row
+        math may see one temperature per row (:func:`jaxent._rowmath.row_options`).
       logit_softcap: ``cap`` of ``cap * tanh(x / cap)``, or None.
       residual: what a plain-CE forward keeps for its backward (``"auto"``, ``"grad"``,
         ``"lse"``).
@@ -38,7 +42,7 @@ class Options:
 
     label_smoothing: float = 0.0
     z_loss: float = 0.0
-    temperature: float = 1.0
+    temperature: float | jax.Array = 1.0
     logit_softcap: float | None = None
     residual: Residual = "auto"
     reduction: Reduction = "mean"

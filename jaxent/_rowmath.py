@@ -30,10 +30,17 @@ Row statistics (all in the accumulation dtype, float32 for 16-bit inputs):
 then :func:`transform_vjp` chains the gradient through the soft-cap and the temperature.
 Streaming walks fold blocks of a row into :class:`Stats` with :func:`update_stats` and
 merge the statistics of vocabulary shards with :func:`merge_stats`.
+
+**Per-row temperatures.** ``opts.temperature`` is a static float, or, inside a walk, an
+array ``[N]`` with one temperature per row (:func:`row_options`; it comes in
+:attr:`Labels.temp`). Every formula here divides by it through :func:`_scale`, which lines
+an ``[N]`` temperature up with the rows of ``[N]`` and ``[N, B]`` operands, so there is one
+copy of each formula for both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -53,11 +60,32 @@ def safe(m: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype))
 
 
+def row_options(opts: Options, temp: jax.Array | None) -> Options:
+    """``opts`` with the per-row temperatures ``temp [N]`` (None: ``opts`` itself).
+
+    The result is for the row math inside a walk only (it holds an array, so it is not
+    hashable and never goes into a plan); ``opts.temperature`` is then 1.
+    """
+    return opts if temp is None else dataclasses.replace(opts, temperature=temp)
+
+
+def row_temperature(opts: Options) -> bool:
+    """Whether ``opts`` carries one temperature per row (see :func:`row_options`)."""
+    return not isinstance(opts.temperature, (int, float))
+
+
+def _scale(z: jax.Array, opts: Options) -> jax.Array:
+    """``z / T``: ``T`` static, or per row (``[N]``, lined up with ``z``'s first axis)."""
+    t = opts.temperature
+    if isinstance(t, (int, float)):
+        return z if t == 1.0 else z / t
+    t = t.astype(z.dtype)
+    return z / (t.reshape(t.shape + (1,) * (z.ndim - t.ndim)))
+
+
 def transform(x: jax.Array, opts: Options) -> jax.Array:
     """``z = cap * tanh((x / T) / cap)`` in the accumulation dtype."""
-    z = x.astype(compute_dtype(x.dtype))
-    if opts.temperature != 1.0:
-        z = z / opts.temperature
+    z = _scale(x.astype(compute_dtype(x.dtype)), opts)
     if opts.logit_softcap is not None:
         z = opts.logit_softcap * jnp.tanh(z / opts.logit_softcap)
     return z
@@ -71,8 +99,7 @@ def shift(x: jax.Array, m_raw: jax.Array, opts: Options) -> jax.Array:
     """
     acc = compute_dtype(x.dtype)
     if opts.logit_softcap is None:
-        d = x.astype(acc) - m_raw.astype(acc)
-        return d / opts.temperature if opts.temperature != 1.0 else d
+        return _scale(x.astype(acc) - m_raw.astype(acc), opts)
     return transform(x, opts) - transform(m_raw, opts)
 
 
@@ -80,9 +107,7 @@ def transform_vjp(dz: jax.Array, x: jax.Array, opts: Options) -> jax.Array:
     """Chain ``d/dz`` back to ``d/dx`` through the soft-cap and the temperature."""
     if opts.logit_softcap is not None:
         dz = dz * (1.0 - jnp.square(transform(x, opts) / opts.logit_softcap))
-    if opts.temperature != 1.0:
-        dz = dz / opts.temperature
-    return dz
+    return _scale(dz, opts)
 
 
 def equals(labels: jax.Array, value: int) -> jax.Array:
@@ -115,18 +140,26 @@ class Labels(NamedTuple):
     ``y``: int32 class ids clipped into ``[0, C)`` (safe to gather with); ``valid``: the
     label was in range; ``counted``: the row contributes (not ``ignore_index``, inside
     ``where``); ``row_w``: ``w[y]`` on counted rows, 0 elsewhere (the mean's denominator is
-    its sum).
+    its sum); ``temp``: the per-row temperatures (a constant), or None when the temperature
+    is the static ``opts.temperature``.
     """
 
     y: jax.Array
     valid: jax.Array
     counted: jax.Array
     row_w: jax.Array
+    temp: jax.Array | None = None
+
+    def options(self, opts: Options) -> Options:
+        """``opts`` with these rows' temperatures (:func:`row_options`)."""
+        return row_options(opts, self.temp)
 
 
-def labels_info(labels, num_classes: int, ignore_index: int, where, weight, dtype) -> Labels:
+def labels_info(labels, num_classes: int, ignore_index: int, where, weight, dtype,
+                temp=None) -> Labels:
     """:class:`Labels` of ``labels`` (any integer dtype and shape), compared in their own
-    dtype so that narrow dtypes never wrap ``num_classes`` or ``ignore_index``."""
+    dtype so that narrow dtypes never wrap ``num_classes`` or ``ignore_index``; ``temp``
+    (shaped like ``labels``, or None) the per-row temperatures."""
     flat = labels.reshape(-1)
     valid = in_range(flat, num_classes)
     counted = ~equals(flat, ignore_index)
@@ -134,7 +167,8 @@ def labels_info(labels, num_classes: int, ignore_index: int, where, weight, dtyp
         counted = counted & where.reshape(-1)
     y = jnp.where(valid, flat, jnp.zeros((), flat.dtype)).astype(jnp.int32)
     w_y = jnp.ones(y.shape, dtype) if weight is None else take_class(weight.astype(dtype), y)
-    return Labels(y, valid, counted, jnp.where(counted, w_y, jnp.zeros((), dtype)))
+    t = None if temp is None else lax.stop_gradient(temp.reshape(-1).astype(dtype))
+    return Labels(y, valid, counted, jnp.where(counted, w_y, jnp.zeros((), dtype)), t)
 
 
 def kernel_labels(lab: Labels) -> jax.Array:

@@ -3,7 +3,7 @@ r"""Vocabulary-parallel versions of the fused RL and distillation losses (``jax.
 Re-exported by :mod:`jaxent.sharded`. Each device holds the columns ``[i V/k, (i + 1) V/k)``
 of the kernel(s) (``[D, V/k]``, or ``[V/k, D]`` with ``kernel_layout="vd"``) and of the
 biases, and the whole ``hidden`` of its tokens. Each shard walks its ``V/k`` columns in
-blocks with the single-device walk (:mod:`jaxent.impl.fused_rl`); the ``[N]`` online
+blocks with the single-device walk (:mod:`jaxent.impl.stream`); the ``[N]`` online
 statistics are merged over ``axis_name`` with one ``pmax`` of the raw maxima and ``psum`` of
 the rescaled sums, e.g. for the entropy sum ``u = sum e (z - m)``
 

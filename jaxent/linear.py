@@ -9,9 +9,11 @@ by the partitioner on an Auto mesh. Each placement runs the same walks
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxent import _checks
+from jaxent import _rowmath as rm
 from jaxent._options import Impl, KernelLayout, Reduction
 from jaxent.impl.plan import positive_int
 from jaxent.placement import auto as _auto
@@ -22,7 +24,8 @@ from jaxent.placement.local import FusedSpec, fused_call
 def validate(hidden, kernel, labels, *, bias, weight, ignore_index, label_smoothing,
              reduction, where, z_loss, logit_softcap, temperature, kernel_layout, block_size,
              token_block_size, impl, return_aux, num_classes=None, interpret=False):
-    """Validated ``(hidden, kernel, bias, labels, weight, where, spec)`` of a fused call.
+    """Validated ``(hidden, kernel, bias, labels, weight, where, temp, spec)`` of a fused
+    call (``temp``: per-row temperatures shaped like ``labels``, or None when static).
 
     ``num_classes`` is the global vocabulary when ``kernel`` holds one shard of it (then
     ``bias`` may be the shard's too); by default it is the kernel's.
@@ -41,10 +44,12 @@ def validate(hidden, kernel, labels, *, bias, weight, ignore_index, label_smooth
             raise ValueError(
                 f"`bias` must have shape ({v},) (one per class, V from `kernel`), got shape "
                 f"{tuple(b.shape)}")
+    batch_shape = h.shape[:-1]
+    temp_s, temp = _checks.temperature_array(
+        temperature, batch_shape, rm.compute_dtype(jnp.result_type(h.dtype, k.dtype)))
     opts = _checks.options(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-        temperature=temperature, logit_softcap=logit_softcap, ignore_index=ignore_index)
-    batch_shape = h.shape[:-1]
+        temperature=temp_s, logit_softcap=logit_softcap, ignore_index=ignore_index)
     y = _checks.int_labels(labels, batch_shape, what="hidden.shape[:-1]")
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, v)
@@ -52,8 +57,9 @@ def validate(hidden, kernel, labels, *, bias, weight, ignore_index, label_smooth
     bs = None if block_size is None else positive_int(block_size, "block_size")
     tbs = None if token_block_size is None else positive_int(token_block_size,
                                                              "token_block_size")
-    spec = FusedSpec(opts, v, layout, bs, tbs, impl, bool(return_aux), bool(interpret))
-    return h, k, b, y, w, mask, spec
+    spec = FusedSpec(opts, v, layout, bs, tbs, impl, bool(return_aux), bool(interpret),
+                     temp is not None)
+    return h, k, b, y, w, mask, temp, spec
 
 
 def linear_cross_entropy(
@@ -69,7 +75,7 @@ def linear_cross_entropy(
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | ArrayLike = 1.0,
     kernel_layout: KernelLayout = "dv",
     block_size: int | None = None,
     token_block_size: int | None = None,
@@ -126,7 +132,9 @@ def linear_cross_entropy(
       where: optional boolean mask shaped like ``labels``.
       z_loss: coefficient of ``logsumexp(z)**2`` per counted token.
       logit_softcap: if given, logits become ``cap * tanh(logits / cap)``.
-      temperature: logits are divided by it first.
+      temperature: logits are divided by it first: a number, or an array broadcastable to
+        ``labels.shape`` (one temperature per row; a constant). Values must be finite and
+        > 0: concrete ones that are not raise ``ValueError``, traced ones give ``nan``.
       kernel_layout: ``"dv"`` for ``[D, V]`` kernels, ``"vd"`` for ``[V, D]`` tables.
       block_size: vocabulary columns per block (default: from the shapes, about 16 MB of
         float32 temporaries per block); also the slice width of the token schedule's
@@ -184,7 +192,7 @@ def linear_cross_entropy(
       https://arxiv.org/abs/2411.09009;
       Hsu et al., "Liger Kernel" (2024), https://arxiv.org/abs/2410.10989.
     """
-    h, k, b, y, w, mask, spec = validate(
+    h, k, b, y, w, mask, temp, spec = validate(
         hidden, kernel, labels, bias=bias, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
         logit_softcap=logit_softcap, temperature=temperature, kernel_layout=kernel_layout,
@@ -192,6 +200,7 @@ def linear_cross_entropy(
         return_aux=return_aux, interpret=interpret)
     layout = _explicit.layout_of(h, k, b, y, w, mask, spec.layout)
     if layout is not None:
-        return _explicit.run(spec, layout, h, k, b, y, w, mask)
-    walks = _auto.walks(spec, b, w) if _auto.applies(h, k, b, y, w, mask) else None
-    return fused_call(spec, h, k, b, y, w, mask, walks=walks)
+        return _explicit.run(spec, layout, h, k, b, y, w, mask, temp)
+    auto = _auto.applies(h, k, b, y, w, mask, temp)
+    walks = _auto.walks(spec, b, w) if auto else None
+    return fused_call(spec, h, k, b, y, w, mask, temp=temp, walks=walks, auto_mesh=auto)

@@ -46,7 +46,7 @@ def cross_entropy(
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | ArrayLike = 1.0,
     residual: Residual = "auto",
     impl: Literal["auto", "xla", "pallas"] = "auto",
     interpret: bool = False,
@@ -77,7 +77,10 @@ def cross_entropy(
         an ignored label.
       z_loss: coefficient of ``logsumexp(z)**2`` per counted element (PaLM).
       logit_softcap: if given, logits become ``cap * tanh(logits / cap)`` (Gemma 2).
-      temperature: logits are divided by it before everything else.
+      temperature: logits are divided by it before everything else: a number, or an array
+        broadcastable to ``labels.shape`` (one temperature per row, e.g. per sequence; a
+        constant, no gradient). Values must be finite and > 0: concrete ones that are not
+        raise ``ValueError``, traced ones give ``nan`` losses on their rows.
       residual: what the forward keeps for the backward when differentiated: ``"grad"``,
         the gradient, made in the forward with one ``exp`` per logit (the backward only
         scales it, which XLA fuses); ``"lse"``, two floats per row (the backward recomputes
@@ -115,13 +118,14 @@ def cross_entropy(
     """
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
+    temp_s, temp = _checks.temperature_array(temperature, batch_shape, _loss_dtype(x.dtype))
     opts = _checks.options(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-        temperature=temperature, logit_softcap=logit_softcap, residual=residual,
+        temperature=temp_s, logit_softcap=logit_softcap, residual=residual,
         ignore_index=ignore_index,
     )
     c = _checks.num_classes(x, ax)
-    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     y = _checks.int_labels(labels, batch_shape, logits_shape=x.shape, axis=ax)
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
@@ -129,15 +133,16 @@ def cross_entropy(
     if not isinstance(impl, str):
         raise TypeError(f"`impl` must be a string, got {impl!r}")
     name = select(impl, Request("ce", x.dtype, opts.reduction,
-                                static_tokens=all(isinstance(s, int) for s in x.shape)))
-    return _labels_loss(x, y, w, mask, ax, opts, name, bool(interpret))
+                                static_tokens=all(isinstance(s, int) for s in x.shape),
+                                row_temperature=temp is not None))
+    return _labels_loss(x, y, w, mask, temp, ax, opts, name, bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
-def _labels_loss(x, y, w, mask, ax, opts: Options, impl: str, interpret: bool):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _labels_loss(x, y, w, mask, temp, ax, opts: Options, impl: str, interpret: bool):
     acc = _loss_dtype(x.dtype)
     w = None if w is None else w.astype(acc)
-    lab = rm.labels_info(y, x.shape[ax], opts.ignore_index, mask, w, acc)
+    lab = rm.labels_info(y, x.shape[ax], opts.ignore_index, mask, w, acc, temp)
     if impl == "pallas":
         losses = rm.row_losses(_pallas.dispatch_ce_rows(
             _rows(x, ax), rm.kernel_labels(lab), lab.row_w, lab.counted, w, opts=opts,
@@ -160,7 +165,7 @@ def soft_cross_entropy(
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | ArrayLike = 1.0,
     residual: Residual = "auto",
 ) -> jax.Array:
     r"""Softmax cross-entropy with probability targets (one-hot or soft).
@@ -186,7 +191,8 @@ def soft_cross_entropy(
       where: optional boolean mask shaped like ``logits`` without ``axis``.
       z_loss: as in :func:`cross_entropy`.
       logit_softcap: as in :func:`cross_entropy`.
-      temperature: as in :func:`cross_entropy`.
+      temperature: as in :func:`cross_entropy` (an array is broadcastable to
+        ``logits.shape`` without ``axis``).
       residual: as in :func:`cross_entropy`.
 
     Returns:
@@ -204,9 +210,11 @@ def soft_cross_entropy(
     """
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
+    temp_s, temp = _checks.temperature_array(
+        temperature, x.shape[:ax] + x.shape[ax + 1 :], _loss_dtype(x.dtype))
     opts = _checks.options(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-        temperature=temperature, logit_softcap=logit_softcap, residual=residual,
+        temperature=temp_s, logit_softcap=logit_softcap, residual=residual,
     )
     t = jnp.asarray(targets)
     if not jnp.issubdtype(t.dtype, jnp.floating):
@@ -219,16 +227,17 @@ def soft_cross_entropy(
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
-    return _targets_loss(x, t, w, mask, ax, opts)
+    return _targets_loss(x, t, w, mask, temp, ax, opts)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _targets_loss(x, t, w, mask, ax, opts: Options):
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _targets_loss(x, t, w, mask, temp, ax, opts: Options):
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     rows = _rows(x, ax)
     w = None if w is None else w.astype(_loss_dtype(x.dtype))
     counted = jnp.ones(rows.shape[:1], bool) if mask is None else mask.reshape(-1)
-    losses = _impl_rows.target_rows(rows, _rows(t, ax), counted, w, opts)
+    temp = None if temp is None else temp.reshape(-1)
+    losses = _impl_rows.target_rows(rows, _rows(t, ax), counted, w, opts, temp)
     n = counted.sum()
     return rm.reduce(losses.reshape(batch_shape), n, opts.reduction, n)
 

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxent import _checks, _platform, _rowmath
+from jaxent import _checks, _rowmath
 from jaxent._options import LAYOUTS, Impl, KernelLayout, Options, Reduction
-from jaxent.impl import fused_rl
-from jaxent.impl.plan import auto_block_sizes
+from jaxent.impl import stats, stream
+from jaxent.impl.plan import Plan, stream_plan
+from jaxent.placement import explicit as _explicit
 
 Divergence = Literal["kl", "reverse_kl", "jsd"]
 DIVERGENCES: tuple[Divergence, ...] = get_args(Divergence)
@@ -65,14 +66,24 @@ def _impl(value) -> None:
         raise ValueError(f"`impl` must be one of {_IMPLS}, got {value!r}{hint}")
 
 
-def _block_size(block_size, n: int, v: int, streams: int = 1) -> int:
-    if block_size is not None:
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"`block_size` must be a positive Python int or None, got "
-                             f"{block_size!r}")
-        return min(block_size, v)
-    # The fused walks' one rule (a symbolic n counts as large), for `streams` models at once.
-    return auto_block_sizes(_platform.static_size(n) * streams, 1, v)[0]
+def _block_size(block_size) -> int | None:
+    if block_size is not None and (isinstance(block_size, bool)
+                                   or not isinstance(block_size, int) or block_size <= 0):
+        raise ValueError(f"`block_size` must be a positive Python int or None, got "
+                         f"{block_size!r}")
+    return block_size
+
+
+def _vocab(vocab_size, columns: int, kernel_name: str = "kernel") -> int:
+    """The real vocabulary: ``vocab_size`` (at most the kernel's ``columns``, the rest
+    padding) or ``columns``."""
+    if vocab_size is None:
+        return columns
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
+            0 < vocab_size <= columns):
+        raise ValueError(f"`vocab_size` must be a Python int in [1, {columns}] (the columns "
+                         f"of `{kernel_name}`), got {vocab_size!r}")
+    return vocab_size
 
 
 def _head(hidden, kernel, bias, layout, names=("hidden", "kernel", "bias"), axis_name=None):
@@ -102,9 +113,24 @@ def _head(hidden, kernel, bias, layout, names=("hidden", "kernel", "bias"), axis
 
 # The walks, jitted with their static plan: eager calls compile once instead of running the
 # walk op by op (inside an outer jit these are inlined).
-_log_probs = jax.jit(fused_rl.log_probs, static_argnums=0)
-_soft_rows = jax.jit(fused_rl.soft_rows, static_argnums=0)
-_distill_rows = jax.jit(fused_rl.distill_rows, static_argnums=0)
+_run = jax.jit(stream.run, static_argnums=(0, 1))
+
+
+def _plan(opts: Options, num_classes: int, local: int, n, block_size=None,
+          layout: str = "dv", axis_name=None, streams: int = 1) -> Plan:
+    """The walk's plan: ``local`` columns on this device, the first ``num_classes`` of all
+    shards real classes (the rest padding)."""
+    shards = 1 if axis_name is None else lax.axis_size(axis_name)
+    return stream_plan(opts, num_classes, local, n, layout=layout,
+                       block_size=_block_size(block_size), vocab_axis=axis_name,
+                       shards=shards, streams=streams)
+
+
+def _row_temperature(temperature, batch_shape, acc):
+    """``(static T, flat [N] per-row temperatures or None)`` (see
+    :func:`jaxent._checks.temperature_array`)."""
+    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    return temp_s, None if temp is None else temp.reshape(-1)
 
 
 def _counted(mask, n):
@@ -171,13 +197,13 @@ def token_log_probs(
     y = _checks.int_labels(tokens, batch_shape, "tokens")
     mask = _checks.where_mask(where, batch_shape)
     acc = _rowmath.compute_dtype(x.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    temp_s, temp = _row_temperature(temperature, batch_shape, acc)
     y = _rowmath.class_ids(_checks.token_values(y, c, mask), c)
     rows = _rows(x, ax)
     n = rows.shape[0]
-    plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), c, c, max(c, 1),
-                         kind="logp", entropy=bool(return_entropy))
-    lp, ent = _log_probs(plan, (rows,), y.reshape(-1), _counted(mask, n), temp)
+    plan = _plan(Options(temperature=temp_s, logit_softcap=cap), c, c, n, max(c, 1))
+    lp, ent = _run(stats.LogProbs(c, bool(return_entropy)), plan, ((rows,),),
+                   stats.Rows(y.reshape(-1), _counted(mask, n), temp), {})
     lp = lp.reshape(batch_shape)
     return (lp, ent.reshape(batch_shape)) if return_entropy else lp
 
@@ -195,6 +221,7 @@ def linear_log_probs(
     return_entropy: bool = False,
     block_size: int | None = None,
     impl: Impl = "auto",
+    vocab_size: int | None = None,
 ):
     r""":func:`token_log_probs` of ``hidden @ kernel + bias`` without materializing logits.
 
@@ -223,6 +250,9 @@ def linear_log_probs(
       return_entropy: also return the per-token entropy.
       block_size: vocabulary columns per block (default: about 16 MB of float32 logits).
       impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (all: the vocabulary walk).
+      vocab_size: the number of real classes when the kernel's vocabulary axis holds
+        padding columns after them (e.g. rounded up for sharding): they are masked out of
+        the softmax and get zero gradient. Default: every column is a class.
 
     Returns:
       ``log_probs`` shaped like ``tokens`` (float32; float64 for float64 inputs), or
@@ -240,29 +270,43 @@ def linear_log_probs(
       (True, True)
     """
     _impl(impl)
-    return fused_log_probs(hidden, kernel, tokens, bias=bias, kernel_layout=kernel_layout,
-                           temperature=temperature, logit_softcap=logit_softcap, where=where,
-                           return_entropy=return_entropy, block_size=block_size)
+    arrays = {"hidden": hidden, "kernel": kernel, "tokens": tokens, "bias": bias,
+              "where": where}
+    static = {"kernel_layout": kernel_layout, "logit_softcap": logit_softcap,
+              "return_entropy": bool(return_entropy), "block_size": block_size,
+              "vocab_size": vocab_size}
+    placed = _explicit.run_head(_log_probs_shard, arrays, static, temperature,
+                               ("row", "row") if return_entropy else "row")
+    if placed is not None:
+        return placed
+    return fused_log_probs(**arrays, **static, temperature=temperature)
+
+
+def _log_probs_shard(vocab, tok, **kw):
+    del tok
+    return fused_log_probs(**kw, axis_name=vocab)
 
 
 def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
-                    logit_softcap, where, return_entropy, block_size, axis_name=None):
+                    logit_softcap, where, return_entropy, block_size, vocab_size=None,
+                    axis_name=None):
     """:func:`linear_log_probs`, vocabulary-parallel over ``axis_name`` when given."""
     h, k, b, local, v = _head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
+    v = _vocab(vocab_size, v)
     batch_shape = jnp.shape(hidden)[:-1]
     cap = _checks.options(reduction="none", logit_softcap=logit_softcap).logit_softcap
     y = _checks.int_labels(tokens, batch_shape, "tokens")
     mask = _checks.where_mask(where, batch_shape)
     acc = _rowmath.compute_dtype(h.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    temp_s, temp = _row_temperature(temperature, batch_shape, acc)
     if axis_name is None:  # (inside shard_map ids are not checked: out-of-range ones give nan)
         y = _checks.token_values(y, v, mask)
     y = _rowmath.class_ids(y, v)
     n = h.shape[0]
-    plan = fused_rl.Plan(Options(temperature=temp_s, logit_softcap=cap), v, local,
-                         _block_size(block_size, n, local), kernel_layout, "logp",
-                         bool(return_entropy), axis_name=axis_name)
-    lp, ent = _log_probs(plan, (h, k, b), y.reshape(-1), _counted(mask, n), temp)
+    plan = _plan(Options(temperature=temp_s, logit_softcap=cap), v, local, n, block_size,
+                 kernel_layout, axis_name)
+    lp, ent = _run(stats.LogProbs(v, bool(return_entropy)), plan, ((h, k, b),),
+                   stats.Rows(y.reshape(-1), _counted(mask, n), temp), {})
     lp = lp.reshape(batch_shape)
     return (lp, ent.reshape(batch_shape)) if return_entropy else lp
 
@@ -329,10 +373,20 @@ def linear_soft_cross_entropy(
       True
     """
     _impl(impl)
-    return fused_soft_cross_entropy(
-        hidden, kernel, targets, bias=bias, kernel_layout=kernel_layout, weight=weight,
-        label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
-        logit_softcap=logit_softcap, temperature=temperature, block_size=block_size)
+    arrays = {"hidden": hidden, "kernel": kernel, "targets": targets, "bias": bias,
+              "weight": weight, "where": where}
+    static = {"kernel_layout": kernel_layout, "label_smoothing": label_smoothing,
+              "reduction": reduction, "z_loss": z_loss, "logit_softcap": logit_softcap,
+              "block_size": block_size}
+    placed = _explicit.run_head(_soft_shard, arrays, static, temperature,
+                               "row" if reduction == "none" else "replicated")
+    if placed is not None:
+        return placed
+    return fused_soft_cross_entropy(**arrays, **static, temperature=temperature)
+
+
+def _soft_shard(vocab, tok, **kw):
+    return fused_soft_cross_entropy(**kw, axis_name=vocab, token_axis_name=tok)
 
 
 def fused_soft_cross_entropy(hidden, kernel, targets, *, bias, kernel_layout, weight,
@@ -355,13 +409,13 @@ def fused_soft_cross_entropy(hidden, kernel, targets, *, bias, kernel_layout, we
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, local)
     acc = _rowmath.compute_dtype(h.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    temp_s, temp = _row_temperature(temperature, batch_shape, acc)
     n = h.shape[0]
-    plan = fused_rl.Plan(
-        Options(opts.label_smoothing, opts.z_loss, temp_s, opts.logit_softcap), v, local,
-        _block_size(block_size, n, local), kernel_layout, "soft", axis_name=axis_name)
+    plan = _plan(Options(opts.label_smoothing, opts.z_loss, temp_s, opts.logit_softcap), v,
+                 local, n, block_size, kernel_layout, axis_name)
     counted = _counted(mask, n)
-    losses = _soft_rows(plan, (h, k, b), t.reshape(n, local), w, counted, temp)
+    losses = _run(stats.SoftTargets(v), plan, ((h, k, b),), stats.Rows(None, counted, temp),
+                  {"targets": t.reshape(n, local), "weight": w})
     return _reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
 
 
@@ -465,12 +519,13 @@ def distillation_loss(
     mask = _distill_mask(labels, -100 if ignore_index is None else ignore_index, where,
                          batch_shape)
     acc = _rowmath.compute_dtype(xs.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    temp_s, temp = _row_temperature(temperature, batch_shape, acc)
     rs, rt = _rows(xs, ax), jax.lax.stop_gradient(_rows(xt, ax))
     n = rs.shape[0]
-    plan = fused_rl.Plan(Options(temperature=temp_s), v, v, max(v, 1), kind=kind, beta=b)
+    plan = _plan(Options(temperature=temp_s), v, v, n, max(v, 1), streams=2)
     counted = _counted(mask, n)
-    losses = _distill_rows(plan, (rs,), (rt,), counted, temp)
+    losses = _run(stats.Distill(kind, b), plan, ((rs,), (rt,)),
+                  stats.Rows(None, counted, temp), {})
     return _reduce(losses.reshape(batch_shape), counted, reduction)
 
 
@@ -492,6 +547,7 @@ def linear_distillation_loss(
     reduction: Reduction = "mean",
     block_size: int | None = None,
     impl: Impl = "auto",
+    vocab_size: int | None = None,
 ):
     r""":func:`distillation_loss` of two linear heads, neither model's logits materialized.
 
@@ -519,6 +575,8 @@ def linear_distillation_loss(
       reduction: ``"mean"`` (over counted tokens; 0.0 when none), ``"sum"`` or ``"none"``.
       block_size: vocabulary columns per block (default: about 16 MB for the two blocks).
       impl: ``"auto"``, ``"xla"`` or ``"vocab"``.
+      vocab_size: the number of real classes when both kernels hold padding columns after
+        them, as in :func:`linear_log_probs`.
 
     Returns:
       float32 scalar, or ``student_hidden.shape[:-1]`` for ``"none"``; gradients flow to the
@@ -536,17 +594,29 @@ def linear_distillation_loss(
       True
     """
     _impl(impl)
-    return fused_distillation_loss(
-        student_hidden, student_kernel, teacher_hidden, teacher_kernel, divergence=divergence,
-        beta=beta, temperature=temperature, student_bias=student_bias,
-        teacher_bias=teacher_bias, kernel_layout=kernel_layout, labels=labels,
-        ignore_index=ignore_index, where=where, reduction=reduction, block_size=block_size)
+    arrays = {"student_hidden": student_hidden, "student_kernel": student_kernel,
+              "teacher_hidden": teacher_hidden, "teacher_kernel": teacher_kernel,
+              "student_bias": student_bias, "teacher_bias": teacher_bias, "labels": labels,
+              "where": where}
+    static = {"divergence": divergence, "beta": beta, "kernel_layout": kernel_layout,
+              "ignore_index": ignore_index, "reduction": reduction, "block_size": block_size,
+              "vocab_size": vocab_size}
+    placed = _explicit.run_head(_distill_shard, arrays, static, temperature,
+                               "row" if reduction == "none" else "replicated")
+    if placed is not None:
+        return placed
+    return fused_distillation_loss(**arrays, **static, temperature=temperature)
+
+
+def _distill_shard(vocab, tok, **kw):
+    return fused_distillation_loss(**kw, axis_name=vocab, token_axis_name=tok)
 
 
 def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teacher_kernel, *,
                             divergence, beta, temperature, student_bias, teacher_bias,
                             kernel_layout, labels, ignore_index, where, reduction,
-                            block_size, axis_name=None, token_axis_name=None):
+                            block_size, vocab_size=None, axis_name=None,
+                            token_axis_name=None):
     """:func:`linear_distillation_loss`, vocabulary-parallel over ``axis_name`` when given."""
     kind, b = _divergence(divergence, beta)
     _reduction(reduction)
@@ -564,20 +634,20 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
                 f"{local} vocabulary columns per device, got {local_t}")
         raise ValueError(f"`teacher_kernel` must have the student's {what} (shape "
                          f"{tuple(jnp.shape(teacher_kernel))})")
+    v = _vocab(vocab_size, v, "student_kernel")
     batch_shape = jnp.shape(student_hidden)[:-1]
     if jnp.shape(teacher_hidden)[:-1] != batch_shape:
         raise ValueError(f"`teacher_hidden` must have the student's leading shape "
                          f"{tuple(batch_shape)}, got shape {tuple(jnp.shape(teacher_hidden))}")
     mask = _distill_mask(labels, ignore_index, where, batch_shape)
     acc = _rowmath.compute_dtype(hs.dtype)
-    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
+    temp_s, temp = _row_temperature(temperature, batch_shape, acc)
     n = hs.shape[0]
-    plan = fused_rl.Plan(Options(temperature=temp_s), v, local,
-                         _block_size(block_size, n, local, 2), kernel_layout, kind, beta=b,
-                         axis_name=axis_name)
+    plan = _plan(Options(temperature=temp_s), v, local, n, block_size, kernel_layout,
+                 axis_name, streams=2)
     counted = _counted(mask, n)
-    losses = _distill_rows(plan, (hs, ks, bs), jax.lax.stop_gradient((ht, kt, bt)), counted,
-                           temp)
+    losses = _run(stats.Distill(kind, b), plan, ((hs, ks, bs), jax.lax.stop_gradient(
+        (ht, kt, bt))), stats.Rows(None, counted, temp), {})
     return _reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
 
 

@@ -263,7 +263,7 @@ def linear_cross_entropy(
             f"shape {tuple(k.shape)}")
     local = k.shape[1 if kernel_layout == "dv" else 0]
     columns = _vocab_size(local, axis_name)
-    h, k, b, y, w, mask, spec = _validate_fused(
+    h, k, b, y, w, mask, temp, spec = _validate_fused(
         hidden, k, labels, bias=bias, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
         logit_softcap=logit_softcap, temperature=temperature, kernel_layout=kernel_layout,
@@ -272,7 +272,7 @@ def linear_cross_entropy(
     if b is not None and b.shape != (local,):
         raise ValueError(f"`bias` must be this device's block, shape ({local},), got shape "
                          f"{tuple(b.shape)}")
-    return fused_call(spec, h, k, b, y, w, mask, vocab_axis=axis_name,
+    return fused_call(spec, h, k, b, y, w, mask, temp=temp, vocab_axis=axis_name,
                       token_axis=token_axis_name)
 
 
@@ -470,7 +470,7 @@ def shard_linear_cross_entropy(
     if vocab_size is not None and columns != vocab_size and columns % k_vocab:
         raise ValueError(f"the padded vocabulary (the kernel's columns, {columns}) must be "
                          f"divisible by the size of mesh axis {vocab_axis!r} ({k_vocab})")
-    h, k, b, y, w, mask, spec = _validate_fused(
+    h, k, b, y, w, mask, temp, spec = _validate_fused(
         hidden, k, labels, bias=bias, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
         logit_softcap=logit_softcap, temperature=temperature, kernel_layout=kernel_layout,
@@ -482,5 +482,5 @@ def shard_linear_cross_entropy(
             raise ValueError("`token_axis` needs hidden with a token axis, got rank 1")
         _divisible(h.shape[0], mesh, token_axis, "hidden.shape[0]")
     batch = ((token_axis,) + (None,) * (y.ndim - 1)) if y.ndim else ()
-    return _explicit.shard_fused(spec, mesh, vocab_axis, batch, h, k, y, b, w, mask)
+    return _explicit.shard_fused(spec, mesh, vocab_axis, batch, h, k, y, b, w, mask, temp)
 

@@ -77,8 +77,14 @@ def test_bad_input_names_the_argument(call, exc, pattern):
 
 
 def test_traced_static_option_is_a_clear_type_error():
-    with pytest.raises(TypeError, match=r"`temperature`.*concrete"):
-        jax.jit(lambda x, t: jaxent.cross_entropy(x, Y, temperature=t))(X, 2.0)
+    with pytest.raises(TypeError, match=r"`logit_softcap`.*concrete"):
+        jax.jit(lambda x, c: jaxent.cross_entropy(x, Y, logit_softcap=c))(X, 2.0)
+
+
+def test_traced_temperature_is_a_row_temperature():
+    """A traced temperature is an array (one value for every row), not static config."""
+    got = jax.jit(lambda x, t: jaxent.cross_entropy(x, Y, temperature=t))(X, 2.0)
+    np.testing.assert_allclose(got, jaxent.cross_entropy(X, Y, temperature=2.0), rtol=1e-6)
 
 
 def test_masked_out_labels_are_not_checked():

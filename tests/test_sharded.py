@@ -8,7 +8,9 @@ fresh interpreter; the rest of the suite keeps its single device:
   the robustness checks on them;
 * ``tests/sharded_layout_cases.py``: FSDP, two-axis token and padded-vocabulary shardings;
 * ``tests/sharded_rl_cases.py``: the vocabulary-parallel RL and distillation losses;
-* ``tests/sharded_reliability_cases.py``: overlapping axes, bad ids and second order.
+* ``tests/sharded_reliability_cases.py``: overlapping axes, bad ids and second order;
+* ``tests/sharded_engine_cases.py``: the RL heads on Explicit meshes, the Auto-mesh
+  ``impl`` refusal and per-row temperatures through the placements.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("cases", ["sharded_cases.py", "sharded_layout_cases.py",
-                                   "sharded_rl_cases.py", "sharded_reliability_cases.py"])
+                                   "sharded_rl_cases.py", "sharded_reliability_cases.py",
+                                   "sharded_engine_cases.py"])
 def test_cases_on_8_cpu_devices(cases):
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(

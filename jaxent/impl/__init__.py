@@ -1,9 +1,13 @@
 """The implementations, and the registry that picks one for a call.
 
-Each implementation declares what it can serve (:class:`Implementation`); an ``impl`` asked
-for explicitly that cannot serve a call raises a ``ValueError`` naming ``impl``, why, and
-which implementations can; ``"auto"`` (and ``"xla"``, the XLA walks alone) picks the first
-that can from the platform's order of preference (:mod:`jaxent._platform`).
+The registry's entries are the implementations themselves (:class:`Implementation`): a
+name, what it can serve, and for the fused head the per-device function that runs it
+(``run(plan, h, kernel, bias, labels, weight) -> (losses or their sum, (lse, argmax))``),
+which every placement calls. An ``impl`` asked for explicitly that cannot serve a call
+raises a ``ValueError`` naming ``impl``, why, and which implementations can; ``"auto"``
+(and ``"xla"``, the XLA walks alone) picks the first that can from the platform's order of
+preference (:mod:`jaxent._platform`). Adding an implementation is one module and one
+:func:`register` call.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 
 from jaxent import _platform
+from jaxent import _rowmath as rm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +33,8 @@ class Request:
       static_tokens: the number of tokens is a concrete int (not symbolic, as in export).
       padded: the kernel holds padding columns beyond the vocabulary (``vocab_size``).
       num_classes: the vocabulary ``V`` (``"auto"`` may prefer a walk by it).
+      row_temperature: the temperature is one value per row (an array), not static.
+      auto_mesh: the call is split by the partitioner on a mesh with Auto axes.
     """
 
     kind: str
@@ -37,17 +44,23 @@ class Request:
     static_tokens: bool = True
     padded: bool = False
     num_classes: int = 0
+    row_temperature: bool = False
+    auto_mesh: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
-    """A registered implementation: its name, kind, whether it is an XLA walk, and a
-    function that returns why it cannot serve a request (None when it can)."""
+    """A registered implementation: its name, kind, whether it is an XLA walk, a function
+    that returns why it cannot serve a request (None when it can), and for ``"linear"``
+    the per-device function ``run`` and whether it returns per-token losses (else their
+    sum)."""
 
     name: str
     kind: str
     xla: bool
     refuses: Callable[[Request], str | None]
+    run: Callable | None = None
+    per_row: bool = True
 
 
 def _token_refuses(req: Request) -> str | None:
@@ -73,6 +86,12 @@ def _pallas_refuses(req: Request) -> str | None:
         return "its kernels pad the tokens to whole blocks of a static size"
     if req.padded:
         return "its kernels do not mask padding columns of the kernel"
+    if req.row_temperature:
+        return "its kernels take one static temperature, not one per row"
+    if req.auto_mesh:
+        return ("its kernels are not split by the partitioner on a mesh with Auto axes "
+                "(on an Explicit mesh or inside jax.shard_map they serve token-parallel "
+                "splits)")
     return None
 
 
@@ -84,11 +103,33 @@ def register(impl: Implementation) -> None:
     REGISTRY[impl.kind, impl.name] = impl
 
 
-register(Implementation("xla", "ce", True, lambda req: None))
-register(Implementation("vocab", "linear", True, lambda req: None))
-register(Implementation("token", "linear", True, _token_refuses))
-register(Implementation("pallas", "linear", False, _pallas_refuses))
-register(Implementation("pallas", "ce", False, _pallas_refuses))
+def _pallas_linear_rows(plan, h, kernel, bias, lab: rm.Labels, weight):
+    """The Pallas kernels' per-token losses and ``(lse, argmax)`` (their platform chosen
+    when lowering: Triton on NVIDIA GPUs, Mosaic on TPUs)."""
+    from jaxent.impl import pallas  # noqa: PLC0415
+
+    losses, lse, arg = pallas.dispatch_linear_ce_rows(
+        h, kernel, bias, rm.kernel_labels(lab), lab.row_w, lab.counted, weight, opts=plan.opts,
+        num_classes=plan.num_classes, layout=plan.layout, interpret=plan.interpret,
+        aux=plan.aux)
+    return rm.row_losses(losses, lab), (lse, arg)
+
+
+def _register_builtin() -> None:
+    # The walks import this package's submodules: they are registered once it is defined.
+    from jaxent.impl import token, vocab  # noqa: PLC0415
+
+    register(Implementation("xla", "ce", True, lambda req: None))
+    register(Implementation("vocab", "linear", True, lambda req: None, vocab.rows))
+    register(Implementation("token", "linear", True, _token_refuses, token.token_sum,
+                            per_row=False))
+    register(Implementation("pallas", "linear", False, _pallas_refuses, _pallas_linear_rows))
+    register(Implementation("pallas", "ce", False, _pallas_refuses))
+
+
+def implementation(kind: str, name: str) -> Implementation:
+    """The registered implementation ``name`` of ``kind``."""
+    return REGISTRY[kind, name]
 
 
 def _candidates(kind: str) -> list[str]:
@@ -118,3 +159,6 @@ def select(impl: str, req: Request) -> str:
         raise ValueError(f"`impl`={impl!r} cannot serve this call: {why}; implementations "
                          f"that can: {('auto', *able)}")
     return impl
+
+
+_register_builtin()

@@ -101,3 +101,23 @@ def make_plan(opts: Options, num_classes: int, local: int, n_local, d: int, layo
         bn = min(token_block_size, max(n_static, 1))
     return Plan(opts, num_classes, local, layout, bv, bn, bw, aux, vocab_axis, interpret,
                 local * shards - num_classes)
+
+
+def stream_plan(opts: Options, num_classes: int, local: int, n, *, layout: str = "dv",
+                block_size: int | None = None, vocab_axis=None, shards: int = 1,
+                streams: int = 1) -> Plan:
+    """The plan of a streaming head (:mod:`jaxent.impl.stream`) walking ``local`` of the
+    ``num_classes`` classes (``shards`` devices along ``vocab_axis``; the columns beyond
+    ``num_classes`` over all shards are padding) for ``n`` tokens and ``streams`` logit
+    streams at once; ``block_size`` (columns per block) is kept, clipped to ``local``.
+
+    Example:
+      >>> from jaxent._options import Options
+      >>> from jaxent.impl.plan import stream_plan
+      >>> stream_plan(Options(), 50, 50, 6, block_size=16).block_v
+      16
+    """
+    if block_size is None:  # a symbolic n counts as large
+        block_size = auto_block_sizes(_platform.static_size(n) * streams, 1, local)[0]
+    return Plan(opts, num_classes, local, layout, min(block_size, local), 0, 0, False,
+                vocab_axis, False, local * shards - num_classes)

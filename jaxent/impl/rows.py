@@ -67,6 +67,7 @@ def _max_and_sum(x: jax.Array, m_lo: jax.Array, opts: Options, q: Quirks,
     (not when ``e`` is kept: the pieces' layout would make it a second ``[N, C]`` buffer)."""
     n, c = x.shape
     acc = rm.compute_dtype(x.dtype)
+    split = split and not rm.row_temperature(opts)  # pieces would not line up with [N]
     k = _platform.row_pieces(c, q) if split and x.dtype == acc else 1
     if k == 1:
         m = rm.safe(jnp.maximum(x.max(axis=1).astype(acc), m_lo))
@@ -81,6 +82,7 @@ def _max_and_sum(x: jax.Array, m_lo: jax.Array, opts: Options, q: Quirks,
 def _label_stats(x, lab: rm.Labels, weight, opts: Options, q: Quirks, split: bool = True):
     """``(m, e, s, loss)`` of whole rows against integer labels (``e = exp(z - m)``)."""
     c = x.shape[1]
+    opts = lab.options(opts)
     x_y = _pick(x, lab.y, q)
     # max(m, x_y) == m; it orders the pick before a backward that may overwrite x in place.
     m, e, s = _max_and_sum(x, x_y, opts, q, split)
@@ -99,6 +101,7 @@ def _label_grad(x, lab: rm.Labels, weight, m, log_s, g, opts: Options, q: Quirks
     """``d loss / d x`` for the row cotangent ``g``, from the row statistics (or from the
     probabilities ``p`` when the forward has them)."""
     c = x.shape[1]
+    opts = lab.options(opts)
     lse = rm.transform(m, opts) + log_s
     coefs = rm.grad_coefs(rm.row_cotangent(g, lab), lse, lab.row_w,
                           rm.class_sum(weight, c, m.dtype), opts, c)
@@ -143,7 +146,7 @@ def loss_and_grad(x, lab: rm.Labels, weight, opts: Options, q: Quirks, reuse_e: 
     p = e * (1.0 / s)[:, None] if keep_e else None
     log_s = jnp.log(s)
     dx = _label_grad(x, lab, weight, m, log_s, jnp.ones_like(m), opts, q, p)
-    return loss, dx, rm.transform(m, opts) + log_s
+    return loss, dx, rm.transform(m, lab.options(opts)) + log_s
 
 
 def _labels_bwd(opts: Options, res, g):
@@ -214,34 +217,37 @@ def _target_grads(x, t, counted, weight, m, log_s, g, opts: Options, q: Quirks):
     return dx, jnp.where(counted[:, None], dt, 0.0).astype(t.dtype)
 
 
-def _targets_primal(x, t, counted, weight, opts: Options):
+def _targets_primal(x, t, counted, weight, opts: Options, temp=None):
     return _platform.per_platform(
-        lambda q, x, t, c, w: _target_stats(x, t, c, w, opts, q)[3], x, t, counted, weight)
+        lambda q, x, t, c, w, tp: _target_stats(x, t, c, w, rm.row_options(opts, tp), q)[3],
+        x, t, counted, weight, temp)
 
 
-def _targets_fwd(x, t, counted, weight, opts: Options):
+def _targets_fwd(x, t, counted, weight, opts: Options, temp=None):
     m, log_s, _, loss = _platform.per_platform(
-        lambda q, x, t, c, w: _target_stats(x, t, c, w, opts, q), x, t, counted, weight)
-    return loss, (x, t, counted, weight, m, log_s)
+        lambda q, x, t, c, w, tp: _target_stats(x, t, c, w, rm.row_options(opts, tp), q),
+        x, t, counted, weight, temp)
+    return loss, (x, t, counted, weight, m, log_s, temp)
 
 
 def _targets_bwd(opts: Options, res, g):
-    x, t, counted, weight, m, log_s = res
-    def grads(q, x, t, counted, weight, m, log_s, g):
-        return _target_grads(x, t, counted, weight, m, log_s, g, opts, q)
+    x, t, counted, weight, m, log_s, temp = res
+    def grads(q, x, t, counted, weight, m, log_s, g, tp):
+        return _target_grads(x, t, counted, weight, m, log_s, g, rm.row_options(opts, tp), q)
 
-    dx, dt = _platform.per_platform(grads, x, t, counted, weight, m, log_s, g)
-    return dx, dt, None, None if weight is None else jnp.zeros_like(weight)
+    dx, dt = _platform.per_platform(grads, x, t, counted, weight, m, log_s, g, temp)
+    return dx, dt, None, None if weight is None else jnp.zeros_like(weight), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def target_rows(x, targets, counted, weight, opts: Options):
+def target_rows(x, targets, counted, weight, opts: Options, temp=None):
     """Per-row cross-entropy of ``x [N, C]`` against probability ``targets [N, C]``.
 
     Differentiable in both ``x`` and ``targets`` (knowledge distillation); returns ``[N]``.
-    The backward recomputes ``p`` from the kept ``m`` and ``log s``.
+    ``temp [N]`` (a constant, or None) are per-row temperatures. The backward recomputes
+    ``p`` from the kept ``m`` and ``log s``.
     """
-    return _targets_primal(x, targets, counted, weight, opts)
+    return _targets_primal(x, targets, counted, weight, opts, temp)
 
 
 target_rows.defvjp(_targets_fwd, _targets_bwd)
@@ -266,6 +272,7 @@ def _parallel_stats(x, lab: rm.Labels, weight, opts: Options, axis_name, q: Quir
     off = lax.axis_index(axis_name).astype(jnp.int32) * local
     w_loc = None if weight is None else lax.dynamic_slice_in_dim(weight, off, local)
     y_loc = lab.y - off
+    opts = lab.options(opts)
     acc = rm.compute_dtype(x.dtype)
     st = rm.init_stats(x.shape[0], acc, opts.smoothing, False)
     st = rm.update_stats(st, _platform.fresh(x, q).astype(acc), y_loc, w_loc, 0, opts)
@@ -294,7 +301,7 @@ def _parallel_bwd(opts: Options, axis_name, res, g):
         coefs = rm.stats_coefs(g, lse, lab, w, opts, local * lax.axis_size(axis_name))
         x = _platform.fresh(x, q)
         return rm.block_grad(x, m, log_s, lab.y - off, coefs, w_loc, lab.counted,
-                             opts).astype(x.dtype)
+                             lab.options(opts)).astype(x.dtype)
 
     x, lab, weight = res[:3]
     dx = _platform.per_platform(grad, *res, g)

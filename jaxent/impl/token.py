@@ -56,7 +56,7 @@ def walk(plan: Plan, q: Quirks, h, kernel, bias, lab: rm.Labels, weight):
         sl = lambda a: lax.dynamic_slice_in_dim(a, start, size, axis=0)  # noqa: E731
         hb = sl(h)
         x = B.block_logits(hb, kernel, bias, plan.layout)
-        lab_b = rm.Labels(*(sl(a) for a in lab))
+        lab_b = rm.Labels(*(None if a is None else sl(a) for a in lab))
         # p formed again: dx takes the block logits' buffer (one [Nb, V] buffer, not two)
         loss_b, dx, lse_b = _rows.loss_and_grad(x, lab_b, weight, plan.opts, q, reuse_e=False)
         dh = lax.dynamic_update_slice_in_dim(

@@ -13,6 +13,7 @@ backward recomputes each block's logits, forms its gradient from the kept ``m`` 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,15 +92,19 @@ def walk(plan: Plan, step, carry):
     return carry
 
 
-def forward_stats(plan: Plan, q: Quirks, h, kernel, bias, y_local, w_local) -> rm.Stats:
-    """Online statistics of this device's classes, walked in blocks of ``block_v``."""
+def forward_stats(plan: Plan, q: Quirks, h, kernel, bias, y_local, w_local,
+                  temp=None) -> rm.Stats:
+    """Online statistics of this device's classes, walked in blocks of ``block_v``
+    (``temp [N]``: per-row temperatures, or None)."""
+    opts = rm.row_options(plan.opts, temp)
+
     def step(start, size, masked, st):
         _, x, wb, valid = block(plan, q, h, kernel, bias, w_local, start, size, masked)
-        return rm.update_stats(st, x, y_local - start, wb, start, plan.opts, valid=valid)
+        return rm.update_stats(st, x, y_local - start, wb, start, opts, valid=valid)
 
     acc = rm.compute_dtype(h.dtype)
     st = rm.init_stats(h.shape[0], acc, plan.opts.smoothing, plan.aux)
-    st = B.varying_like(st, h, kernel, bias, y_local, w_local)
+    st = B.varying_like(st, h, kernel, bias, y_local, w_local, temp)
     return walk(plan, step, st)
 
 
@@ -110,7 +115,7 @@ def _stage_width(n: int, d: int, bv: int) -> int:
 
 
 def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, m, log_s,
-             coefs):
+             coefs, temp=None):
     """Recompute each block; return ``(dh float32, dkernel, dbias)``.
 
     With ``q.bf16_bits`` a bf16 ``d kernel`` is written in stages: blocks go, as uint16
@@ -118,10 +123,10 @@ def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, 
     into the bf16 gradient with one pass. Stages are whole blocks; the last one is shifted
     left to end at ``V``, and the columns it repeats count once in ``d hidden``.
     """
-    opts, v, bv = plan.opts, plan.local_classes, plan.block_v
+    opts, v, bv = rm.row_options(plan.opts, temp), plan.local_classes, plan.block_v
     acc = rm.compute_dtype(h.dtype)
     axis = B.vocab_axis(plan.layout)
-    refs = (h, kernel, bias, y_local, counted, w_local, m, log_s, coefs)
+    refs = (h, kernel, bias, y_local, counted, w_local, m, log_s, coefs, temp)
     slice_elems = _platform.heuristics().block_elems // 2
 
     def step(start, size, masked, carry, done=0, at=None):
@@ -173,33 +178,60 @@ def backward(plan: Plan, q: Quirks, h, kernel, bias, y_local, counted, w_local, 
 def _stats(plan: Plan, q: Quirks, h, kernel, bias, lab: rm.Labels, weight):
     """``(losses, m, log_s, lse, argmax)`` over the whole vocabulary."""
     off = shard_offset(plan)
-    st = forward_stats(plan, q, h, kernel, bias, lab.y - off, local_weight(weight, plan))
+    st = forward_stats(plan, q, h, kernel, bias, lab.y - off, local_weight(weight, plan),
+                       lab.temp)
+    opts = lab.options(plan.opts)
     if plan.vocab_axis is not None:
-        st = rm.merge_stats(st, plan.vocab_axis, off, plan.opts)
-    rs = rm.finish(st, plan.opts)
+        st = rm.merge_stats(st, plan.vocab_axis, off, opts)
+    rs = rm.finish(st, opts)
     losses = rm.stats_losses(rs, lab, weight, plan.opts, plan.num_classes)
     return losses, rs.m, rs.log_s, rs.lse, rs.arg
-
-
-def _rows_fwd(plan: Plan, h, kernel, bias, lab, weight):
-    losses, m, log_s, lse, arg = _platform.per_platform(
-        functools.partial(_stats, plan), h, kernel, bias, lab, weight)
-    return (losses, (lse, arg)), (h, kernel, bias, lab, weight, m, log_s, lse)
 
 
 def _grads(plan: Plan, q: Quirks, h, kernel, bias, lab, weight, m, log_s, lse, g):
     coefs = rm.stats_coefs(g, lse, lab, weight, plan.opts, plan.num_classes)
     return backward(plan, q, h, kernel, bias, lab.y - shard_offset(plan), lab.counted,
-                    local_weight(weight, plan), m, log_s, coefs)
+                    local_weight(weight, plan), m, log_s, coefs, lab.temp)
+
+
+class Forward(NamedTuple):
+    """What the forward walk gives: per-token ``losses``, ``lse`` and ``arg`` (argmax or
+    None), and the row statistics ``m`` (raw max) and ``log_s`` its backward needs."""
+
+    losses: jax.Array
+    lse: jax.Array
+    arg: jax.Array | None
+    m: jax.Array
+    log_s: jax.Array
+
+
+def row_stats(plan: Plan, h, kernel, bias, lab: rm.Labels, weight) -> Forward:
+    """The forward walk of :func:`rows` (no ``custom_vjp``: for placements that split it)."""
+    losses, m, log_s, lse, arg = _platform.per_platform(
+        functools.partial(_stats, plan), h, kernel, bias, lab, weight)
+    return Forward(losses, lse, arg, m, log_s)
+
+
+def row_grads(plan: Plan, h, kernel, bias, lab: rm.Labels, weight, m, log_s, lse, g):
+    """``(d hidden, d kernel, d bias)`` of :func:`rows` for the per-token cotangent ``g``
+    (the backward walk, summed over the vocabulary shards)."""
+    dh, dk, db = _platform.per_platform(functools.partial(_grads, plan), h, kernel, bias,
+                                        lab, weight, m, log_s, lse, g)
+    if plan.vocab_axis is not None:  # each shard holds its classes' share of d hidden
+        dh = lax.psum(dh, plan.vocab_axis)
+    return (B.psum_to_type(dh.astype(h.dtype), h), B.psum_to_type(dk, kernel),
+            B.psum_to_type(db, bias))
+
+
+def _rows_fwd(plan: Plan, h, kernel, bias, lab, weight):
+    f = row_stats(plan, h, kernel, bias, lab, weight)
+    return (f.losses, (f.lse, f.arg)), (h, kernel, bias, lab, weight, f.m, f.log_s, f.lse)
 
 
 def _rows_bwd(plan: Plan, res, cts):
     h, kernel, bias, lab, weight, m, log_s, lse = res
-    dh, dk, db = _platform.per_platform(functools.partial(_grads, plan), *res, cts[0])
-    if plan.vocab_axis is not None:  # each shard holds its classes' share of d hidden
-        dh = lax.psum(dh, plan.vocab_axis)
-    return (B.psum_to_type(dh.astype(h.dtype), h), B.psum_to_type(dk, kernel),
-            B.psum_to_type(db, bias), None, None if weight is None else jnp.zeros_like(weight))
+    dh, dk, db = row_grads(plan, h, kernel, bias, lab, weight, m, log_s, lse, cts[0])
+    return dh, dk, db, None, None if weight is None else jnp.zeros_like(weight)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -66,6 +66,7 @@ class AutoPlan:
     plan: Plan  # the single-device plan (global vocabulary and token count)
     has_bias: bool
     has_weight: bool
+    has_temp: bool = False
 
 
 def _device_plan(ap: AutoPlan, vocab: tuple, h, k) -> Plan:
@@ -83,36 +84,36 @@ def _psum_over(x, axes: tuple):
     return x if x is None or not axes else lax.psum(x, entry_of(axes))
 
 
-def _labels(y, valid, counted, row_w) -> rm.Labels:
-    return rm.Labels(y, valid, counted, row_w)
+def _labels(y, valid, counted, row_w, temp) -> rm.Labels:
+    return rm.Labels(y, valid, counted, row_w, temp)
 
 
 # The three custom calls: the single-device function (what runs unpartitioned) and its
 # per-device version for token axes ``tok`` and vocabulary axes ``vocab``.
 
 
-def _rows_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, w):
-    (loss, (lse, arg)), res = _vocab._rows_fwd(ap.plan, h, k, b, _labels(y, valid, counted,
-                                                                          row_w), w)
-    return loss, lse, arg, res[5], res[6]
+def _rows_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, temp, w):
+    f = _vocab.row_stats(ap.plan, h, k, b, _labels(y, valid, counted, row_w, temp), w)
+    return f.losses, f.lse, f.arg, f.m, f.log_s
 
 
-def _rows_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, w):
+def _rows_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp, w):
     plan = _device_plan(ap, vocab, h, k)
-    (loss, (lse, arg)), res = _vocab._rows_fwd(plan, h, k, b, _labels(y, valid, counted,
-                                                                      row_w), w)
-    return loss, lse, arg, res[5], res[6]
+    f = _vocab.row_stats(plan, h, k, b, _labels(y, valid, counted, row_w, temp), w)
+    return f.losses, f.lse, f.arg, f.m, f.log_s
 
 
-def _rows_backward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, w, m, log_s, lse, g):
-    res = (h, k, b, _labels(y, valid, counted, row_w), w, m, log_s, lse)
-    return _vocab._rows_bwd(ap.plan, res, (g,))[:3]
+def _rows_backward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, temp, w, m, log_s,
+                   lse, g):
+    lab = _labels(y, valid, counted, row_w, temp)
+    return _vocab.row_grads(ap.plan, h, k, b, lab, w, m, log_s, lse, g)
 
 
-def _rows_backward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, w, m, log_s,
-                         lse, g):
-    res = (h, k, b, _labels(y, valid, counted, row_w), w, m, log_s, lse)
-    dh, dk, db = _vocab._rows_bwd(_device_plan(ap, vocab, h, k), res, (g,))[:3]
+def _rows_backward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp, w, m,
+                         log_s, lse, g):
+    lab = _labels(y, valid, counted, row_w, temp)
+    dh, dk, db = _vocab.row_grads(_device_plan(ap, vocab, h, k), h, k, b, lab, w, m, log_s,
+                                  lse, g)
     return dh, _psum_over(dk, tok), _psum_over(db, tok)
 
 
@@ -120,19 +121,21 @@ def _token_walk(plan: Plan, h, k, b, lab, w):
     return _platform.per_platform(functools.partial(_token.walk, plan), h, k, b, lab, w)
 
 
-def _token_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, w):
+def _token_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, temp, w):
     total, (lse, arg), (dh, dk, db) = _token_walk(
-        ap.plan, h, k, b, _labels(y, valid, counted, row_w), w)
+        ap.plan, h, k, b, _labels(y, valid, counted, row_w, temp), w)
     return total, lse, arg, dh, dk, db
 
 
-def _token_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, w):
-    lab = _labels(y, valid, counted, row_w)
+def _token_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp, w):
+    lab = _labels(y, valid, counted, row_w, temp)
     plan = _device_plan(ap, vocab, h, k)
     if vocab:  # whole rows exist on no device: the vocabulary walk, forward and backward
-        (loss, (lse, arg)), res = _vocab._rows_fwd(plan, h, k, b, lab, w)
-        dh, dk, db = _vocab._rows_bwd(plan, res, (jnp.ones_like(loss),))[:3]
-        total = jnp.sum(loss)
+        f = _vocab.row_stats(plan, h, k, b, lab, w)
+        lse, arg = f.lse, f.arg
+        dh, dk, db = _vocab.row_grads(plan, h, k, b, lab, w, f.m, f.log_s, f.lse,
+                                      jnp.ones_like(f.losses))
+        total = jnp.sum(f.losses)
     else:
         total, (lse, arg), (dh, dk, db) = _token_walk(plan, h, k, b, lab, w)
     return _psum_over(total, tok), lse, arg, dh, _psum_over(dk, tok), _psum_over(db, tok)
@@ -158,7 +161,8 @@ def _auto_split(ap: AutoPlan, h_sharding, k_sharding, n: int, v: int) -> tuple[t
 
 def _rule_operands(ap: AutoPlan, extra: int) -> str:
     kernel = "d v" if ap.spec.layout == "dv" else "v d"
-    ops = ["n d", kernel] + ["v"] * ap.has_bias + ["n"] * 4 + ["c"] * ap.has_weight
+    ops = (["n d", kernel] + ["v"] * ap.has_bias + ["n"] * (4 + ap.has_temp)
+           + ["c"] * ap.has_weight)
     return ", ".join(ops + ["n"] * extra)
 
 
@@ -184,7 +188,9 @@ def _auto_specs(ap: AutoPlan, arg_shapes) -> tuple:
         tok, vocab = _auto_split(ap, h.sharding, k.sharding, h.shape[0],
                                  k.shape[_vocab_axis(ap.spec.layout)])
     else:  # shardings not over mesh axes (no mesh known): everything replicated
-        mesh = Mesh(np.asarray(h.sharding._device_assignment), ("jaxent_devices",))
+        # devices_indices_map lists the devices in the sharding's order
+        devices = list(h.sharding.devices_indices_map(tuple(h.shape)))
+        mesh = Mesh(np.asarray(devices), ("jaxent_devices",))
         tok, vocab = (), ()
     t, v = entry_of(tok), entry_of(vocab)
     specs = {"row": P(t), "hidden": P(t, None), "bias": P(v), "replicated": P(),
@@ -206,7 +212,8 @@ def _custom_partitioned(name: str, fun, per_shard, out_kinds):
 
     def partition(ap, mesh, arg_shapes, result_shape):
         mesh, tok, vocab, specs = _auto_specs(ap, arg_shapes)
-        in_kinds = ("hidden", "kernel", "bias", "row", "row", "row", "row", "replicated")
+        in_kinds = ("hidden", "kernel", "bias", "row", "row", "row", "row", "row",
+                    "replicated")
         in_kinds += ("row",) * (len(arg_shapes) - len(in_kinds))
         in_shardings = tuple(None if a is None else NamedSharding(mesh, specs[kind])
                              for a, kind in zip(arg_shapes, in_kinds, strict=True))
@@ -267,7 +274,7 @@ _token_forward_op = _custom_partitioned(
 
 
 def _auto_plan(plan: Plan, spec: FusedSpec, bias, weight) -> AutoPlan:
-    return AutoPlan(spec, plan, bias is not None, weight is not None)
+    return AutoPlan(spec, plan, bias is not None, weight is not None, spec.row_temperature)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -313,7 +320,8 @@ _auto_token_sum.defvjp(_auto_token_fwd, _auto_token_bwd)
 
 
 def walks(spec: FusedSpec, bias, weight) -> dict:
-    """The walks of :data:`jaxent.placement.local.WALKS`, split by the partitioner."""
+    """The registered implementations' ``run`` (:mod:`jaxent.impl`), split by the
+    partitioner: ``{name: run}`` for the ones that have an Auto-mesh version."""
 
     def rows(plan, h, k, b, lab, w):
         return _auto_rows(_auto_plan(plan, spec, bias, weight), h, k, b, lab, w)
@@ -321,4 +329,4 @@ def walks(spec: FusedSpec, bias, weight) -> dict:
     def token_sum(plan, h, k, b, lab, w):
         return _auto_token_sum(_auto_plan(plan, spec, bias, weight), h, k, b, lab, w)
 
-    return {"vocab": (rows, True), "token": (token_sum, False)}
+    return {"vocab": rows, "token": token_sum}

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxent import _checks, _rowmath
 from jaxent.impl._blocks import vocab_axis as _vocab_axis
 from jaxent.placement.local import FusedSpec, fused_call
 
@@ -64,8 +65,14 @@ def layout_of(hidden, kernel, bias, labels, weight, where,
     replicated): the walk cannot mix them with the mesh-less arrays it creates. An axis
     that does not divide the vocabulary or a token dimension is left out of the split.
     """
-    typed = [typed_sharding(x)[0] for x in (hidden, kernel, bias, labels, weight, where)
-             if x is not None]
+    return head_layout(hidden, kernel, kernel_layout, bias, labels, weight, where)
+
+
+def head_layout(hidden, kernel, kernel_layout: str, *others) -> ExplicitLayout | None:
+    """:func:`layout_of` of any head: ``hidden [..., D]`` and ``kernel`` give the split,
+    every array (``others`` included; None and non-arrays are skipped) may carry the mesh."""
+    typed = [typed_sharding(x)[0] for x in (hidden, kernel, *others)
+             if isinstance(x, jax.Array)]
     meshes = {m for m in typed if m is not None and AxisType.Explicit in m.axis_types}
     if not meshes:
         return None
@@ -87,7 +94,7 @@ def layout_of(hidden, kernel, bias, labels, weight, where,
     return ExplicitLayout(mesh, entry_of(vocab), tuple(batch))
 
 
-def place(mesh: Mesh, specs, args):
+def place(mesh: Mesh | jax.sharding.AbstractMesh, specs, args):
     """Reshard ``args`` to ``specs`` on a mesh with explicit axes (auto axes need nothing:
     ``shard_map`` reshards its inputs itself)."""
     if not any(t == AxisType.Explicit for t in mesh.axis_types):
@@ -97,7 +104,7 @@ def place(mesh: Mesh, specs, args):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask):
+def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask, temp=None):
     """``jax.shard_map`` of the per-device fused program: the vocabulary over ``vocab``
     (None: not split), the token axes of ``hidden``/``labels`` as the spec entries
     ``batch`` say."""
@@ -106,17 +113,99 @@ def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask)
     y_spec, h_spec = P(*batch), P(*batch, None)
     k_spec = P(None, vocab) if spec.layout == "dv" else P(vocab, None)
     specs = (h_spec, k_spec, y_spec, None if b is None else P(vocab),
-             None if w is None else P(), None if mask is None else y_spec)
+             None if w is None else P(), None if mask is None else y_spec,
+             None if temp is None else y_spec)
     out_spec: object = y_spec if spec.opts.reduction == "none" else P()
     if spec.aux:
         out_spec = (out_spec, {"lse": y_spec, "z_loss": y_spec, "argmax": y_spec,
                                "accuracy": P()})
 
-    def body(h, k, y, b, w, mask):
-        return fused_call(spec, h, k, b, y, w, mask, vocab_axis=vocab, token_axis=tok)
+    def body(h, k, y, b, w, mask, temp):
+        return fused_call(spec, h, k, b, y, w, mask, temp=temp, vocab_axis=vocab,
+                          token_axis=tok)
 
-    args = place(mesh, specs, (h, k, y, b, w, mask))
+    args = place(mesh, specs, (h, k, y, b, w, mask, temp))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+
+
+# The layout kinds of a head's arguments: how each is split (``vocab``: the vocabulary axis
+# entry, ``batch``: the entries of the token axes).
+def kind_spec(kind: str, layout: str, vocab, batch: tuple) -> P:
+    """The ``PartitionSpec`` of an argument of layout ``kind``: ``"hidden"`` (``[..., D]``),
+    ``"kernel"``, ``"vocab"`` (``[V]``: bias, class weights), ``"row"`` (the tokens' shape),
+    ``"targets"`` (``[..., V]``) or ``"replicated"`` (a scalar result)."""
+    if kind == "kernel":
+        return P(None, vocab) if layout == "dv" else P(vocab, None)
+    return {"hidden": P(*batch, None), "vocab": P(vocab), "row": P(*batch),
+            "targets": P(*batch, vocab), "replicated": P()}[kind]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def shard_head(fn, static: tuple, layout: ExplicitLayout, kernel_layout: str, kinds: tuple,
+               out_kinds, *arrays):
+    """``fn(vocab_axis, token_axis, **static, **arrays)`` in a ``jax.shard_map`` split as
+    ``layout`` says.
+
+    ``static`` holds ``(name, value)`` pairs of hashable options, ``kinds`` one ``(name,
+    layout kind)`` per array of ``arrays`` (None stays None), ``out_kinds`` the kind of each
+    result (a tuple, or one kind) (see :func:`kind_spec`); ``fn`` gets the vocabulary axis
+    (or None) and the token axes (or None) the split uses.
+    """
+    tok = entry_of(tuple(a for e in layout.batch for a in axes_of(e)))
+    spec = lambda kind: kind_spec(kind, kernel_layout, layout.vocab, layout.batch)  # noqa: E731
+    specs = tuple(None if a is None else spec(kind)
+                  for a, (_, kind) in zip(arrays, kinds, strict=True))
+    outs = (spec(out_kinds) if isinstance(out_kinds, str)
+            else tuple(spec(k) for k in out_kinds))
+
+    def body(*arrays):
+        named = {name: a for a, (name, _) in zip(arrays, kinds, strict=True)}
+        return fn(layout.vocab, tok, **dict(static), **named)
+
+    args = place(layout.mesh, specs, arrays)
+    return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=outs)(*args)
+
+
+# How each array argument of a head is split on a mesh (kind_spec), by its name.
+_KINDS = {"hidden": "hidden", "student_hidden": "hidden", "teacher_hidden": "hidden",
+          "kernel": "kernel", "student_kernel": "kernel", "teacher_kernel": "kernel",
+          "bias": "vocab", "student_bias": "vocab", "teacher_bias": "vocab",
+          "weight": "vocab", "targets": "targets", "tokens": "row", "labels": "row",
+          "where": "row", "temperature": "row"}
+
+
+def run_head(shard_fn, arrays: dict, static: dict, temperature, out_kinds):
+    """The head split as its inputs' types say when one is typed over a mesh with explicit
+    axes (:func:`jaxent.placement.explicit.head_layout`), else None.
+
+    The vocabulary-parallel walk runs in a ``jax.shard_map`` over the kernel's vocabulary
+    axis, the tokens split over ``hidden``'s token axes: ``shard_fn(vocab, tok, **kw)``
+    is the head's vocabulary-parallel version. Concrete token ids are checked first.
+    """
+    names = [n for n in arrays if n.endswith("hidden")]
+    hidden = jnp.asarray(arrays[names[0]])
+    kernel_name = names[0].replace("hidden", "kernel")
+    layout = head_layout(hidden, arrays[kernel_name], static["kernel_layout"],
+                                   *arrays.values(), temperature)
+    if layout is None:
+        return None
+    batch_shape = hidden.shape[:-1]
+    temp_s, temp = _checks.temperature_array(temperature, batch_shape,
+                                             _rowmath.compute_dtype(hidden.dtype))
+    if temp is not None:  # the array goes through the split; the checks ran above
+        arrays = {**arrays, "temperature": temp}
+    else:
+        static = {**static, "temperature": temp_s}
+    if "tokens" in arrays:  # the vocabulary is split inside: check concrete ids here
+        y = _checks.int_labels(arrays["tokens"], batch_shape, "tokens")
+        k = _checks.float_array(arrays["kernel"], "kernel")
+        v = k.shape[1 if static["kernel_layout"] == "dv" else 0] if k.ndim == 2 else 0
+        v = static["vocab_size"] or v
+        _checks.token_values(y, v, _checks.where_mask(arrays["where"], batch_shape))
+    arrays = {n: None if a is None else jnp.asarray(a) for n, a in arrays.items()}
+    kinds = tuple((n, _KINDS[n]) for n in arrays)
+    return shard_head(shard_fn, tuple(static.items()), layout,
+                                static["kernel_layout"], kinds, out_kinds, *arrays.values())
 
 
 def _pad_vocab(k, b, layout: str, mesh, vocab):
@@ -133,6 +222,7 @@ def _pad_vocab(k, b, layout: str, mesh, vocab):
     return jnp.pad(k, pads), None if b is None else jnp.pad(b, (0, extra))
 
 
-def run(spec: FusedSpec, layout: ExplicitLayout, h, k, b, y, w, mask):
+def run(spec: FusedSpec, layout: ExplicitLayout, h, k, b, y, w, mask, temp=None):
     """The fused loss split as ``layout`` says."""
-    return shard_fused(spec, layout.mesh, layout.vocab, layout.batch, h, k, y, b, w, mask)
+    return shard_fused(spec, layout.mesh, layout.vocab, layout.batch, h, k, y, b, w, mask,
+                       temp)

@@ -3,8 +3,9 @@
 The same function serves one device and every device of a split: inside ``jax.shard_map``
 ``vocab_axis`` names the mesh axis the vocabulary is split over (the walk merges its row
 statistics over it) and ``token_axis`` the axes the tokens are split over (the reduction
-and the accuracy are summed over them). A placement may swap the walks (``ops``) for its
-own versions of them (:mod:`jaxent.placement.auto`).
+and the accuracy are summed over them). Each implementation's ``run`` comes from the
+registry (:func:`jaxent.impl.implementation`); a placement may swap in its own versions
+(``walks``, :mod:`jaxent.placement.auto`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +22,7 @@ from jax import lax
 from jaxent import _platform
 from jaxent import _rowmath as rm
 from jaxent._options import Options
-from jaxent.impl import Request, select
-from jaxent.impl import pallas as _pallas
-from jaxent.impl import token as _token
-from jaxent.impl import vocab as _vocab
+from jaxent.impl import Request, implementation, select
 from jaxent.impl._blocks import vocab_axis as _vocab_axis
 from jaxent.impl.plan import make_plan
 
@@ -41,6 +39,7 @@ class FusedSpec:
       impl: the implementation asked for.
       aux: ``return_aux``.
       interpret: run Pallas kernels in interpret mode (``impl="pallas"`` on the CPU).
+      row_temperature: the temperature comes as one value per token (``temp``).
     """
 
     opts: Options
@@ -51,24 +50,7 @@ class FusedSpec:
     impl: str
     aux: bool
     interpret: bool = False
-
-
-def _pallas_rows(plan, h, kernel, bias, lab: rm.Labels, weight):
-    """The Pallas kernels' per-token losses, ``(lse, argmax)`` (their platform chosen when
-    lowering: Triton on NVIDIA GPUs, Mosaic on TPUs)."""
-    losses, lse, arg = _pallas.dispatch_linear_ce_rows(
-        h, kernel, bias, rm.kernel_labels(lab), lab.row_w, lab.counted, weight, opts=plan.opts,
-        num_classes=plan.num_classes, layout=plan.layout, interpret=plan.interpret,
-        aux=plan.aux)
-    return rm.row_losses(losses, lab), (lse, arg)
-
-
-# name -> (walk, whether it returns per-token losses rather than their sum)
-WALKS: dict[str, tuple[Callable, bool]] = {
-    "vocab": (_vocab.rows, True),
-    "token": (_token.token_sum, False),
-    "pallas": (_pallas_rows, True),
-}
+    row_temperature: bool = False
 
 
 def _psum(x, axis: Hashable | None):
@@ -98,26 +80,31 @@ def aux_dict(lse, arg, lab: rm.Labels, z_loss: float, batch_shape,
     }
 
 
-def choose_walk(spec: FusedSpec, h, *, vocab_parallel: bool, padded: bool = False) -> str:
+def choose_walk(spec: FusedSpec, h, *, vocab_parallel: bool, padded: bool = False,
+                auto_mesh: bool = False) -> str:
     """The walk :func:`jaxent.impl.select` picks for this device's part of the call."""
     req = Request("linear", h.dtype, spec.opts.reduction, vocab_parallel,
-                  isinstance(h.shape[0], int), padded, spec.num_classes)
+                  isinstance(h.shape[0], int), padded, spec.num_classes,
+                  spec.row_temperature, auto_mesh)
     return select(spec.impl, req)
 
 
 def fused_call(spec: FusedSpec, hidden, kernel, bias, labels, weight, where, *,
-               vocab_axis: Hashable | None = None, token_axis: Hashable | None = None,
-               walks: dict | None = None):
+               temp=None, vocab_axis: Hashable | None = None,
+               token_axis: Hashable | None = None, walks: dict | None = None,
+               auto_mesh: bool = False):
     """:func:`fused_loss` of validated arrays as the user passed them: ``hidden [..., D]``,
-    ``labels [...]``, ``where [...]`` or None, the full ``weight [V]`` or None."""
+    ``labels [...]``, ``where [...]`` or None, ``temp [...]`` (per-row temperatures) or
+    None, the full ``weight [V]`` or None."""
     batch_shape = hidden.shape[:-1]
     n, d = math.prod(batch_shape), hidden.shape[-1]
     dtype = jnp.result_type(hidden.dtype, kernel.dtype)
     acc = rm.compute_dtype(dtype)
     w = None if weight is None else weight.astype(acc)
-    lab = rm.labels_info(labels, spec.num_classes, spec.opts.ignore_index, where, w, acc)
+    lab = rm.labels_info(labels, spec.num_classes, spec.opts.ignore_index, where, w, acc,
+                         temp)
     run = functools.partial(fused_loss, spec, batch_shape=batch_shape, vocab_axis=vocab_axis,
-                            token_axis=token_axis, walks=walks)
+                            token_axis=token_axis, walks=walks, auto_mesh=auto_mesh)
     args = (hidden.reshape(n, d).astype(dtype), kernel.astype(dtype),
             None if bias is None else bias.astype(dtype), lab, w)
     if spec.impl in ("auto", "xla"):  # the walk is chosen for the lowering's platform
@@ -127,22 +114,23 @@ def fused_call(spec: FusedSpec, hidden, kernel, bias, labels, weight, where, *,
 
 def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_shape, *,
                vocab_axis: Hashable | None = None, token_axis: Hashable | None = None,
-               walks: dict | None = None):
+               walks: dict | None = None, auto_mesh: bool = False):
     """The fused loss of this device's ``h [N, D]`` and kernel columns: the reduced loss,
     and with ``spec.aux`` the aux dict."""
-    walks = WALKS if walks is None else walks
     n, d = h.shape
     local = kernel.shape[_vocab_axis(spec.layout)]
     shards = 1 if vocab_axis is None else lax.axis_size(vocab_axis)
     name = choose_walk(spec, h, vocab_parallel=vocab_axis is not None,
-                       padded=local * shards != spec.num_classes)
+                       padded=local * shards != spec.num_classes, auto_mesh=auto_mesh)
     plan = make_plan(spec.opts, spec.num_classes, local, n, d, spec.layout, spec.aux,
                      shards=shards, vocab_axis=vocab_axis, block_size=spec.block_size,
                      token_block_size=spec.token_block_size, interpret=spec.interpret)
-    walk, per_row = walks[name]
+    impl = implementation("linear", name)
+    run = impl.run if walks is None else walks[name]
+    assert run is not None, f"{name} has no fused run"
     with jax.named_scope(f"jaxent_{name}"):  # names the walk in the lowered program
-        out, (lse, arg) = walk(plan, h, kernel, bias, lab, weight)
-    loss = reduce_rows(out.reshape(batch_shape) if per_row else out, lab,
+        out, (lse, arg) = run(plan, h, kernel, bias, lab, weight)
+    loss = reduce_rows(out.reshape(batch_shape) if impl.per_row else out, lab,
                        spec.opts.reduction, token_axis)
     if not spec.aux:
         return loss

@@ -1,0 +1,165 @@
+"""The one streaming walk over any row statistic (:mod:`jaxent.impl.stats`).
+
+A *stream* is a source of raw logits: materialized rows ``(x,)`` (``x [N, C]``) or a linear
+head ``(h, kernel, bias)`` whose blocks are ``h @ W_b + b_b`` (never the whole ``[N, V]``).
+:func:`run` folds the blocks of every stream into the statistic, in blocks of
+``plan.block_v`` columns (the vocabulary walk of :func:`jaxent.impl.vocab.walk`: padding
+columns masked, in blocks of their own); on a vocabulary shard (``plan.vocab_axis``, inside
+``jax.shard_map``) the carries are merged over the mesh axis, and the statistic finishes
+the per-row outputs. It is a ``jax.custom_vjp`` that keeps ``O(N)`` residuals: the backward
+walks again and asks the statistic for each block's gradient, which it turns into
+``d x`` (rows), or ``d h += dx @ W_b^T``, ``d W_b = h^T dx``, ``d b_b = sum dx`` (head).
+Only the first stream gets gradients (a teacher is a constant).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxent import _platform
+from jaxent import _rowmath as rm
+from jaxent._platform import Quirks
+from jaxent.impl import _blocks as B
+from jaxent.impl import vocab
+from jaxent.impl.plan import Plan
+from jaxent.impl.stats import Rows, Statistic
+
+
+def _acc(streams) -> jnp.dtype:
+    return rm.compute_dtype(streams[0][0].dtype)
+
+
+def _block(plan: Plan, q: Quirks, ops, start, size: int, masked: bool):
+    """``(raw logits [N, size] of columns [start, start + size), kernel block or None,
+    valid [1, size] or None)`` of one stream."""
+    if len(ops) == 1:
+        (x,) = ops
+        xb = x if size == x.shape[1] else lax.dynamic_slice_in_dim(x, start, size, 1)
+        xb = xb.astype(rm.compute_dtype(x.dtype))
+        valid = vocab.valid_columns(plan, start, size) if masked else None
+        return (xb if valid is None else rm.mask_columns(xb, valid)), None, valid
+    h, k, b = ops
+    kb, xb, _, valid = vocab.block(plan, q, h, k, b, None, start, size, masked)
+    return xb, kb, valid
+
+
+def _cols(cols: dict, start, size: int) -> dict:
+    """The per-class inputs of columns ``[start, start + size)`` (last axis)."""
+    return {n: None if a is None else lax.dynamic_slice_in_dim(a, start, size, a.ndim - 1)
+            for n, a in cols.items()}
+
+
+def _walk(plan: Plan, step, carry):
+    """``step(start, size, masked, carry)`` over this device's columns; one block is a
+    plain call (materialized rows usually are one block)."""
+    if not plan.padded and plan.local_classes <= plan.block_v:
+        return step(0, plan.local_classes, False, carry)
+    return vocab.walk(plan, step, carry)
+
+
+def _pass(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, cols: dict):
+    opts = rm.row_options(plan.opts, rows.temp)
+    off = vocab.shard_offset(plan)
+    n = streams[0][0].shape[0]
+
+    def step(start, size, masked, carry):
+        blocks = [_block(plan, q, ops, start, size, masked) for ops in streams]
+        return stat.fold(opts, carry, tuple(b[0] for b in blocks), rows,
+                         _cols(cols, start, size), off + start, blocks[0][2])
+
+    carry = B.varying_like(stat.init(n, _acc(streams)), streams, rows, cols)
+    carry = _walk(plan, step, carry)
+    if plan.vocab_axis is not None:
+        carry = stat.merge(opts, carry, plan.vocab_axis)
+    return stat.finish(opts, carry, rows)
+
+
+def _forward(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, cols: dict):
+    out, res = _pass(stat, plan, q, streams, rows, cols)
+    nxt = stat.then(res)
+    while nxt is not None:
+        out, res = _pass(nxt, plan, q, streams, rows, cols)
+        nxt = nxt.then(res)
+    return out, res
+
+
+def _grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, cols: dict, res,
+           cts):
+    """``(cotangent of stream 0, {name: cotangent of cols[name]})``."""
+    opts = rm.row_options(plan.opts, rows.temp)
+    off = vocab.shard_offset(plan)
+    ops = streams[0]
+    head = len(ops) == 3
+    axis = B.vocab_axis(plan.layout)
+
+    def step(start, size, masked, carry):
+        g, dcols = carry
+        blocks = [_block(plan, q, o, start, size, masked) for o in streams]
+        dx, dcb = stat.block_grad(opts, res, tuple(b[0] for b in blocks), rows,
+                                  _cols(cols, start, size), off + start, cts)
+        valid = blocks[0][2]
+        if valid is not None:
+            dx = jnp.where(valid, dx, 0.0)
+        dcols = {n: lax.dynamic_update_slice_in_dim(
+            d, dcb[n].astype(d.dtype), start, d.ndim - 1) for n, d in dcols.items()}
+        if not head:
+            return (lax.dynamic_update_slice_in_dim(g[0], dx.astype(g[0].dtype), start, 1),
+                    ), dcols
+        dh, dk, db = g
+        h, k, b = ops
+        dk = _platform.dupdate(dk, B.block_dkernel(h, dx, plan.layout, q), start, axis,
+                               k.dtype, q)
+        if db is not None:
+            db = _platform.dupdate(db, dx.sum(0), start, 0, b.dtype, q)
+        return (dh + B.block_dhidden(dx, blocks[0][1], plan.layout), dk, db), dcols
+
+    g0: tuple
+    if head:
+        h, k, b = ops
+        # bf16 gradients are carried as uint16 bits on the CPU (_platform.Quirks.bf16_bits).
+        g0 = (jnp.zeros(h.shape, _acc(streams)), _platform.carry_zeros(k.shape, k.dtype, q),
+              None if b is None else _platform.carry_zeros(b.shape, b.dtype, q))
+    else:
+        g0 = (jnp.zeros(ops[0].shape, ops[0].dtype),)
+    dc0 = {n: jnp.zeros(cols[n].shape, cols[n].dtype) for n in stat.diff_cols}
+    g, dcols = _walk(plan, step, B.varying_like((g0, dc0), streams, rows, cols, res, cts))
+    if head:
+        h, k, b = ops
+        g = (g[0].astype(h.dtype), _platform.carry_value(g[1], k.dtype),
+             None if g[2] is None else _platform.carry_value(g[2], b.dtype))
+    g = tuple(B.psum_to_type(c, r) for c, r in zip(g, ops, strict=True))
+    return g, {n: B.psum_to_type(d, cols[n]) for n, d in dcols.items()}
+
+
+def _run_fwd(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict):
+    out, res = _platform.per_platform(
+        lambda q, s, r, c: _forward(stat, plan, q, s, r, c), streams, rows, cols)
+    return out, (streams, rows, cols, res)
+
+
+def _run_bwd(stat: Statistic, plan: Plan, saved, cts):
+    streams, rows, cols, res = saved
+    g, dcols = _platform.per_platform(
+        lambda q, s, r, c, res, cts: _grads(stat, plan, q, s, r, c, res, cts),
+        streams, rows, cols, res, cts)
+    none = lambda tree: jax.tree.map(lambda _: None, tree)  # noqa: E731
+    dstreams = (g,) + tuple(none(s) for s in streams[1:])
+    return dstreams, none(rows), {n: dcols.get(n) for n in cols}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def run(stat: Statistic, plan: Plan, streams: tuple, rows: Rows, cols: dict):
+    """The per-row outputs of ``stat`` over ``streams`` (see the module docstring).
+
+    ``plan.local_classes`` are the columns this device walks (the whole vocabulary on one
+    device), ``plan.padding`` the padding columns at the vocabulary's end; ``cols`` holds
+    this device's columns of the per-class inputs.
+    """
+    return _run_fwd(stat, plan, streams, rows, cols)[0]
+
+
+run.defvjp(_run_fwd, _run_bwd)

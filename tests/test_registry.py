@@ -1,0 +1,49 @@
+"""The registry of implementations: its entries run, an explicit ``impl`` is honoured (the
+compiled programs differ) or refused by name."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxent
+from jaxent.impl import REGISTRY, implementation
+
+H = jax.ShapeDtypeStruct((32, 16), jnp.float32)
+K = jax.ShapeDtypeStruct((16, 96), jnp.float32)
+Y = jax.ShapeDtypeStruct((32,), jnp.int32)
+
+
+def _program(impl: str) -> str:
+    def loss(h, k, y):
+        return jaxent.linear_cross_entropy(h, k, y, impl=impl, block_size=32,
+                                           token_block_size=16, interpret=True)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(H, K, Y).as_text()
+
+
+def test_entries_are_the_implementations():
+    for (kind, name), entry in REGISTRY.items():
+        assert entry.name == name and entry.kind == kind
+        if kind == "linear":
+            assert callable(implementation(kind, name).run)
+
+
+def test_explicit_impls_compile_to_different_programs():
+    programs = {impl: _program(impl) for impl in ("vocab", "token", "pallas")}
+    for a, b in itertools.combinations(programs, 2):
+        assert programs[a] != programs[b], (a, b)
+    assert _program("auto") in (programs["vocab"], programs["token"])
+
+
+@pytest.mark.parametrize("impl", ["token", "pallas"])
+def test_rl_heads_refuse_what_they_cannot_serve(impl):
+    h = jnp.ones((4, 8))
+    k = jnp.ones((8, 10))
+    with pytest.raises(ValueError, match=f"`impl`.*'{impl}'"):
+        jaxent.linear_log_probs(h, k, jnp.zeros((4,), jnp.int32), impl=impl)
+    with pytest.raises(ValueError, match=f"`impl`.*'{impl}'"):
+        jaxent.linear_distillation_loss(h, k, h, k, impl=impl)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from jax.typing import ArrayLike
 
 from jaxent import _checks
+from jaxent import distill as _distill
 from jaxent import rl as _rl
 from jaxent._options import KernelLayout, Reduction
 
@@ -148,7 +149,7 @@ def linear_distillation_loss(
     *,
     axis_name,
     token_axis_name=None,
-    divergence: _rl.Divergence = "kl",
+    divergence: _distill.Divergence = "kl",
     beta: float = 0.5,
     temperature: float | ArrayLike = 1.0,
     student_bias: ArrayLike | None = None,
@@ -198,7 +199,7 @@ def linear_distillation_loss(
       True
     """
     _checks.disjoint_axes(axis_name, token_axis_name)
-    return _rl.fused_distillation_loss(
+    return _distill.fused_distillation_loss(
         student_hidden, student_kernel, teacher_hidden, teacher_kernel, divergence=divergence,
         beta=beta, temperature=temperature, student_bias=student_bias,
         teacher_bias=teacher_bias, kernel_layout=kernel_layout, labels=labels,

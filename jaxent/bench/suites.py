@@ -57,7 +57,7 @@ from jaxent.bench.contenders import (
 )
 from jaxent.bench.measure import SETTLE_S, machine_load, run_case, run_suite
 from jaxent.bench.report import to_json, to_markdown
-from jaxent.rl import DIVERGENCES, Divergence
+from jaxent.distill import DIVERGENCES, Divergence
 
 SuiteName = Literal["main", "gpu"]
 

@@ -203,6 +203,46 @@ def static_float(value, name: str) -> float:
     return out
 
 
+def one_of(value, allowed: tuple, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is one of ``allowed``.
+
+    >>> one_of("k3", ("k1", "k2", "k3"), "estimator")
+    """
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
+
+
+def positive_float(value, name: str, *, below: float | None = None) -> float:
+    """A static float in ``(0, inf)`` (or ``(0, below)``), else ``ValueError`` naming ``name``.
+
+    >>> positive_float(0.2, "clip_eps", below=1.0)
+    0.2
+    """
+    out = static_float(value, name)
+    if not (out > 0 and math.isfinite(out)) or (below is not None and out >= below):
+        bound = f"in (0, {below})" if below is not None else "positive and finite"
+        raise ValueError(f"`{name}` must be {bound}, got {value!r}")
+    return out
+
+
+def nonnegative_float(value, name: str) -> float:
+    """A static finite float ``>= 0``, else ``ValueError`` naming ``name``."""
+    out = static_float(value, name)
+    if not (out >= 0 and math.isfinite(out)):
+        raise ValueError(f"`{name}` must be >= 0 and finite, got {value!r}")
+    return out
+
+
+def optional_float_like(x: ArrayLike | None, shape: Sequence[int], name: str,
+                        what: str) -> jax.Array | None:
+    """None, or ``x`` as a float array of ``shape`` (``what`` says which shape)."""
+    if x is None:
+        return None
+    arr = float_array(x, name)
+    expect_shape(arr, shape, name, what)
+    return arr
+
+
 def options(
     *,
     reduction: str,

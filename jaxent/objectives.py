@@ -50,6 +50,7 @@ Aggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
 AGGREGATIONS: tuple[Aggregation, ...] = get_args(Aggregation)
 KLEstimator = Literal["k1", "k2", "k3"]
 RatioLevel = Literal["token", "sequence"]
+_AS_LOGP = "the shape of `logp`"  # what the optional per-token inputs must match
 
 
 class Normalizers(NamedTuple):
@@ -103,34 +104,6 @@ class Metrics(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _choice(value, allowed: tuple, name: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
-
-
-def _positive(value, name: str, *, below: float | None = None) -> float:
-    out = _checks.static_float(value, name)
-    if not (out > 0 and math.isfinite(out)) or (below is not None and out >= below):
-        bound = f"in (0, {below})" if below is not None else "positive and finite"
-        raise ValueError(f"`{name}` must be {bound}, got {value!r}")
-    return out
-
-
-def _nonnegative(value, name: str) -> float:
-    out = _checks.static_float(value, name)
-    if not (out >= 0 and math.isfinite(out)):
-        raise ValueError(f"`{name}` must be >= 0 and finite, got {value!r}")
-    return out
-
-
-def _like(x: ArrayLike | None, shape: tuple, name: str) -> jax.Array | None:
-    if x is None:
-        return None
-    arr = _checks.float_array(x, name)
-    _checks.expect_shape(arr, shape, name, "the shape of `logp`")
-    return arr
 
 
 def _mask(mask: ArrayLike | None, shape: tuple) -> jax.Array:
@@ -249,7 +222,7 @@ def aggregate(values: ArrayLike, mask: ArrayLike | None = None,
       seq-mean-token-mean 3.25
       seq-mean-token-sum-norm 3.0
     """
-    _choice(aggregation, AGGREGATIONS, "aggregation")
+    _checks.one_of(aggregation, AGGREGATIONS, "aggregation")
     v = _checks.float_array(values, "values")
     if v.ndim < 1:
         raise ValueError("`values` must have a token axis (shape [..., T]), got a scalar")
@@ -299,10 +272,10 @@ def kl_penalty(logp: ArrayLike, ref_logp: ArrayLike,
       >>> [round(float(objectives.kl_penalty(logp, ref, e)[0]), 4) for e in ("k1", "k2", "k3")]
       [0.6931, 0.2402, 0.1931]
     """
-    _choice(estimator, get_args(KLEstimator), "estimator")
+    _checks.one_of(estimator, get_args(KLEstimator), "estimator")
     lp = _logp(logp)
     ref = _checks.float_array(ref_logp, "ref_logp")
-    _checks.expect_shape(ref, lp.shape, "ref_logp", "the shape of `logp`")
+    _checks.expect_shape(ref, lp.shape, "ref_logp", _AS_LOGP)
     dtype = jnp.promote_types(lp.dtype, jnp.float32)
     log_rho = lax.stop_gradient(ref).astype(dtype) - lp.astype(dtype)
     if estimator == "k1":
@@ -404,18 +377,18 @@ def policy_loss(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike,
       >>> jax.grad(lambda lp: objectives.policy_loss(lp, old, adv, mask)[0])(logp).shape
       (2, 3)
     """
-    _choice(ratio_level, get_args(RatioLevel), "ratio_level")
-    _choice(tis_level, get_args(RatioLevel), "tis_level")
-    _choice(kl_estimator, get_args(KLEstimator), "kl_estimator")
-    _choice(aggregation, AGGREGATIONS, "aggregation")
-    lo_eps = _positive(eps_low, "eps_low", below=1.0)
-    hi_eps = lo_eps if eps_high is None else _positive(eps_high, "eps_high")
+    _checks.one_of(ratio_level, get_args(RatioLevel), "ratio_level")
+    _checks.one_of(tis_level, get_args(RatioLevel), "tis_level")
+    _checks.one_of(kl_estimator, get_args(KLEstimator), "kl_estimator")
+    _checks.one_of(aggregation, AGGREGATIONS, "aggregation")
+    lo_eps = _checks.positive_float(eps_low, "eps_low", below=1.0)
+    hi_eps = lo_eps if eps_high is None else _checks.positive_float(eps_high, "eps_high")
     if dual_clip is not None and not _checks.static_float(dual_clip, "dual_clip") > 1:
         raise ValueError(f"`dual_clip` must be > 1 (the bound c on the ratio of negative-"
                          f"advantage tokens, Ye et al. 2020), got {dual_clip!r}")
-    cap = None if tis_cap is None else _positive(tis_cap, "tis_cap")
-    beta = _nonnegative(kl_coef, "kl_coef")
-    gamma = _nonnegative(entropy_coef, "entropy_coef")
+    cap = None if tis_cap is None else _checks.positive_float(tis_cap, "tis_cap")
+    beta = _checks.nonnegative_float(kl_coef, "kl_coef")
+    gamma = _checks.nonnegative_float(entropy_coef, "entropy_coef")
     if beta > 0 and ref_logp is None:
         raise ValueError("`kl_coef` > 0 needs `ref_logp` (the reference model's log-probs)")
     if gamma > 0 and entropy is None:
@@ -426,11 +399,11 @@ def policy_loss(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike,
     shape = lp.shape
     m = _mask(mask, shape)
     old = _checks.float_array(old_logp, "old_logp")
-    _checks.expect_shape(old, shape, "old_logp", "the shape of `logp`")
+    _checks.expect_shape(old, shape, "old_logp", _AS_LOGP)
     adv = _advantages(advantages, shape)
-    ref = _like(ref_logp, shape, "ref_logp")
-    ent = _like(entropy, shape, "entropy")
-    beh = _like(behaviour_logp, shape, "behaviour_logp")
+    ref = _checks.optional_float_like(ref_logp, shape, "ref_logp", _AS_LOGP)
+    ent = _checks.optional_float_like(entropy, shape, "entropy", _AS_LOGP)
+    beh = _checks.optional_float_like(behaviour_logp, shape, "behaviour_logp", _AS_LOGP)
     norm = _normalizers_arg(normalizers, m, max_length, axis_name)
     dtype = jnp.promote_types(lp.dtype, jnp.float32)
 

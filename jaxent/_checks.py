@@ -121,14 +121,16 @@ def _label_shape_hint(got: tuple, want: tuple, logits_shape, axis) -> str:
 
 def int_labels(labels: ArrayLike, shape: Sequence[int], name: str = "labels", *,
                logits_shape: Sequence[int] | None = None, axis: int | None = None,
-               what: str = "the logits' shape without the class axis") -> jax.Array:
-    """Integer class labels of the given shape (logits' shape without the class axis)."""
+               what: str = "the logits' shape without the class axis",
+               soft: str = "jaxent.soft_cross_entropy") -> jax.Array:
+    """Integer class labels of the given shape (logits' shape without the class axis);
+    ``soft`` names what takes probability targets instead (in the error for float labels)."""
     _fits_canonical_dtype(labels, name)
     arr = jnp.asarray(labels)
     if jnp.issubdtype(arr.dtype, jnp.floating):
         raise TypeError(
             f"`{name}` must be integer class indices, got dtype {arr.dtype}; for probability "
-            "(one-hot or soft) targets use jaxent.soft_cross_entropy"
+            f"(one-hot or soft) targets use {soft}"
         )
     if not jnp.issubdtype(arr.dtype, jnp.integer):
         raise TypeError(

@@ -281,7 +281,10 @@ def nll_loss(
     opts = _checks.options(reduction=reduction, ignore_index=ignore_index)
     c = _checks.num_classes(lp, ax, "log_probs")
     batch_shape = lp.shape[:ax] + lp.shape[ax + 1 :]
-    y = _checks.int_labels(labels, batch_shape, logits_shape=lp.shape, axis=ax)
+    y = _checks.int_labels(
+        labels, batch_shape, logits_shape=lp.shape, axis=ax,
+        soft="jaxent.soft_cross_entropy on the logits (or -(targets * log_probs).sum(axis) "
+             "on log-probabilities)")
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
     y = _checks.label_values(y, c, ignore_index, mask)

@@ -466,3 +466,16 @@ def test_a_jaxent_that_is_not_the_package_stops_the_bench(monkeypatch, tmp_path)
         bench.main(["--list"])
     message = str(exc.value.code)
     assert "not the jaxent package" in message and str(tmp_path / "jaxent") in message
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("missing.py:f", "expected NAME=TARGET:function"),
+    ("x=missing_file_for_jaxent_test.py:f", "cannot load 'missing_file_for_jaxent_test.py'"),
+    ("x=no_such_module_for_jaxent:f", "cannot load 'no_such_module_for_jaxent'"),
+    ("x=os:no_such_function", "'os' has no function 'no_such_function'"),
+])
+def test_a_bad_extra_contender_is_one_line(spec, expected):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--extra", spec, "--only", "^$", "--no-progress"])
+    message = str(exc.value.code)
+    assert message.startswith(f"--extra {spec!r}") and expected in message, message

@@ -448,15 +448,23 @@ def load_extra(spec: str) -> list[Contender]:
 
     name, _, target = spec.partition("=")
     where, _, attr = target.rpartition(":")
-    if where.endswith(".py"):
-        mod_spec = importlib.util.spec_from_file_location(f"_bench_extra_{attr}", where)
-        if mod_spec is None or mod_spec.loader is None:
-            raise SystemExit(f"--extra {spec}: cannot load {where!r}")
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    fn = getattr(module, attr)
+    if not (name and where and attr.isidentifier()):
+        raise SystemExit(f"--extra {spec!r}: expected NAME=TARGET:function, TARGET a .py file "
+                         "or a module")
+    try:
+        if where.endswith(".py"):
+            mod_spec = importlib.util.spec_from_file_location(f"_bench_extra_{attr}", where)
+            if mod_spec is None or mod_spec.loader is None:
+                raise ImportError(f"cannot load {where!r}")
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except (ImportError, OSError, SyntaxError) as e:
+        raise SystemExit(f"--extra {spec!r}: cannot load {where!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SystemExit(f"--extra {spec!r}: {where!r} has no function {attr!r}")
     return [Contender(name, for_kind(CE, fn)),
             Contender(f"{name} (donated logits)", for_kind(CE, fn, donate=True))]
 

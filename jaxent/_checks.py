@@ -486,6 +486,21 @@ def token_values(tokens: jax.Array, num_classes: int, where: jax.Array | None = 
                               f"[0, {num_classes}); their outputs are nan")
 
 
+def distinct_ids(ids: jax.Array, where: jax.Array | None = None,
+                 name: str = "ids") -> jax.Array:
+    """``[...]`` True on the rows of ``ids [..., k]`` that repeat an id (where ``where`` is
+    True). Concrete ids: such a row raises ``ValueError`` naming ``name`` and the row."""
+    srt = jnp.sort(ids, axis=-1)
+    dup = jnp.any(srt[..., 1:] == srt[..., :-1], axis=-1)
+    if where is not None:
+        dup = dup & where
+    if _is_concrete(ids, where) and bool(np.any(np.asarray(dup))):
+        row = tuple(int(i) for i in np.argwhere(np.asarray(dup))[0])
+        raise ValueError(f"`{name}` must hold distinct ids in each row; row {row} repeats "
+                         f"one: {np.asarray(ids)[row].tolist()}")
+    return dup
+
+
 def _axis_names(names) -> tuple:
     if names is None:
         return ()

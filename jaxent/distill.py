@@ -143,12 +143,11 @@ def _which_teacher(dense: dict, teacher_topk, teacher_tail) -> bool:
     return teacher_topk is not None
 
 
-def _run_sparse(kind: str, beta: float, plan_args, stream_, batch_shape, mask, temp,
-                teacher_topk, teacher_tail, v: int, acc, axis_name=None):
+def _run_sparse(kind: str, beta: float, plan, stream_, batch_shape, mask, temp,
+                teacher_topk, teacher_tail, v: int, acc):
     """Per-row losses of a student stream against a sparse teacher."""
     k, ids, lq, lqt = _sparse_teacher(teacher_topk, teacher_tail, batch_shape, v, mask, acc,
-                                      axis_name is not None)
-    plan = _heads.plan(*plan_args, axis_name=axis_name)
+                                      plan.vocab_axis is not None)
     n = lq.shape[0]
     rows = _topk.SupportRows(ids, _heads.counted(mask, n), temp, lq, lqt)
     return _heads.run(_topk.SparseTeacher(kind, k, beta, k < v), plan, (stream_,), rows, {})
@@ -208,7 +207,7 @@ def distillation_loss(
     _heads.check_reduction(reduction)
     sparse = _which_teacher({"teacher_logits": teacher_logits}, teacher_topk, teacher_tail)
     xs = _checks.float_array(student_logits, "student_logits")
-    if not sparse:
+    if teacher_logits is not None:
         xt = _checks.float_array(teacher_logits, "teacher_logits")
         _checks.expect_shape(xt, xs.shape, "teacher_logits", "the student_logits' shape")
     ax = _checks.normalize_axis(axis, xs.ndim)
@@ -224,9 +223,9 @@ def distillation_loss(
     n = rs.shape[0]
     counted = _heads.counted(mask, n)
     if sparse:
-        losses = _run_sparse(kind, b, (Options(temperature=temp_s), v, v, n, max(v, 1)),
-                             (rs,), batch_shape, mask, temp, teacher_topk, teacher_tail, v,
-                             acc)
+        plan = _heads.plan(Options(temperature=temp_s), v, v, n, max(v, 1))
+        losses = _run_sparse(kind, b, plan, (rs,), batch_shape, mask, temp, teacher_topk,
+                             teacher_tail, v, acc)
         return _heads.reduce(losses.reshape(batch_shape), counted, reduction)
     rt = jax.lax.stop_gradient(_heads.rows(xt, ax))
     plan = _heads.plan(Options(temperature=temp_s), v, v, n, max(v, 1), streams=2)
@@ -366,9 +365,10 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
         acc = _rowmath.compute_dtype(hs.dtype)
         temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
         n = hs.shape[0]
-        losses = _run_sparse(kind, b, (Options(temperature=temp_s), v, local, n, block_size,
-                                       kernel_layout), (hs, ks, bs), batch_shape, mask, temp,
-                             topk, teacher_tail, v, acc, axis_name)
+        plan = _heads.plan(Options(temperature=temp_s), v, local, n, block_size,
+                           kernel_layout, axis_name)
+        losses = _run_sparse(kind, b, plan, (hs, ks, bs), batch_shape, mask, temp, topk,
+                             teacher_tail, v, acc)
         return _heads.reduce(losses.reshape(batch_shape), _heads.counted(mask, n), reduction,
                              token_axis_name)
     ht, kt, bt, local_t, _ = _heads.head(teacher_hidden, teacher_kernel, teacher_bias,

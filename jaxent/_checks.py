@@ -490,15 +490,19 @@ def distinct_ids(ids: jax.Array, where: jax.Array | None = None,
                  name: str = "ids") -> jax.Array:
     """``[...]`` True on the rows of ``ids [..., k]`` that repeat an id (where ``where`` is
     True). Concrete ids: such a row raises ``ValueError`` naming ``name`` and the row."""
+    if _is_concrete(ids, where):
+        srt = np.sort(np.asarray(ids), axis=-1)
+        bad = np.any(srt[..., 1:] == srt[..., :-1], axis=-1)
+        if where is not None:
+            bad &= np.asarray(where)
+        if bad.any():
+            row = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"`{name}` must hold distinct ids in each row; row {row} "
+                             f"repeats one: {np.asarray(ids)[row].tolist()}")
+        return jnp.asarray(bad)
     srt = jnp.sort(ids, axis=-1)
     dup = jnp.any(srt[..., 1:] == srt[..., :-1], axis=-1)
-    if where is not None:
-        dup = dup & where
-    if _is_concrete(ids, where) and bool(np.any(np.asarray(dup))):
-        row = tuple(int(i) for i in np.argwhere(np.asarray(dup))[0])
-        raise ValueError(f"`{name}` must hold distinct ids in each row; row {row} repeats "
-                         f"one: {np.asarray(ids)[row].tolist()}")
-    return dup
+    return dup if where is None else dup & where
 
 
 def _axis_names(names) -> tuple:

@@ -60,8 +60,9 @@ def _check_grads(fused, reference, args, rng, k, tail=True, atol=1e-5):
             return (out[1] * r).sum() + ((out[2] * rt).sum() if tail else 0.0)
         return f
 
-    got = jax.grad(functional(fused), argnums=tuple(range(len(args))))(*args)
-    want = jax.grad(functional(reference), argnums=tuple(range(len(args))))(*args)
+    argnums = tuple(range(len(args)))
+    got = jax.jit(jax.grad(functional(fused), argnums=argnums))(*args)
+    want = jax.jit(jax.grad(functional(reference), argnums=argnums))(*args)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                    rtol=1e-5, atol=atol)
@@ -73,8 +74,8 @@ def _check_values(got, want, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("block_size,k", [(None, 5), (7, 12), (16, 1), (50, 50), (3, 4)])
-@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("block_size,k,layout", [
+    (None, 5, "dv"), (7, 12, "vd"), (16, 1, "dv"), (50, 50, "vd"), (3, 4, "dv")])
 def test_linear_matches_naive_with_ties(block_size, k, layout):
     rng = np.random.default_rng(block_size or 0)
     h, w, b = _tied_inputs(rng, layout)
@@ -85,7 +86,7 @@ def test_linear_matches_naive_with_ties(block_size, k, layout):
     fused = lambda h, w, b: jaxent.linear_topk_log_probs(  # noqa: E731
         h, w, k, bias=b, kernel_layout=layout, block_size=block_size, return_tail=True)
     ref = lambda h, w, b: naive(logits(h, w, b), k)  # noqa: E731
-    got, want = fused(h, w, b), ref(h, w, b)
+    got, want = jax.jit(fused)(h, w, b), jax.jit(ref)(h, w, b)
     _check_values(got, want)
     assert (np.diff(np.asarray(got[1]), axis=1) <= 0).all()
     _check_grads(fused, ref, (h, w, b), rng, k, tail=k < V)
@@ -109,7 +110,7 @@ def test_linear_softcap_temperature_where(cap, per_row):
         return (jnp.where(where[:, None], ids, -1), jnp.where(where[:, None], lp, 0.0),
                 jnp.where(where, tail, 0.0))
 
-    _check_values(fused(h, w), ref(h, w))
+    _check_values(jax.jit(fused)(h, w), jax.jit(ref)(h, w))
     _check_grads(fused, ref, (h, w), rng, k)
 
 
@@ -136,7 +137,7 @@ def test_materialized_gradient_and_temperature():
     fused = lambda x: jaxent.topk_log_probs(x, k, temperature=temp,  # noqa: E731
                                            logit_softcap=3.0, return_tail=True)
     ref = lambda x: naive(x, k, temp, 3.0)  # noqa: E731
-    _check_values(fused(x), ref(x))
+    _check_values(jax.jit(fused)(x), jax.jit(ref)(x))
     _check_grads(fused, ref, (x,), rng, k)
 
 

@@ -500,8 +500,8 @@ def distinct_ids(ids: jax.Array, where: jax.Array | None = None,
             raise ValueError(f"`{name}` must hold distinct ids in each row; row {row} "
                              f"repeats one: {np.asarray(ids)[row].tolist()}")
         return jnp.asarray(bad)
-    srt = jnp.sort(ids, axis=-1)
-    dup = jnp.any(srt[..., 1:] == srt[..., :-1], axis=-1)
+    ordered = jnp.sort(ids, axis=-1)
+    dup = jnp.any(ordered[..., 1:] == ordered[..., :-1], axis=-1)
     return dup if where is None else dup & where
 
 

@@ -52,8 +52,9 @@ _DOC = r"""
 
     the tail formed from the classes outside the top-k (no cancellation; ``-inf`` when the
     top-k hold all the mass). **Order:** what ``jax.lax.top_k(z, k)`` of the materialized
-    logits gives: ``z`` descending, equal ``z`` by the lower class id first (``-0.0`` equals
-    ``0.0``; classes at ``-inf`` come last, by id). The order is by ``z``, the logits after
+    logits gives: ``z`` descending, equal ``z`` by the lower class id first (classes at
+    ``-inf`` come last, by id; they tie with classes at ``finfo.min``). The order is by
+    ``z``, the logits after
     the temperature and the soft-cap, so two logits that the soft-cap rounds to the same
     value tie. Gradients: :math:`\partial \log p_{i_j} / \partial z_c = [c = i_j] - p_c`
     and :math:`\partial\,\mathrm{tail} / \partial z_c = [c \notin \{i_j\}]\, p_c /

@@ -307,6 +307,12 @@ def linear_distillation_loss(
     """
     _heads.check_impl(impl)
     ids, lq = teacher_pair(teacher_topk)
+    if ids is not None and jnp.ndim(student_kernel) == 2:
+        # checked here too: a placement on a mesh traces the ids before the head checks them
+        v = vocab_size or jnp.shape(student_kernel)[1 if kernel_layout == "dv" else 0]
+        shape = tuple(jnp.shape(student_hidden)[:-1])
+        _sparse_teacher(teacher_topk, teacher_tail, shape, v,
+                        _distill_mask(labels, ignore_index, where, shape), jnp.float32)
     arrays = {"student_hidden": student_hidden, "student_kernel": student_kernel,
               "teacher_hidden": teacher_hidden, "teacher_kernel": teacher_kernel,
               "student_bias": student_bias, "teacher_bias": teacher_bias, "labels": labels,

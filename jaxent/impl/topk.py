@@ -26,8 +26,8 @@ when ``S`` holds all the mass. For per-bin cotangents ``g_j`` (of ``log p_j``) a
   value, so that it still beats an empty slot (it then ties with a class at that lowest
   finite value: the one place where the order is by id rather than by ``z``). A column
   leaves the running top-k at most once, so ``s_out`` is the sum of ``exp(zs)`` over the
-  evicted candidates. Over vocabulary shards the shards'
-  candidates are gathered (in shard order, so in id order) and selected the same way.
+  evicted candidates. Over vocabulary shards the shards' candidates are gathered (in shard
+  order, so in id order) and selected the same way.
 * :class:`SparseTeacher` reads the student's logits at the teacher's ids ``rows.y [N, k]``
   and ``s_out`` of the columns outside them, and scores forward KL, reverse KL or the
   beta-JSD over the ``k + 1`` bins (:func:`bin_divergence`): with ``k = V`` (no tail bin)
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +64,7 @@ class SupportRows(NamedTuple):
 # ------------------------------------------------------------------------ order keys
 
 
-def empty_key(dtype) -> Any:
+def empty_key(dtype) -> jax.Array:
     """The key of an empty slot or a padding column: ``-inf``, below every class's key."""
     return jnp.array(-jnp.inf, dtype)
 

@@ -488,6 +488,25 @@ def token_values(tokens: jax.Array, num_classes: int, where: jax.Array | None = 
                               f"[0, {num_classes}); their outputs are nan")
 
 
+def distinct_ids(ids: jax.Array, where: jax.Array | None = None,
+                 name: str = "ids") -> jax.Array:
+    """``[...]`` True on the rows of ``ids [..., k]`` that repeat an id (where ``where`` is
+    True). Concrete ids: such a row raises ``ValueError`` naming ``name`` and the row."""
+    if _is_concrete(ids, where):
+        srt = np.sort(np.asarray(ids), axis=-1)
+        bad = np.any(srt[..., 1:] == srt[..., :-1], axis=-1)
+        if where is not None:
+            bad &= np.asarray(where)
+        if bad.any():
+            row = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"`{name}` must hold distinct ids in each row; row {row} "
+                             f"repeats one: {np.asarray(ids)[row].tolist()}")
+        return jnp.asarray(bad)
+    ordered = jnp.sort(ids, axis=-1)
+    dup = jnp.any(ordered[..., 1:] == ordered[..., :-1], axis=-1)
+    return dup if where is None else dup & where
+
+
 def _axis_names(names) -> tuple:
     if names is None:
         return ()

@@ -144,10 +144,12 @@ def linear_soft_cross_entropy(
 def linear_distillation_loss(
     student_hidden: ArrayLike,
     student_kernel: ArrayLike,
-    teacher_hidden: ArrayLike,
-    teacher_kernel: ArrayLike,
+    teacher_hidden: ArrayLike | None = None,
+    teacher_kernel: ArrayLike | None = None,
     *,
     axis_name,
+    teacher_topk: tuple[ArrayLike, ArrayLike] | None = None,
+    teacher_tail: ArrayLike | None = None,
     token_axis_name=None,
     divergence: _distill.Divergence = "kl",
     beta: float = 0.5,
@@ -177,6 +179,10 @@ def linear_distillation_loss(
       student_kernel, teacher_kernel: this device's vocabulary blocks (same layout).
       axis_name: the mesh axis (or axes) the vocabulary is sharded over.
       token_axis_name: the mesh axis (or axes) the tokens are sharded over, if any.
+      teacher_topk, teacher_tail: a sparse teacher instead of ``teacher_hidden`` and
+        ``teacher_kernel``: this device's tokens' global ids and log-probabilities
+        ``[..., k]`` (the same on every shard of ``axis_name``) and tail ``[...]``, as in
+        :func:`jaxent.linear_distillation_loss`.
       divergence, beta, temperature, student_bias, teacher_bias (local ``[V/k]`` blocks),
         kernel_layout, labels, ignore_index, where, reduction, block_size: as in
         :func:`jaxent.linear_distillation_loss`.
@@ -199,9 +205,11 @@ def linear_distillation_loss(
       True
     """
     _checks.disjoint_axes(axis_name, token_axis_name)
+    ids, lq = _distill.teacher_pair(teacher_topk)
     return _distill.fused_distillation_loss(
         student_hidden, student_kernel, teacher_hidden, teacher_kernel, divergence=divergence,
         beta=beta, temperature=temperature, student_bias=student_bias,
         teacher_bias=teacher_bias, kernel_layout=kernel_layout, labels=labels,
         ignore_index=ignore_index, where=where, reduction=reduction, block_size=block_size,
-        axis_name=axis_name, token_axis_name=token_axis_name)
+        axis_name=axis_name, token_axis_name=token_axis_name, teacher_ids=ids,
+        teacher_log_probs=lq, teacher_tail=teacher_tail)

@@ -20,6 +20,7 @@ from jax.typing import ArrayLike
 from jaxent import _checks, _heads, _rowmath
 from jaxent._options import Impl, KernelLayout, Options, Reduction
 from jaxent.impl import stats
+from jaxent.impl import topk as _topk
 from jaxent.placement import explicit as _explicit
 
 Divergence = Literal["kl", "reverse_kl", "jsd"]
@@ -69,10 +70,95 @@ def _distill_mask(labels, ig, where, batch_shape):
     return keep if mask is None else keep & mask
 
 
+_DOC_SPARSE = r"""
+    **Sparse teacher.** ``teacher_topk=(ids, log_probs)`` (each ``[..., k]``, the tokens'
+    shape plus ``k``; e.g. from :func:`jaxent.linear_topk_log_probs`) stands for the
+    teacher's logits: the divergence is taken over ``k + 1`` bins, the teacher's ``k`` ids
+    and one *tail* bin with the mass outside them,
+
+    .. math::
+        \log p_\mathrm{tail} = \log\sum_{c \notin \mathrm{ids}} e^{z^s_c / T}
+          - \log\sum_c e^{z^s_c / T},\qquad
+        \log q_\mathrm{tail} = \texttt{teacher\_tail}\ \text{or}\
+          \log\max\Big(0,\ 1 - \sum_j e^{\log q_j}\Big),
+
+    with the same formulas as above summed over the bins (``0 log 0 = 0``; a teacher tail
+    of ``-inf`` drops the bin from ``kl``). With ``k = V`` there is no tail bin and the loss
+    equals the dense one. ``temperature`` divides the student's logits only: the teacher's
+    log-probabilities are used as given. The ids must be distinct in each counted row and
+    in ``[0, V)``: concrete ids that are not raise ``ValueError`` naming ``teacher_topk``;
+    under ``jit`` such rows are ``nan``."""
+
+
+def _sparse_teacher(teacher_topk, teacher_tail, batch_shape, v: int, mask, acc,
+                    vocab_parallel: bool = False):
+    """``(k, ids [N, k] int32 (-1 on invalid rows), lq [N, k], lqt [N])`` of a sparse
+    teacher, validated."""
+    ids, lq = teacher_pair(teacher_topk)
+    ids, lq = jnp.asarray(ids), _checks.float_array(lq, "teacher_topk log_probs")
+    shape = tuple(batch_shape)
+    if ids.ndim != len(shape) + 1 or tuple(ids.shape[:-1]) != shape:
+        raise ValueError(f"`teacher_topk` ids must have shape {shape} + (k,) (the tokens' "
+                         f"shape plus k), got shape {tuple(ids.shape)}")
+    k = ids.shape[-1]
+    if not 1 <= k <= v:
+        raise ValueError(f"`teacher_topk` must hold k in [1, V] = [1, {v}] ids per token, "
+                         f"got k = {k}")
+    ids = _checks.int_labels(ids, shape + (k,), "teacher_topk ids", what="the tokens' "
+                             "shape plus k")
+    _checks.expect_shape(lq, shape + (k,), "teacher_topk log_probs",
+                         f"the ids' shape {shape + (k,)}")
+    full = None if mask is None else jnp.broadcast_to(mask[..., None], ids.shape)
+    if not vocab_parallel:  # (inside shard_map ids are not checked: bad rows give nan)
+        ids = _checks.token_values(ids, v, full, "teacher_topk ids")
+    dup = _checks.distinct_ids(ids, mask, "teacher_topk ids")
+    ids = _rowmath.class_ids(ids, v)
+    ids = jnp.where(dup[..., None], -1, ids).reshape(-1, k)
+    lq = jax.lax.stop_gradient(lq.astype(acc)).reshape(-1, k)
+    if teacher_tail is None:
+        mass = jnp.minimum(jnp.exp(lq).sum(1), 1.0)
+        lqt = jnp.log1p(-mass)
+    else:
+        lqt = _checks.float_array(teacher_tail, "teacher_tail")
+        _checks.expect_shape(lqt, shape, "teacher_tail", "the tokens' shape")
+        lqt = jax.lax.stop_gradient(lqt.astype(acc)).reshape(-1)
+    return k, ids, lq, lqt
+
+
+def _which_teacher(dense: dict, teacher_topk, teacher_tail) -> bool:
+    """Whether the teacher is sparse; exactly one of the dense arrays (``dense``: name ->
+    value) and ``teacher_topk`` must be given."""
+    given = [n for n, a in dense.items() if a is not None]
+    names = " and ".join(f"`{n}`" for n in dense)
+    if teacher_topk is not None and given:
+        raise ValueError(f"pass either a dense teacher ({names}) or a sparse one "
+                         f"(`teacher_topk`), not both; got {', '.join(given)} too")
+    if teacher_topk is None:
+        if teacher_tail is not None:
+            raise ValueError("`teacher_tail` goes with a sparse teacher: pass `teacher_topk`")
+        missing = [n for n, a in dense.items() if a is None]
+        if missing:
+            raise ValueError(f"pass a teacher: {names} (dense) or `teacher_topk` (sparse); "
+                             f"{', '.join(missing)} missing")
+    return teacher_topk is not None
+
+
+def _run_sparse(kind: str, beta: float, plan, stream_, batch_shape, mask, temp,
+                teacher_topk, teacher_tail, v: int, acc):
+    """Per-row losses of a student stream against a sparse teacher."""
+    k, ids, lq, lqt = _sparse_teacher(teacher_topk, teacher_tail, batch_shape, v, mask, acc,
+                                      plan.vocab_axis is not None)
+    n = lq.shape[0]
+    rows = _topk.SupportRows(ids, _heads.counted(mask, n), temp, lq, lqt)
+    return _heads.run(_topk.SparseTeacher(kind, k, beta, k < v), plan, (stream_,), rows, {})
+
+
 def distillation_loss(
     student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
+    teacher_logits: ArrayLike | None = None,
     *,
+    teacher_topk: tuple[ArrayLike, ArrayLike] | None = None,
+    teacher_tail: ArrayLike | None = None,
     divergence: Divergence = "kl",
     beta: float = 0.5,
     temperature: float | ArrayLike = 1.0,
@@ -87,7 +173,11 @@ def distillation_loss(
 
     Args:
       student_logits: float ``[..., V, ...]``, classes along ``axis``.
-      teacher_logits: float, same shape (any float dtype).
+      teacher_logits: float, same shape (any float dtype); or None with ``teacher_topk``.
+      teacher_topk: a sparse teacher instead of ``teacher_logits``: ``(ids, log_probs)``,
+        integer and float ``[..., k]`` (the tokens' shape plus ``k``, for any ``axis``).
+      teacher_tail: optional float ``[...]``, the sparse teacher's log-mass outside its
+        ``k`` ids (default: ``log(1 - sum exp(log_probs))``, clipped at ``-inf``).
       divergence: ``"kl"`` (forward, ``KL(teacher || student)``), ``"reverse_kl"``
         (``KL(student || teacher)``) or ``"jsd"``.
       beta: the ``jsd`` weight in ``[0, 1]`` (ignored otherwise).
@@ -115,9 +205,11 @@ def distillation_loss(
     """
     kind, b = _divergence(divergence, beta)
     _heads.check_reduction(reduction)
+    sparse = _which_teacher({"teacher_logits": teacher_logits}, teacher_topk, teacher_tail)
     xs = _checks.float_array(student_logits, "student_logits")
-    xt = _checks.float_array(teacher_logits, "teacher_logits")
-    _checks.expect_shape(xt, xs.shape, "teacher_logits", "the student_logits' shape")
+    if teacher_logits is not None:
+        xt = _checks.float_array(teacher_logits, "teacher_logits")
+        _checks.expect_shape(xt, xs.shape, "teacher_logits", "the student_logits' shape")
     ax = _checks.normalize_axis(axis, xs.ndim)
     v = _checks.num_classes(xs, ax, "student_logits")
     batch_shape = xs.shape[:ax] + xs.shape[ax + 1:]
@@ -127,10 +219,16 @@ def distillation_loss(
                          batch_shape)
     acc = _rowmath.compute_dtype(xs.dtype)
     temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
-    rs, rt = _heads.rows(xs, ax), jax.lax.stop_gradient(_heads.rows(xt, ax))
+    rs = _heads.rows(xs, ax)
     n = rs.shape[0]
-    plan = _heads.plan(Options(temperature=temp_s), v, v, n, max(v, 1), streams=2)
     counted = _heads.counted(mask, n)
+    if sparse:
+        plan = _heads.plan(Options(temperature=temp_s), v, v, n, max(v, 1))
+        losses = _run_sparse(kind, b, plan, (rs,), batch_shape, mask, temp, teacher_topk,
+                             teacher_tail, v, acc)
+        return _heads.reduce(losses.reshape(batch_shape), counted, reduction)
+    rt = jax.lax.stop_gradient(_heads.rows(xt, ax))
+    plan = _heads.plan(Options(temperature=temp_s), v, v, n, max(v, 1), streams=2)
     losses = _heads.run(stats.Distill(kind, b), plan, ((rs,), (rt,)),
                   stats.Rows(None, counted, temp), {})
     return _heads.reduce(losses.reshape(batch_shape), counted, reduction)
@@ -139,9 +237,11 @@ def distillation_loss(
 def linear_distillation_loss(
     student_hidden: ArrayLike,
     student_kernel: ArrayLike,
-    teacher_hidden: ArrayLike,
-    teacher_kernel: ArrayLike,
+    teacher_hidden: ArrayLike | None = None,
+    teacher_kernel: ArrayLike | None = None,
     *,
+    teacher_topk: tuple[ArrayLike, ArrayLike] | None = None,
+    teacher_tail: ArrayLike | None = None,
     divergence: Divergence = "kl",
     beta: float = 0.5,
     temperature: float | ArrayLike = 1.0,
@@ -168,8 +268,13 @@ def linear_distillation_loss(
     Args:
       student_hidden: float ``[..., Ds]``.
       student_kernel: float ``[Ds, V]`` (``"dv"``) or ``[V, Ds]`` (``"vd"``).
-      teacher_hidden: float ``[..., Dt]`` with the student's leading shape.
+      teacher_hidden: float ``[..., Dt]`` with the student's leading shape (or None with
+        ``teacher_topk``).
       teacher_kernel: float ``[Dt, V]`` or ``[V, Dt]`` (same ``kernel_layout``).
+      teacher_topk: a sparse teacher instead of ``teacher_hidden``/``teacher_kernel``:
+        ``(ids, log_probs)``, integer and float ``student_hidden.shape[:-1] + (k,)``.
+      teacher_tail: optional float ``student_hidden.shape[:-1]``: the sparse teacher's
+        tail log-mass (default ``log(1 - sum exp(log_probs))``, clipped).
       divergence: ``"kl"``, ``"reverse_kl"`` or ``"jsd"``.
       beta: the ``jsd`` weight in ``[0, 1]``.
       temperature: a number or an array broadcastable to ``student_hidden.shape[:-1]``.
@@ -201,10 +306,18 @@ def linear_distillation_loss(
       True
     """
     _heads.check_impl(impl)
+    ids, lq = teacher_pair(teacher_topk)
+    if ids is not None and jnp.ndim(student_kernel) == 2:
+        # checked here too: a placement on a mesh traces the ids before the head checks them
+        v = vocab_size or jnp.shape(student_kernel)[1 if kernel_layout == "dv" else 0]
+        shape = tuple(jnp.shape(student_hidden)[:-1])
+        _sparse_teacher(teacher_topk, teacher_tail, shape, v,
+                        _distill_mask(labels, ignore_index, where, shape), jnp.float32)
     arrays = {"student_hidden": student_hidden, "student_kernel": student_kernel,
               "teacher_hidden": teacher_hidden, "teacher_kernel": teacher_kernel,
               "student_bias": student_bias, "teacher_bias": teacher_bias, "labels": labels,
-              "where": where}
+              "where": where, "teacher_ids": ids, "teacher_log_probs": lq,
+              "teacher_tail": teacher_tail}
     static = {"divergence": divergence, "beta": beta, "kernel_layout": kernel_layout,
               "ignore_index": ignore_index, "reduction": reduction, "block_size": block_size,
               "vocab_size": vocab_size}
@@ -219,19 +332,51 @@ def _distill_shard(vocab, tok, **kw):
     return fused_distillation_loss(**kw, axis_name=vocab, token_axis_name=tok)
 
 
+def teacher_pair(teacher_topk):
+    """``(ids, log_probs)`` of ``teacher_topk`` (None: ``(None, None)``)."""
+    if teacher_topk is None:
+        return None, None
+    if not (isinstance(teacher_topk, tuple | list) and len(teacher_topk) == 2):
+        raise TypeError("`teacher_topk` must be a pair (ids, log_probs) of arrays shaped "
+                        f"like the tokens plus k, got {type(teacher_topk).__name__}")
+    return tuple(teacher_topk)
+
+
 def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teacher_kernel, *,
                             divergence, beta, temperature, student_bias, teacher_bias,
                             kernel_layout, labels, ignore_index, where, reduction,
                             block_size, vocab_size=None, axis_name=None,
-                            token_axis_name=None):
-    """:func:`linear_distillation_loss`, vocabulary-parallel over ``axis_name`` when given."""
+                            token_axis_name=None, teacher_ids=None, teacher_log_probs=None,
+                            teacher_tail=None):
+    """:func:`linear_distillation_loss`, vocabulary-parallel over ``axis_name`` when given
+    (a sparse teacher as ``teacher_ids`` and ``teacher_log_probs``)."""
     kind, b = _divergence(divergence, beta)
     _heads.check_reduction(reduction)
+    topk = None if teacher_ids is None and teacher_log_probs is None else (
+        teacher_ids, teacher_log_probs)
+    sparse = _which_teacher({"teacher_hidden": teacher_hidden,
+                             "teacher_kernel": teacher_kernel}, topk, teacher_tail)
+    if sparse and teacher_bias is not None:
+        raise ValueError("`teacher_bias` belongs to a dense teacher head; a sparse teacher "
+                         "(`teacher_topk`) has none")
     if labels is None and ignore_index != -100:
         raise ValueError("`ignore_index` masks tokens through `labels`; pass `labels` too")
     hs, ks, bs, local, v = _heads.head(student_hidden, student_kernel, student_bias, kernel_layout,
                                  ("student_hidden", "student_kernel", "student_bias"),
                                  axis_name)
+    if sparse:
+        v = _heads.vocab(vocab_size, v, "student_kernel")
+        batch_shape = tuple(jnp.shape(student_hidden)[:-1])
+        mask = _distill_mask(labels, ignore_index, where, batch_shape)
+        acc = _rowmath.compute_dtype(hs.dtype)
+        temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
+        n = hs.shape[0]
+        plan = _heads.plan(Options(temperature=temp_s), v, local, n, block_size,
+                           kernel_layout, axis_name)
+        losses = _run_sparse(kind, b, plan, (hs, ks, bs), batch_shape, mask, temp, topk,
+                             teacher_tail, v, acc)
+        return _heads.reduce(losses.reshape(batch_shape), _heads.counted(mask, n), reduction,
+                             token_axis_name)
     ht, kt, bt, local_t, _ = _heads.head(teacher_hidden, teacher_kernel, teacher_bias,
                                    kernel_layout,
                                    ("teacher_hidden", "teacher_kernel", "teacher_bias"),
@@ -258,6 +403,7 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
     return _heads.reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
 
 
-distillation_loss.__doc__ = (distillation_loss.__doc__ or "").replace("{doc}", _DOC_DIVERGENCE)
+distillation_loss.__doc__ = (distillation_loss.__doc__ or "").replace(
+    "{doc}", _DOC_DIVERGENCE + "\n" + _DOC_SPARSE)
 linear_distillation_loss.__doc__ = (linear_distillation_loss.__doc__ or "").replace(
-    "{doc}", _DOC_DIVERGENCE)
+    "{doc}", _DOC_DIVERGENCE + "\n" + _DOC_SPARSE)

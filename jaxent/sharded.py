@@ -57,6 +57,7 @@ from jaxent._options import KernelLayout, Reduction
 from jaxent._sharded_rl import linear_distillation_loss as linear_distillation_loss
 from jaxent._sharded_rl import linear_log_probs as linear_log_probs
 from jaxent._sharded_rl import linear_soft_cross_entropy as linear_soft_cross_entropy
+from jaxent._sharded_topk import linear_topk_log_probs as linear_topk_log_probs
 from jaxent.impl import rows as _rows
 from jaxent.linear import validate as _validate_fused
 from jaxent.placement import explicit as _explicit
@@ -65,8 +66,8 @@ from jaxent.placement.local import fused_call, reduce_rows
 AxisName = Hashable  # a mesh axis name, or a tuple of them
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "linear_distillation_loss",
-           "linear_log_probs", "linear_soft_cross_entropy", "shard_cross_entropy",
-           "shard_linear_cross_entropy"]
+           "linear_log_probs", "linear_soft_cross_entropy", "linear_topk_log_probs",
+           "shard_cross_entropy", "shard_linear_cross_entropy"]
 
 
 def _vocab_size(local: int, axis_name: AxisName) -> int:

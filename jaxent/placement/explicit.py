@@ -171,7 +171,8 @@ _KINDS = {"hidden": "hidden", "student_hidden": "hidden", "teacher_hidden": "hid
           "kernel": "kernel", "student_kernel": "kernel", "teacher_kernel": "kernel",
           "bias": "vocab", "student_bias": "vocab", "teacher_bias": "vocab",
           "weight": "vocab", "targets": "targets", "tokens": "row", "labels": "row",
-          "where": "row", "temperature": "row"}
+          "where": "row", "temperature": "row", "teacher_ids": "row",
+          "teacher_log_probs": "row", "teacher_tail": "row"}
 
 
 def run_head(shard_fn, arrays: dict, static: dict, temperature, out_kinds):

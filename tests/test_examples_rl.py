@@ -43,13 +43,15 @@ def test_distill_lm_runs(tmp_path, capsys):
     r = distill_lm.main(["--teacher-steps", "6", "--student-steps", "4", "--seq-len", "16",
                          "--teacher-d", "16", "--student-d", "16", "--teacher-layers", "1",
                          "--teacher-heads", "2",
-                         "--batch-size", "8",
+                         "--batch-size", "8", "--teacher-topk", "8",
                          "--out", str(tmp_path), "--vocab-size", "256", "--no-progress"])
-    for name in ("teacher", "plain", "distilled"):
+    for name in ("teacher", "plain", "distilled", "sparse"):
         assert math.isfinite(r[f"{name}_val_loss"])
     assert r["plain_val_loss"] != r["distilled_val_loss"]  # the teacher changed something
+    assert r["sparse_val_loss"] not in (r["plain_val_loss"], r["distilled_val_loss"])
     assert (tmp_path / "distill_lm.json").exists()
-    assert "with it" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "with it" in out and "top-8 log-probs only" in out
 
 
 @pytest.mark.parametrize("name", ["rl_tiny_lm", "distill_lm"])

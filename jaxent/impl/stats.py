@@ -376,6 +376,8 @@ class _JsdPass(_OnePass):
         lp, lq = _log_pq(opts, xs, *self.first)
         lm = _log_mix(self.beta, lp, lq)
         p, q = jnp.exp(lp), jnp.exp(lq)
+        if valid is not None:  # with a soft-cap padding columns keep a finite -cap
+            p, q = jnp.where(valid, p, 0.0), jnp.where(valid, q, 0.0)
         kpm = _xlogy_diff(p, lp, lm).sum(1)
         tot = tot + self.beta * _xlogy_diff(q, lq, lm).sum(1) + (1.0 - self.beta) * kpm
         return tot, k + kpm

@@ -211,12 +211,11 @@ def _operands(spec: Spec, streams, rows: Rows, cols: dict, extra=()) -> Operands
                        None if b is None else common.pad_to(b.astype(acc), 0, vp)))
     y = None if rows.y is None else _pad_rows(rows.y.astype(jnp.int32), np_, -1)
     temp = None if rows.temp is None else _pad_rows(rows.temp, np_, 1)
-    pcols = {}
+    pcols: dict = {}
     for k, c in cols.items():
-        if c is not None:
-            c = common.pad_to(c, c.ndim - 1, vp)
-            c = _pad_rows(c, np_) if c.ndim == 2 else c
-        pcols[k] = c
+        pcols[k] = None if c is None else common.pad_to(c, c.ndim - 1, vp)
+        if c is not None and c.ndim == 2:
+            pcols[k] = _pad_rows(pcols[k], np_)
     return Operands(tuple(padded), y, _pad_rows(rows.counted.astype(jnp.int32), np_), temp,
                     tuple(_pad_rows(e, np_) for e in extra), pcols)
 

@@ -254,7 +254,7 @@ def _dk_kernel(*refs, spec, tags, trees, streams, np_, has_b):
 def dkernel(spec, op: ps.Operands, trees):
     """``(d kernel, d bias or None)`` of the padded first stream."""
     cfg = spec.config
-    bn, bv, bd = cfg.block_n, cfg.block_v, cfg.block_d
+    bv, bd = cfg.block_v, cfg.block_d
     tags, arrays = ps.flat(op)
     h, w, b = op.streams[0]
     np_, dp = h.shape

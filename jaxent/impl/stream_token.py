@@ -12,7 +12,9 @@ linear heads ``(h, kernel, bias)``; a teacher is a second stream (a constant).
 It is a ``jax.custom_vjp`` keeping ``O(N)`` residuals; the backward walks the token blocks
 again and, per block, forms ``dx_b`` from ``stat.block_grad`` (0 on padding columns) and
 
-.. math:: dh_b = dx_b W^T,\qquad dW \mathrel{+}= h_b^T dx_b,\qquad db \mathrel{+}= \textstyle\sum_{rows} dx_b
+.. math::
+    dh_b = dx_b W^T,\qquad dW \mathrel{+}= h_b^T dx_b,\qquad
+    db \mathrel{+}= \textstyle\sum_{rows} dx_b
 
 with ``dW``, ``db`` accumulated in float32 and written in the kernel's dtype at the end.
 The tokens are padded to whole blocks with rows that are not counted. Extra memory
@@ -57,6 +59,11 @@ def token_plan(plan: Plan, n: int, block_n: int | None = None) -> Plan:
     return dataclasses.replace(plan, block_n=max(1, min(bn, max(n, 1))))
 
 
+def _block_n(plan: Plan, n: int) -> int:
+    """The plan's token block (its default when the plan leaves it at 0)."""
+    return plan.block_n or token_plan(plan, n).block_n
+
+
 def _acc(streams) -> jnp.dtype:
     return rm.compute_dtype(streams[0][0].dtype)
 
@@ -79,8 +86,8 @@ def _rows_blocked(rows: Rows, nb: int, bn: int) -> Rows:
     temp = rows.temp
     if temp is not None:
         temp = jnp.pad(temp, (0, nb * bn - temp.shape[0]), constant_values=1)
-    return Rows(*_blocked((rows.y, rows.counted), nb, bn),
-                None if temp is None else temp.reshape(nb, bn))
+    y, counted = _blocked((rows.y, rows.counted), nb, bn)
+    return Rows(y, counted, None if temp is None else temp.reshape(nb, bn))
 
 
 def _valid(plan: Plan, size: int):
@@ -121,7 +128,7 @@ def _pass(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict, res=None
     """One pass: ``(outputs, residuals)`` of ``stat`` (or of ``stat.then(res)`` per block
     when ``res`` is given: the second pass, built from each block's residual rows)."""
     n = streams[0][0].shape[0]
-    bn = plan.block_n
+    bn = _block_n(plan, n)
     nb, sb, rb, rcols, ccols = _split(streams, rows, cols, bn)
     resb = None if res is None else _blocked(res, nb, bn)
     acc = _acc(streams)
@@ -146,17 +153,17 @@ def _pass(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict, res=None
 
 def _forward(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict):
     out, res = _pass(stat, plan, streams, rows, cols)
-    cur = stat
-    while cur.then(res) is not None:
+    cur, nxt = stat, stat.then(res)
+    while nxt is not None:
+        out, res_next = _pass(cur, plan, streams, rows, cols, res)
+        cur, res = nxt, res_next
         nxt = cur.then(res)
-        out, res = _pass(cur, plan, streams, rows, cols, res)
-        cur = nxt
     return out, res
 
 
 def _grads(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict, res, cts):
     n = streams[0][0].shape[0]
-    bn = plan.block_n
+    bn = _block_n(plan, n)
     nb, sb, rb, rcols, ccols = _split(streams, rows, cols, bn)
     resb, ctsb = _blocked(res, nb, bn), _blocked(cts, nb, bn)
     acc = _acc(streams)
@@ -190,11 +197,10 @@ def _grads(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict, res, ct
     dcols = {k: d.reshape((nb * bn,) + d.shape[2:])[:n].astype(cols[k].dtype)
              for k, d in dcols.items()}
     ops = streams[0]
+    grads: tuple = (d0,)
     if head:
         _, k, b = ops
         grads = (d0, g[0].astype(k.dtype), None if b is None else g[1].astype(b.dtype))
-    else:
-        grads = (d0,)
     grads = tuple(B.psum_to_type(c, r) for c, r in zip(grads, ops, strict=True))
     return grads, {k: B.psum_to_type(d, cols[k]) for k, d in dcols.items()}
 

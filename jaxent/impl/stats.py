@@ -233,6 +233,8 @@ class SoftTargets(_OnePass):
         (x,) = xs
         a = stream(m, s, x, opts, valid)
         w = self._wt(opts, cols, x.dtype)
+        if valid is not None:  # smoothing puts eps / V on every column, padding too
+            w = jnp.where(valid, w, 0.0)
         wtz = wtz + wt * a.back + jnp.sum(jnp.where(w == 0, 0.0, w * a.zs), axis=1)
         return a.m, a.s, wt + w.sum(1), wtz
 

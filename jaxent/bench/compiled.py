@@ -115,6 +115,9 @@ def _fused_args(n, d, v, dt):
     return (((n, d), dt), ((v, d), dt), ((n,), jnp.int32))
 
 
+# The RL and distillation heads (row statistics: impl="pallas" runs jaxent.impl.pallas_stats).
+STAT_HEADS = ("linear_log_probs", "linear_soft_cross_entropy", "linear_distillation_loss")
+
 HEADS: dict[str, Head] = {head.name: head for head in (
     Head("cross_entropy", False, ("auto", "xla", "pallas"),
          lambda impl: lambda x, y: jaxent.cross_entropy(x, y, impl=impl),
@@ -127,16 +130,16 @@ HEADS: dict[str, Head] = {head.name: head for head in (
          lambda impl: lambda h, w, y: jaxent.linear_cross_entropy(
              h, w, y, kernel_layout="vd", impl=impl),
          _fused_args, (0, 1), _naive_ce),
-    Head("linear_log_probs", True, ("auto", "vocab"),
+    Head("linear_log_probs", True, ("auto", "vocab", "token", "pallas"),
          lambda impl: lambda h, w, y: jaxent.linear_log_probs(
              h, w, y, kernel_layout="vd", impl=impl).sum(),
          _fused_args, (0, 1), _naive_log_probs),
-    Head("linear_soft_cross_entropy", True, ("auto", "vocab"),
+    Head("linear_soft_cross_entropy", True, ("auto", "vocab", "token", "pallas"),
          lambda impl: lambda h, w, t: jaxent.linear_soft_cross_entropy(
              h, w, t, kernel_layout="vd", impl=impl),
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, v), dt)), (0, 1),
          _naive_soft),
-    Head("linear_distillation_loss", True, ("auto", "vocab"),
+    Head("linear_distillation_loss", True, ("auto", "vocab", "token", "pallas"),
          lambda impl: lambda h, w, th, tw: jaxent.linear_distillation_loss(
              h, w, th, tw, kernel_layout="vd", impl=impl),
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, d), dt), ((v, d), dt)),
@@ -342,7 +345,8 @@ def plan(profile: str = "full") -> list[Key]:
         big = ("vocab", "pallas") if not wide else ("naive", "auto", "vocab", "pallas")
         for head in HEADS.values() if wide else ():
             small = "small" if head.fused else "plain-small"
-            impls = head.impls if head.name.endswith("cross_entropy") else ("auto",)
+            impls = head.impls if head.name == "linear_cross_entropy" or not head.fused \
+                else ("auto", "pallas")
             out += [Key(target, head.name, i, m, small) for i in impls for m in ("value", "grad")]
         out += [Key(target, "cross_entropy", "pallas", "value", "plain")]
         out += [Key(target, "cross_entropy", i, "grad", "plain") for i in ("xla", "pallas")]

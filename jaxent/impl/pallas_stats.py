@@ -120,8 +120,8 @@ def flat(op: Operands) -> tuple[tuple, list]:
 
 def tile_rows(get: dict) -> Rows:
     """The :class:`~jaxent.impl.stats.Rows` of a tile from its row vectors (``get`` maps
-    ``"y"``, ``"counted"``, ``"temp"`` to ``[bn]`` vectors or None)."""
-    return Rows(get.get("y"), get["counted"] != 0, get.get("temp"))
+    ``"y"``, ``"counted"`` (int32), ``"temp"`` to ``[bn]`` vectors or None)."""
+    return Rows(get.get("y"), get["counted"], get.get("temp"))
 
 
 def logits(h, w, b, layout: str) -> jax.Array:

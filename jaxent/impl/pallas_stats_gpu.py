@@ -39,8 +39,11 @@ _ROW_TAGS = ("y", "counted", "temp", "extra")
 
 def default_config(n: int, d: int, v: int, dtype) -> Config:
     """The fused cross-entropy kernels' default blocks (:func:`jaxent.impl.pallas_gpu.
-    default_config`), without their vocabulary or ``D`` splits."""
-    return dataclasses.replace(blocks.default_config(n, d, v, dtype), v_split=1, d_split=1)
+    default_config`), without their vocabulary or ``D`` splits, and ``D`` slices of at most
+    64 (the ``d kernel`` program holds a ``[block_d, block_v]`` float32 accumulator next to
+    the logits tiles of every stream: 128 spills registers on an H100)."""
+    cfg = blocks.default_config(n, d, v, dtype)
+    return dataclasses.replace(cfg, v_split=1, d_split=1, block_d=min(cfg.block_d, 64))
 
 
 def tile(cfg: Config) -> tuple[int, int, int]:

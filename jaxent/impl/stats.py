@@ -46,7 +46,8 @@ onehot, safe, shift, transform, transform_vjp = (
 
 class Rows(NamedTuple):
     """Per-row inputs of a statistic (each ``[N]``): ``y`` int32 global class ids (or None),
-    ``counted`` (bool), ``temp`` per-row temperatures (or None: ``opts.temperature``)."""
+    ``counted`` (bool; int32, nonzero where counted, inside Pallas kernels: Mosaic cannot
+    reshape a boolean vector), ``temp`` per-row temperatures (or None: ``opts.temperature``)."""
 
     y: jax.Array | None
     counted: jax.Array
@@ -194,7 +195,7 @@ class LogProbs(_OnePass):
         g_lp, g_h = (jnp.where(rows.counted, g, 0.0) for g in cts)
         # A counted id outside [0, V) has a nan value, and so nan gradients.
         valid = (rows.y >= 0) & (rows.y < self.num_classes)
-        g_lp = jnp.where(valid | ~rows.counted, g_lp, jnp.nan)
+        g_lp = jnp.where(valid | jnp.logical_not(rows.counted), g_lp, jnp.nan)
         (x,) = xs
         lp = rm.shift(x, m[:, None], opts) - log_s[:, None]
         p = jnp.exp(lp)

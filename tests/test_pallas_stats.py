@@ -16,8 +16,15 @@ import pytest
 
 from jaxent import _heads
 from jaxent._options import Options
-from jaxent.impl import pallas_gpu, pallas_stats, pallas_stats_gpu, pallas_stats_tpu
-from jaxent.impl import pallas_tpu, stats, stream
+from jaxent.impl import (
+    pallas_gpu,
+    pallas_stats,
+    pallas_stats_gpu,
+    pallas_stats_tpu,
+    pallas_tpu,
+    stats,
+    stream,
+)
 from jaxent.impl.plan import stream_plan
 
 N, D, DT, V, COLS = 13, 24, 16, 150, 160  # 10 padding columns beyond V
@@ -111,7 +118,8 @@ def test_registry_refusals_and_auto():
     with pytest.raises(ValueError, match="`impl`='token' cannot serve.*whole vocabulary rows"):
         _heads.walk("token", *args)
     # auto (and xla) keep the vocabulary walk on the CPU: the same program as "vocab"
-    local = (args[0], plan) + args[2:]
-    jaxpr = {impl: str(jax.make_jaxpr(lambda h: _heads.walk(impl, local[0], local[1], (
-        (h, d["w"], None),), *local[3:]))(d["h"])) for impl in ("auto", "xla", "vocab")}
-    assert jaxpr["auto"] == jaxpr["vocab"] == jaxpr["xla"]
+    def program(impl):
+        return str(jax.make_jaxpr(lambda h: _heads.walk(
+            impl, args[0], plan, ((h, d["w"], None),), *args[3:]))(d["h"]))
+
+    assert program("auto") == program("vocab") == program("xla")

@@ -116,7 +116,8 @@ def dispatch_stat(stat, plan, streams, rows, cols):
 
     def run(mod, streams, rows, cols):
         backend = kernels[mod]
-        cfg = backend.default_config(n, d, plan.num_classes, streams[0][0].dtype)
+        cfg = backend.default_config(n, d, plan.num_classes, streams[0][0].dtype,
+                                     len(streams))
         return pallas_stats.run_on(backend, cfg, stat, plan.opts, plan.num_classes,
                                    plan.layout, streams, rows, cols, interpret=plan.interpret)
 

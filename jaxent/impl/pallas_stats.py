@@ -179,7 +179,8 @@ def carry_leaves(stat, bn: int, acc) -> tuple[Any, int]:
 
 def cost(spec: Spec, op: Operands, matmuls: float, re_reads: int, elementwise: int = 8):
     """:func:`jaxent.impl.pallas_common.cost` of a kernel over the padded operands:
-    ``matmuls`` logits-sized products per stream, the weights read ``re_reads`` times."""
+    ``matmuls`` logits-sized products (each over the streams' widths together), the weights
+    read ``re_reads`` times."""
     np_ = op.counted.shape[0]
     vp = vocab_size(op, spec.layout)
     d = sum(s[0].shape[1] for s in op.streams)

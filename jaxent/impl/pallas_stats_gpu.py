@@ -37,13 +37,15 @@ from jaxent.impl.pallas_gpu_blocks import Config
 _ROW_TAGS = ("y", "counted", "temp", "extra")
 
 
-def default_config(n: int, d: int, v: int, dtype) -> Config:
+def default_config(n: int, d: int, v: int, dtype, streams: int = 1) -> Config:
     """The fused cross-entropy kernels' default blocks (:func:`jaxent.impl.pallas_gpu.
-    default_config`), without their vocabulary or ``D`` splits, and ``D`` slices of at most
-    64 (the ``d kernel`` program holds a ``[block_d, block_v]`` float32 accumulator next to
-    the logits tiles of every stream: 128 spills registers on an H100)."""
+    default_config`), without their vocabulary or ``D`` splits, ``D`` slices of at most 64
+    and token tiles divided by the number of ``streams``: the ``d kernel`` program holds a
+    ``[block_d, block_v]`` float32 accumulator next to a ``[block_n, block_v]`` logits tile
+    per stream, which spill registers on an H100 beyond that."""
     cfg = blocks.default_config(n, d, v, dtype)
-    return dataclasses.replace(cfg, v_split=1, d_split=1, block_d=min(cfg.block_d, 64))
+    return dataclasses.replace(cfg, v_split=1, d_split=1, block_d=min(cfg.block_d, 64),
+                               block_n=max(16, cfg.block_n // streams))
 
 
 def tile(cfg: Config) -> tuple[int, int, int]:
@@ -156,7 +158,7 @@ def forward(spec, op: ps.Operands, prev_tree):
         grid=(np_ // bn,), in_specs=specs, out_specs=[row] * leaves,
         out_shape=[jax.ShapeDtypeStruct((np_,), acc)] * leaves,
         compiler_params=blocks.params(cfg), interpret=spec.interpret,
-        name="jaxent_stat_fwd", cost_estimate=ps.cost(spec, op, len(op.streams), np_ // bn),
+        name="jaxent_stat_fwd", cost_estimate=ps.cost(spec, op, 1, np_ // bn),
     )(*_guarded(spec, arrays))
 
 
@@ -205,7 +207,6 @@ def dhidden(spec, op: ps.Operands, trees):
     diff = tuple(k for k in spec.stat.diff_cols if op.cols.get(k) is not None)
     row = pl.BlockSpec((bn,), lambda i, k: (i,))
     specs = _in_specs(tags, arrays, row, lambda d: pl.BlockSpec((bn, d), lambda i, k: (i, 0)))
-    acc = rm.compute_dtype(h.dtype)
     nd = dp // bd
     out = pl.pallas_call(
         functools.partial(_dh_kernel, spec=spec, tags=tags, trees=trees,
@@ -213,10 +214,10 @@ def dhidden(spec, op: ps.Operands, trees):
         grid=(np_ // bn, nd), in_specs=specs,
         out_specs=[pl.BlockSpec((bn, bd), lambda i, k: (i, k))] + [pl.no_block_spec] * len(diff),
         out_shape=[jax.ShapeDtypeStruct((np_, dp), h.dtype)]
-        + [jax.ShapeDtypeStruct((np_, vp), acc)] * len(diff),
+        + [jax.ShapeDtypeStruct((np_, vp), op.cols[k].dtype) for k in diff],
         compiler_params=blocks.params(cfg), interpret=spec.interpret,
         name="jaxent_stat_dhidden",
-        cost_estimate=ps.cost(spec, op, len(op.streams) * nd + 1, np_ // bn * nd,
+        cost_estimate=ps.cost(spec, op, nd + 1, np_ // bn * nd,
                               elementwise=12),
     )(*_guarded(spec, arrays))
     return out[0], dict(zip(diff, out[1:], strict=True))
@@ -277,6 +278,6 @@ def dkernel(spec, op: ps.Operands, trees):
         grid=(vp // bv, nd), in_specs=_in_specs(tags, arrays, None, None),
         out_specs=out_specs, out_shape=out_shape, compiler_params=blocks.params(cfg),
         interpret=spec.interpret, name="jaxent_stat_dkernel",
-        cost_estimate=ps.cost(spec, op, len(op.streams) * nd + 1, nd, elementwise=12),
+        cost_estimate=ps.cost(spec, op, nd + 1, nd, elementwise=12),
     )(*_guarded(spec, arrays))
     return out[0], (out[1] if b is not None else None)

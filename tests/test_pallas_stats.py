@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxent
 from jaxent import _heads
 from jaxent._options import Options
 from jaxent.impl import (
@@ -123,3 +124,15 @@ def test_registry_refusals_and_auto():
             impl, args[0], plan, ((h, d["w"], None),), *args[3:]))(d["h"]))
 
     assert program("auto") == program("vocab") == program("xla")
+
+
+def test_second_order_is_a_clear_error():
+    h = jnp.linspace(-1.0, 1.0, 32).reshape(4, 8)
+    k = jnp.cos(jnp.arange(80.0)).reshape(8, 10)
+
+    def f(h):
+        return jaxent.linear_log_probs(h, k, jnp.array([0, 3, 9, 4]), impl="pallas",
+                                       interpret=True).sum()
+
+    with pytest.raises(NotImplementedError, match="second-order derivatives"):
+        jax.hessian(f)(h)

@@ -326,8 +326,9 @@ def plan(profile: str = "full") -> list[Key]:
     """The programs to compile. ``"full"``: every chip x head x impl x mode, fused heads at
     a small shape and at Llama-3-8B's (16384 x 4096 x 128256), plain losses at a small shape
     and at 8192 x 128256. ``"ci"`` (a few minutes on two cores): on the H100 and the v5e,
-    every head x impl x mode at the small shapes, value-and-gradient at the large ones
-    (the RL and distillation heads there on the H100 only: TPU compiles take longer); on
+    every head x impl x mode at the small shapes (the RL and distillation heads with
+    ``"auto"`` and ``"pallas"``), value-and-gradient at the large ones (the RL and
+    distillation heads there on the H100 only: TPU compiles take longer); on
     the other chips the Pallas kernels and the XLA walk they are held against."""
     if profile == "full":
         out = []
@@ -353,7 +354,8 @@ def plan(profile: str = "full") -> list[Key]:
         out += [Key(target, "linear_cross_entropy", i, "grad", "llama") for i in big]
         if target == "h100":
             out += [Key(target, h, i, "grad", "llama") for h in HEADS
-                    if HEADS[h].fused and h != "linear_cross_entropy" for i in ("naive", "auto")]
+                    if HEADS[h].fused and h != "linear_cross_entropy"
+                    for i in ("naive", "auto", "pallas")]
     return out
 
 

@@ -14,10 +14,11 @@ launches three kernels:
   on the ``[N]`` rows outside the kernel. A second pass (``stat.then``, JSD) is the same
   kernel with the first pass's residual rows as inputs, its statistic built per tile.
 * ``d hidden``: per token tile, walking the vocabulary tiles, ``dx`` from
-  ``stat.block_grad`` (0 on padding columns), ``dh += dx W_tile^T`` in float32; it also
-  writes the tiles of the per-row inputs' gradients (``stat.diff_cols``: soft targets).
+  ``stat.block_grad`` (0 on padding columns), ``dh += dx W_tile^T`` in float32.
 * ``d kernel`` (+ ``d bias``): per vocabulary tile, walking the token tiles,
   ``dW_tile += h_tile^T dx``, ``db_tile += sum_rows dx`` in float32.
+* the gradients of the per-row inputs (``stat.diff_cols``: soft targets), one tile per
+  program, a call of its own that XLA drops when they are not asked for.
 
 Each writes its output in the operand's dtype. Operands are padded to whole tiles (tokens
 with rows that are not counted, the vocabulary with columns masked by ``column < V``: the
@@ -280,8 +281,14 @@ def _bwd(spec: Spec, saved, cts):
     cts_leaves = [c.astype(acc) for c in cts_leaves]
     op = _operands(spec, streams, rows, cols, tuple(res_leaves) + tuple(cts_leaves))
     trees = (jax.tree.structure(res), jax.tree.structure(cts), len(res_leaves))
-    dh, dcols = _first_order(spec.launch.dhidden, spec, op, trees)
+    dh = _first_order(spec.launch.dhidden, spec, op, trees)
     dk, db = _first_order(spec.launch.dkernel, spec, op, trees)
+    diff = tuple(k for k in spec.stat.diff_cols if cols.get(k) is not None)
+    dcols = {}
+    if diff:
+        dcols = dict(zip(diff, _first_order(
+            lambda spec, op, trees: spec.launch.dcols(spec, op, trees, diff), spec, op, trees),
+            strict=True))
     h, k, b = streams[0]
     dh = dh[:n, :d].astype(h.dtype)
     dk = dk[:k.shape[0], :k.shape[1]].astype(k.dtype)

@@ -9,10 +9,10 @@ unused); the operands come padded to whole tiles, ``D`` to a multiple of ``block
   ``[block_n]`` vectors are written once.
 * ``d hidden`` ``(Np / block_n, Dp / block_d)``: a token tile walks the vocabulary, forms
   each logits tile and ``dx``, and adds ``dx W[d-slice, tile]^T`` into a ``[block_n,
-  block_d]`` float32 accumulator (each logits tile formed ``Dp / block_d`` times); the
-  first ``D`` slice also writes the per-row inputs' gradient tiles.
+  block_d]`` float32 accumulator (each logits tile formed ``Dp / block_d`` times).
 * ``d kernel`` ``(Vp / block_v, Dp / block_d)``: a vocabulary tile walks the tokens,
   ``dW += h[:, d-slice]^T dx`` in float32 (``db`` too, by the first slice).
+* per-row inputs' gradients ``(Np / block_n, Vp / block_v)``: one tile each.
 
 No atomics: each output element has one writer.
 """
@@ -165,27 +165,22 @@ def forward(spec, op: ps.Operands, prev_tree):
 # ----------------------------------------------------------------------------- backward
 
 
-def _dh_kernel(*refs, spec, tags, trees, streams, vp, diff):
+def _dh_kernel(*refs, spec, tags, trees, streams, vp):
     r = dict(zip(tags, refs[:len(tags)], strict=True))
-    dh_ref, *dcol_refs = refs[len(tags):]
+    (dh_ref,) = refs[len(tags):]
     cfg = spec.config
     bn, bv, bd = cfg.block_n, cfg.block_v, cfg.block_d
     rows, extra = _rows(r, Ellipsis)
     res, cts = _split_extra(extra, trees)
     cs = pl.ds(pl.multiple_of(pl.program_id(0) * bn, bn), bn)
     dstart = pl.multiple_of(pl.program_id(1) * bd, bd)
-    first = pl.program_id(1) == 0
     w_ref = r["w", 0]
 
     def body(j, acc):
         start = pl.multiple_of(j * bv, bv)
         cols = _cols(spec, r, cs, start)
         xs = _logits(spec, r, Ellipsis, start, streams)
-        dx, dcols = ps.grad_tile(spec, res, xs, rows, cols, start, cts)
-        for name, o_ref in zip(diff, dcol_refs, strict=True):
-            @pl.when(first)
-            def _(name=name, o_ref=o_ref):
-                o_ref[cs, pl.ds(start, bv)] = dcols[name].astype(o_ref.dtype)
+        dx, _ = ps.grad_tile(spec, res, xs, rows, cols, start, cts)
         if spec.layout == "dv":
             wd = w_ref[pl.ds(dstart, bd), pl.ds(start, bv)]
         else:
@@ -197,30 +192,60 @@ def _dh_kernel(*refs, spec, tags, trees, streams, vp, diff):
 
 
 def dhidden(spec, op: ps.Operands, trees):
-    """``(d hidden [Np, Dp], {name: d cols[name] [Np, Vp]} for the per-row inputs)``."""
+    """``d hidden [Np, Dp]`` of the padded first stream."""
     cfg = spec.config
     bn, bd = cfg.block_n, cfg.block_d
     tags, arrays = ps.flat(op)
     h = op.streams[0][0]
     np_, dp = h.shape
     vp = ps.vocab_size(op, spec.layout)
-    diff = tuple(k for k in spec.stat.diff_cols if op.cols.get(k) is not None)
     row = pl.BlockSpec((bn,), lambda i, k: (i,))
     specs = _in_specs(tags, arrays, row, lambda d: pl.BlockSpec((bn, d), lambda i, k: (i, 0)))
     nd = dp // bd
-    out = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dh_kernel, spec=spec, tags=tags, trees=trees,
-                          streams=len(op.streams), vp=vp, diff=diff),
+                          streams=len(op.streams), vp=vp),
         grid=(np_ // bn, nd), in_specs=specs,
-        out_specs=[pl.BlockSpec((bn, bd), lambda i, k: (i, k))] + [pl.no_block_spec] * len(diff),
-        out_shape=[jax.ShapeDtypeStruct((np_, dp), h.dtype)]
-        + [jax.ShapeDtypeStruct((np_, vp), op.cols[k].dtype) for k in diff],
+        out_specs=pl.BlockSpec((bn, bd), lambda i, k: (i, k)),
+        out_shape=jax.ShapeDtypeStruct((np_, dp), h.dtype),
         compiler_params=blocks.params(cfg), interpret=spec.interpret,
         name="jaxent_stat_dhidden",
-        cost_estimate=ps.cost(spec, op, nd + 1, np_ // bn * nd,
-                              elementwise=12),
+        cost_estimate=ps.cost(spec, op, nd + 1, np_ // bn * nd, elementwise=12),
     )(*_guarded(spec, arrays))
-    return out[0], dict(zip(diff, out[1:], strict=True))
+
+
+def _dc_kernel(*refs, spec, tags, trees, streams, diff):
+    r = dict(zip(tags, refs[:len(tags)], strict=True))
+    outs = refs[len(tags):]
+    bn, bv = spec.config.block_n, spec.config.block_v
+    rows, extra = _rows(r, Ellipsis)
+    res, cts = _split_extra(extra, trees)
+    cs = pl.ds(pl.multiple_of(pl.program_id(0) * bn, bn), bn)
+    start = pl.multiple_of(pl.program_id(1) * bv, bv)
+    xs = _logits(spec, r, Ellipsis, start, streams)
+    _, dcols = ps.grad_tile(spec, res, xs, rows, _cols(spec, r, cs, start), start, cts)
+    for name, o_ref in zip(diff, outs, strict=True):
+        o_ref[...] = dcols[name].astype(o_ref.dtype)
+
+
+def dcols(spec, op: ps.Operands, trees, diff: tuple) -> list:
+    """The gradients ``[Np, Vp]`` of the per-row inputs ``diff`` (a call of its own, one
+    tile per program, so that XLA drops it when they are not asked for)."""
+    cfg = spec.config
+    bn, bv = cfg.block_n, cfg.block_v
+    tags, arrays = ps.flat(op)
+    np_, vp = op.counted.shape[0], ps.vocab_size(op, spec.layout)
+    row = pl.BlockSpec((bn,), lambda i, j: (i,))
+    specs = _in_specs(tags, arrays, row, lambda d: pl.BlockSpec((bn, d), lambda i, j: (i, 0)))
+    return pl.pallas_call(
+        functools.partial(_dc_kernel, spec=spec, tags=tags, trees=trees,
+                          streams=len(op.streams), diff=diff),
+        grid=(np_ // bn, vp // bv), in_specs=specs,
+        out_specs=[pl.BlockSpec((bn, bv), lambda i, j: (i, j))] * len(diff),
+        out_shape=[jax.ShapeDtypeStruct((np_, vp), op.cols[k].dtype) for k in diff],
+        compiler_params=blocks.params(cfg), interpret=spec.interpret,
+        name="jaxent_stat_dcols", cost_estimate=ps.cost(spec, op, 1, np_ // bn),
+    )(*_guarded(spec, arrays))
 
 
 def _dk_kernel(*refs, spec, tags, trees, streams, np_, has_b):

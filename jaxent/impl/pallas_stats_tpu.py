@@ -8,11 +8,12 @@ what is reduced stays in VMEM between steps:
 * forward ``(Np / block_n, Vp / block_v)``: the logits tile of each stream on the MXU
   (float32), folded by the statistic into the carry held in the (revisited) output blocks.
 * ``d hidden`` ``(Np / block_n, Vp / block_v)``: the tile's ``dx``, ``acc += dx W_tile^T``
-  in a ``[block_n, D]`` float32 scratch, written at the last vocabulary tile; the per-row
-  inputs' gradient tiles are written at every step.
+  in a ``[block_n, D]`` float32 scratch, written at the last vocabulary tile.
 * ``d kernel`` ``(Vp / block_v, Np / block_n)``: ``acc += h_tile^T dx`` in a ``[D,
   block_v]`` (or ``[block_v, D]``) float32 scratch (and ``db``), written at the last token
   tile.
+* per-row inputs' gradients ``(Np / block_n, Vp / block_v)``, both axes parallel: one tile
+  each.
 
 Every per-row or per-class vector travels as ``[1, n]`` in ``(1, block)`` blocks (see
 :mod:`jaxent.impl.pallas_tpu`).
@@ -167,10 +168,9 @@ def forward(spec, op: ps.Operands, prev_tree):
 # ----------------------------------------------------------------------------- backward
 
 
-def _dh_kernel(*refs, spec, tags, trees, streams, diff):
+def _dh_kernel(*refs, spec, tags, trees, streams):
     r = dict(zip(tags, refs[:len(tags)], strict=True))
-    dh_ref, *rest = refs[len(tags):]
-    dcol_refs, acc_ref = rest[:len(diff)], rest[len(diff)]
+    dh_ref, acc_ref = refs[len(tags):]
     j, nv = pl.program_id(1), pl.num_programs(1)
     rows, extra, cols = _read(r)
     res, cts = _split_extra(extra, trees)
@@ -179,10 +179,8 @@ def _dh_kernel(*refs, spec, tags, trees, streams, diff):
     def _():
         acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
 
-    dx, dcols = ps.grad_tile(spec, res, _logits(spec, r, streams), rows, cols,
-                             j * spec.config.block_v, cts)
-    for name, o_ref in zip(diff, dcol_refs, strict=True):
-        o_ref[...] = dcols[name].astype(o_ref.dtype)
+    dx, _ = ps.grad_tile(spec, res, _logits(spec, r, streams), rows, cols,
+                         j * spec.config.block_v, cts)
     acc_ref[...] += common.dhidden_part(dx, r["w", 0][...], spec.layout)
 
     @pl.when(j == nv - 1)
@@ -191,29 +189,54 @@ def _dh_kernel(*refs, spec, tags, trees, streams, diff):
 
 
 def dhidden(spec, op: ps.Operands, trees):
-    """``(d hidden [Np, D], {name: d cols[name] [Np, Vp]} for the per-row inputs)``."""
+    """``d hidden [Np, D]`` of the padded first stream."""
     cfg = spec.config
     bn, bv = cfg.block_n, cfg.block_v
     tags, arrays = ps.flat(op)
     h = op.streams[0][0]
     np_, d = h.shape
     vp = ps.vocab_size(op, spec.layout)
-    diff = tuple(k for k in spec.stat.diff_cols if op.cols.get(k) is not None)
-    acc = rm.compute_dtype(h.dtype)
     arrays = [common.guard_platform(arrays[0], spec.interpret)] + arrays[1:]
-    out = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dh_kernel, spec=spec, tags=tags, trees=trees,
-                          streams=len(op.streams), diff=diff),
+                          streams=len(op.streams)),
         grid=(np_ // bn, vp // bv), in_specs=_specs(spec, tags, arrays, "nv"),
-        out_specs=[pl.BlockSpec((bn, d), lambda i, j: (i, 0))]
-        + [pl.BlockSpec((bn, bv), lambda i, j: (i, j))] * len(diff),
-        out_shape=[jax.ShapeDtypeStruct((np_, d), h.dtype)]
-        + [jax.ShapeDtypeStruct((np_, vp), op.cols[k].dtype) for k in diff],
-        scratch_shapes=[pltpu.VMEM((bn, d), acc)], compiler_params=_params(cfg),
-        interpret=spec.interpret, name="jaxent_stat_dhidden",
+        out_specs=pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct((np_, d), h.dtype),
+        scratch_shapes=[pltpu.VMEM((bn, d), rm.compute_dtype(h.dtype))],
+        compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_stat_dhidden",
         cost_estimate=ps.cost(spec, op, 2, np_ // bn, elementwise=12),
     )(*_lanes(tags, arrays))
-    return out[0], dict(zip(diff, out[1:], strict=True))
+
+
+def _dc_kernel(*refs, spec, tags, trees, streams, diff):
+    r = dict(zip(tags, refs[:len(tags)], strict=True))
+    outs = refs[len(tags):]
+    rows, extra, cols = _read(r)
+    res, cts = _split_extra(extra, trees)
+    _, dcols = ps.grad_tile(spec, res, _logits(spec, r, streams), rows, cols,
+                            pl.program_id(1) * spec.config.block_v, cts)
+    for name, o_ref in zip(diff, outs, strict=True):
+        o_ref[...] = dcols[name].astype(o_ref.dtype)
+
+
+def dcols(spec, op: ps.Operands, trees, diff: tuple) -> list:
+    """The gradients ``[Np, Vp]`` of the per-row inputs ``diff`` (see
+    :func:`jaxent.impl.pallas_stats_gpu.dcols`)."""
+    cfg = spec.config
+    bn, bv = cfg.block_n, cfg.block_v
+    tags, arrays = ps.flat(op)
+    np_, vp = op.counted.shape[0], ps.vocab_size(op, spec.layout)
+    arrays = [common.guard_platform(arrays[0], spec.interpret)] + arrays[1:]
+    return pl.pallas_call(
+        functools.partial(_dc_kernel, spec=spec, tags=tags, trees=trees,
+                          streams=len(op.streams), diff=diff),
+        grid=(np_ // bn, vp // bv), in_specs=_specs(spec, tags, arrays, "nv"),
+        out_specs=[pl.BlockSpec((bn, bv), lambda i, j: (i, j))] * len(diff),
+        out_shape=[jax.ShapeDtypeStruct((np_, vp), op.cols[k].dtype) for k in diff],
+        compiler_params=_params(cfg, ("parallel", "parallel")), interpret=spec.interpret,
+        name="jaxent_stat_dcols", cost_estimate=ps.cost(spec, op, 1, np_ // bn),
+    )(*_lanes(tags, arrays))
 
 
 def _dk_kernel(*refs, spec, tags, trees, streams, has_b):

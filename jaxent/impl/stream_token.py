@@ -118,9 +118,8 @@ def _split(streams, rows: Rows, cols: dict, bn: int):
     return nb, sb, _rows_blocked(rows, nb, bn), rcols, ccols
 
 
-def _block_inputs(sb, i_args):
+def _block_inputs(sb, xs_b):
     """Streams of one block: its rows of each stream's first operand, the rest shared."""
-    xs_b, = i_args
     return tuple((x,) + tuple(ops[1:]) for x, ops in zip(xs_b, sb, strict=True))
 
 
@@ -138,7 +137,7 @@ def _pass(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict, res=None
         xs_b, r, rc, rs = args
         st = stat if rs is None else stat.then(rs)
         assert st is not None
-        blocks = _block_inputs(sb, (xs_b,))
+        blocks = _block_inputs(sb, xs_b)
         xs = tuple(_logits(plan, ops, valid) for ops in blocks)
         opts = rm.row_options(plan.opts, r.temp)
         carry = B.varying_like(st.init(bn, acc), streams, rows, cols)
@@ -172,7 +171,7 @@ def _grads(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict, res, ct
 
     def one(g, args):
         xs_b, r, rc, rs, ct = args
-        blocks = _block_inputs(sb, (xs_b,))
+        blocks = _block_inputs(sb, xs_b)
         xs = tuple(_logits(plan, ops, valid) for ops in blocks)
         opts = rm.row_options(plan.opts, r.temp)
         dx, dcb = stat.block_grad(opts, rs, xs, r, {**rc, **ccols}, 0, ct)

@@ -7,6 +7,8 @@ the statistics' (:mod:`jaxent.impl.stats`), walked by :func:`jaxent.impl.stream.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -15,10 +17,11 @@ from jax import lax
 
 from jaxent import _checks
 from jaxent._options import LAYOUTS, Options
-from jaxent.impl import stream
-from jaxent.impl.plan import Plan, stream_plan
+from jaxent.impl import Request, implementation, select, stream
+from jaxent.impl.plan import Plan, positive_int, stream_plan
+from jaxent.placement import auto as _auto
 
-IMPLS = ("auto", "xla", "vocab")
+IMPLS = ("auto", "xla", "vocab", "token", "pallas")
 
 
 def rows(x: jax.Array, axis: int) -> jax.Array:
@@ -45,11 +48,14 @@ def check_reduction(value) -> None:
         raise ValueError(f"`reduction` must be one of ('mean', 'sum', 'none'), got {value!r}")
 
 
-def check_impl(value) -> None:
+def check_impl(value, served: tuple[str, ...] = IMPLS, what: str = "") -> None:
+    """``value`` is an implementation name; ``served`` the ones this call runs (``what``
+    names the call in the error for one it does not)."""
     if value not in IMPLS:
-        hint = ("; only the vocabulary walk serves these losses (no 'token' or 'pallas' "
-                "implementation)") if value in ("token", "pallas") else ""
-        raise ValueError(f"`impl` must be one of {IMPLS}, got {value!r}{hint}")
+        raise ValueError(f"`impl` must be one of {IMPLS}, got {value!r}")
+    if value not in served:
+        raise ValueError(f"`impl`={value!r} cannot serve {what}: only the vocabulary walk "
+                         f"does; implementations that can: {served}")
 
 
 def checked_block_size(block_size) -> int | None:
@@ -103,13 +109,40 @@ run = jax.jit(stream.run, static_argnums=(0, 1))
 
 
 def plan(opts: Options, num_classes: int, local: int, n, block_size=None,
-          layout: str = "dv", axis_name=None, streams: int = 1) -> Plan:
+          layout: str = "dv", axis_name=None, streams: int = 1, token_block_size=None,
+          interpret: bool = False) -> Plan:
     """The walk's plan: ``local`` columns on this device, the first ``num_classes`` of all
-    shards real classes (the rest padding)."""
+    shards real classes (the rest padding); ``token_block_size`` (the token walk's rows per
+    block, None: its default) and ``interpret`` (Pallas's interpreter) for the impls that
+    use them."""
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
-    return stream_plan(opts, num_classes, local, n, layout=layout,
-                       block_size=checked_block_size(block_size), vocab_axis=axis_name,
-                       shards=shards, streams=streams)
+    p = stream_plan(opts, num_classes, local, n, layout=layout,
+                    block_size=checked_block_size(block_size), vocab_axis=axis_name,
+                    shards=shards, streams=streams)
+    if token_block_size is not None:
+        p = dataclasses.replace(p, block_n=positive_int(token_block_size, "token_block_size"))
+    return dataclasses.replace(p, interpret=bool(interpret))
+
+
+@functools.cache
+def _jitted(fn):
+    return jax.jit(fn, static_argnums=(0, 1))
+
+
+def walk(impl: str, stat, plan: Plan, streams: tuple, rows, cols: dict):
+    """``stat`` over linear-head ``streams`` by the implementation ``impl`` selects from the
+    registry (:func:`jaxent.impl.select`, kind ``"stat"``: ``"vocab"``, the vocabulary walk
+    of :func:`jaxent.impl.stream.run`, for ``"auto"``/``"xla"``; ``"token"``,
+    :func:`jaxent.impl.stream_token.run`; ``"pallas"``, the statistic kernels); one that
+    cannot serve the call raises ``ValueError`` saying why."""
+    h = streams[0][0]
+    arrays = [a for ops in streams for a in ops]
+    req = Request("stat", h.dtype, "none", vocab_parallel=plan.vocab_axis is not None,
+                  static_tokens=isinstance(h.shape[0], int), padded=plan.padded,
+                  num_classes=plan.num_classes, row_temperature=rows.temp is not None,
+                  auto_mesh=_auto.applies(*arrays))
+    return _jitted(implementation("stat", select(impl, req)).run)(stat, plan, streams, rows,
+                                                                  cols)
 
 
 def row_temperature(temperature, batch_shape, acc):

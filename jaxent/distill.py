@@ -255,6 +255,8 @@ def linear_distillation_loss(
     block_size: int | None = None,
     impl: Impl = "auto",
     vocab_size: int | None = None,
+    token_block_size: int | None = None,
+    interpret: bool = False,
 ):
     r""":func:`distillation_loss` of two linear heads, neither model's logits materialized.
 
@@ -286,9 +288,12 @@ def linear_distillation_loss(
       where: optional boolean mask shaped like the tokens.
       reduction: ``"mean"`` (over counted tokens; 0.0 when none), ``"sum"`` or ``"none"``.
       block_size: vocabulary columns per block (default: about 16 MB for the two blocks).
-      impl: ``"auto"``, ``"xla"`` or ``"vocab"``.
+      impl: ``"auto"``, ``"xla"``, ``"vocab"``, ``"token"`` or ``"pallas"``, as in
+        :func:`linear_log_probs`.
       vocab_size: the number of real classes when both kernels hold padding columns after
         them, as in :func:`linear_log_probs`.
+      token_block_size: ``impl="token"``: tokens per block.
+      interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode.
 
     Returns:
       float32 scalar, or ``student_hidden.shape[:-1]`` for ``"none"``; gradients flow to the
@@ -320,7 +325,8 @@ def linear_distillation_loss(
               "teacher_tail": teacher_tail}
     static = {"divergence": divergence, "beta": beta, "kernel_layout": kernel_layout,
               "ignore_index": ignore_index, "reduction": reduction, "block_size": block_size,
-              "vocab_size": vocab_size}
+              "vocab_size": vocab_size, "impl": impl, "token_block_size": token_block_size,
+              "interpret": bool(interpret)}
     placed = _explicit.run_head(_distill_shard, arrays, static, temperature,
                                "row" if reduction == "none" else "replicated")
     if placed is not None:
@@ -345,7 +351,8 @@ def teacher_pair(teacher_topk):
 def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teacher_kernel, *,
                             divergence, beta, temperature, student_bias, teacher_bias,
                             kernel_layout, labels, ignore_index, where, reduction,
-                            block_size, vocab_size=None, axis_name=None,
+                            block_size, vocab_size=None, impl="auto",
+                            token_block_size=None, interpret=False, axis_name=None,
                             token_axis_name=None, teacher_ids=None, teacher_log_probs=None,
                             teacher_tail=None):
     """:func:`linear_distillation_loss`, vocabulary-parallel over ``axis_name`` when given
@@ -365,6 +372,7 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
                                  ("student_hidden", "student_kernel", "student_bias"),
                                  axis_name)
     if sparse:
+        _heads.check_impl(impl, ("auto", "xla", "vocab"), "a sparse teacher")
         v = _heads.vocab(vocab_size, v, "student_kernel")
         batch_shape = tuple(jnp.shape(student_hidden)[:-1])
         mask = _distill_mask(labels, ignore_index, where, batch_shape)
@@ -396,9 +404,10 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
     temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
     n = hs.shape[0]
     plan = _heads.plan(Options(temperature=temp_s), v, local, n, block_size, kernel_layout,
-                 axis_name, streams=2)
+                       axis_name, streams=2, token_block_size=token_block_size,
+                       interpret=interpret)
     counted = _heads.counted(mask, n)
-    losses = _heads.run(stats.Distill(kind, b), plan, ((hs, ks, bs), jax.lax.stop_gradient(
+    losses = _heads.walk(impl, stats.Distill(kind, b), plan, ((hs, ks, bs), jax.lax.stop_gradient(
         (ht, kt, bt))), stats.Rows(None, counted, temp), {})
     return _heads.reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
 

@@ -106,6 +106,8 @@ def linear_log_probs(
     block_size: int | None = None,
     impl: Impl = "auto",
     vocab_size: int | None = None,
+    token_block_size: int | None = None,
+    interpret: bool = False,
 ):
     r""":func:`token_log_probs` of ``hidden @ kernel + bias`` without materializing logits.
 
@@ -133,10 +135,17 @@ def linear_log_probs(
       where: optional boolean mask shaped like ``tokens`` (``False``: output 0).
       return_entropy: also return the per-token entropy.
       block_size: vocabulary columns per block (default: about 16 MB of float32 logits).
-      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (all: the vocabulary walk).
+      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (the vocabulary walk), ``"token"``
+        (token blocks, each with its whole vocabulary row) or ``"pallas"`` (the kernels
+        of :mod:`jaxent.impl.pallas_stats`: NVIDIA GPUs and TPUs, or ``interpret``; not
+        with a vocabulary split over a mesh axis).
       vocab_size: the number of real classes when the kernel's vocabulary axis holds
         padding columns after them (e.g. rounded up for sharding): they are masked out of
         the softmax and get zero gradient. Default: every column is a class.
+      token_block_size: ``impl="token"``: tokens per block (default: about 64 MB of
+        float32 logits).
+      interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode (on the
+        CPU, for testing).
 
     Returns:
       ``log_probs`` shaped like ``tokens`` (float32; float64 for float64 inputs), or
@@ -158,7 +167,8 @@ def linear_log_probs(
               "where": where}
     static = {"kernel_layout": kernel_layout, "logit_softcap": logit_softcap,
               "return_entropy": bool(return_entropy), "block_size": block_size,
-              "vocab_size": vocab_size}
+              "vocab_size": vocab_size, "impl": impl, "token_block_size": token_block_size,
+              "interpret": bool(interpret)}
     placed = _explicit.run_head(_log_probs_shard, arrays, static, temperature,
                                ("row", "row") if return_entropy else "row")
     if placed is not None:
@@ -173,7 +183,7 @@ def _log_probs_shard(vocab, tok, **kw):
 
 def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
                     logit_softcap, where, return_entropy, block_size, vocab_size=None,
-                    axis_name=None):
+                    impl="auto", token_block_size=None, interpret=False, axis_name=None):
     """:func:`linear_log_probs`, vocabulary-parallel over ``axis_name`` when given."""
     h, k, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
     v = _heads.vocab(vocab_size, v)
@@ -188,8 +198,9 @@ def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
     y = _rowmath.class_ids(y, v)
     n = h.shape[0]
     plan = _heads.plan(Options(temperature=temp_s, logit_softcap=cap), v, local, n, block_size,
-                 kernel_layout, axis_name)
-    lp, ent = _heads.run(stats.LogProbs(v, bool(return_entropy)), plan, ((h, k, b),),
+                       kernel_layout, axis_name, token_block_size=token_block_size,
+                       interpret=interpret)
+    lp, ent = _heads.walk(impl, stats.LogProbs(v, bool(return_entropy)), plan, ((h, k, b),),
                    stats.Rows(y.reshape(-1), _heads.counted(mask, n), temp), {})
     lp = lp.reshape(batch_shape)
     return (lp, ent.reshape(batch_shape)) if return_entropy else lp
@@ -214,6 +225,8 @@ def linear_soft_cross_entropy(
     temperature: float | ArrayLike = 1.0,
     block_size: int | None = None,
     impl: Impl = "auto",
+    token_block_size: int | None = None,
+    interpret: bool = False,
 ):
     r"""``soft_cross_entropy(hidden @ kernel + bias, targets)`` without materializing logits.
 
@@ -242,7 +255,10 @@ def linear_soft_cross_entropy(
       logit_softcap: if given, logits become ``cap * tanh(logits / cap)``.
       temperature: a number or an array broadcastable to ``hidden.shape[:-1]``.
       block_size: vocabulary columns per block (default: about 16 MB of float32 logits).
-      impl: ``"auto"``, ``"xla"`` or ``"vocab"``.
+      impl: ``"auto"``, ``"xla"``, ``"vocab"``, ``"token"`` or ``"pallas"``, as in
+        :func:`linear_log_probs`.
+      token_block_size: ``impl="token"``: tokens per block.
+      interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode.
 
     Returns:
       float32 scalar, or ``hidden.shape[:-1]`` for ``"none"``.
@@ -261,7 +277,8 @@ def linear_soft_cross_entropy(
               "weight": weight, "where": where}
     static = {"kernel_layout": kernel_layout, "label_smoothing": label_smoothing,
               "reduction": reduction, "z_loss": z_loss, "logit_softcap": logit_softcap,
-              "block_size": block_size}
+              "block_size": block_size, "impl": impl, "token_block_size": token_block_size,
+              "interpret": bool(interpret)}
     placed = _explicit.run_head(_soft_shard, arrays, static, temperature,
                                "row" if reduction == "none" else "replicated")
     if placed is not None:
@@ -275,7 +292,8 @@ def _soft_shard(vocab, tok, **kw):
 
 def fused_soft_cross_entropy(hidden, kernel, targets, *, bias, kernel_layout, weight,
                              label_smoothing, reduction, where, z_loss, logit_softcap,
-                             temperature, block_size, axis_name=None, token_axis_name=None):
+                             temperature, block_size, impl="auto", token_block_size=None,
+                             interpret=False, axis_name=None, token_axis_name=None):
     """:func:`linear_soft_cross_entropy`, vocabulary-parallel over ``axis_name`` when given
     (then ``targets`` and ``weight`` are this device's ``V/k`` columns)."""
     h, k, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
@@ -296,8 +314,10 @@ def fused_soft_cross_entropy(hidden, kernel, targets, *, bias, kernel_layout, we
     temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
     n = h.shape[0]
     plan = _heads.plan(Options(opts.label_smoothing, opts.z_loss, temp_s, opts.logit_softcap), v,
-                 local, n, block_size, kernel_layout, axis_name)
+                       local, n, block_size, kernel_layout, axis_name,
+                       token_block_size=token_block_size, interpret=interpret)
     counted = _heads.counted(mask, n)
-    losses = _heads.run(stats.SoftTargets(v), plan, ((h, k, b),), stats.Rows(None, counted, temp),
-                  {"targets": t.reshape(n, local), "weight": w})
+    losses = _heads.walk(impl, stats.SoftTargets(v), plan, ((h, k, b),),
+                         stats.Rows(None, counted, temp),
+                         {"targets": t.reshape(n, local), "weight": w})
     return _heads.reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)

@@ -21,6 +21,9 @@ from jaxent.impl import stats
 from jaxent.impl import topk as _topk
 from jaxent.placement import explicit as _explicit
 
+# The walks that serve the top-k statistic (its block merge is lax.top_k: no kernels).
+VOCAB_WALK = ("auto", "xla", "vocab")
+
 
 def check_k(k, num_classes: int, name: str = "k") -> int:
     """``k`` as a Python int in ``[1, num_classes]``, else ``ValueError``/``TypeError``
@@ -172,7 +175,7 @@ def linear_topk_log_probs(
       >>> bool((ids == ref_ids).all()), bool(jnp.allclose(lp, ref_lp, atol=1e-5))
       (True, True)
     """
-    _heads.check_impl(impl)
+    _heads.check_impl(impl, VOCAB_WALK, "the top-k head")
     arrays = {"hidden": hidden, "kernel": kernel, "bias": bias, "where": where}
     static = {"k": k, "kernel_layout": kernel_layout, "logit_softcap": logit_softcap,
               "return_tail": bool(return_tail), "block_size": block_size,

@@ -428,6 +428,8 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="`beta`"):
         jaxent.distillation_loss(x, x, divergence="jsd", beta=1.5)
     with pytest.raises(ValueError, match="`impl`"):
+        jaxent.linear_log_probs(h, k, y, impl="fused")
+    with pytest.raises(ValueError, match="interpret=True"):  # compiled kernels: GPU, TPU
         jaxent.linear_log_probs(h, k, y, impl="pallas")
     with pytest.raises(ValueError, match="`tokens`"):
         jaxent.token_log_probs(x, jnp.array([0, V, 1]))

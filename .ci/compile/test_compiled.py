@@ -21,6 +21,9 @@ KERNELS = {
     ("linear_cross_entropy", "value"): ["jaxent_lce_fwd"],
     ("linear_cross_entropy", "grad"): ["jaxent_lce_dhidden", "jaxent_lce_dkernel",
                                        "jaxent_lce_fwd"],
+    **{(head, "value"): ["jaxent_stat_fwd"] for head in compiled.STAT_HEADS},
+    **{(head, "grad"): ["jaxent_stat_dhidden", "jaxent_stat_dkernel", "jaxent_stat_fwd"]
+       for head in compiled.STAT_HEADS},
 }
 DH_F32 = ("the vocabulary walk keeps d hidden in float32 ([N, D], 0.27 GB at the Llama-3-8B "
           "head) while the naive program of this head keeps only bf16 logits (XLA fuses "
@@ -45,7 +48,8 @@ def _keys(pred, xfail=lambda k: None):
 
 def _gpu_pallas(k) -> str | None:
     return GPU_F32_DW if k.impl == "pallas" and k.shape == "llama" and \
-        targets.CHIPS[k.target].platform == "cuda" else None
+        k.head == "linear_cross_entropy" and targets.CHIPS[k.target].platform == "cuda" \
+        else None
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,7 +60,7 @@ def _configured():
 @pytest.mark.parametrize("key", _keys(lambda k: True))
 def test_compiles(key):
     rec = compiled.get(key)
-    if key.impl == "token":  # bf16: refused with a clear error, not compiled
+    if key.impl == "token" and key.head == "linear_cross_entropy":  # bf16: refused
         assert rec.error is not None and "`impl`='token' cannot serve" in rec.error
         return
     assert rec.ok, rec.error
@@ -67,14 +71,20 @@ def test_compiles(key):
 def test_pallas_programs_hold_their_kernels(key):
     rec = compiled.get(key)
     assert rec.ok, rec.error
-    assert sorted(k.name for k in rec.kernels) == KERNELS[key.head, key.mode]
-    assert rec.launches is not None and rec.launches >= len(rec.kernels)
+    expected = KERNELS[key.head, key.mode]
+    if key.head == "linear_soft_cross_entropy" and key.mode == "grad" and \
+            targets.CHIPS[key.target].platform == "tpu":
+        # TPU kernels are read off the jaxpr, which still holds the targets' gradient
+        # kernel that XLA drops (not asked for: three launches).
+        expected = sorted([*expected, "jaxent_stat_dcols"])
+    assert sorted(k.name for k in rec.kernels) == expected
+    assert rec.launches is not None and rec.launches >= len(KERNELS[key.head, key.mode])
 
 
 @pytest.mark.parametrize("key", _keys(
     lambda k: k.shape == "llama" and k.mode == "grad" and k.impl not in ("naive", "token")
     and any(j == k._replace(impl="naive") for j in KEYS),
-    lambda k: _gpu_pallas(k) or (DH_F32 if k.head in (
+    lambda k: _gpu_pallas(k) or (DH_F32 if k.impl != "pallas" and k.head in (
         "linear_soft_cross_entropy", "linear_distillation_loss") else None)))
 def test_fused_temporaries_at_most_3_percent_of_naive(key):
     rec = compiled.get(key)

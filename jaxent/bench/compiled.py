@@ -115,6 +115,9 @@ def _fused_args(n, d, v, dt):
     return (((n, d), dt), ((v, d), dt), ((n,), jnp.int32))
 
 
+# The RL and distillation heads (row statistics: impl="pallas" runs jaxent.impl.pallas_stats).
+STAT_HEADS = ("linear_log_probs", "linear_soft_cross_entropy", "linear_distillation_loss")
+
 HEADS: dict[str, Head] = {head.name: head for head in (
     Head("cross_entropy", False, ("auto", "xla", "pallas"),
          lambda impl: lambda x, y: jaxent.cross_entropy(x, y, impl=impl),
@@ -127,16 +130,16 @@ HEADS: dict[str, Head] = {head.name: head for head in (
          lambda impl: lambda h, w, y: jaxent.linear_cross_entropy(
              h, w, y, kernel_layout="vd", impl=impl),
          _fused_args, (0, 1), _naive_ce),
-    Head("linear_log_probs", True, ("auto", "vocab"),
+    Head("linear_log_probs", True, ("auto", "vocab", "token", "pallas"),
          lambda impl: lambda h, w, y: jaxent.linear_log_probs(
              h, w, y, kernel_layout="vd", impl=impl).sum(),
          _fused_args, (0, 1), _naive_log_probs),
-    Head("linear_soft_cross_entropy", True, ("auto", "vocab"),
+    Head("linear_soft_cross_entropy", True, ("auto", "vocab", "token", "pallas"),
          lambda impl: lambda h, w, t: jaxent.linear_soft_cross_entropy(
              h, w, t, kernel_layout="vd", impl=impl),
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, v), dt)), (0, 1),
          _naive_soft),
-    Head("linear_distillation_loss", True, ("auto", "vocab"),
+    Head("linear_distillation_loss", True, ("auto", "vocab", "token", "pallas"),
          lambda impl: lambda h, w, th, tw: jaxent.linear_distillation_loss(
              h, w, th, tw, kernel_layout="vd", impl=impl),
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, d), dt), ((v, d), dt)),
@@ -323,8 +326,9 @@ def plan(profile: str = "full") -> list[Key]:
     """The programs to compile. ``"full"``: every chip x head x impl x mode, fused heads at
     a small shape and at Llama-3-8B's (16384 x 4096 x 128256), plain losses at a small shape
     and at 8192 x 128256. ``"ci"`` (a few minutes on two cores): on the H100 and the v5e,
-    every head x impl x mode at the small shapes, value-and-gradient at the large ones
-    (the RL and distillation heads there on the H100 only: TPU compiles take longer); on
+    every head x impl x mode at the small shapes (the RL and distillation heads with
+    ``"auto"`` and ``"pallas"``), value-and-gradient at the large ones (the RL and
+    distillation heads there on the H100 only: TPU compiles take longer); on
     the other chips the Pallas kernels and the XLA walk they are held against."""
     if profile == "full":
         out = []
@@ -342,14 +346,16 @@ def plan(profile: str = "full") -> list[Key]:
         big = ("vocab", "pallas") if not wide else ("naive", "auto", "vocab", "pallas")
         for head in HEADS.values() if wide else ():
             small = "small" if head.fused else "plain-small"
-            impls = head.impls if head.name.endswith("cross_entropy") else ("auto",)
+            impls = head.impls if head.name == "linear_cross_entropy" or not head.fused \
+                else ("auto", "pallas")
             out += [Key(target, head.name, i, m, small) for i in impls for m in ("value", "grad")]
         out += [Key(target, "cross_entropy", "pallas", "value", "plain")]
         out += [Key(target, "cross_entropy", i, "grad", "plain") for i in ("xla", "pallas")]
         out += [Key(target, "linear_cross_entropy", i, "grad", "llama") for i in big]
         if target == "h100":
             out += [Key(target, h, i, "grad", "llama") for h in HEADS
-                    if HEADS[h].fused and h != "linear_cross_entropy" for i in ("naive", "auto")]
+                    if HEADS[h].fused and h != "linear_cross_entropy"
+                    for i in ("naive", "auto", "pallas")]
     return out
 
 

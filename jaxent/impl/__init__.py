@@ -26,7 +26,8 @@ class Request:
     """What a call needs from an implementation.
 
     Attributes:
-      kind: ``"ce"`` (logits) or ``"linear"`` (the fused head).
+      kind: ``"ce"`` (logits), ``"linear"`` (the fused head) or ``"stat"`` (a row
+        statistic over linear heads: the RL and distillation heads).
       dtype: the inputs' dtype.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
       vocab_parallel: the vocabulary is split over a mesh axis.
@@ -95,6 +96,26 @@ def _pallas_refuses(req: Request) -> str | None:
     return None
 
 
+def _stat_token_refuses(req: Request) -> str | None:
+    if req.vocab_parallel:
+        return "it needs whole vocabulary rows and the vocabulary is split over a mesh axis"
+    if not req.static_tokens:
+        return "it walks token blocks and the number of tokens is symbolic"
+    return None
+
+
+def _stat_pallas_refuses(req: Request) -> str | None:
+    # The statistic kernels mask padding columns and take one temperature per row.
+    return _pallas_refuses(dataclasses.replace(req, padded=False, row_temperature=False))
+
+
+def _pallas_stat(stat, plan, streams, rows, cols):
+    """The statistic kernels (:func:`jaxent.impl.pallas.dispatch_stat`)."""
+    from jaxent.impl import pallas  # noqa: PLC0415
+
+    return pallas.dispatch_stat(stat, plan, streams, rows, cols)
+
+
 REGISTRY: dict[tuple[str, str], Implementation] = {}
 
 
@@ -125,6 +146,12 @@ def _register_builtin() -> None:
                             per_row=False))
     register(Implementation("pallas", "linear", False, _pallas_refuses, _pallas_linear_rows))
     register(Implementation("pallas", "ce", False, _pallas_refuses))
+    # The RL and distillation heads ("stat": a row statistic over linear-head streams).
+    from jaxent.impl import stream, stream_token  # noqa: PLC0415
+
+    register(Implementation("vocab", "stat", True, lambda req: None, stream.run))
+    register(Implementation("token", "stat", True, _stat_token_refuses, stream_token.run))
+    register(Implementation("pallas", "stat", False, _stat_pallas_refuses, _pallas_stat))
 
 
 def implementation(kind: str, name: str) -> Implementation:

@@ -103,3 +103,22 @@ def dispatch_ce_rows(x, labels, row_w, counted, weight, *, opts: Options, interp
                            interpret=interpret)
 
     return _per_platform(run, (x, labels, row_w, counted, weight), interpret)
+
+
+def dispatch_stat(stat, plan, streams, rows, cols):
+    """The statistic kernels (:mod:`jaxent.impl.pallas_stats`) for ``stat`` over linear-head
+    ``streams``: Triton on NVIDIA GPUs, Mosaic on TPUs (:func:`_per_platform`), each with its
+    backend's default blocks; ``plan.interpret`` runs the Triton ones in the interpreter."""
+    from jaxent.impl import pallas_stats, pallas_stats_gpu, pallas_stats_tpu  # noqa: PLC0415
+
+    n, d = streams[0][0].shape
+    kernels = {pallas_gpu: pallas_stats_gpu, pallas_tpu: pallas_stats_tpu}
+
+    def run(mod, streams, rows, cols):
+        backend = kernels[mod]
+        cfg = backend.default_config(n, d, plan.num_classes, streams[0][0].dtype,
+                                     len(streams))
+        return pallas_stats.run_on(backend, cfg, stat, plan.opts, plan.num_classes,
+                                   plan.layout, streams, rows, cols, interpret=plan.interpret)
+
+    return _per_platform(run, (streams, rows, cols), plan.interpret)

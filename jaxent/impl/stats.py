@@ -46,7 +46,8 @@ onehot, safe, shift, transform, transform_vjp = (
 
 class Rows(NamedTuple):
     """Per-row inputs of a statistic (each ``[N]``): ``y`` int32 global class ids (or None),
-    ``counted`` (bool), ``temp`` per-row temperatures (or None: ``opts.temperature``)."""
+    ``counted`` (bool; int32, nonzero where counted, inside Pallas kernels: Mosaic cannot
+    reshape a boolean vector), ``temp`` per-row temperatures (or None: ``opts.temperature``)."""
 
     y: jax.Array | None
     counted: jax.Array
@@ -194,7 +195,7 @@ class LogProbs(_OnePass):
         g_lp, g_h = (jnp.where(rows.counted, g, 0.0) for g in cts)
         # A counted id outside [0, V) has a nan value, and so nan gradients.
         valid = (rows.y >= 0) & (rows.y < self.num_classes)
-        g_lp = jnp.where(valid | ~rows.counted, g_lp, jnp.nan)
+        g_lp = jnp.where(valid | jnp.logical_not(rows.counted), g_lp, jnp.nan)
         (x,) = xs
         lp = rm.shift(x, m[:, None], opts) - log_s[:, None]
         p = jnp.exp(lp)
@@ -233,6 +234,8 @@ class SoftTargets(_OnePass):
         (x,) = xs
         a = stream(m, s, x, opts, valid)
         w = self._wt(opts, cols, x.dtype)
+        if valid is not None:  # smoothing puts eps / V on every column, padding too
+            w = jnp.where(valid, w, 0.0)
         wtz = wtz + wt * a.back + jnp.sum(jnp.where(w == 0, 0.0, w * a.zs), axis=1)
         return a.m, a.s, wt + w.sum(1), wtz
 
@@ -376,6 +379,8 @@ class _JsdPass(_OnePass):
         lp, lq = _log_pq(opts, xs, *self.first)
         lm = _log_mix(self.beta, lp, lq)
         p, q = jnp.exp(lp), jnp.exp(lq)
+        if valid is not None:  # with a soft-cap padding columns keep a finite -cap
+            p, q = jnp.where(valid, p, 0.0), jnp.where(valid, q, 0.0)
         kpm = _xlogy_diff(p, lp, lm).sum(1)
         tot = tot + self.beta * _xlogy_diff(q, lq, lm).sum(1) + (1.0 - self.beta) * kpm
         return tot, k + kpm

@@ -1,0 +1,171 @@
+"""Conformance of the RL and distillation heads: every head x impl x dtype x vocabulary
+against the naive materialized program, values and gradients.
+
+Heads: ``linear_log_probs`` (with and without the entropy), ``linear_soft_cross_entropy``
+and ``linear_distillation_loss`` (``kl``, ``reverse_kl``, ``jsd``), with a bias, a ``where``
+mask, one temperature per row (and label smoothing for the soft targets), per-token outputs
+(``reduction="none"``). Impls: ``vocab`` (blocks of 64 columns), ``token`` (blocks of 5
+tokens: 12 tokens make a ragged last block) and ``pallas`` (the Triton kernels in Pallas's
+interpreter, blocks of 128 columns). Vocabularies: 128 (a whole number of blocks of every
+impl) and 100 (ragged against both).
+
+The reference forms ``logits = h @ W + b`` in float32 (from the same, possibly bfloat16,
+inputs) and writes each loss with ``jax.nn.log_softmax``; gradients w.r.t. the student's
+hidden, kernel and bias are plain autodiff of a random weighted sum of the outputs.
+Tolerances (rtol, with atol = rtol * max |reference| for entries near 0): float32 1e-5;
+bfloat16 values 1e-5 (they accumulate in float32 from the same inputs) and gradients
+2e-2 (the ``dx`` tiles are rounded to bfloat16 before their matmuls and the gradients
+are returned in bfloat16).
+
+One program per (impl, dtype) holds every head and vocabulary (few compiles); the test
+cases read their part of it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxent
+
+N, D, DT = 12, 24, 16
+VOCABS = {"whole": 128, "ragged": 100}
+HEADS = ("log_probs", "log_probs_entropy", "soft", "kl", "reverse_kl", "jsd")
+IMPLS = ("vocab", "token", "pallas")
+DTYPES = ("float32", "bfloat16")
+BETA, SMOOTH = 0.3, 0.1
+TOL = {"float32": (1e-5, 1e-5), "bfloat16": (1e-5, 2e-2)}  # (values, gradients)
+
+
+def _data(v: int, dtype: str) -> dict:
+    rng = np.random.default_rng(v)
+    f = lambda *s, scale=1.0: jnp.asarray(  # noqa: E731
+        rng.standard_normal(s) * scale, jnp.float32).astype(dtype)
+    return {
+        "h": f(N, D), "w": f(D, v, scale=0.4), "b": f(v, scale=0.5),
+        "ht": f(N, DT), "wt": f(DT, v, scale=0.5), "bt": f(v, scale=0.5),
+        "y": jnp.asarray(rng.integers(0, v, N), jnp.int32),
+        "t": jax.nn.softmax(jnp.asarray(rng.standard_normal((N, v)) * 2, jnp.float32)),
+        "where": jnp.asarray(rng.random(N) < 0.8),
+        "temp": jnp.asarray(rng.uniform(0.6, 1.8, N), jnp.float32),
+        "c": jnp.asarray(rng.standard_normal((2, N)), jnp.float32),
+    }
+
+
+def _head(name: str, impl: str, h, w, b, d: dict):
+    """The head's per-token outputs, a tuple of ``[N]`` arrays."""
+    kw = {"impl": impl, "block_size": 64, "token_block_size": 5, "interpret": True}
+    common = {"temperature": d["temp"], "where": d["where"]}
+    if name.startswith("log_probs"):
+        out = jaxent.linear_log_probs(h, w, d["y"], bias=b, return_entropy=name.endswith(
+            "entropy"), **common, **kw)
+        return out if isinstance(out, tuple) else (out,)
+    if name == "soft":
+        return (jaxent.linear_soft_cross_entropy(h, w, d["t"], bias=b, label_smoothing=SMOOTH,
+                                                 reduction="none", **common, **kw),)
+    return (jaxent.linear_distillation_loss(h, w, d["ht"], d["wt"], divergence=name,
+                                            beta=BETA, student_bias=b, teacher_bias=d["bt"],
+                                            reduction="none", **common, **kw),)
+
+
+def _reference(name: str, impl: str, h, w, b, d: dict):
+    """The naive program: materialized float32 logits and the textbook formulas."""
+    del impl
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    temp, where = d["temp"][:, None], d["where"]
+    lp = jax.nn.log_softmax((f32(h) @ f32(w) + f32(b)[None, :]) / temp, axis=-1)
+    zero = lambda x: jnp.where(where, x, 0.0)  # noqa: E731
+    if name.startswith("log_probs"):
+        out = (zero(jnp.take_along_axis(lp, d["y"][:, None], 1)[:, 0]),)
+        if name.endswith("entropy"):
+            out += (zero(-jnp.sum(jnp.exp(lp) * lp, -1)),)
+        return out
+    if name == "soft":
+        t = (1 - SMOOTH) * d["t"] + SMOOTH / lp.shape[1]
+        return (zero(-jnp.sum(t * lp, -1)),)
+    lq = jax.nn.log_softmax((f32(d["ht"]) @ f32(d["wt"]) + f32(d["bt"])[None, :]) / temp,
+                           axis=-1)
+    p, q = jnp.exp(lp), jnp.exp(lq)
+    if name == "kl":
+        return (zero(jnp.sum(q * (lq - lp), -1)),)
+    if name == "reverse_kl":
+        return (zero(jnp.sum(p * (lp - lq), -1)),)
+    lm = jnp.log(BETA * q + (1 - BETA) * p)
+    return (zero(BETA * jnp.sum(q * (lq - lm), -1) + (1 - BETA) * jnp.sum(p * (lp - lm), -1)),)
+
+
+def _everything(fn, impl: str, data: dict) -> dict:
+    """``{(head, vocab): (outputs, (d hidden, d kernel, d bias))}`` of ``fn``."""
+    out = {}
+    for vname, d in data.items():
+        for head in HEADS:
+            def loss(h, w, b, head=head, d=d):
+                outs = fn(head, impl, h, w, b, d)
+                total = sum(jnp.sum(o * d["c"][i]) for i, o in enumerate(outs))
+                return total, outs
+
+            (_, outs), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
+                d["h"], d["w"], d["b"])
+            out[head, vname] = (outs, grads)
+    return out
+
+
+@functools.cache
+def _compiled(impl: str, dtype: str):
+    """The compiled program of every head and vocabulary for ``impl`` (None: the reference)
+    and ``dtype``, and its results."""
+    data = {k: _data(v, dtype) for k, v in VOCABS.items()}
+    fn = _reference if impl is None else _head
+    compiled = jax.jit(functools.partial(_everything, fn, impl)).lower(data).compile()
+    return compiled, compiled(data)
+
+
+def _close(got, ref, rtol: float, what: str):
+    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+    scale = float(np.max(np.abs(ref))) or 1.0
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("vocab", list(VOCABS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("head", HEADS)
+def test_head_matches_naive_program(head, impl, dtype, vocab):
+    outs, grads = _compiled(impl, dtype)[1][head, vocab]
+    ref_outs, ref_grads = _compiled(None, dtype)[1][head, vocab]
+    tol_v, tol_g = TOL[dtype]
+    assert len(outs) == len(ref_outs)
+    for i, (o, r) in enumerate(zip(outs, ref_outs, strict=True)):
+        assert o.shape == (N,) and o.dtype == jnp.float32
+        _close(o, r, tol_v, f"output {i}")
+    for name, g, r in zip(("hidden", "kernel", "bias"), grads, ref_grads, strict=True):
+        assert g.dtype == jnp.dtype(dtype), name
+        _close(g, r, tol_g, f"d {name}")
+
+
+def _signature(head: str, impl: str) -> str:
+    """The jaxpr of one head's value and gradient (vocabulary 100, float32)."""
+    d = _data(VOCABS["ragged"], "float32")
+
+    def loss(h, w, b):
+        return sum(jnp.sum(o) for o in _head(head, impl, h, w, b, d))
+
+    return str(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(d["h"], d["w"], d["b"]))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_each_impl_is_its_own_program(head):
+    """``impl`` is honoured: the vocabulary walk loops over ``[N, 64]`` logits blocks, the
+    token walk over ``[5, V]`` whole rows, the Pallas program holds the statistic kernels;
+    and the compiled programs (every head in one) differ."""
+    sig = {impl: _signature(head, impl) for impl in IMPLS}
+    assert "pallas_call" in sig["pallas"] and "jaxent_stat_dkernel" in sig["pallas"]
+    assert "pallas_call" not in sig["vocab"] and "pallas_call" not in sig["token"]
+    assert "f32[12,64]" in sig["vocab"] and "f32[5,100]" not in sig["vocab"]
+    assert "f32[5,100]" in sig["token"] and "f32[12,64]" not in sig["token"]
+    texts = {impl: _compiled(impl, "float32")[0].as_text() for impl in IMPLS}
+    assert len(set(texts.values())) == len(IMPLS)

@@ -1,0 +1,138 @@
+"""The statistic kernels (:mod:`jaxent.impl.pallas_stats`) on both backends in Pallas's
+interpreter, against the vocabulary walk (:func:`jaxent.impl.stream.run`, itself checked
+against the naive program in ``test_conformance_heads``), with the options the public heads'
+conformance cases leave out: a soft-cap, class weights and z-loss, the targets' gradient,
+the ``"vd"`` layout, padding columns (``num_classes`` below the kernel's columns), a counted
+token outside the vocabulary (``nan``); and the registry's refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxent
+from jaxent import _heads
+from jaxent._options import Options
+from jaxent.impl import (
+    pallas_gpu,
+    pallas_stats,
+    pallas_stats_gpu,
+    pallas_stats_tpu,
+    pallas_tpu,
+    stats,
+    stream,
+)
+from jaxent.impl.plan import stream_plan
+
+N, D, DT, V, COLS = 13, 24, 16, 150, 160  # 10 padding columns beyond V
+BACKENDS = {
+    "gpu": (pallas_stats_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
+                                                block_d=16)),
+    "tpu": (pallas_stats_tpu, pallas_tpu.Config(block_n=128, block_v=128)),
+}
+OPTS = Options(label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0)
+
+
+def _data():
+    rng = np.random.default_rng(7)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    y = rng.integers(0, V, N).astype(np.int32)
+    y[3] = V + 2  # counted and outside the vocabulary: nan
+    return {"h": f(N, D), "w": f(COLS, D) / 3, "b": f(COLS) / 2, "ht": f(N, DT),
+            "wt": f(COLS, DT) / 3, "y": jnp.asarray(y),
+            "t": jax.nn.softmax(f(N, COLS) * 2).at[:, V:].set(0.0),
+            "weight": jnp.asarray(rng.uniform(0.5, 2.0, COLS), jnp.float32),
+            "counted": jnp.asarray(rng.random(N) < 0.8).at[3].set(True),
+            "temp": jnp.asarray(rng.uniform(0.6, 1.8, N), jnp.float32),
+            "c": f(2, N)}
+
+
+CASES = {  # statistic, streams, rows, cols; layout "vd"
+    "log_probs": lambda d, h, w, b, t: (
+        stats.LogProbs(V, True), ((h, w, b),), stats.Rows(d["y"], d["counted"], d["temp"]),
+        {}),
+    "soft": lambda d, h, w, b, t: (
+        stats.SoftTargets(V), ((h, w, b),), stats.Rows(None, d["counted"]),
+        {"targets": t, "weight": d["weight"]}),
+    "jsd": lambda d, h, w, b, t: (
+        stats.Distill("jsd", 0.3), ((h, w, b), (d["ht"], d["wt"], None)),
+        stats.Rows(None, d["counted"], d["temp"]), {}),
+}
+
+
+def _all(run):
+    """``{case: (outputs, grads w.r.t. h, W, b, targets)}`` of ``run(stat, streams, rows,
+    cols)`` for every case, in one program."""
+    def one(d):
+        out = {}
+        for name, case in CASES.items():
+            def loss(h, w, b, t, case=case):
+                stat, streams, rows, cols = case(d, h, w, b, t)
+                outs = jax.tree.leaves(run(stat, streams, rows, cols))
+                total = sum(jnp.sum(jnp.where(jnp.isnan(o), 0.0, o) * d["c"][i])
+                            for i, o in enumerate(outs))
+                return total, outs
+
+            (_, outs), grads = jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True)(
+                d["h"], d["w"], d["b"], d["t"])
+            out[name] = (outs, grads)
+        return out
+
+    return jax.jit(one)(_data())
+
+
+def _walk(stat, streams, rows, cols):
+    plan = stream_plan(OPTS, V, COLS, N, layout="vd", block_size=64)
+    return stream.run(stat, plan, streams, rows, cols)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_kernels_match_the_vocabulary_walk(backend):
+    mod, cfg = BACKENDS[backend]
+    got = _all(lambda stat, s, r, c: pallas_stats.run_on(mod, cfg, stat, OPTS, V, "vd", s, r, c,
+                                                         interpret=True))
+    ref = _all(_walk)
+    for name in CASES:
+        (outs, grads), (ref_outs, ref_grads) = got[name], ref[name]
+        for o, r in zip(outs, ref_outs, strict=True):
+            np.testing.assert_array_equal(np.isnan(o), np.isnan(r))
+            np.testing.assert_allclose(o, r, rtol=2e-5, atol=2e-5 * np.nanmax(np.abs(r)),
+                                       err_msg=name)
+        for what, g, r in zip(("h", "W", "b", "targets"), grads, ref_grads, strict=True):
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(r))
+            np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5 * np.nanmax(np.abs(r)) + 1e-30,
+                                       err_msg=f"{name}: d {what}")
+    assert np.isnan(got["log_probs"][0][0][3])  # the counted token outside the vocabulary
+
+
+def test_registry_refusals_and_auto():
+    d = _data()
+    plan = stream_plan(Options(), V, COLS, N, layout="vd")
+    args = (stats.LogProbs(V), dataclasses.replace(plan, vocab_axis="model"),
+            ((d["h"], d["w"], None),), stats.Rows(d["y"], d["counted"]), {})
+    with pytest.raises(ValueError, match="`impl`='pallas' cannot serve.*vocabulary shards"):
+        _heads.walk("pallas", *args)
+    with pytest.raises(ValueError, match="`impl`='token' cannot serve.*whole vocabulary rows"):
+        _heads.walk("token", *args)
+    # auto (and xla) keep the vocabulary walk on the CPU: the same program as "vocab"
+    def program(impl):
+        return str(jax.make_jaxpr(lambda h: _heads.walk(
+            impl, args[0], plan, ((h, d["w"], None),), *args[3:]))(d["h"]))
+
+    assert program("auto") == program("vocab") == program("xla")
+
+
+def test_second_order_is_a_clear_error():
+    h = jnp.linspace(-1.0, 1.0, 32).reshape(4, 8)
+    k = jnp.cos(jnp.arange(80.0)).reshape(8, 10)
+
+    def f(h):
+        return jaxent.linear_log_probs(h, k, jnp.array([0, 3, 9, 4]), impl="pallas",
+                                       interpret=True).sum()
+
+    with pytest.raises(NotImplementedError, match="second-order derivatives"):
+        jax.hessian(f)(h)

@@ -15,10 +15,11 @@ Apple CCE's ``shift`` and Hugging Face's causal-LM loss (``logits[..., :-1, :]``
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import ArrayLike
 
 SHIFTS = (0, 1)
 
@@ -33,8 +34,7 @@ def check(shift) -> int:
     return int(shift)
 
 
-def labels(shift, labels: ArrayLike, where: ArrayLike | None, name: str = "labels"
-           ) -> tuple[ArrayLike, ArrayLike | None]:
+def labels(shift, labels: Any, where: Any, name: str = "labels") -> tuple[Any, Any]:
     """``(labels, where)`` shifted by ``shift`` along the labels' last axis.
 
     ``shift=0`` returns them unchanged. ``shift=1`` returns ``labels[..., 1:]`` followed by
@@ -68,7 +68,7 @@ def labels(shift, labels: ArrayLike, where: ArrayLike | None, name: str = "label
     return y, mask
 
 
-def mask(shift, where: jax.Array | None, shape, name: str = "labels") -> jax.Array | None:
+def mask(shift, where: Any, shape, name: str = "labels") -> Any:
     """The mask of counted positions ``where`` (None: all) shifted by ``shift`` (for losses
     whose labels only mask, e.g. distillation).
 

@@ -196,3 +196,13 @@ def test_bad_capacity(rng, bad):
                  lambda: jaxent.linear_distillation_loss(h, k, h, k, capacity=bad)):
         with pytest.raises(ValueError, match="`capacity` must be"):
             call()
+
+
+def test_bench_suite_runs_tiny():
+    """``--suite compaction`` at a tiny shape: both variants agree (no timing asserted)."""
+    from jaxent.bench import cli, compaction  # noqa: PLC0415
+
+    args = cli.parse_args(["--suite", "compaction", "64", "8", "40", "25", "--rounds", "1"])
+    report = compaction.compaction_suite(args)
+    assert report.data["agree"] and report.data["capacity"] == 16
+    assert "ratio of minima" in report.markdown

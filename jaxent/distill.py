@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxent import _checks, _heads, _rowmath
+from jaxent import _checks, _compact, _heads, _rowmath, _shift
 from jaxent._options import Impl, KernelLayout, Options, Reduction
 from jaxent.impl import stats
 from jaxent.impl import topk as _topk
@@ -167,6 +167,7 @@ def distillation_loss(
     ignore_index: int | None = None,
     labels: ArrayLike | None = None,
     reduction: Reduction = "mean",
+    shift: int = 0,
 ):
     r"""Per-token divergence between a student's and a teacher's softmax distributions.
     {doc}
@@ -188,8 +189,12 @@ def distillation_loss(
       ignore_index: with ``labels``, tokens whose label equals it count for nothing
         (default -100 when ``labels`` are given).
       labels: optional integer labels shaped like the tokens (only used for masking).
-      reduction: ``"mean"`` (over counted tokens; 0.0 when none is counted), ``"sum"`` or
-        ``"none"`` (tokens' shape, 0 where not counted).
+      reduction: ``"mean"`` (over counted tokens; 0.0 when none is counted; with
+        ``shift=1`` the last positions are not counted), ``"sum"`` or ``"none"`` (tokens'
+        shape, 0 where not counted).
+{shift} Here the labels (and ``where``) only mask: position ``t`` counts when
+        label ``t+1`` is not ignored and ``where[..., t+1]``; both models' distributions
+        at ``t`` are compared as they are (they predict token ``t+1``).
 
     Returns:
       float32 (float64 for float64 logits) scalar, or the tokens' shape for ``"none"``.
@@ -217,6 +222,7 @@ def distillation_loss(
         raise ValueError("`ignore_index` masks tokens through `labels`; pass `labels` too")
     mask = _distill_mask(labels, -100 if ignore_index is None else ignore_index, where,
                          batch_shape)
+    mask = _shift.mask(shift, mask, batch_shape, "the tokens (logits without `axis`)")
     acc = _rowmath.compute_dtype(xs.dtype)
     temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
     rs = _heads.rows(xs, ax)
@@ -257,6 +263,8 @@ def linear_distillation_loss(
     vocab_size: int | None = None,
     token_block_size: int | None = None,
     interpret: bool = False,
+    shift: int = 0,
+    capacity: int | None = None,
 ):
     r""":func:`distillation_loss` of two linear heads, neither model's logits materialized.
 
@@ -294,6 +302,8 @@ def linear_distillation_loss(
         them, as in :func:`linear_log_probs`.
       token_block_size: ``impl="token"``: tokens per block.
       interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode.
+{shift} As in :func:`distillation_loss` (the labels only mask).
+{capacity}
 
     Returns:
       float32 scalar, or ``student_hidden.shape[:-1]`` for ``"none"``; gradients flow to the
@@ -309,6 +319,11 @@ def linear_distillation_loss(
       >>> ref = jaxent.distillation_loss(hs @ ws, ht @ wt, divergence="jsd")
       >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
       True
+      >>> keep = jnp.array([True, False, True, False, False, True])
+      >>> compact = jaxent.linear_distillation_loss(hs, ws, ht, wt, where=keep, capacity=3)
+      >>> ref = jaxent.distillation_loss(hs @ ws, ht @ wt, where=keep)
+      >>> bool(jnp.allclose(compact, ref, rtol=1e-5))
+      True
     """
     _heads.check_impl(impl)
     ids, lq = teacher_pair(teacher_topk)
@@ -318,6 +333,10 @@ def linear_distillation_loss(
         shape = tuple(jnp.shape(student_hidden)[:-1])
         _sparse_teacher(teacher_topk, teacher_tail, shape, v,
                         _distill_mask(labels, ignore_index, where, shape), jnp.float32)
+    cap = _compact.check(capacity)
+    if shift or cap is not None:  # labels, where -> one mask of counted tokens
+        labels, where = _counted_tokens(student_hidden, labels, ignore_index, where, shift)
+        ignore_index = -100
     arrays = {"student_hidden": student_hidden, "student_kernel": student_kernel,
               "teacher_hidden": teacher_hidden, "teacher_kernel": teacher_kernel,
               "student_bias": student_bias, "teacher_bias": teacher_bias, "labels": labels,
@@ -327,11 +346,25 @@ def linear_distillation_loss(
               "ignore_index": ignore_index, "reduction": reduction, "block_size": block_size,
               "vocab_size": vocab_size, "impl": impl, "token_block_size": token_block_size,
               "interpret": bool(interpret)}
+    if cap is not None:
+        return _compact.head(fused_distillation_loss, cap, where, arrays, static, temperature,
+                             "linear_distillation_loss")
     placed = _explicit.run_head(_distill_shard, arrays, static, temperature,
                                "row" if reduction == "none" else "replicated")
     if placed is not None:
         return placed
     return fused_distillation_loss(**arrays, **static, temperature=temperature)
+
+
+def _counted_tokens(student_hidden, labels, ignore_index, where, shift):
+    """``(None, mask)``: the tokens counted by ``labels``/``ignore_index`` and ``where``,
+    shifted by ``shift`` (all True when nothing masks and nothing shifts)."""
+    batch_shape = jnp.shape(student_hidden)[:-1]
+    if labels is None and ignore_index != -100:
+        raise ValueError("`ignore_index` masks tokens through `labels`; pass `labels` too")
+    mask = _distill_mask(labels, ignore_index, where, batch_shape)
+    mask = _shift.mask(shift, mask, batch_shape, "student_hidden.shape[:-1]")
+    return None, jnp.ones(batch_shape, bool) if mask is None else mask
 
 
 def _distill_shard(vocab, tok, **kw):
@@ -415,4 +448,6 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
 distillation_loss.__doc__ = (distillation_loss.__doc__ or "").replace(
     "{doc}", _DOC_DIVERGENCE + "\n" + _DOC_SPARSE)
 linear_distillation_loss.__doc__ = (linear_distillation_loss.__doc__ or "").replace(
-    "{doc}", _DOC_DIVERGENCE + "\n" + _DOC_SPARSE)
+    "{doc}", _DOC_DIVERGENCE + "\n" + _DOC_SPARSE).replace("{capacity}", _compact.DOC)
+for _f in (distillation_loss, linear_distillation_loss):
+    _f.__doc__ = (_f.__doc__ or "").replace("{shift}", _shift.DOC)

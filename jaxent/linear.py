@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxent import _checks
+from jaxent import _checks, _compact, _shift
 from jaxent import _rowmath as rm
 from jaxent._options import Impl, KernelLayout, Reduction
 from jaxent.impl.plan import positive_int
@@ -82,6 +82,8 @@ def linear_cross_entropy(
     impl: Impl = "auto",
     return_aux: bool = False,
     interpret: bool = False,
+    shift: int = 0,
+    capacity: int | None = None,
 ) -> jax.Array | tuple[jax.Array, dict]:
     r"""``cross_entropy(hidden @ kernel + bias, labels)`` without materializing the logits.
 
@@ -127,8 +129,9 @@ def linear_cross_entropy(
       weight: optional per-class weights ``[V]`` (constants, no gradient).
       ignore_index: label value that counts for nothing.
       label_smoothing: in ``[0, 1]``, PyTorch's definition over all ``V`` classes.
-      reduction: ``"mean"`` (divides by the summed weights of counted labels), ``"sum"`` or
-        ``"none"`` (shape of ``labels``).
+      reduction: ``"mean"`` (divides by the summed weights of counted labels; with
+        ``shift=1`` the last positions are not counted), ``"sum"`` or ``"none"`` (shape of
+        ``labels``).
       where: optional boolean mask shaped like ``labels``.
       z_loss: coefficient of ``logsumexp(z)**2`` per counted token.
       logit_softcap: if given, logits become ``cap * tanh(logits / cap)``.
@@ -154,6 +157,9 @@ def linear_cross_entropy(
         class, int32) and the scalar ``"accuracy"`` over counted tokens.
       interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode (on
         the CPU; without it a CPU program raises ``ValueError`` when compiled).
+{shift}
+{capacity}
+        With ``return_aux``, the per-token extras of rows not counted are 0.
 
     Returns:
       float32 (float64 for float64 inputs) scalar, or ``labels.shape`` for ``"none"``;
@@ -174,6 +180,15 @@ def linear_cross_entropy(
       >>> dh.shape, dw.shape
       ((2, 3, 8), (8, 50))
 
+      Causal-LM labels (``shift=1``: position t against token t+1) with only the counted
+      tokens walked (``capacity``; here 3 of the 6 rows are counted):
+
+      >>> y = jnp.array([[4, 9, -100], [-100, 2, 5]])
+      >>> loss = jaxent.linear_cross_entropy(h, w, y, shift=1, capacity=4)
+      >>> ref = jaxent.cross_entropy((h @ w)[:, :-1], y[:, 1:])
+      >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
+      True
+
       A Flax NNX language-model head with tied embeddings (the table is ``[V, D]``)::
 
         class LM(nnx.Module):
@@ -192,15 +207,29 @@ def linear_cross_entropy(
       https://arxiv.org/abs/2411.09009;
       Hsu et al., "Liger Kernel" (2024), https://arxiv.org/abs/2410.10989.
     """
+    cap = _compact.check(capacity)
     h, k, b, y, w, mask, temp, spec = validate(
         hidden, kernel, labels, bias=bias, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
         logit_softcap=logit_softcap, temperature=temperature, kernel_layout=kernel_layout,
         block_size=block_size, token_block_size=token_block_size, impl=impl,
         return_aux=return_aux, interpret=interpret)
+    y, mask = _shift.labels(shift, y, mask)
     layout = _explicit.layout_of(h, k, b, y, w, mask, spec.layout)
+    if cap is not None:
+        _compact.refuse_placed(layout is not None or _auto.applies(h, k, b, y, w, mask, temp),
+                               "linear_cross_entropy")
+        return _compact.run(
+            lambda valid, hidden, labels, temp: fused_call(spec, hidden, k, b, labels, w, valid,
+                                                           temp=temp),
+            cap, _compact.counted_labels(y, spec.opts.ignore_index, mask),
+            {"hidden": h, "labels": y, "temp": temp})
     if layout is not None:
         return _explicit.run(spec, layout, h, k, b, y, w, mask, temp)
     auto = _auto.applies(h, k, b, y, w, mask, temp)
     walks = _auto.walks(spec, b, w) if auto else None
     return fused_call(spec, h, k, b, y, w, mask, temp=temp, walks=walks, auto_mesh=auto)
+
+
+linear_cross_entropy.__doc__ = (linear_cross_entropy.__doc__ or "").replace(
+    "{shift}", _shift.DOC).replace("{capacity}", _compact.DOC)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxent import _checks, _platform
+from jaxent import _checks, _platform, _shift
 from jaxent import _rowmath as rm
 from jaxent._options import Options, Reduction, Residual
 from jaxent.impl import Request, select
@@ -50,6 +50,7 @@ def cross_entropy(
     residual: Residual = "auto",
     impl: Literal["auto", "xla", "pallas"] = "auto",
     interpret: bool = False,
+    shift: int = 0,
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer class labels (``F.cross_entropy``).
 
@@ -72,7 +73,8 @@ def cross_entropy(
       weight: optional per-class weights ``[C]`` (treated as constants).
       ignore_index: label value that counts for nothing (may be a valid class id).
       label_smoothing: in ``[0, 1]``, PyTorch's definition including ``weight``.
-      reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``labels``).
+      reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``labels``); with
+        ``shift=1`` the mean's count leaves out the last positions.
       where: optional boolean mask shaped like ``labels``; ``False`` is excluded like
         an ignored label.
       z_loss: coefficient of ``logsumexp(z)**2`` per counted element (PaLM).
@@ -92,6 +94,7 @@ def cross_entropy(
         kernels: Triton on NVIDIA GPUs, Mosaic on TPUs).
       interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode (on the
         CPU; without it a CPU program raises ``ValueError`` when compiled).
+{shift}
 
     Returns:
       float32 (float64 for float64 logits) scalar, or ``labels.shape`` for ``"none"``.
@@ -112,6 +115,14 @@ def cross_entropy(
       >>> round(float(jaxent.cross_entropy(x, y, weight=jnp.array([1.0, 2.0, 3.0]))), 4)
       0.4567
 
+      A causal LM's next-token loss, ``logits [B, T, C]`` against the input ids
+      ``[B, T]``, without slicing the logits:
+
+      >>> seq = jnp.array([[2, 0, 1]])
+      >>> shifted = jaxent.cross_entropy(x[None], seq, shift=1)
+      >>> bool(jnp.allclose(shifted, jaxent.cross_entropy(x[None, :-1], seq[:, 1:])))
+      True
+
     References:
       PyTorch ``torch.nn.CrossEntropyLoss``:
       https://pytorch.org/docs/stable/generated/torch.nn.CrossEntropyLoss.html
@@ -130,6 +141,7 @@ def cross_entropy(
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
     y = _checks.label_values(y, c, ignore_index, mask)
+    y, mask = _shift.labels(shift, y, mask)
     if not isinstance(impl, str):
         raise TypeError(f"`impl` must be a string, got {impl!r}")
     name = select(impl, Request("ce", x.dtype, opts.reduction,
@@ -152,6 +164,9 @@ def _labels_loss(x, y, w, mask, temp, ax, opts: Options, impl: str, interpret: b
                                        _rows(x, ax), lab, w)
     return rm.reduce(losses.reshape(y.shape), lab.row_w.sum(), opts.reduction,
                      lab.counted.sum())
+
+
+cross_entropy.__doc__ = (cross_entropy.__doc__ or "").replace("{shift}", _shift.DOC)
 
 
 def soft_cross_entropy(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxent import _checks, _heads, _rowmath
+from jaxent import _checks, _compact, _heads, _rowmath, _shift
 from jaxent._options import Impl, KernelLayout, Options, Reduction
 from jaxent.impl import stats
 from jaxent.placement import explicit as _explicit
@@ -33,6 +33,7 @@ def token_log_probs(
     logit_softcap: float | None = None,
     where: ArrayLike | None = None,
     return_entropy: bool = False,
+    shift: int = 0,
 ):
     r"""Per-token log-probabilities ``log softmax(z)[token]`` and, optionally, entropies.
 
@@ -58,6 +59,9 @@ def token_log_probs(
       where: optional boolean mask shaped like ``tokens``; ``False`` entries are 0 (and get
         zero gradient).
       return_entropy: also return the entropy of each row's distribution.
+{shift} Output ``t`` is then ``log p(tokens[..., t+1])`` (0 at the last position,
+        its entropy too): ``out[..., :-1]`` is the log-prob of ``logits[..., :-1, :]``
+        against ``tokens[..., 1:]``.
 
     Returns:
       ``log_probs`` float32 (float64 for float64 logits) shaped like ``tokens``, or the pair
@@ -82,7 +86,8 @@ def token_log_probs(
     mask = _checks.where_mask(where, batch_shape)
     acc = _rowmath.compute_dtype(x.dtype)
     temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
-    y = _rowmath.class_ids(_checks.token_values(y, c, mask), c)
+    y, mask = _shift.labels(shift, _checks.token_values(y, c, mask), mask, "tokens")
+    y = _rowmath.class_ids(y, c)
     rows = _heads.rows(x, ax)
     n = rows.shape[0]
     plan = _heads.plan(Options(temperature=temp_s, logit_softcap=cap), c, c, n, max(c, 1))
@@ -108,6 +113,8 @@ def linear_log_probs(
     vocab_size: int | None = None,
     token_block_size: int | None = None,
     interpret: bool = False,
+    shift: int = 0,
+    capacity: int | None = None,
 ):
     r""":func:`token_log_probs` of ``hidden @ kernel + bias`` without materializing logits.
 
@@ -146,6 +153,9 @@ def linear_log_probs(
         float32 logits).
       interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode (on the
         CPU, for testing).
+{shift} As in :func:`token_log_probs` (out-of-range ids are then reported at
+        their positions in ``tokens[..., 1:]``).
+{capacity} Counted rows: ``where`` True (all rows when ``where`` is None).
 
     Returns:
       ``log_probs`` shaped like ``tokens`` (float32; float64 for float64 inputs), or
@@ -161,14 +171,30 @@ def linear_log_probs(
       >>> ref_lp, ref_ent = jaxent.token_log_probs(h @ w, y, return_entropy=True)
       >>> bool(jnp.allclose(lp, ref_lp, atol=1e-5)), bool(jnp.allclose(ent, ref_ent, atol=1e-5))
       (True, True)
+
+      Completion tokens only (a prompt of 2 tokens, ``where`` False there), shifted so that
+      position t scores token t+1, walking 2 rows per call instead of 6:
+
+      >>> comp = jnp.array([[False, False, True], [False, False, True]])
+      >>> lp = jaxent.linear_log_probs(h, w, y, where=comp, shift=1, capacity=2)
+      >>> ref = jaxent.token_log_probs((h @ w)[:, :-1], y[:, 1:])
+      >>> bool(jnp.allclose(lp[:, 1], ref[:, 1], atol=1e-5)), lp[:, [0, 2]].tolist()
+      (True, [[0.0, 0.0], [0.0, 0.0]])
     """
     _heads.check_impl(impl)
+    cap = _compact.check(capacity)
+    tokens, where = _shift.labels(shift, tokens, where, "tokens")
     arrays = {"hidden": hidden, "kernel": kernel, "tokens": tokens, "bias": bias,
               "where": where}
     static = {"kernel_layout": kernel_layout, "logit_softcap": logit_softcap,
               "return_entropy": bool(return_entropy), "block_size": block_size,
               "vocab_size": vocab_size, "impl": impl, "token_block_size": token_block_size,
               "interpret": bool(interpret)}
+    if cap is not None:
+        mask = _checks.where_mask(where, jnp.shape(hidden)[:-1])
+        counted = jnp.ones(jnp.shape(hidden)[:-1], bool) if mask is None else mask
+        return _compact.head(fused_log_probs, cap, counted, arrays, static, temperature,
+                             "linear_log_probs")
     placed = _explicit.run_head(_log_probs_shard, arrays, static, temperature,
                                ("row", "row") if return_entropy else "row")
     if placed is not None:
@@ -227,6 +253,7 @@ def linear_soft_cross_entropy(
     impl: Impl = "auto",
     token_block_size: int | None = None,
     interpret: bool = False,
+    capacity: int | None = None,
 ):
     r"""``soft_cross_entropy(hidden @ kernel + bias, targets)`` without materializing logits.
 
@@ -259,6 +286,7 @@ def linear_soft_cross_entropy(
         :func:`linear_log_probs`.
       token_block_size: ``impl="token"``: tokens per block.
       interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode.
+{capacity} Counted rows: ``where`` True (all rows when ``where`` is None).
 
     Returns:
       float32 scalar, or ``hidden.shape[:-1]`` for ``"none"``.
@@ -279,6 +307,12 @@ def linear_soft_cross_entropy(
               "reduction": reduction, "z_loss": z_loss, "logit_softcap": logit_softcap,
               "block_size": block_size, "impl": impl, "token_block_size": token_block_size,
               "interpret": bool(interpret)}
+    cap = _compact.check(capacity)
+    if cap is not None:
+        mask = _checks.where_mask(where, jnp.shape(hidden)[:-1])
+        counted = jnp.ones(jnp.shape(hidden)[:-1], bool) if mask is None else mask
+        return _compact.head(fused_soft_cross_entropy, cap, counted, arrays, static,
+                             temperature, "linear_soft_cross_entropy")
     placed = _explicit.run_head(_soft_shard, arrays, static, temperature,
                                "row" if reduction == "none" else "replicated")
     if placed is not None:
@@ -321,3 +355,10 @@ def fused_soft_cross_entropy(hidden, kernel, targets, *, bias, kernel_layout, we
                          stats.Rows(None, counted, temp),
                          {"targets": t.reshape(n, local), "weight": w})
     return _heads.reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
+
+
+token_log_probs.__doc__ = (token_log_probs.__doc__ or "").replace("{shift}", _shift.DOC)
+linear_log_probs.__doc__ = (linear_log_probs.__doc__ or "").replace(
+    "{shift}", _shift.DOC).replace("{capacity}", _compact.DOC)
+linear_soft_cross_entropy.__doc__ = (linear_soft_cross_entropy.__doc__ or "").replace(
+    "{capacity}", _compact.DOC)

@@ -14,6 +14,7 @@ Examples::
     python -m jaxent.bench --suite matmul 2048 2048 128256 128 1024
     python -m jaxent.bench --suite ab 6831924 --rounds 5      # this checkout vs a commit
     python -m jaxent.bench --suite hlo 4096 32000             # plain CE's compiled passes
+    python -m jaxent.bench --suite compaction 8192 512 32000 25 --rounds 5  # capacity=
     python -m jaxent.bench --suite explore-ce 4096 32000 float32 optax grad_fwd lse_only
 """
 
@@ -30,7 +31,7 @@ from jaxent.bench.cases import DType
 from jaxent.bench.deps import MissingExtra
 
 SUITE_NAMES = ("main", "gpu", "linear-memory", "rl-memory", "linear-speed", "matmul",
-               "explore-ce", "ab", "hlo")
+               "explore-ce", "ab", "hlo", "compaction")
 # The packages the ``--contenders`` of ``linear-speed`` need beyond jaxent and JAX.
 CONTENDER_PACKAGES = {"cce": "jax_cce", "torch": "torch"}
 

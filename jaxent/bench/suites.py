@@ -13,6 +13,8 @@
 * ``explore-ce N C DTYPE [NAMES...]``: candidate plain-CE formulations
   (:mod:`jaxent.bench.formulations`).
 * ``ab [REV]``: this checkout against a commit, interleaved (:mod:`jaxent.bench.ab`).
+* ``compaction [N D V PERCENT]``: ``capacity=`` against ``capacity=None``, interleaved
+  (:mod:`jaxent.bench.compaction`).
 * ``hlo [N C]``: passes, writes, ``exp`` per logit and fusions of the compiled plain-CE
   programs (:mod:`jaxent.bench.hlo`).
 
@@ -46,6 +48,7 @@ from jaxent.bench.cases import (
     gpu_cases,
     matmul_flops,
 )
+from jaxent.bench.compaction import compaction_suite
 from jaxent.bench.contenders import (
     Contender,
     build_jax_cce,
@@ -435,4 +438,5 @@ SUITES: dict[str, Callable[[Any], Report]] = {
     "linear-speed": linear_speed,
     "matmul": matmul,
     "explore-ce": explore_ce,
+    "compaction": compaction_suite,
 }

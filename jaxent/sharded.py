@@ -61,6 +61,9 @@ from jaxent.impl import rows as _rows
 from jaxent.linear import validate as _validate_fused
 from jaxent.placement import explicit as _explicit
 from jaxent.placement.local import fused_call, reduce_rows
+from jaxent.support import (
+    sharded_linear_support_log_probs as linear_support_log_probs,  # noqa: F401
+)
 
 AxisName = Hashable  # a mesh axis name, or a tuple of them
 

@@ -17,6 +17,7 @@ nucleus that is found exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -222,10 +223,8 @@ def support_log_probs(
     opts = Options(temperature=temp_s, logit_softcap=cap)
     if allowed_ids is not None:
         ids = _allowed(allowed_ids, batch_shape, c)
-        sid, member, bad = sup.unique_ids(ids, c)
-        xk = jnp.take_along_axis(rows, jnp.clip(sid, 0, max(c - 1, 0)), axis=1)
-        lp, ent = sup.gathered_log_probs(xk, sid, member, bad, y, counted, c,
-                                         _rowmath.row_options(opts, temp), return_entropy)
+        lp, ent = _ids_rows(rows, ids, y, counted, temp, opts=opts,
+                            entropy=bool(return_entropy))
         return _outputs(lp, ent, batch_shape, return_entropy)
     k, p, mp, need = _sampler_rows(top_k, top_p, min_p, batch_shape, c, acc)
     _check_candidates(max_candidates, need, k is None or _concrete(k))
@@ -399,6 +398,28 @@ def _ids_logits(h, k, b, ids, layout: str, block, offset, local: int, axis_name)
     return x if axis_name is None else lax.psum(x, axis_name)
 
 
+@functools.partial(jax.jit, static_argnames=("opts", "entropy"))
+def _ids_rows(rows, ids, y, counted, temp, *, opts, entropy):
+    """The allowed-ids outputs of materialized rows ``[N, C]`` (a gather)."""
+    c = rows.shape[1]
+    sid, member, bad = sup.unique_ids(ids, c)
+    xk = jnp.take_along_axis(rows, jnp.clip(sid, 0, max(c - 1, 0)), axis=1)
+    return sup.gathered_log_probs(xk, sid, member, bad, y, counted, c,
+                                  _rowmath.row_options(opts, temp), entropy)
+
+
+@functools.partial(jax.jit, static_argnames=("v", "local", "layout", "block", "opts",
+                                             "entropy", "axis_name"))
+def _ids_head(h, k, b, ids, y, counted, temp, *, v, local, layout, block, opts, entropy,
+              axis_name):
+    """The allowed-ids outputs of the head: only the ids' columns are computed."""
+    sid, member, bad = sup.unique_ids(ids, v)
+    offset = 0 if axis_name is None else lax.axis_index(axis_name) * local
+    xk = _ids_logits(h, k, b, sid, layout, block, offset, local, axis_name)
+    return sup.gathered_log_probs(xk, sid, member, bad, y, counted, v,
+                                  _rowmath.row_options(opts, temp), entropy)
+
+
 def fused_support_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, top_k, top_p,
                             min_p, allowed_ids, temperature, logit_softcap, where,
                             return_entropy, max_candidates, block_size, vocab_size=None,
@@ -420,14 +441,11 @@ def fused_support_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, top_
     opts = Options(temperature=temp_s, logit_softcap=cap)
     if allowed_ids is not None:
         ids = _allowed(allowed_ids, batch_shape, v)
-        sid, member, bad = sup.unique_ids(ids, v)
         budget = (1 << 22) // max(n * h.shape[1], 1)
         block = _heads.checked_block_size(block_size) or max(1, budget)
-        offset = 0 if axis_name is None else lax.axis_index(axis_name) * local
-        xk = _ids_logits(h, k, b, sid, kernel_layout, min(block, sid.shape[1]), offset,
-                         local, axis_name)
-        lp, ent = sup.gathered_log_probs(xk, sid, member, bad, y, counted, v,
-                                         _rowmath.row_options(opts, temp), return_entropy)
+        lp, ent = _ids_head(h, k, b, ids, y, counted, temp, v=v, local=local,
+                            layout=kernel_layout, block=min(block, ids.shape[1]), opts=opts,
+                            entropy=bool(return_entropy), axis_name=axis_name)
         return _outputs(lp, ent, batch_shape, return_entropy)
     kr, p, mp, need = _sampler_rows(top_k, top_p, min_p, batch_shape, v, acc)
     _check_candidates(max_candidates, need, kr is None or _concrete(kr))

@@ -71,4 +71,4 @@ def jax_program(keep, y, temperature=1.0, cap=None):
         ent = -jnp.sum(jnp.where(keep, jnp.exp(lp) * jnp.where(keep, lp, 0.0), 0.0), -1)
         return jnp.where(inside, lpy, 0.0), ent
 
-    return fn, inside
+    return jax.jit(fn), inside

@@ -10,7 +10,8 @@ fresh interpreter; the rest of the suite keeps its single device:
 * ``tests/sharded_rl_cases.py``: the vocabulary-parallel RL and distillation losses;
 * ``tests/sharded_reliability_cases.py``: overlapping axes, bad ids and second order;
 * ``tests/sharded_engine_cases.py``: the RL heads on Explicit meshes, the Auto-mesh
-  ``impl`` refusal and per-row temperatures through the placements.
+  ``impl`` refusal and per-row temperatures through the placements;
+* ``tests/sharded_support_cases.py``: the vocabulary-parallel support-restricted log-probs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("cases", ["sharded_cases.py", "sharded_layout_cases.py",
                                    "sharded_rl_cases.py", "sharded_reliability_cases.py",
-                                   "sharded_engine_cases.py"])
+                                   "sharded_engine_cases.py", "sharded_support_cases.py"])
 def test_cases_on_8_cpu_devices(cases):
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(

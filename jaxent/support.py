@@ -79,8 +79,8 @@ def _sampler_rows(top_k, top_p, min_p, batch_shape, v: int, acc):
                     "a float in [0, 1] (0 keeps every class)")
     if k is None:
         need = 0
-    elif _concrete(k):
-        need = int(np.max(np.asarray(k))) if k.size else 1
+    elif _concrete(top_k):  # (the value given: a Python int stays static under jit)
+        need = int(np.max(np.asarray(top_k))) if k.size else 1
     else:
         need = sup.DEFAULT_CANDIDATES
     return k, p, mp, need
@@ -227,7 +227,7 @@ def support_log_probs(
                             entropy=bool(return_entropy))
         return _outputs(lp, ent, batch_shape, return_entropy)
     k, p, mp, need = _sampler_rows(top_k, top_p, min_p, batch_shape, c, acc)
-    _check_candidates(max_candidates, need, k is None or _concrete(k))
+    _check_candidates(max_candidates, need, k is None or _concrete(top_k))
     stat = sup.Sampler(c, sup.candidates_for(c, need, p is not None, max_candidates),
                        p is not None, bool(return_entropy))
     plan = _heads.plan(opts, c, c, n, max(c, 1))
@@ -448,7 +448,7 @@ def fused_support_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, top_
                             entropy=bool(return_entropy), axis_name=axis_name)
         return _outputs(lp, ent, batch_shape, return_entropy)
     kr, p, mp, need = _sampler_rows(top_k, top_p, min_p, batch_shape, v, acc)
-    _check_candidates(max_candidates, need, kr is None or _concrete(kr))
+    _check_candidates(max_candidates, need, kr is None or _concrete(top_k))
     stat = sup.Sampler(v, sup.candidates_for(v, need, p is not None, max_candidates),
                        p is not None, bool(return_entropy))
     plan = _heads.plan(opts, v, local, n, block_size, kernel_layout, axis_name)

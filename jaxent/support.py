@@ -278,8 +278,9 @@ def linear_support_log_probs(
       tokens: integer ``hidden.shape[:-1]``.
       bias: optional float ``[V]``.
       kernel_layout: ``"dv"`` or ``"vd"``.
-      top_k, top_p, min_p, allowed_ids, temperature, logit_softcap, where, return_entropy,
-        max_candidates: as in :func:`support_log_probs`.
+      top_k, top_p, min_p, allowed_ids, temperature, logit_softcap, where: as in
+        :func:`support_log_probs`.
+      return_entropy, max_candidates: as in :func:`support_log_probs`.
       block_size: vocabulary columns per block (default: about 16 MB of float32 logits).
       impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (all: the vocabulary walk).
       vocab_size: the real classes when the kernel holds padding columns after them.
@@ -342,8 +343,10 @@ def sharded_linear_support_log_probs(
       tokens: integer global ids, ``hidden.shape[:-1]``.
       axis_name: the mesh axis (or axes) the vocabulary is sharded over.
       bias: optional this device's ``[V/k]`` block.
-      kernel_layout, top_k, top_p, min_p, allowed_ids, temperature, logit_softcap, where,
-        return_entropy, max_candidates, block_size: as in :func:`linear_support_log_probs`.
+      kernel_layout, top_k, top_p, min_p, allowed_ids, temperature: as in
+        :func:`linear_support_log_probs`.
+      logit_softcap, where, return_entropy, max_candidates, block_size: as in
+        :func:`linear_support_log_probs` (``block_size`` counts local columns).
 
     Returns:
       This device's ``log_probs`` (the same on every shard of ``axis_name``), or

@@ -15,6 +15,8 @@ from jaxent.losses import soft_cross_entropy as soft_cross_entropy
 from jaxent.rl import linear_log_probs as linear_log_probs
 from jaxent.rl import linear_soft_cross_entropy as linear_soft_cross_entropy
 from jaxent.rl import token_log_probs as token_log_probs
+from jaxent.support import linear_support_log_probs as linear_support_log_probs
+from jaxent.support import support_log_probs as support_log_probs
 from jaxent.topk import linear_topk_log_probs as linear_topk_log_probs
 from jaxent.topk import topk_log_probs as topk_log_probs
 from jaxent.torch_style import BCEWithLogitsLoss as BCEWithLogitsLoss

@@ -62,11 +62,13 @@ from jaxent.impl import rows as _rows
 from jaxent.linear import validate as _validate_fused
 from jaxent.placement import explicit as _explicit
 from jaxent.placement.local import fused_call, reduce_rows
+from jaxent.support import sharded_linear_support_log_probs as linear_support_log_probs
 
 AxisName = Hashable  # a mesh axis name, or a tuple of them
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "linear_distillation_loss",
-           "linear_log_probs", "linear_soft_cross_entropy", "linear_topk_log_probs",
+           "linear_log_probs", "linear_soft_cross_entropy", "linear_support_log_probs",
+           "linear_topk_log_probs",
            "shard_cross_entropy", "shard_linear_cross_entropy"]
 
 

@@ -13,6 +13,7 @@ fresh interpreter; the rest of the suite keeps its single device:
   ``impl`` refusal and per-row temperatures through the placements;
 * ``tests/sharded_compact_cases.py``: ``shift=1`` on Explicit meshes, ``capacity``'s
   refusal on meshes and its use inside a caller's ``shard_map``.
+* ``tests/sharded_support_cases.py``: the vocabulary-parallel support-restricted log-probs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("cases", ["sharded_cases.py", "sharded_layout_cases.py",
                                    "sharded_rl_cases.py", "sharded_reliability_cases.py",
-                                   "sharded_engine_cases.py", "sharded_compact_cases.py"])
+                                   "sharded_engine_cases.py", "sharded_compact_cases.py",
+                                   "sharded_support_cases.py"])
 def test_cases_on_8_cpu_devices(cases):
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(

@@ -25,9 +25,6 @@ KERNELS = {
 DH_F32 = ("the vocabulary walk keeps d hidden in float32 ([N, D], 0.27 GB at the Llama-3-8B "
           "head) while the naive program of this head keeps only bf16 logits (XLA fuses "
           "their float32 upcast into the consumers)")
-GPU_F32_DW = ("the Triton backward accumulates d kernel and d hidden in float32 global "
-              "memory (2.1 GB at the Llama-3-8B head): a full-size float32 buffer beyond "
-              "the outputs")
 
 
 def _keys(pred, xfail=lambda k: None):
@@ -41,11 +38,6 @@ def _keys(pred, xfail=lambda k: None):
                 marks.append(pytest.mark.xfail(strict=True, reason=why))
             out.append(pytest.param(k, id=str(k), marks=marks))
     return out
-
-
-def _gpu_pallas(k) -> str | None:
-    return GPU_F32_DW if k.impl == "pallas" and k.shape == "llama" and \
-        targets.CHIPS[k.target].platform == "cuda" else None
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -74,7 +66,7 @@ def test_pallas_programs_hold_their_kernels(key):
 @pytest.mark.parametrize("key", _keys(
     lambda k: k.shape == "llama" and k.mode == "grad" and k.impl not in ("naive", "token")
     and any(j == k._replace(impl="naive") for j in KEYS),
-    lambda k: _gpu_pallas(k) or (DH_F32 if k.head in (
+    lambda k: (DH_F32 if k.head in (
         "linear_soft_cross_entropy", "linear_distillation_loss") else None)))
 def test_fused_temporaries_at_most_3_percent_of_naive(key):
     rec = compiled.get(key)
@@ -82,8 +74,7 @@ def test_fused_temporaries_at_most_3_percent_of_naive(key):
 
 
 @pytest.mark.parametrize("key", _keys(
-    lambda k: k.impl == "pallas" and k.mode == "grad" and k.shape in ("llama", "plain"),
-    _gpu_pallas))
+    lambda k: k.impl == "pallas" and k.mode == "grad" and k.shape in ("llama", "plain")))
 def test_pallas_never_above_the_xla_walk(key):
     """Temporaries: a Pallas program may hold its per-row vectors (a few ``[N]`` float32
     arrays, padded to whole blocks) that XLA fuses away, nothing more."""

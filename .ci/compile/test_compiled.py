@@ -113,10 +113,21 @@ def test_kernels_carry_cost_estimates(key):
     assert all(k.cost_flops for k in rec.kernels), [(k.name, k.cost_flops) for k in rec.kernels]
 
 
+# Two limitations of jax/jaxlib 0.10.2, neither jaxent's (benchmarks/compiled_notes.md, item 5):
+# an executable compiled for a GPU from a topology (no device, so no local client) answers
+# `UNIMPLEMENTED: GetCostAnalysis is not supported` for any program, a plain matmul too
+# (openxla/xla xla/pjrt/se/stream_executor_executable.cc, StreamExecutorExecutable::
+# GetCostAnalysis), and Lowered.cost_analysis() is None through the CUDA plugin's PJRT C API;
+# and the Triton lowering discards the estimate (jax-ml/jax jax/_src/pallas/triton/
+# pallas_call_registration.py: `del interpret, out_avals, cost_estimate, name`), so even a
+# device executable would count the kernels as free. The estimates are on every pallas_call
+# (test_kernels_carry_cost_estimates).
+GPU_NO_COST = ("GPU cost_analysis() of a compile-only executable is UNIMPLEMENTED in XLA's "
+               "PJRT StreamExecutorExecutable, and the Triton lowering drops cost_estimate")
+
+
 @pytest.mark.parametrize("key", _keys(lambda k: k.impl == "pallas", lambda k: (
-    "cost_analysis() of a compile-only GPU executable is None (jaxlib 0.10.2), and the "
-    "Triton lowering drops cost_estimate" if targets.CHIPS[k.target].platform == "cuda"
-    else None)))
+    GPU_NO_COST if targets.CHIPS[k.target].platform == "cuda" else None)))
 def test_cost_analysis_counts_the_kernels(key):
     """XLA's cost_analysis of a pallas program counts its kernels: at least the logits
     matmul of the fused head, one flop per logit of plain CE."""

@@ -364,6 +364,10 @@ def test_cpu_without_interpret_raises():
 def test_configs_validate_and_default():
     with pytest.raises(ValueError, match="power of two"):
         pallas_gpu.Config(block_n=24)
+    with pytest.raises(ValueError, match="`chunk` must be >= 1, got 0"):
+        pallas_gpu.Config(chunk=0)
+    with pytest.raises(ValueError, match="'stream', 'accumulate' or 'recompute', got 'x'"):
+        pallas_gpu.Config(backward="x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="multiple of 128"):
         pallas_tpu.Config(block_v=200)
     for platform in ("cuda", "tpu", "cpu"):

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxent.impl import pallas_common as common
+
+Backward = Literal["stream", "accumulate", "recompute"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Config:
     block_d: int = 128
     num_warps: int = 4
     num_stages: int = 2
-    backward: str = "stream"
+    backward: Backward = "stream"
     chunk: int = 1 << 25
     d_split: int = 1
     v_split: int = 1

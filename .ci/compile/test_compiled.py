@@ -66,8 +66,8 @@ def test_pallas_programs_hold_their_kernels(key):
 @pytest.mark.parametrize("key", _keys(
     lambda k: k.shape == "llama" and k.mode == "grad" and k.impl not in ("naive", "token")
     and any(j == k._replace(impl="naive") for j in KEYS),
-    lambda k: (DH_F32 if k.head in (
-        "linear_soft_cross_entropy", "linear_distillation_loss") else None)))
+    lambda k: DH_F32 if k.head in (
+        "linear_soft_cross_entropy", "linear_distillation_loss") else None))
 def test_fused_temporaries_at_most_3_percent_of_naive(key):
     rec = compiled.get(key)
     assert rec.fraction is not None and rec.fraction <= 0.03, rec.fraction

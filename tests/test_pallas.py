@@ -28,9 +28,10 @@ def _counted_rows(y, mask, weight, ignore_index, dtype):
 N, D, V = 37, 48, 300  # ragged against every block below (D too, for the GPU's block_d)
 BACKENDS = {
     "gpu": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16, block_d=16,
-                                          d_split=2, v_split=2)),
-    "gpu_whole_d": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
-                                                  block_d=32)),
+                                          backward="accumulate", d_split=2, v_split=2)),
+    # the default backward, in chunks of 2 vocabulary / 1 token tiles, the last one clamped
+    "gpu_stream": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
+                                                 chunk=48 * 128)),
     "gpu_recompute": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=32,
                                                     block_d=16, backward="recompute")),
     "tpu": (pallas_tpu, pallas_tpu.Config(block_n=128, block_v=128)),
@@ -107,6 +108,9 @@ def _cases():
     names = list(OPTION_SETS)
     yield "gpu_recompute", "all", "vd", "float32"
     yield "gpu_recompute", "smooth_weight_where", "dv", "bfloat16"
+    yield "gpu_stream", "all", "vd", "float32"
+    yield "gpu_stream", "smooth_weight_where", "dv", "float32"
+    yield "gpu_stream", "all", "dv", "bfloat16"
     for backend in ("gpu", "tpu"):
         for i, name in enumerate(names):
             yield backend, name, "vd" if i % 2 else "dv", "float32"
@@ -165,7 +169,7 @@ def test_linear_matches_references(backend, name, layout, dtype, rng):
             _close(got, want, dtype)
 
 
-@pytest.mark.parametrize("backend", ["gpu_whole_d", "tpu"])
+@pytest.mark.parametrize("backend", ["gpu_stream", "tpu"])
 def test_linear_without_bias_and_reduced(backend, rng):
     """No bias, a mean over the rows as the front function forms it, and its gradient."""
     mod, cfg = BACKENDS[backend]
@@ -187,7 +191,7 @@ def test_linear_without_bias_and_reduced(backend, rng):
 
 
 @pytest.mark.parametrize(("backend", "name", "dtype"), [
-    (b, n, d) for b in ("gpu_whole_d", "tpu") for n, d in
+    (b, n, d) for b in ("gpu_stream", "tpu") for n, d in
     [("plain", "float32"), ("all", "float32"), ("smooth_weight_where", "bfloat16")]])
 def test_ce_rows_match_references(backend, name, dtype, rng):
     mod, cfg = BACKENDS[backend]
@@ -360,6 +364,10 @@ def test_cpu_without_interpret_raises():
 def test_configs_validate_and_default():
     with pytest.raises(ValueError, match="power of two"):
         pallas_gpu.Config(block_n=24)
+    with pytest.raises(ValueError, match="`chunk` must be >= 1, got 0"):
+        pallas_gpu.Config(chunk=0)
+    with pytest.raises(ValueError, match="'stream', 'accumulate' or 'recompute', got 'x'"):
+        pallas_gpu.Config(backward="x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="multiple of 128"):
         pallas_tpu.Config(block_v=200)
     for platform in ("cuda", "tpu", "cpu"):

@@ -28,9 +28,6 @@ KERNELS = {
 DH_F32 = ("the vocabulary walk keeps d hidden in float32 ([N, D], 0.27 GB at the Llama-3-8B "
           "head) while the naive program of this head keeps only bf16 logits (XLA fuses "
           "their float32 upcast into the consumers)")
-GPU_F32_DW = ("the Triton backward accumulates d kernel and d hidden in float32 global "
-              "memory (2.1 GB at the Llama-3-8B head): a full-size float32 buffer beyond "
-              "the outputs")
 
 
 def _keys(pred, xfail=lambda k: None):
@@ -44,12 +41,6 @@ def _keys(pred, xfail=lambda k: None):
                 marks.append(pytest.mark.xfail(strict=True, reason=why))
             out.append(pytest.param(k, id=str(k), marks=marks))
     return out
-
-
-def _gpu_pallas(k) -> str | None:
-    return GPU_F32_DW if k.impl == "pallas" and k.shape == "llama" and \
-        k.head == "linear_cross_entropy" and targets.CHIPS[k.target].platform == "cuda" \
-        else None
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -84,16 +75,15 @@ def test_pallas_programs_hold_their_kernels(key):
 @pytest.mark.parametrize("key", _keys(
     lambda k: k.shape == "llama" and k.mode == "grad" and k.impl not in ("naive", "token")
     and any(j == k._replace(impl="naive") for j in KEYS),
-    lambda k: _gpu_pallas(k) or (DH_F32 if k.impl != "pallas" and k.head in (
-        "linear_soft_cross_entropy", "linear_distillation_loss") else None)))
+    lambda k: DH_F32 if k.impl != "pallas" and k.head in (
+        "linear_soft_cross_entropy", "linear_distillation_loss") else None))
 def test_fused_temporaries_at_most_3_percent_of_naive(key):
     rec = compiled.get(key)
     assert rec.fraction is not None and rec.fraction <= 0.03, rec.fraction
 
 
 @pytest.mark.parametrize("key", _keys(
-    lambda k: k.impl == "pallas" and k.mode == "grad" and k.shape in ("llama", "plain"),
-    _gpu_pallas))
+    lambda k: k.impl == "pallas" and k.mode == "grad" and k.shape in ("llama", "plain")))
 def test_pallas_never_above_the_xla_walk(key):
     """Temporaries: a Pallas program may hold its per-row vectors (a few ``[N]`` float32
     arrays, padded to whole blocks) that XLA fuses away, nothing more."""
@@ -132,10 +122,21 @@ def test_kernels_carry_cost_estimates(key):
     assert all(k.cost_flops for k in rec.kernels), [(k.name, k.cost_flops) for k in rec.kernels]
 
 
+# Two limitations of jax/jaxlib 0.10.2, neither jaxent's (benchmarks/compiled_notes.md, item 5):
+# an executable compiled for a GPU from a topology (no device, so no local client) answers
+# `UNIMPLEMENTED: GetCostAnalysis is not supported` for any program, a plain matmul too
+# (openxla/xla xla/pjrt/se/stream_executor_executable.cc, StreamExecutorExecutable::
+# GetCostAnalysis), and Lowered.cost_analysis() is None through the CUDA plugin's PJRT C API;
+# and the Triton lowering discards the estimate (jax-ml/jax jax/_src/pallas/triton/
+# pallas_call_registration.py: `del interpret, out_avals, cost_estimate, name`), so even a
+# device executable would count the kernels as free. The estimates are on every pallas_call
+# (test_kernels_carry_cost_estimates).
+GPU_NO_COST = ("GPU cost_analysis() of a compile-only executable is UNIMPLEMENTED in XLA's "
+               "PJRT StreamExecutorExecutable, and the Triton lowering drops cost_estimate")
+
+
 @pytest.mark.parametrize("key", _keys(lambda k: k.impl == "pallas", lambda k: (
-    "cost_analysis() of a compile-only GPU executable is None (jaxlib 0.10.2), and the "
-    "Triton lowering drops cost_estimate" if targets.CHIPS[k.target].platform == "cuda"
-    else None)))
+    GPU_NO_COST if targets.CHIPS[k.target].platform == "cuda" else None)))
 def test_cost_analysis_counts_the_kernels(key):
     """XLA's cost_analysis of a pallas program counts its kernels: at least the logits
     matmul of the fused head, one flop per logit of plain CE."""

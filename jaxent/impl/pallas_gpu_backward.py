@@ -19,6 +19,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxent import _rowmath
 from jaxent.impl import pallas_common as common
 from jaxent.impl import pallas_gpu_blocks as blocks
+from jaxent.impl import pallas_gpu_stream as stream
 
 # ----------------------------------------------------------------------------- backward
 
@@ -276,13 +277,16 @@ def _dkernel_acc(spec, h, w, b, rows, wt):
     return outs[0], (outs[1] if b is not None else None)
 
 
+_STRATEGIES = {"stream": (stream.dhidden, stream.dkernel),
+               "accumulate": (_dhidden_acc, _dkernel_acc), "recompute": (_dhidden, _dkernel)}
+
+
 def dhidden(spec, *args):
-    """``d hidden [Np, Dp]`` (the accumulation dtype) by ``spec.config.backward``'s kernel."""
-    fn = _dhidden_acc if spec.config.backward == "accumulate" else _dhidden
-    return fn(spec, *args)
+    """``d hidden [Np, Dp]`` by ``spec.config.backward``'s kernels (float32 for
+    ``"accumulate"``, the input's dtype otherwise)."""
+    return _STRATEGIES[spec.config.backward][0](spec, *args)
 
 
 def dkernel(spec, *args):
-    """``(d kernel, d bias or None)`` by ``spec.config.backward``'s kernel."""
-    fn = _dkernel_acc if spec.config.backward == "accumulate" else _dkernel
-    return fn(spec, *args)
+    """``(d kernel, d bias or None)`` by ``spec.config.backward``'s kernels."""
+    return _STRATEGIES[spec.config.backward][1](spec, *args)

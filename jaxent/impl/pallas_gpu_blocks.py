@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxent.impl import pallas_common as common
+
+Backward = Literal["stream", "accumulate", "recompute"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +32,18 @@ class Config:
       block_d: width of the ``d hidden`` / ``d kernel`` tiles (a multiple of ``block_k``
         or a divisor of it; ``D`` is padded to a multiple of both).
       num_warps, num_stages: Triton's launch parameters.
-      backward: ``"accumulate"``: one program per token tile (``d hidden``) or vocabulary
+      backward: ``"stream"`` (default): the logits gradient in chunks of at most ``chunk``
+        elements, written in the input's dtype, each chunk contracted by XLA's matmuls
+        (:mod:`jaxent.impl.pallas_gpu_stream`): nothing float32 of the gradients' size.
+        ``"accumulate"``: one program per token tile (``d hidden``) or vocabulary
         tile (``d kernel``) forms each logits tile once and adds its ``block_d``-wide
         pieces into its own float32 output rows/columns in global memory (read-modify-write,
         no atomics: each output element has one writer). ``"recompute"``: one program per
         (tile, ``block_d`` slice) with a register accumulator, forming each logits tile
         ``Dp / block_d`` times.
+      chunk: ``"stream"`` only: the most logits whose gradient is held at once (a chunk of
+        the vocabulary for ``d kernel``, of the tokens for ``d hidden``; 32 M elements, 64 MB
+        of bf16, by default).
       d_split: ``"accumulate"`` only: split ``D`` into this many chunks, one program each
         (grids ``(Np / block_n, d_split)`` and ``(Vp / block_v, d_split)``): more programs
         for few tokens, each logits tile formed ``d_split`` times.
@@ -49,7 +58,8 @@ class Config:
     block_d: int = 128
     num_warps: int = 4
     num_stages: int = 2
-    backward: str = "accumulate"
+    backward: Backward = "stream"
+    chunk: int = 1 << 25
     d_split: int = 1
     v_split: int = 1
 
@@ -57,9 +67,11 @@ class Config:
         if self.d_split < 1 or self.v_split < 1:
             raise ValueError(f"`d_split` and `v_split` must be >= 1, got {self.d_split} and "
                              f"{self.v_split}")
-        if self.backward not in ("accumulate", "recompute"):
-            raise ValueError(f"`backward` must be 'accumulate' or 'recompute', got "
+        if self.backward not in ("stream", "accumulate", "recompute"):
+            raise ValueError(f"`backward` must be 'stream', 'accumulate' or 'recompute', got "
                              f"{self.backward!r}")
+        if self.chunk < 1:
+            raise ValueError(f"`chunk` must be >= 1, got {self.chunk}")
         for f in ("block_n", "block_v", "block_k", "block_d"):
             b = getattr(self, f)
             if b < 16 or b & (b - 1):
@@ -134,7 +146,7 @@ def candidates(n: int, d: int, v: int, dtype) -> list[Config]:
         out.append(dataclasses.replace(base, backward="recompute", block_d=_pow2_at_most(d, 512)))
     for split in (1, 2, 4):
         if d >= split * base.block_d:
-            out.append(dataclasses.replace(base, d_split=split))
+            out.append(dataclasses.replace(base, backward="accumulate", d_split=split))
     return list(dict.fromkeys(out))
 
 

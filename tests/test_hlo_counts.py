@@ -59,3 +59,17 @@ def test_hlo_suite_prints_the_counts(capsys):
     assert "| float32 value_and_grad | 4 / 2 / 1 / " in out
     assert "| bfloat16 value_and_grad | 3 / 1 / 2 / " in out
     assert "(at SHAPE only)" in out  # expected counts are given at hlo.SHAPE only
+
+
+@pytest.mark.parametrize("name, want", [
+    ("grad_fwd_ord", (4, 2, 1)),      # max, exp written, its sum, the gradient over it
+    ("label_shift", (3, 2, 1)),       # no max pass: the label's logit is the shift
+    ("label_shift_lse", (2, 1, 2)),   # fused sum(exp), then the gradient with its own exp
+])
+def test_recorded_formulations_keep_their_passes(name, want):
+    """The programs benchmarks/FINDINGS.md compares (issue 26): (passes, writes, exps)."""
+    from jaxent.bench import formulations
+
+    got = hlo.counts(hlo.plain_ce("value_and_grad", 64, 512, "float32",
+                                  formulations.FORMS[name]))
+    assert (got["passes"], got["writes"], got["exps"]) == want, got

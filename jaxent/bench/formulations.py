@@ -200,6 +200,76 @@ def make_grad_logsoftmax(split: bool) -> Callable:
     return per_row
 
 
+# ------------------------- (h) the label's logit as the shift: no row-max pass (issue 26)
+CAP = 64.0  # a row with a logit this far above its label's is redone with its row max
+
+
+def _label_shift_sum(x: jax.Array, zy: jax.Array, split: bool, keep: bool):
+    """``(e, s)`` with ``e = exp(min(x - z_y, CAP))`` (materialized when ``keep``, else
+    fused into the row sum, on the ``[n*k, c/k]`` view for long rows when ``split``)."""
+    n, c = x.shape
+    k = _split_factor(c) if split and not keep else 1
+    if k == 1:
+        e = jnp.exp(jnp.minimum(x.astype(F32) - zy[:, None], CAP))
+        return e, jnp.sum(e, axis=-1)
+    xr = x.reshape(n * k, c // k).astype(F32)
+    e = jnp.exp(jnp.minimum(xr - jnp.repeat(zy, k)[:, None], CAP))
+    return None, jnp.sum(e, axis=-1).reshape(n, k).sum(-1)
+
+
+def _unsafe_rows_redone(x, bad, m, s, e=None):
+    """``(m, s, e)`` with the rows ``bad`` recomputed from their row max, in a loop that runs
+    once when any row is bad and never otherwise (it reads the logits only then)."""
+    def redo(carry):
+        _, m, s, e = carry
+        mt = jnp.max(x, axis=-1).astype(F32)
+        m = jnp.where(bad, jnp.where(jnp.isfinite(mt), mt, 0.0), m)
+        et = jnp.exp(x.astype(F32) - m[:, None])
+        if e is not None:
+            et = jnp.where(bad[:, None], et, e)
+        return jnp.int32(1), m, jnp.where(bad, jnp.sum(et, axis=-1), s), et if e is not None else e
+
+    start = 1 - bad.any().astype(jnp.int32)
+    _, m, s, e = jax.lax.while_loop(lambda c: c[0] < 1, redo, (start, m, s, e))
+    return m, s, e
+
+
+def make_label_shift(residual: str, split: bool = False) -> Callable:
+    """The shift is the label's logit ``z_y`` instead of the row max: ``s = sum exp(min(x -
+    z_y, CAP))`` needs no max pass, and ``s < e^CAP`` proves that no logit was capped (each
+    term is at most ``s``); other rows (a logit ``CAP`` above the label's, or ``inf``/``nan``)
+    are redone with the row max. residual="grad": ``e`` is written once and turned into the
+    gradient in place (3 passes, 1 exp; the logits stay alive past ``e``, so ``e`` cannot take
+    their buffer); residual="lse": fused ``sum(exp)``, the backward forms ``p`` again (2
+    passes, 2 exps)."""
+
+    @jax.custom_vjp
+    def per_row(x, y):
+        return fwd(x, y)[0]
+
+    def fwd(x, y):
+        zy = _pick(x, y)
+        keep = residual == "grad"
+        e, s = _label_shift_sum(x, zy, split, keep)
+        bad = ~(s < np.exp(np.float32(CAP)))
+        m, s, e = _unsafe_rows_redone(x, bad, zy, s, e if keep else None)
+        loss = m + jnp.log(s) - zy
+        if keep:
+            dz = (e * (1.0 / s)[:, None] - _onehot(y, x.shape[1])).astype(x.dtype)
+            return loss, (dz, y, zy, jnp.zeros((0,), x.dtype))
+        return loss, (x, y, m + jnp.log(s), jnp.zeros((0,), x.dtype))
+
+    def bwd(res, g):
+        a, y, lse, dt = res
+        if residual == "grad":
+            return (a.astype(F32) * g[:, None]).astype(dt.dtype), None
+        p = jnp.exp(a.astype(F32) - lse[:, None])
+        return (g[:, None] * (p - _onehot(y, a.shape[1]))).astype(dt.dtype), None
+
+    per_row.defvjp(fwd, bwd)
+    return per_row
+
+
 def mean_of(per_row: Callable) -> Callable:
     return lambda x, y: per_row(x, y).mean()
 
@@ -225,6 +295,9 @@ FORMS: dict[str, Callable] = {
     "save_e_split": mean_of(make_grad_in_fwd(True, "e")),
     "save_e16_split": mean_of(make_grad_in_fwd(True, "e16")),
     "grad_lsm_split": mean_of(make_grad_logsoftmax(True)),
+    "label_shift": mean_of(make_label_shift("grad")),
+    "label_shift_lse": mean_of(make_label_shift("lse")),
+    "label_shift_lse_split": mean_of(make_label_shift("lse", split=True)),
 }
 
 
@@ -233,12 +306,17 @@ def check_per_row(n: int = 64, c: int = 1000) -> None:
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k1, (n, c)) * 3
     y = jax.random.randint(k2, (n,), 0, c)
+    # Rows the label shift must redo: a logit 300 above the rest, a label 80 below its row.
+    x = x.at[0, (y[0] + 1) % c].add(300.0).at[1].add(30.0).at[1, y[1]].set(-50.0)
     w = jax.random.uniform(k3, (n,))
     import optax
 
     ce = optax.losses.softmax_cross_entropy_with_integer_labels
     ref = jax.grad(lambda x: (ce(x, y) * w).sum())(x)
-    for mk in (make_lse_only, make_grad_in_fwd, make_grad_logsoftmax):
+    makers = [make_lse_only, make_grad_in_fwd, make_grad_logsoftmax,
+              lambda split: make_label_shift("grad", split),
+              lambda split: make_label_shift("lse", split)]
+    for mk in makers:
         for split in (False, True):
             f = mk(split)
             got = jax.jit(jax.grad(lambda x, f=f: (f(x, y) * w).sum()))(x)

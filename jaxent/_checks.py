@@ -399,13 +399,19 @@ def _register_checkify_rule() -> None:
     except (ImportError, AttributeError):  # pragma: no cover
         return
 
-    def rule(error, enabled_errors, labels, bad, *, message):
+    def check(error, enabled_errors, labels, bad, message, *ctx):
         if failed not in enabled_errors:
             return error, labels
         err = failed(_ck.get_traceback(), message)
-        return _ck.assert_func(error, jnp.any(bad), err), labels
+        return _ck.assert_func(*ctx, error, jnp.any(bad), err), labels
 
-    table[label_check_p] = rule
+    # jax >= 0.12 passes its CheckifyContext first to every rule and to assert_func.
+    if hasattr(_ck, "CheckifyContext"):
+        table[label_check_p] = lambda ctx, error, enabled, labels, bad, *, message: check(
+            error, enabled, labels, bad, message, ctx)
+    else:
+        table[label_check_p] = lambda error, enabled, labels, bad, *, message: check(
+            error, enabled, labels, bad, message)
 
 
 _register_checkify_rule()

@@ -386,6 +386,38 @@ def test_gpu_script_dry_run():
     assert "suite gpu:" in out.stdout  # the --list of the GPU suite ran
 
 
+def test_tpu_suite_on_the_cpu_writes_json_its_script_accepts(capsys, tmp_path):
+    """The TPU suite (benchmarks/tpu/run.sh) at tiny shapes: Llama-3-8B's head first, every
+    fused head against naive XLA, no torch; its JSON passes the script's own check, which
+    does fail on a run that lost its baseline or a jaxent impl."""
+    import importlib.util
+
+    listed = bench.main(["--tpu", "--list"])
+    assert listed["cases"][0] == "linear CE fwd+bwd bf16 16384x4096x128256"
+    assert "naive (materialized logits)" in listed["contenders"]
+    assert not any("torch" in c for c in listed["contenders"])
+    capsys.readouterr()
+    bench.main(["--suite", "tpu", "--tiny", "--rounds", "1", "--no-progress", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    spec = importlib.util.spec_from_file_location(
+        "tpu_check", os.path.join(ROOT, "benchmarks", "tpu", "check.py"))
+    assert spec is not None and spec.loader is not None
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert {r["kind"] for r in data["results"]} == {"linear", "ce", "distill"}
+    assert check.problems(data, on_device=False) == []
+    assert check.problems(data, on_device=True)  # no roofline on the CPU
+    lost = {**data, "notes": [], "results": [r for r in data["results"]
+                                            if r["contender"] != "naive (materialized logits)"]}
+    assert any("baseline" in p for p in check.problems(lost, on_device=False))
+    assert any('impl="pallas"' in p for p in check.problems(lost, on_device=False))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    assert check.main([str(path)]) == 0
+    script = os.path.join(ROOT, "benchmarks", "tpu", "run.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+
+
 def test_suites_registry_matches_the_cli():
     assert set(suites.SUITES) == set(cli.SUITE_NAMES)
 

@@ -3,6 +3,7 @@ references, exports for cuda and tpu, the platform check, and the autotuner's ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax
@@ -17,6 +18,7 @@ from jaxent._options import Options
 from jaxent.impl import pallas as pallas_entry
 from jaxent.impl import pallas_common, pallas_gpu, pallas_tpu
 from tests import reference
+from tests.gpu_target import cuda_target
 
 
 def _counted_rows(y, mask, weight, ignore_index, dtype):
@@ -298,8 +300,9 @@ def test_export(backend, kind, layout, dtype):
         args = (_S((N, D), dt), _S(wshape, dt), _S((V,), dt)) + rows
     fn, n_kernels = _export_fn(mod, cfg, kind, layout)
     if backend != "tpu":
-        exp = jax.export.export(jax.jit(fn), platforms=["cuda"],
-                                disabled_checks=list(mod.EXPORT_CHECKS))(*args)
+        with cuda_target():
+            exp = jax.export.export(jax.jit(fn), platforms=["cuda"],
+                                    disabled_checks=list(mod.EXPORT_CHECKS))(*args)
         target = mod.TRITON_TARGET
     else:  # from this CPU host, with no TPU and no context (Mosaic asks no device)
         exp = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
@@ -325,8 +328,9 @@ def test_dispatch_per_platform(platform):
         with pytest.raises(ValueError, match="interpret=True"):
             fn.lower(*args).compile()
         return
-    exp = jax.export.export(fn, platforms=[platform],
-                            disabled_checks=list(pallas_gpu.EXPORT_CHECKS))(*args)
+    with cuda_target() if platform == "cuda" else contextlib.nullcontext():
+        exp = jax.export.export(fn, platforms=[platform],
+                                disabled_checks=list(pallas_gpu.EXPORT_CHECKS))(*args)
     text = exp.mlir_module()
     assert text.count(pallas_gpu.TRITON_TARGET) == (3 if platform == "cuda" else 0)
     assert text.count(pallas_tpu.MOSAIC_TARGET) == (3 if platform == "tpu" else 0)

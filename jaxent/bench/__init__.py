@@ -23,6 +23,7 @@ from jaxent.bench.cases import gpu_cases as gpu_cases
 from jaxent.bench.cases import linear_flops as linear_flops
 from jaxent.bench.cases import make_inputs as make_inputs
 from jaxent.bench.cases import matmul_flops as matmul_flops
+from jaxent.bench.cases import tpu_cases as tpu_cases
 from jaxent.bench.cli import main as main
 from jaxent.bench.contenders import Contender as Contender
 from jaxent.bench.contenders import Runner as Runner
@@ -58,6 +59,7 @@ __all__ = [
     "default_cases",
     "default_contenders",
     "gpu_cases",
+    "tpu_cases",
     "linear_flops",
     "load_extra",
     "load_json",

@@ -131,6 +131,8 @@ TINY_CE_SHAPES = ((64, 512),)
 DISTILL_SHAPES = ((2048, 1024, 32000),)
 QUICK_DISTILL_SHAPES = ((256, 256, 32000),)
 GPU_DISTILL_SHAPES = ((4096, 4096, 32000),)
+# TPU suite (bf16): Llama-3-8B's head for every fused head, plain CE at 8192x128256.
+TPU_LINEAR_SHAPES = ((16384, 4096, 128256),)
 
 
 def default_cases(quick: bool = False, distill: bool = False) -> list[Case]:
@@ -170,6 +172,21 @@ def gpu_cases(quick: bool = False, tiny: bool = False, distill: bool = False) ->
     return ([Case(LINEAR, FWD_BWD, "bfloat16", n, c, d) for n, d, c in lin]
             + [Case(CE, FWD_BWD, "bfloat16", n, c) for n, c in ce]
             + [Case(DISTILL, FWD_BWD, "bfloat16", n, c, d) for n, d, c in dist if distill])
+
+
+def tpu_cases(tiny: bool = False, distill: bool = False) -> list[Case]:
+    """The TPU suite (``benchmarks/tpu/run.sh``): bf16 value_and_grad of the fused loss at
+    Llama-3-8B's head (16384x4096x128256), then plain CE at 8192x128256, then (with
+    ``distill``) the fused distillation loss at the same head; ``tiny`` swaps every shape
+    for a tiny one (a CPU check of the suite's code path).
+
+    >>> [c.name for c in tpu_cases()][0]
+    'linear CE fwd+bwd bf16 16384x4096x128256'
+    """
+    lin, ce = (TINY_LINEAR_SHAPES, TINY_CE_SHAPES) if tiny else (TPU_LINEAR_SHAPES, GPU_CE_SHAPES)
+    return ([Case(LINEAR, FWD_BWD, "bfloat16", n, c, d) for n, d, c in lin]
+            + [Case(CE, FWD_BWD, "bfloat16", n, c) for n, c in ce]
+            + [Case(DISTILL, FWD_BWD, "bfloat16", n, c, d) for n, d, c in lin if distill])
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict[str, np.ndarray]:

@@ -7,6 +7,8 @@ Examples::
     python -m jaxent.bench --from-json ce.json --write --plot benchmarks/results.png
     python -m jaxent.bench --gpu --quick                # the GPU suite (needs a GPU)
     python -m jaxent.bench --suite gpu --tiny           # its code path, tiny, on any device
+    python -m jaxent.bench --tpu --rounds 3             # the TPU suite (needs a TPU)
+    python -m jaxent.bench --suite tpu --tiny           # its code path, tiny, on any device
     python -m jaxent.bench --suite linear-memory 8192 2048 128256
     python -m jaxent.bench --suite rl-memory 8192 2048 128256
     python -m jaxent.bench --suite linear-speed 4096 1024 32000 --rounds 6 \\
@@ -30,7 +32,7 @@ from typing import get_args
 from jaxent.bench.cases import DType
 from jaxent.bench.deps import MissingExtra
 
-SUITE_NAMES = ("main", "gpu", "linear-memory", "rl-memory", "linear-speed", "matmul",
+SUITE_NAMES = ("main", "gpu", "tpu", "linear-memory", "rl-memory", "linear-speed", "matmul",
                "explore-ce", "ab", "hlo", "compaction")
 # The packages the ``--contenders`` of ``linear-speed`` need beyond jaxent and JAX.
 CONTENDER_PACKAGES = {"cce": "jax_cce", "torch": "torch"}
@@ -73,10 +75,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("args", nargs="*", metavar="ARG",
                    help="the suite's positional arguments (shapes, formulation names)")
     p.add_argument("--suite", choices=SUITE_NAMES, default=None,
-                   help="which suite (default main; --gpu means gpu)")
+                   help="which suite (default main; --gpu means gpu, --tpu tpu)")
     p.add_argument("--quick", action="store_true", help="small shapes, a run under 2 minutes")
     p.add_argument("--tiny", action="store_true",
-                   help="gpu suite: tiny shapes, to check its code path on a CPU")
+                   help="gpu and tpu suites: tiny shapes, to check their code path on a CPU")
     p.add_argument("--rounds", type=positive_int, default=None,
                    help="timed rounds per case, at least 1 (default: 5, or 3 with --quick)")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
@@ -85,6 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="write RESULTS.md (default benchmarks/RESULTS.md)")
     p.add_argument("--gpu", action="store_true",
                    help="the GPU suite on the GPU (tokamax, Liger, Apple CCE when installed)")
+    p.add_argument("--tpu", action="store_true",
+                   help="the TPU suite on the TPU (every fused head x impl, naive XLA, tokamax)")
     p.add_argument("--list", action="store_true",
                    help="list the suite's cases and contenders (and those skipped), run nothing")
     p.add_argument("--only", type=regex, default="",
@@ -99,10 +103,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from-json", nargs="+", metavar="FILE.json",
                    help="report (table, --plot, --write) saved --json runs instead of running")
     args = p.parse_args(argv)
-    if args.gpu and args.suite not in (None, "gpu"):
-        p.error(f"--gpu runs the gpu suite, not --suite {args.suite}")
-    args.suite = "gpu" if args.gpu else (args.suite or "main")
-    if args.args and args.suite in ("main", "gpu"):
+    for flag in ("gpu", "tpu"):
+        if getattr(args, flag) and args.suite not in (None, flag):
+            p.error(f"--{flag} runs the {flag} suite, not --suite {args.suite}")
+    if args.gpu and args.tpu:
+        p.error("--gpu and --tpu: choose one")
+    args.suite = "gpu" if args.gpu else "tpu" if args.tpu else (args.suite or "main")
+    if args.args and args.suite in ("main", "gpu", "tpu"):
         p.error(f"the {args.suite} suite takes no positional arguments, got {args.args}")
     dtypes = get_args(DType)
     if args.suite == "explore-ce" and len(args.args) >= 3 and args.args[2] not in dtypes:
@@ -150,13 +157,16 @@ def _configure_platform(args: argparse.Namespace) -> None:
         if args.gpu and not args.list and jax.default_backend() != "gpu":
             raise SystemExit("--gpu: JAX sees no GPU (install a CUDA jaxlib, or use "
                              "--suite gpu --tiny to check the suite on this device)")
+    if args.tpu and not args.list and not args.from_json and jax.default_backend() != "tpu":
+        raise SystemExit("--tpu: JAX sees no TPU (install jax[tpu], or use --suite tpu "
+                         "--tiny to check the suite on this device)")
 
 
 def _set_torch_threads(args: argparse.Namespace) -> None:
     """On the CPU, torch gets every core, as XLA does."""
     from jaxent.bench import deps
 
-    torch, _ = deps.optional("torch") if args.suite != "gpu" else (None, "")
+    torch, _ = deps.optional("torch") if args.suite not in ("gpu", "tpu") else (None, "")
     if torch is not None:
         torch.set_num_threads(os.cpu_count() or 1)
 

@@ -467,7 +467,7 @@ def mosaic_gpu_probe() -> dict[str, str]:
                 jax.jit(fn).lower(*args).compile()
             out[name] = "ok"
         except Exception as e:  # noqa: BLE001 - the failure is the evidence
-            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            out[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     return out
 
 

@@ -469,14 +469,15 @@ def load_extra(spec: str) -> list[Contender]:
             Contender(f"{name} (donated logits)", for_kind(CE, fn, donate=True))]
 
 
-def default_contenders(gpu: bool = False, cuda: bool | None = None
+def default_contenders(gpu: bool = False, cuda: bool | None = None, torch: bool = True
                        ) -> tuple[list[Contender], list[str]]:
     """Every contender available here, and one note for each that is not (and why).
 
     The baselines come first: optax for plain CE, the naive materialized path for the fused
     linear CE. ``gpu`` selects the GPU suite's contenders: it adds jaxent's explicit walks,
     tokamax, and (with ``cuda``, which defaults to ``gpu``) Liger and Apple CCE, with the
-    torch contenders on CUDA. ``gpu`` without ``cuda`` checks that suite on a CPU.
+    torch contenders on CUDA. ``gpu`` without ``cuda`` checks that suite on a CPU. The TPU
+    suite is ``gpu`` without ``cuda`` and without ``torch`` (PyTorch would run on the host).
     """
     cuda = gpu if cuda is None else cuda
     out = [
@@ -493,7 +494,8 @@ def default_contenders(gpu: bool = False, cuda: bool | None = None
     jax_cce, why = deps.optional("jax_cce")
     groups.append(([Contender("jax-cce", build_jax_cce)], []) if jax_cce
                   else ([], [f"jax-cce: skipped ({why})"]))
-    groups.append(torch_contenders(cuda))
+    groups.append(torch_contenders(cuda) if torch
+                  else ([], ["torch: skipped (its CPU path is not a contender on a TPU)"]))
     if gpu and cuda:
         groups.append(cuda_contenders())
     elif gpu:

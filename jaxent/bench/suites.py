@@ -5,6 +5,9 @@
 * ``gpu`` (``--gpu``): bf16 fused linear CE at model-sized heads and plain CE at
   8192x128256 against jaxent's XLA walks, tokamax, Liger, Apple CCE and torch, with FLOP/s
   against a matmul and GB/s against a copy measured in the same run.
+* ``tpu`` (``--tpu``): every fused head x impl at Llama-3-8B's head and plain CE at
+  8192x128256, bf16, against naive XLA and tokamax, with the roofline fraction
+  (``benchmarks/tpu/run.sh``).
 * ``linear-memory [N D V]``: compiled temporaries of the fused loss's value_and_grad.
 * ``rl-memory [N D V]``: the same for the fused RL and distillation heads against the
   textbook formulas on materialized logits.
@@ -47,6 +50,7 @@ from jaxent.bench.cases import (
     default_cases,
     gpu_cases,
     matmul_flops,
+    tpu_cases,
 )
 from jaxent.bench.compaction import compaction_suite
 from jaxent.bench.contenders import (
@@ -62,7 +66,7 @@ from jaxent.bench.measure import SETTLE_S, machine_load, run_case, run_suite
 from jaxent.bench.report import to_json, to_markdown
 from jaxent.distill import DIVERGENCES, Divergence
 
-SuiteName = Literal["main", "gpu"]
+SuiteName = Literal["main", "gpu", "tpu"]
 
 
 @dataclasses.dataclass
@@ -103,35 +107,43 @@ def _timing_report(suite: dict[str, Any], notes: list[str]) -> Report:
 
 
 def suite_cases(name: SuiteName, quick: bool, tiny: bool, only: str) -> list[Case]:
-    """The cases of the ``main`` or ``gpu`` suite whose names match ``only`` (the
+    """The cases of the ``main``, ``gpu`` or ``tpu`` suite whose names match ``only`` (the
     distillation cases only where jaxent has ``linear_distillation_loss``)."""
     import jaxent
 
     distill = hasattr(jaxent, "linear_distillation_loss")
-    cases = gpu_cases(quick, tiny, distill) if name == "gpu" else default_cases(quick, distill)
+    cases = (gpu_cases(quick, tiny, distill) if name == "gpu"
+             else tpu_cases(tiny, distill) if name == "tpu" else default_cases(quick, distill))
     return [c for c in cases if re.search(only, c.name)]
 
 
-def main_suite(args: Any, name: SuiteName = "main") -> Report:
-    """The ``main`` (CPU) or ``gpu`` suite."""
+def _suite_contenders(name: SuiteName) -> tuple[list[Contender], list[str]]:
+    """The suite's contenders: the CPU's, the GPU's (CUDA ones on a GPU), or the TPU's (the
+    GPU suite's JAX contenders: jaxent's walks and kernels, naive XLA, tokamax)."""
+    if name == "tpu":
+        return default_contenders(gpu=True, cuda=False, torch=False)
     gpu = name == "gpu"
+    return default_contenders(gpu, cuda=gpu and jax.default_backend() == "gpu")
+
+
+def main_suite(args: Any, name: SuiteName = "main") -> Report:
+    """The ``main`` (CPU), ``gpu`` or ``tpu`` suite."""
     deps.require("optax", "the plain cross-entropy baseline")
     on_gpu = jax.default_backend() == "gpu"
-    contenders, notes = default_contenders(gpu, cuda=gpu and on_gpu)
+    contenders, notes = _suite_contenders(name)
     for spec in args.extra:
         contenders += load_extra(spec)
     cases = suite_cases(name, args.quick, args.tiny, args.only)
     rounds = args.rounds or (3 if args.quick or args.tiny else 5)
     suite = run_suite(cases, contenders, rounds, progress=not args.no_progress, gpu=on_gpu,
                       copy_bytes=2**30 if on_gpu else (2**20 if args.tiny else 256 * 2**20),
-                      matmul_ceiling=gpu)
+                      matmul_ceiling=name != "main")
     return _timing_report(suite, notes)
 
 
 def list_suite(args: Any, name: SuiteName) -> Report:
     """``--list``: the cases and contenders a run would time, and the ones skipped (why)."""
-    gpu = name == "gpu"
-    contenders, notes = default_contenders(gpu, cuda=gpu and jax.default_backend() == "gpu")
+    contenders, notes = _suite_contenders(name)
     cases = suite_cases(name, args.quick, args.tiny, args.only)
     names = list(dict.fromkeys(c.name for c in contenders))
     lines = [f"suite {name}: {len(cases)} cases, {len(names)} contenders", "", "cases:",
@@ -433,6 +445,7 @@ SUITES: dict[str, Callable[[Any], Report]] = {
     "hlo": hlo_suite,
     "main": main_suite,
     "gpu": lambda args: main_suite(args, "gpu"),
+    "tpu": lambda args: main_suite(args, "tpu"),
     "linear-memory": linear_memory,
     "rl-memory": rl_memory,
     "linear-speed": linear_speed,

@@ -117,10 +117,10 @@ def _pallas_linear_rows(plan, h, kernel, bias, lab: rm.Labels, weight):
 
 def _register_builtin() -> None:
     # The walks import this package's submodules: they are registered once it is defined.
-    from jaxent.impl import token, vocab  # noqa: PLC0415
+    from jaxent.impl import linear_ce, token  # noqa: PLC0415
 
     register(Implementation("xla", "ce", True, lambda req: None))
-    register(Implementation("vocab", "linear", True, lambda req: None, vocab.rows))
+    register(Implementation("vocab", "linear", True, lambda req: None, linear_ce.rows))
     register(Implementation("token", "linear", True, _token_refuses, token.token_sum,
                             per_row=False))
     register(Implementation("pallas", "linear", False, _pallas_refuses, _pallas_linear_rows))

@@ -17,7 +17,6 @@ from jaxent.impl import _blocks as B
 from jaxent.impl import stats, stream, vocab
 from jaxent.impl.plan import Plan
 
-
 RESIDUALS = 4  # the [N] residuals of forward: m, log s, lse and the summed class weights
 
 

@@ -20,8 +20,8 @@ from jaxent import _platform
 from jaxent import _rowmath as rm
 from jaxent._platform import Quirks
 from jaxent.impl import _blocks as B
-from jaxent.impl import rows as _rows
 from jaxent.impl import linear_ce
+from jaxent.impl import rows as _rows
 from jaxent.impl.plan import Plan
 
 

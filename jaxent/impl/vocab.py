@@ -8,7 +8,6 @@ ids offset by the device's shard (:func:`shard_offset`).
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax

@@ -17,6 +17,7 @@ from jaxent import _checks
 from jaxent._options import LAYOUTS, Options
 from jaxent.impl import stream
 from jaxent.impl.plan import Plan, stream_plan
+from jaxent.placement import explicit
 
 IMPLS = ("auto", "xla", "vocab")
 
@@ -50,6 +51,18 @@ def check_impl(value) -> None:
         hint = ("; only the vocabulary walk serves these losses (no 'token' or 'pallas' "
                 "implementation)") if value in ("token", "pallas") else ""
         raise ValueError(f"`impl` must be one of {IMPLS}, got {value!r}{hint}")
+
+
+def place(fused, shard, arrays: dict, static: dict, temperature, impl, out):
+    """The one entry of a fused RL or distillation head: ``impl`` checked, then the call
+    split as the inputs' Explicit-mesh shardings say (``shard(vocab_axes, token_axes,
+    **kwargs)`` per device, :func:`jaxent.placement.explicit.run_head`; ``out`` the
+    outputs' layouts), else ``fused(**arrays, **static, temperature=temperature)``."""
+    check_impl(impl)
+    placed = explicit.run_head(shard, arrays, static, temperature, out)
+    if placed is not None:
+        return placed
+    return fused(**arrays, **static, temperature=temperature)
 
 
 def checked_block_size(block_size) -> int | None:

@@ -20,7 +20,6 @@ from jax.typing import ArrayLike
 from jaxent import _checks, _heads, _rowmath
 from jaxent._options import Impl, KernelLayout, Options, Reduction
 from jaxent.impl import stats
-from jaxent.placement import explicit as _explicit
 
 Divergence = Literal["kl", "reverse_kl", "jsd"]
 DIVERGENCES: tuple[Divergence, ...] = get_args(Divergence)
@@ -200,7 +199,6 @@ def linear_distillation_loss(
       >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
       True
     """
-    _heads.check_impl(impl)
     arrays = {"student_hidden": student_hidden, "student_kernel": student_kernel,
               "teacher_hidden": teacher_hidden, "teacher_kernel": teacher_kernel,
               "student_bias": student_bias, "teacher_bias": teacher_bias, "labels": labels,
@@ -208,11 +206,8 @@ def linear_distillation_loss(
     static = {"divergence": divergence, "beta": beta, "kernel_layout": kernel_layout,
               "ignore_index": ignore_index, "reduction": reduction, "block_size": block_size,
               "vocab_size": vocab_size}
-    placed = _explicit.run_head(_distill_shard, arrays, static, temperature,
-                               "row" if reduction == "none" else "replicated")
-    if placed is not None:
-        return placed
-    return fused_distillation_loss(**arrays, **static, temperature=temperature)
+    return _heads.place(fused_distillation_loss, _distill_shard, arrays, static, temperature,
+                        impl, "row" if reduction == "none" else "replicated")
 
 
 def _distill_shard(vocab, tok, **kw):

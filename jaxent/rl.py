@@ -18,8 +18,7 @@ from jax.typing import ArrayLike
 
 from jaxent import _checks, _heads, _rowmath
 from jaxent._options import Impl, KernelLayout, Options, Reduction
-from jaxent.impl import stats
-from jaxent.placement import explicit as _explicit
+from jaxent.impl import stats, stats_aux
 
 # ---------------------------------------------------------------------------- log-probs
 
@@ -78,18 +77,32 @@ def token_log_probs(
     cap = _checks.options(reduction="none", logit_softcap=logit_softcap).logit_softcap
     c = _checks.num_classes(x, ax)
     batch_shape = x.shape[:ax] + x.shape[ax + 1:]
+    return _log_probs((_heads.rows(x, ax),), batch_shape, tokens, where, temperature, cap,
+                      return_entropy, c, c, max(c, 1))
+
+
+def _log_probs(stream, batch_shape, tokens, where, temperature, cap, return_entropy, v,
+               local, block_size, layout="dv", axis_name=None, return_aux=False):
+    """The log-probs (and entropies, and the aux dict) of ``stream`` (materialized rows or a
+    linear head) for validated logits or head: ``v`` classes, ``local`` on this device."""
     y = _checks.int_labels(tokens, batch_shape, "tokens")
     mask = _checks.where_mask(where, batch_shape)
-    acc = _rowmath.compute_dtype(x.dtype)
+    acc = _rowmath.compute_dtype(stream[0].dtype)
     temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
-    y = _rowmath.class_ids(_checks.token_values(y, c, mask), c)
-    rows = _heads.rows(x, ax)
-    n = rows.shape[0]
-    plan = _heads.plan(Options(temperature=temp_s, logit_softcap=cap), c, c, n, max(c, 1))
-    lp, ent = _heads.run(stats.LogProbs(c, bool(return_entropy)), plan, ((rows,),),
-                   stats.Rows(y.reshape(-1), _heads.counted(mask, n), temp), {})
-    lp = lp.reshape(batch_shape)
-    return (lp, ent.reshape(batch_shape)) if return_entropy else lp
+    if axis_name is None:  # (inside shard_map ids are not checked: out-of-range ones give nan)
+        y = _checks.token_values(y, v, mask)
+    y = _rowmath.class_ids(y, v)
+    n = stream[0].shape[0]
+    plan = _heads.plan(Options(temperature=temp_s, logit_softcap=cap), v, local, n,
+                       block_size, layout, axis_name)
+    stat = (stats_aux.LogProbsAux if return_aux else stats.LogProbs)(v, bool(return_entropy))
+    outs = _heads.run(stat, plan, (stream,),
+                      stats.Rows(y.reshape(-1), _heads.counted(mask, n), temp), {})
+    lp, ent = (o.reshape(batch_shape) for o in outs[:2])
+    out = (lp, ent) if return_entropy else lp
+    if not return_aux:
+        return out
+    return out, {"lse": outs[2].reshape(batch_shape), "argmax": outs[3].reshape(batch_shape)}
 
 
 def linear_log_probs(
@@ -106,6 +119,7 @@ def linear_log_probs(
     block_size: int | None = None,
     impl: Impl = "auto",
     vocab_size: int | None = None,
+    return_aux: bool = False,
 ):
     r""":func:`token_log_probs` of ``hidden @ kernel + bias`` without materializing logits.
 
@@ -137,11 +151,14 @@ def linear_log_probs(
       vocab_size: the number of real classes when the kernel's vocabulary axis holds
         padding columns after them (e.g. rounded up for sharding): they are masked out of
         the softmax and get zero gradient. Default: every column is a class.
+      return_aux: also return a dict of per-token extras from the same pass, shaped like
+        ``tokens`` and carrying no gradient: ``"lse"`` (log-sum-exp of ``z``) and
+        ``"argmax"`` (the greedy token, int32).
 
     Returns:
       ``log_probs`` shaped like ``tokens`` (float32; float64 for float64 inputs), or
-      ``(log_probs, entropy)``. Gradients w.r.t. ``hidden``, ``kernel``, ``bias`` come back
-      in their dtypes.
+      ``(log_probs, entropy)``; with ``return_aux=True`` a pair ``(that, aux)``. Gradients
+      w.r.t. ``hidden``, ``kernel``, ``bias`` come back in their dtypes.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -153,17 +170,14 @@ def linear_log_probs(
       >>> bool(jnp.allclose(lp, ref_lp, atol=1e-5)), bool(jnp.allclose(ent, ref_ent, atol=1e-5))
       (True, True)
     """
-    _heads.check_impl(impl)
     arrays = {"hidden": hidden, "kernel": kernel, "tokens": tokens, "bias": bias,
               "where": where}
     static = {"kernel_layout": kernel_layout, "logit_softcap": logit_softcap,
               "return_entropy": bool(return_entropy), "block_size": block_size,
-              "vocab_size": vocab_size}
-    placed = _explicit.run_head(_log_probs_shard, arrays, static, temperature,
-                               ("row", "row") if return_entropy else "row")
-    if placed is not None:
-        return placed
-    return fused_log_probs(**arrays, **static, temperature=temperature)
+              "vocab_size": vocab_size, "return_aux": bool(return_aux)}
+    out = ("row", "row") if return_entropy else "row"
+    return _heads.place(fused_log_probs, _log_probs_shard, arrays, static, temperature, impl,
+                        (out, {"lse": "row", "argmax": "row"}) if return_aux else out)
 
 
 def _log_probs_shard(vocab, tok, **kw):
@@ -173,26 +187,14 @@ def _log_probs_shard(vocab, tok, **kw):
 
 def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
                     logit_softcap, where, return_entropy, block_size, vocab_size=None,
-                    axis_name=None):
+                    return_aux=False, axis_name=None):
     """:func:`linear_log_probs`, vocabulary-parallel over ``axis_name`` when given."""
     h, k, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
     v = _heads.vocab(vocab_size, v)
-    batch_shape = jnp.shape(hidden)[:-1]
     cap = _checks.options(reduction="none", logit_softcap=logit_softcap).logit_softcap
-    y = _checks.int_labels(tokens, batch_shape, "tokens")
-    mask = _checks.where_mask(where, batch_shape)
-    acc = _rowmath.compute_dtype(h.dtype)
-    temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
-    if axis_name is None:  # (inside shard_map ids are not checked: out-of-range ones give nan)
-        y = _checks.token_values(y, v, mask)
-    y = _rowmath.class_ids(y, v)
-    n = h.shape[0]
-    plan = _heads.plan(Options(temperature=temp_s, logit_softcap=cap), v, local, n, block_size,
-                 kernel_layout, axis_name)
-    lp, ent = _heads.run(stats.LogProbs(v, bool(return_entropy)), plan, ((h, k, b),),
-                   stats.Rows(y.reshape(-1), _heads.counted(mask, n), temp), {})
-    lp = lp.reshape(batch_shape)
-    return (lp, ent.reshape(batch_shape)) if return_entropy else lp
+    return _log_probs((h, k, b), jnp.shape(hidden)[:-1], tokens, where, temperature, cap,
+                      return_entropy, v, local, block_size, kernel_layout, axis_name,
+                      return_aux)
 
 
 # -------------------------------------------------------------------- soft targets, fused
@@ -256,17 +258,13 @@ def linear_soft_cross_entropy(
       >>> bool(jnp.allclose(loss, jaxent.soft_cross_entropy(h @ w, t), rtol=1e-5))
       True
     """
-    _heads.check_impl(impl)
     arrays = {"hidden": hidden, "kernel": kernel, "targets": targets, "bias": bias,
               "weight": weight, "where": where}
     static = {"kernel_layout": kernel_layout, "label_smoothing": label_smoothing,
               "reduction": reduction, "z_loss": z_loss, "logit_softcap": logit_softcap,
               "block_size": block_size}
-    placed = _explicit.run_head(_soft_shard, arrays, static, temperature,
-                               "row" if reduction == "none" else "replicated")
-    if placed is not None:
-        return placed
-    return fused_soft_cross_entropy(**arrays, **static, temperature=temperature)
+    return _heads.place(fused_soft_cross_entropy, _soft_shard, arrays, static, temperature,
+                        impl, "row" if reduction == "none" else "replicated")
 
 
 def _soft_shard(vocab, tok, **kw):

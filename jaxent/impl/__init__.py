@@ -192,12 +192,12 @@ def select(impl: str, req: Request) -> str:
                                         if k == req.kind and n not in {e.name for e in ranked}]
     able = [n for n in names if REGISTRY[req.kind, n].refuses(req) is None]
     if impl in ("auto", "xla"):
-        for entry in ranked:
-            limit = entry.prefer[platform].max_classes
-            if entry.name not in able or (limit is not None and req.num_classes > limit):
+        for choice in ranked:
+            limit = choice.prefer[platform].max_classes
+            if choice.name not in able or (limit is not None and req.num_classes > limit):
                 continue
-            if entry.xla or impl == "auto":
-                return entry.name
+            if choice.xla or impl == "auto":
+                return choice.name
     entry = REGISTRY.get((req.kind, impl))
     if entry is None:
         known = tuple(dict.fromkeys(("auto", "xla", *names)))

@@ -10,6 +10,8 @@ vectors). The backward recomputes each block's logits, forms its gradient from t
 
 from __future__ import annotations
 
+from typing import cast
+
 from jax import lax
 
 from jaxent import _rowmath as rm
@@ -18,6 +20,12 @@ from jaxent.impl import stats, stream, vocab
 from jaxent.impl.plan import Plan
 
 RESIDUALS = 4  # the [N] residuals of forward: m, log s, lse and the summed class weights
+
+
+def _rows(lab: rm.Labels) -> stats.Rows:
+    """The labels as the statistic's per-row inputs (``Labels`` has ``Rows``' fields and
+    the ones :class:`~jaxent.impl.stats.CrossEntropy` reads besides)."""
+    return cast(stats.Rows, lab)
 
 
 def _args(plan: Plan, h, kernel, bias, weight) -> tuple:
@@ -57,7 +65,7 @@ def forward(plan: Plan, h, kernel, bias, lab: rm.Labels, weight):
     """``(losses, lse, argmax or None, residuals)`` of :func:`rows`'s forward walk (no
     ``custom_vjp``: for placements that split it); the residuals are ``[N]`` arrays."""
     stat, streams, cols = _args(plan, h, kernel, bias, weight)
-    (losses, lse, arg), res = stream.forward(stat, plan, streams, lab, cols)
+    (losses, lse, arg), res = stream.forward(stat, plan, streams, _rows(lab), cols)
     return losses, lse, arg, tuple(res)
 
 
@@ -65,7 +73,7 @@ def grads(plan: Plan, h, kernel, bias, lab: rm.Labels, weight, res: tuple, g):
     """``(d hidden, d kernel, d bias)`` of :func:`rows` for the per-token cotangent ``g``,
     from :func:`forward`'s residuals, ``d hidden`` summed over the vocabulary shards."""
     stat, streams, cols = _args(plan, h, kernel, bias, weight)
-    (dh, dk, db), _ = stream.grads(stat, plan, streams, lab, cols, res, (g, None, None))
+    (dh, dk, db), _ = stream.grads(stat, plan, streams, _rows(lab), cols, res, (g, None, None))
     if plan.vocab_axis is not None and not B.varies(dh, plan.vocab_axis):
         dh = lax.psum(dh, plan.vocab_axis)  # untyped shards: each holds its classes' share
     return dh, dk, db

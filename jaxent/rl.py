@@ -102,7 +102,7 @@ def _log_probs(stream, batch_shape, tokens, where, temperature, cap, return_entr
     out = (lp, ent) if return_entropy else lp
     if not return_aux:
         return out
-    return out, {"lse": outs[2].reshape(batch_shape), "argmax": outs[3].reshape(batch_shape)}
+    return out, (outs[2].reshape(batch_shape), outs[3].reshape(batch_shape))
 
 
 def linear_log_probs(
@@ -176,8 +176,18 @@ def linear_log_probs(
               "return_entropy": bool(return_entropy), "block_size": block_size,
               "vocab_size": vocab_size, "return_aux": bool(return_aux)}
     out = ("row", "row") if return_entropy else "row"
-    return _heads.place(fused_log_probs, _log_probs_shard, arrays, static, temperature, impl,
-                        (out, {"lse": "row", "argmax": "row"}) if return_aux else out)
+    return aux_dict(_heads.place(fused_log_probs, _log_probs_shard, arrays, static,
+                                 temperature, impl, (out, ("row", "row")) if return_aux
+                                 else out), return_aux)
+
+
+def aux_dict(result, return_aux: bool):
+    """:func:`fused_log_probs`'s result with its aux ``(lse, argmax)`` as the dict
+    ``return_aux`` gives."""
+    if not return_aux:
+        return result
+    out, (lse, arg) = result
+    return out, {"lse": lse, "argmax": arg}
 
 
 def _log_probs_shard(vocab, tok, **kw):
@@ -188,7 +198,8 @@ def _log_probs_shard(vocab, tok, **kw):
 def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
                     logit_softcap, where, return_entropy, block_size, vocab_size=None,
                     return_aux=False, axis_name=None):
-    """:func:`linear_log_probs`, vocabulary-parallel over ``axis_name`` when given."""
+    """:func:`linear_log_probs`, vocabulary-parallel over ``axis_name`` when given (with
+    ``return_aux`` the aux as a pair ``(lse, argmax)``, see :func:`aux_dict`)."""
     h, k, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
     v = _heads.vocab(vocab_size, v)
     cap = _checks.options(reduction="none", logit_softcap=logit_softcap).logit_softcap

@@ -148,8 +148,8 @@ def shard_head(fn, static: tuple, layout: ExplicitLayout, kernel_layout: str, ki
 
     ``static`` holds ``(name, value)`` pairs of hashable options, ``kinds`` one ``(name,
     layout kind)`` per array of ``arrays`` (None stays None), ``out_kinds`` the kind of each
-    result, as a pytree like the results (a tuple, a dict, or one kind; see
-    :func:`kind_spec`); ``fn`` gets the vocabulary axis (or None) and the token axes (or
+    result, as nested tuples like the results (or one kind; see :func:`kind_spec`);
+    ``fn`` gets the vocabulary axis (or None) and the token axes (or
     None) the split uses.
     """
     tok = entry_of(tuple(a for e in layout.batch for a in axes_of(e)))

@@ -20,6 +20,7 @@ from jaxent._options import LAYOUTS, Options
 from jaxent.impl import Request, implementation, select, stream
 from jaxent.impl.plan import Plan, positive_int, stream_plan
 from jaxent.placement import auto as _auto
+from jaxent.placement import explicit
 
 IMPLS = ("auto", "xla", "vocab", "token", "pallas")
 
@@ -56,6 +57,18 @@ def check_impl(value, served: tuple[str, ...] = IMPLS, what: str = "") -> None:
     if value not in served:
         raise ValueError(f"`impl`={value!r} cannot serve {what}: only the vocabulary walk "
                          f"does; implementations that can: {served}")
+
+
+def place(fused, shard, arrays: dict, static: dict, temperature, impl, out):
+    """The one entry of a fused RL or distillation head: ``impl`` checked, then the call
+    split as the inputs' Explicit-mesh shardings say (``shard(vocab_axes, token_axes,
+    **kwargs)`` per device, :func:`jaxent.placement.explicit.run_head`; ``out`` the
+    outputs' layouts), else ``fused(**arrays, **static, temperature=temperature)``."""
+    check_impl(impl)
+    placed = explicit.run_head(shard, arrays, static, temperature, out)
+    if placed is not None:
+        return placed
+    return fused(**arrays, **static, temperature=temperature)
 
 
 def checked_block_size(block_size) -> int | None:

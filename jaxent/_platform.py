@@ -8,12 +8,14 @@ detours, and one exported for several platforms picks per platform. Each detour 
 the XLA:CPU behaviour it answers; it can go when that behaviour changes (re-measure with
 ``python -m jaxent.bench``).
 
-**Heuristics.** :data:`TABLE` holds, per platform, the choices ``"auto"`` makes (the plain-CE
-residual, the fused walk, block budgets). :func:`by_platform` traces a function once per
-distinct row of the table inside ``lax.platform_dependent``, each trace reading its own row
-(:func:`heuristics`), so the program lowered (compiled, exported) for cuda or tpu holds that
-platform's choices whatever the host; outside it, the row is the default backend's. The
-choices change speed and memory, never the numbers.
+**Heuristics.** :data:`TABLE` holds, per platform, the sizes and residuals the walks choose
+(the plain-CE residual, block budgets); which implementation ``"auto"`` picks is the
+registry's (:mod:`jaxent.impl`). :func:`by_platform` traces a function once per distinct
+row of the table (and of the caller's ``distinct`` answer) inside ``lax.platform_dependent``,
+each trace reading its own row (:func:`heuristics`, :func:`platform`), so the program
+lowered (compiled, exported) for cuda or tpu holds that platform's choices whatever the
+host; outside it, the row is the default backend's. The choices change speed and memory,
+never the numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
@@ -144,42 +146,31 @@ def transposed(x: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Heuristics:
-    """The choices ``"auto"`` makes on one platform.
+    """The sizes and residuals the walks choose on one platform.
 
     Attributes:
       lse_min_elements: float32 plain CE keeps the log-sum-exp (else the gradient) from
         this many logits on.
       lse_16bit_rows: 16-bit plain CE keeps the log-sum-exp for rows in this range of
         classes (inclusive), the gradient outside it.
-      fused_impls: the fused walks in order of preference.
       block_elems: the unit of the fused walks' automatic block sizes (float32 elements).
       max_token_block: the largest token block of the token walk.
-      token_max_classes: ``"auto"`` takes the token walk only up to this vocabulary.
-      pallas: whether ``"auto"`` picks the Pallas kernels.
     """
 
     lse_min_elements: int = 1 << 24
     lse_16bit_rows: tuple[int, int] = (256, MAX_PIECE)
-    fused_impls: tuple[str, ...] = ("token", "vocab")
     block_elems: int = 8 * 1024 * 1024
     max_token_block: int = 512
-    token_max_classes: int = 65536
-    pallas: bool = False
 
 
 TABLE: dict[str, Heuristics] = {
-    # Measured on 2-core CPUs (benchmarks/RESULTS.md, benchmarks/linear_notes.md): the token
-    # walk up to V = 64K (1.03x naive at 4096x1024x32000), the vocabulary walk above it
-    # (1.20x against 1.34x at 2048x2048x128256, and fewer temporaries). float32 plain CE
-    # keeps the gradient at every size: one exp per logit and four passes beat the
-    # log-sum-exp's second exp in three (benchmarks/FINDINGS.md, 2026-12-05).
+    # Measured on 2-core CPUs: float32 plain CE keeps the gradient at every size: one exp
+    # per logit and four passes beat the log-sum-exp's second exp in three
+    # (benchmarks/FINDINGS.md, 2026-12-05).
     "cpu": Heuristics(lse_min_elements=1 << 62),
-    # Not measured yet: the lse residual moves the fewest bytes, the vocabulary walk keeps
-    # the fewest temporaries.
-    "gpu": Heuristics(lse_min_elements=0, lse_16bit_rows=(0, 1 << 62),
-                      fused_impls=("vocab", "token")),
-    "tpu": Heuristics(lse_min_elements=0, lse_16bit_rows=(0, 1 << 62),
-                      fused_impls=("vocab", "token")),
+    # Not measured yet: the lse residual moves the fewest bytes.
+    "gpu": Heuristics(lse_min_elements=0, lse_16bit_rows=(0, 1 << 62)),
+    "tpu": Heuristics(lse_min_elements=0, lse_16bit_rows=(0, 1 << 62)),
 }
 
 
@@ -205,17 +196,19 @@ def traced_for(name: str):
         _TRACED_FOR.reset(token)
 
 
-def by_platform(fn: Callable[..., Any], *args: Any) -> Any:
+def by_platform(fn: Callable[..., Any], *args: Any,
+                distinct: Callable[[str], Hashable] | None = None) -> Any:
     """``fn(*args)`` with the heuristics of the platform the program is lowered for.
 
-    ``fn`` is traced once per distinct :data:`TABLE` row (cpu, gpu, tpu) inside
+    ``fn`` is traced once per distinct :data:`TABLE` row (cpu, gpu, tpu), and per distinct
+    ``distinct(platform)`` (e.g. the implementations ``"auto"`` may pick there), inside
     ``lax.platform_dependent``; lowering keeps the branch of its platform only. Nested
     calls (already inside a branch) run ``fn`` directly.
 
     >>> import jax, jax.numpy as jnp
-    >>> f = lambda x: x * len(heuristics().fused_impls[0])
-    >>> float(jax.jit(lambda x: by_platform(f, x))(jnp.float32(1.0)))  # cpu: "token"
-    5.0
+    >>> f = lambda x: x * len(platform())
+    >>> float(jax.jit(lambda x: by_platform(f, x))(jnp.float32(1.0)))  # "cpu"
+    3.0
     """
     if _TRACED_FOR.get() is not None:
         return fn(*args)
@@ -226,8 +219,10 @@ def by_platform(fn: Callable[..., Any], *args: Any) -> Any:
                 return fn(*a)
         return run
 
-    rows = {"cpu": TABLE["cpu"], "cuda": TABLE["gpu"], "tpu": TABLE["tpu"]}
-    if rows["cuda"] == rows["tpu"]:
+    def key(name):
+        return TABLE[name], None if distinct is None else distinct(name)
+
+    if key("gpu") == key("tpu"):
         return lax.platform_dependent(*args, cpu=branch("cpu"), default=branch("gpu"))
     return lax.platform_dependent(*args, cpu=branch("cpu"), tpu=branch("tpu"),
                                   default=branch("gpu"))

@@ -38,6 +38,7 @@ def linear_log_probs(
     where: ArrayLike | None = None,
     return_entropy: bool = False,
     block_size: int | None = None,
+    return_aux: bool = False,
 ):
     r"""Vocabulary-parallel :func:`jaxent.linear_log_probs`, inside ``jax.shard_map``.
 
@@ -52,12 +53,14 @@ def linear_log_probs(
       tokens: integer global token ids, ``hidden.shape[:-1]``.
       axis_name: the mesh axis (or tuple of axes) the vocabulary is sharded over.
       bias: optional this device's ``[V/k]`` block.
-      kernel_layout, temperature, logit_softcap, where, return_entropy, block_size: as in
-        :func:`jaxent.linear_log_probs` (``block_size`` counts local columns).
+      kernel_layout, temperature, logit_softcap, where, return_entropy, block_size,
+        return_aux: as in :func:`jaxent.linear_log_probs` (``block_size`` counts local
+        columns; the aux ``"argmax"`` is a global token id).
 
     Returns:
       This device's ``log_probs`` shaped like ``tokens`` (the same on every shard of
-      ``axis_name``), or ``(log_probs, entropy)``.
+      ``axis_name``), or ``(log_probs, entropy)``; with ``return_aux`` a pair ``(that,
+      aux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -72,10 +75,11 @@ def linear_log_probs(
       >>> bool(jnp.allclose(lp, jaxent.token_log_probs(h @ w, y), atol=1e-5))
       True
     """
-    return _rl.fused_log_probs(
+    return _rl.aux_dict(_rl.fused_log_probs(
         hidden, kernel, tokens, bias=bias, kernel_layout=kernel_layout,
         temperature=temperature, logit_softcap=logit_softcap, where=where,
-        return_entropy=return_entropy, block_size=block_size, axis_name=axis_name)
+        return_entropy=return_entropy, block_size=block_size, return_aux=return_aux,
+        axis_name=axis_name), return_aux)
 
 
 def linear_soft_cross_entropy(

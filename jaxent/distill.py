@@ -21,7 +21,6 @@ from jaxent import _checks, _compact, _heads, _rowmath, _shift
 from jaxent._options import Impl, KernelLayout, Options, Reduction
 from jaxent.impl import stats
 from jaxent.impl import topk as _topk
-from jaxent.placement import explicit as _explicit
 
 Divergence = Literal["kl", "reverse_kl", "jsd"]
 DIVERGENCES: tuple[Divergence, ...] = get_args(Divergence)
@@ -349,11 +348,8 @@ def linear_distillation_loss(
     if cap is not None:
         return _compact.head(fused_distillation_loss, cap, where, arrays, static, temperature,
                              "linear_distillation_loss")
-    placed = _explicit.run_head(_distill_shard, arrays, static, temperature,
-                               "row" if reduction == "none" else "replicated")
-    if placed is not None:
-        return placed
-    return fused_distillation_loss(**arrays, **static, temperature=temperature)
+    return _heads.place(fused_distillation_loss, _distill_shard, arrays, static, temperature, impl,
+                        "row" if reduction == "none" else "replicated")
 
 
 def _counted_tokens(student_hidden, labels, ignore_index, where, shift):

@@ -2,8 +2,9 @@ r"""Fused linear + cross-entropy: ``cross_entropy(hidden @ kernel + bias, labels
 
 The front function validates its arguments once (:func:`validate`), then places the call
 (:mod:`jaxent.placement`): on one device, split as explicitly sharded inputs say, or split
-by the partitioner on an Auto mesh. Each placement runs the same walks
-(:mod:`jaxent.impl.vocab`, :mod:`jaxent.impl.token`), picked by :func:`jaxent.impl.select`.
+by the partitioner on an Auto mesh. Each placement runs the same walks (the statistic walk
+:mod:`jaxent.impl.linear_ce`, the token walk :mod:`jaxent.impl.token`, the Pallas kernels),
+picked from the registry by :func:`jaxent.impl.select`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from jax.typing import ArrayLike
 
 from jaxent import _checks, _compact, _heads, _rowmath, _shift
 from jaxent._options import Impl, KernelLayout, Options, Reduction
-from jaxent.impl import stats
+from jaxent.impl import stats, stats_aux
 from jaxent.placement import explicit as _explicit
 
 # ---------------------------------------------------------------------------- log-probs
@@ -115,6 +115,7 @@ def linear_log_probs(
     interpret: bool = False,
     shift: int = 0,
     capacity: int | None = None,
+    return_aux: bool = False,
 ):
     r""":func:`token_log_probs` of ``hidden @ kernel + bias`` without materializing logits.
 
@@ -156,11 +157,14 @@ def linear_log_probs(
 {shift} As in :func:`token_log_probs` (out-of-range ids are then reported at
         their positions in ``tokens[..., 1:]``).
 {capacity} Counted rows: ``where`` True (all rows when ``where`` is None).
+      return_aux: also return a dict of per-token extras from the same pass, shaped like
+        ``tokens`` and carrying no gradient: ``"lse"`` (log-sum-exp of ``z``) and
+        ``"argmax"`` (the greedy token, int32). Served by the vocabulary walk.
 
     Returns:
       ``log_probs`` shaped like ``tokens`` (float32; float64 for float64 inputs), or
-      ``(log_probs, entropy)``. Gradients w.r.t. ``hidden``, ``kernel``, ``bias`` come back
-      in their dtypes.
+      ``(log_probs, entropy)``; with ``return_aux`` the pair ``(that, aux dict)``. Gradients
+      w.r.t. ``hidden``, ``kernel``, ``bias`` come back in their dtypes.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -181,7 +185,8 @@ def linear_log_probs(
       >>> bool(jnp.allclose(lp[:, 1], ref[:, 1], atol=1e-5)), lp[:, [0, 2]].tolist()
       (True, [[0.0, 0.0], [0.0, 0.0]])
     """
-    _heads.check_impl(impl)
+    _heads.check_impl(impl, ("auto", "xla", "vocab") if return_aux else _heads.IMPLS,
+                      "return_aux")
     cap = _compact.check(capacity)
     tokens, where = _shift.labels(shift, tokens, where, "tokens")
     arrays = {"hidden": hidden, "kernel": kernel, "tokens": tokens, "bias": bias,
@@ -189,17 +194,27 @@ def linear_log_probs(
     static = {"kernel_layout": kernel_layout, "logit_softcap": logit_softcap,
               "return_entropy": bool(return_entropy), "block_size": block_size,
               "vocab_size": vocab_size, "impl": impl, "token_block_size": token_block_size,
-              "interpret": bool(interpret)}
+              "interpret": bool(interpret), "return_aux": bool(return_aux)}
     if cap is not None:
         mask = _checks.where_mask(where, jnp.shape(hidden)[:-1])
         counted = jnp.ones(jnp.shape(hidden)[:-1], bool) if mask is None else mask
-        return _compact.head(fused_log_probs, cap, counted, arrays, static, temperature,
-                             "linear_log_probs")
+        return aux_dict(_compact.head(fused_log_probs, cap, counted, arrays, static,
+                                      temperature, "linear_log_probs"), return_aux)
+    out = ("row", "row") if return_entropy else "row"
     placed = _explicit.run_head(_log_probs_shard, arrays, static, temperature,
-                               ("row", "row") if return_entropy else "row")
-    if placed is not None:
-        return placed
-    return fused_log_probs(**arrays, **static, temperature=temperature)
+                               (out, ("row", "row")) if return_aux else out)
+    if placed is None:
+        placed = fused_log_probs(**arrays, **static, temperature=temperature)
+    return aux_dict(placed, return_aux)
+
+
+def aux_dict(result, return_aux: bool):
+    """:func:`fused_log_probs`'s result with its aux ``(lse, argmax)`` as the dict
+    ``return_aux`` gives."""
+    if not return_aux:
+        return result
+    out, (lse, arg) = result
+    return out, {"lse": lse, "argmax": arg}
 
 
 def _log_probs_shard(vocab, tok, **kw):
@@ -209,8 +224,10 @@ def _log_probs_shard(vocab, tok, **kw):
 
 def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
                     logit_softcap, where, return_entropy, block_size, vocab_size=None,
-                    impl="auto", token_block_size=None, interpret=False, axis_name=None):
-    """:func:`linear_log_probs`, vocabulary-parallel over ``axis_name`` when given."""
+                    impl="auto", token_block_size=None, interpret=False, return_aux=False,
+                    axis_name=None):
+    """:func:`linear_log_probs`, vocabulary-parallel over ``axis_name`` when given (with
+    ``return_aux`` the aux as a pair ``(lse, argmax)``, see :func:`aux_dict`)."""
     h, k, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
     v = _heads.vocab(vocab_size, v)
     batch_shape = jnp.shape(hidden)[:-1]
@@ -226,10 +243,14 @@ def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
     plan = _heads.plan(Options(temperature=temp_s, logit_softcap=cap), v, local, n, block_size,
                        kernel_layout, axis_name, token_block_size=token_block_size,
                        interpret=interpret)
-    lp, ent = _heads.walk(impl, stats.LogProbs(v, bool(return_entropy)), plan, ((h, k, b),),
-                   stats.Rows(y.reshape(-1), _heads.counted(mask, n), temp), {})
-    lp = lp.reshape(batch_shape)
-    return (lp, ent.reshape(batch_shape)) if return_entropy else lp
+    stat = (stats_aux.LogProbsAux if return_aux else stats.LogProbs)(v, bool(return_entropy))
+    outs = _heads.walk(impl, stat, plan, ((h, k, b),),
+                       stats.Rows(y.reshape(-1), _heads.counted(mask, n), temp), {})
+    lp, ent = (o.reshape(batch_shape) for o in outs[:2])
+    out = (lp, ent) if return_entropy else lp
+    if not return_aux:
+        return out
+    return out, (outs[2].reshape(batch_shape), outs[3].reshape(batch_shape))
 
 
 # -------------------------------------------------------------------- soft targets, fused
@@ -313,11 +334,8 @@ def linear_soft_cross_entropy(
         counted = jnp.ones(jnp.shape(hidden)[:-1], bool) if mask is None else mask
         return _compact.head(fused_soft_cross_entropy, cap, counted, arrays, static,
                              temperature, "linear_soft_cross_entropy")
-    placed = _explicit.run_head(_soft_shard, arrays, static, temperature,
-                               "row" if reduction == "none" else "replicated")
-    if placed is not None:
-        return placed
-    return fused_soft_cross_entropy(**arrays, **static, temperature=temperature)
+    return _heads.place(fused_soft_cross_entropy, _soft_shard, arrays, static, temperature, impl,
+                        "row" if reduction == "none" else "replicated")
 
 
 def _soft_shard(vocab, tok, **kw):

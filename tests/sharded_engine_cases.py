@@ -10,7 +10,8 @@ per-module tests check against float64 references:
   Explicit mesh (was a ``ShardingTypeError``);
 * the RL and distillation heads on an Explicit data-parallel mesh with several vocabulary
   blocks (was a scan-carry type mismatch, ``float32[16]`` against ``float32[16@data]``);
-* per-row temperatures through the Explicit and Auto placements of the fused CE.
+* per-row temperatures through the Explicit and Auto placements of the fused CE;
+* ``return_aux`` of ``linear_log_probs`` (lse, argmax) split over the vocabulary.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def _close(a, b, rtol=2e-5, atol=2e-5):
 def _value_and_grads(fn, args, seed=1):
     out, vjp = jax.vjp(fn, *args)
     rng = np.random.default_rng(seed)
-    cts = jax.tree.map(lambda o: jnp.asarray(rng.normal(size=o.shape), o.dtype), out)
+    cts = jax.tree.map(lambda o: jnp.asarray(rng.normal(size=o.shape), o.dtype)
+                       if jnp.issubdtype(o.dtype, jnp.floating)
+                       else np.zeros(o.shape, jax.dtypes.float0), out)
     return out, vjp(cts)
 
 
@@ -68,7 +71,7 @@ def _explicit(mesh_name):
 HEADS = {
     "log_probs": lambda d, h, k, b, ht, kt: jaxent.linear_log_probs(
         h, k, d["y"], bias=b, temperature=d["t"], logit_softcap=5.0, where=d["where"],
-        return_entropy=True, block_size=8),
+        return_entropy=True, block_size=8, return_aux=True),
     "soft": lambda d, h, k, b, ht, kt: jaxent.linear_soft_cross_entropy(
         h, k, d["targets"], bias=b, temperature=d["t"], label_smoothing=0.1, z_loss=1e-3,
         where=d["where"], block_size=8),

@@ -70,3 +70,30 @@ def test_rl_heads_run_token_and_pallas(impl):
     np.testing.assert_allclose(jaxent.linear_distillation_loss(h, k, -h, k, impl=impl),
                                jaxent.linear_distillation_loss(h, k, -h, k, impl="vocab"),
                                rtol=1e-6)
+
+
+def test_auto_reads_the_registry_preferences():
+    """"auto" picks by the entries' per-platform preferences (rank, max_classes): on the CPU
+    the token walk up to 64K classes and the vocabulary walk above; on the TPU the
+    vocabulary walk; an entry registered with a better rank is picked."""
+    from jaxent import _platform
+    from jaxent.impl import Implementation, Preference, Request, register, select
+
+    def req(v):
+        return Request("linear", jnp.float32, "mean", num_classes=v)
+
+    with _platform.traced_for("cpu"):
+        assert (select("auto", req(1000)), select("auto", req(128256))) == ("token", "vocab")
+    with _platform.traced_for("tpu"):
+        assert select("auto", req(1000)) == "vocab"
+    register(Implementation("mine", "linear", True, lambda r: None,
+                            implementation("linear", "vocab").run,
+                            prefer={"cpu": Preference(-1, 2000)}))
+    try:
+        with _platform.traced_for("cpu"):
+            assert select("xla", req(1000)) == "mine"
+            assert select("auto", req(4000)) == "token"
+        with _platform.traced_for("tpu"):
+            assert select("auto", req(1000)) == "vocab"
+    finally:
+        del REGISTRY["linear", "mine"]

@@ -177,9 +177,14 @@ def test_linear_log_probs_without_entropy_and_bf16(rng):
     h = jnp.asarray(rng.normal(size=(5, D)), jnp.bfloat16)
     k = jnp.asarray(rng.normal(size=(V, D)) / 2, jnp.bfloat16)
     y = jnp.asarray(rng.integers(0, V, (5,)))
-    lp = jaxent.linear_log_probs(h, k, y, kernel_layout="vd", block_size=BLOCK)
-    rlp, _ = ref.token_log_probs(np.asarray(h, np.float64) @ np.asarray(k, np.float64).T, y)
+    lp, aux = jaxent.linear_log_probs(h, k, y, kernel_layout="vd", block_size=BLOCK,
+                                      return_aux=True)
+    x64 = np.asarray(h, np.float64) @ np.asarray(k, np.float64).T
+    rlp, _ = ref.token_log_probs(x64, y)
     _close(lp, rlp, rtol=1e-5)
+    lse = np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1)) + x64.max(-1)
+    _close(aux["lse"], lse, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(aux["argmax"]), x64.argmax(-1))
     dh, dk = jax.grad(lambda h, k: jaxent.linear_log_probs(
         h, k, y, kernel_layout="vd", block_size=BLOCK).sum(), argnums=(0, 1))(h, k)
     assert dh.dtype == dk.dtype == jnp.bfloat16

@@ -31,12 +31,16 @@ import numpy as np
 
 from jaxent.bench import hlo
 
-# (name, kind, dtype, shape): plain CE [N, C] or the fused loss [N, D, V], value and gradient
-CASES = (
+# (name, kind, dtype, shape[, keyword arguments of both commits' loss]): plain CE [N, C]
+# or the fused loss [N, D, V], value and gradient
+CASES: tuple[tuple, ...] = (
     ("CE f32 4096x32000", "ce", "float32", (4096, 32000)),
     ("CE f32 2048x128256", "ce", "float32", (2048, 128256)),
     ("CE bf16 4096x32000", "ce", "bfloat16", (4096, 32000)),
     ("linear f32 4096x1024x32000", "linear", "float32", (4096, 1024, 32000)),
+    ("linear bf16 4096x1024x32000", "linear", "bfloat16", (4096, 1024, 32000)),
+    ("linear f32 vocab 4096x1024x32000", "linear", "float32", (4096, 1024, 32000),
+     {"impl": "vocab"}),
     ("linear f32 2048x2048x128256", "linear", "float32", (2048, 2048, 128256)),
 )
 MEMORY_SHAPE = (8192, 2048, 128256)
@@ -67,15 +71,16 @@ def _naive_linear(lib: Any) -> Callable:
     return lambda h, k, y: lib.cross_entropy(h @ k, y)
 
 
-def _programs(lib: Any, base: Any, kind: str) -> dict[str, Callable]:
+def _programs(lib: Any, base: Any, kind: str, **kw: Any) -> dict[str, Callable]:
     if kind == "ce":
         fns = {"baseline": _optax_ce, "base": base.cross_entropy, "this": lib.cross_entropy}
         progs = {k: jax.jit(jax.value_and_grad(f)) for k, f in fns.items()}
         # The fresh-write floor: one read and one new [N, C] buffer, as any non-donating
         # gradient pays.
         return {**progs, "floor": jax.jit(lambda x, y: jnp.exp(x))}
-    fns = {"baseline": _naive_linear(lib), "base": base.linear_cross_entropy,
-           "this": lib.linear_cross_entropy}
+    fns = {"baseline": _naive_linear(lib),
+           "base": lambda h, k, y: base.linear_cross_entropy(h, k, y, **kw),
+           "this": lambda h, k, y: lib.linear_cross_entropy(h, k, y, **kw)}
     return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in fns.items()}
 
 
@@ -148,10 +153,10 @@ def run(rev: str, rounds: int, root: pathlib.Path, only: str = "") -> tuple[str,
              "(CPU s) |", "| --- | ---: | ---: | ---: | ---: |"]
     data: dict[str, Any] = {"rev": rev, "rounds": rounds, "cases": {}}
     cases = [case for case in CASES if re.search(only, case[0])]
-    for name, kind, dtype, shape in cases:
+    for name, kind, dtype, shape, *kw in cases:
         cpu: dict[str, list] = {}
-        times = time_case(_programs(jaxent, base, kind), _inputs(kind, dtype, shape), rounds,
-                          cpu)
+        times = time_case(_programs(jaxent, base, kind, **(kw[0] if kw else {})),
+                          _inputs(kind, dtype, shape), rounds, cpu)
         ref = statistics.median(times["baseline"])
         mins = ["", ""]
         if "floor" in times:

@@ -1,19 +1,21 @@
-"""The implementations, and the registry that picks one for a call.
+"""The implementations, and the registry that picks one for a call: the one dispatch table.
 
 The registry's entries are the implementations themselves (:class:`Implementation`): a
-name, what it can serve, and for the fused head the per-device function that runs it
+name, what it can serve, where ``"auto"`` prefers it (per platform: its rank and the largest
+vocabulary it is picked for), and for the fused head the per-device function that runs it
 (``run(plan, h, kernel, bias, labels, weight) -> (losses or their sum, (lse, argmax))``),
 which every placement calls. An ``impl`` asked for explicitly that cannot serve a call
 raises a ``ValueError`` naming ``impl``, why, and which implementations can; ``"auto"``
-(and ``"xla"``, the XLA walks alone) picks the first that can from the platform's order of
-preference (:mod:`jaxent._platform`). Adding an implementation is one module and one
-:func:`register` call.
+(and ``"xla"``, the XLA walks alone) picks, among the entries that can serve the call, the
+one of lowest rank on the platform the program is lowered for (:func:`choices` tells the
+lowering which platforms differ). Adding an implementation is one module and one
+:func:`register` call (``docs/extending.md``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 
@@ -49,12 +51,33 @@ class Request:
     auto_mesh: bool = False
 
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preference:
+    """Where ``"auto"`` takes an implementation on one platform: ``rank`` (lower is tried
+    first) and ``max_classes`` (it is passed over for larger vocabularies; None: any)."""
+
+    rank: int
+    max_classes: int | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
-    """A registered implementation: its name, kind, whether it is an XLA walk, a function
-    that returns why it cannot serve a request (None when it can), and for ``"linear"``
-    the per-device function ``run`` and whether it returns per-token losses (else their
-    sum)."""
+    """A registered implementation.
+
+    Attributes:
+      name: what ``impl=`` calls it.
+      kind: ``"ce"`` (logits), ``"linear"`` (the fused CE head) or ``"stat"`` (any row
+        statistic's head, :mod:`jaxent.impl.stats`).
+      xla: whether it is an XLA walk (``impl="xla"`` picks among those only).
+      refuses: why it cannot serve a :class:`Request` (None when it can).
+      run: for ``"linear"``, the per-device function every placement calls.
+      per_row: ``run`` returns per-token losses (else their sum).
+      prefer: ``{platform: Preference}`` (``"cpu"``, ``"gpu"``, ``"tpu"``); ``"auto"`` never
+        picks it on a platform not listed.
+    """
 
     name: str
     kind: str
@@ -62,6 +85,7 @@ class Implementation:
     refuses: Callable[[Request], str | None]
     run: Callable | None = None
     per_row: bool = True
+    prefer: Mapping[str, Preference] = dataclasses.field(default_factory=dict)
 
 
 def _token_refuses(req: Request) -> str | None:
@@ -136,20 +160,32 @@ def _pallas_linear_rows(plan, h, kernel, bias, lab: rm.Labels, weight):
     return rm.row_losses(losses, lab), (lse, arg)
 
 
+def _everywhere(rank: int, max_classes: int | None = None) -> dict[str, Preference]:
+    return dict.fromkeys(PLATFORMS, Preference(rank, max_classes))
+
+
 def _register_builtin() -> None:
     # The walks import this package's submodules: they are registered once it is defined.
-    from jaxent.impl import token, vocab  # noqa: PLC0415
+    from jaxent.impl import linear_ce, token  # noqa: PLC0415
 
-    register(Implementation("xla", "ce", True, lambda req: None))
-    register(Implementation("vocab", "linear", True, lambda req: None, vocab.rows))
+    register(Implementation("xla", "ce", True, lambda req: None, prefer=_everywhere(0)))
+    # Measured on 2-core CPUs (benchmarks/RESULTS.md, benchmarks/linear_notes.md): the token
+    # walk up to V = 64K, the vocabulary walk above it. GPU and TPU, not measured yet: the
+    # vocabulary walk keeps the fewest temporaries. "auto" does not pick Pallas yet.
+    register(Implementation("vocab", "linear", True, lambda req: None, linear_ce.rows,
+                            prefer={"cpu": Preference(1), "gpu": Preference(0),
+                                    "tpu": Preference(0)}))
     register(Implementation("token", "linear", True, _token_refuses, token.token_sum,
-                            per_row=False))
+                            per_row=False,
+                            prefer={"cpu": Preference(0, 65536), "gpu": Preference(1, 65536),
+                                    "tpu": Preference(1, 65536)}))
     register(Implementation("pallas", "linear", False, _pallas_refuses, _pallas_linear_rows))
     register(Implementation("pallas", "ce", False, _pallas_refuses))
     # The RL and distillation heads ("stat": a row statistic over linear-head streams).
     from jaxent.impl import stream, stream_token  # noqa: PLC0415
 
-    register(Implementation("vocab", "stat", True, lambda req: None, stream.run))
+    register(Implementation("vocab", "stat", True, lambda req: None, stream.run,
+                            prefer=_everywhere(0)))
     register(Implementation("token", "stat", True, _stat_token_refuses, stream_token.run))
     register(Implementation("pallas", "stat", False, _stat_pallas_refuses, _pallas_stat))
 
@@ -159,24 +195,38 @@ def implementation(kind: str, name: str) -> Implementation:
     return REGISTRY[kind, name]
 
 
-def _candidates(kind: str) -> list[str]:
-    order = _platform.heuristics().fused_impls if kind == "linear" else ("xla",)
-    names = [n for n in order if (kind, n) in REGISTRY]
-    return names + [n for (k, n) in REGISTRY if k == kind and n not in names]
+def _ranked(kind: str, platform: str) -> list[Implementation]:
+    """The entries of ``kind`` that ``"auto"`` may pick on ``platform``, best first (a
+    platform none lists chooses as the CPU)."""
+    if not any(platform in e.prefer for e in REGISTRY.values()):
+        platform = "cpu"
+    entries = [e for (k, _), e in REGISTRY.items() if k == kind and platform in e.prefer]
+    return sorted(entries, key=lambda e: e.prefer[platform].rank)
+
+
+def choices(kind: str) -> Callable[[str], tuple]:
+    """``platform -> what "auto" may pick there`` (equal for platforms that choose alike:
+    the lowering traces one branch per distinct answer, :func:`jaxent._platform.by_platform`)."""
+    return lambda platform: tuple((e.name, e.prefer[platform]) for e in _ranked(kind, platform))
 
 
 def select(impl: str, req: Request) -> str:
     """The implementation that serves ``req``: ``impl`` itself if it can (else
-    ``ValueError``), or for ``"auto"``/``"xla"`` the platform's first choice that can."""
-    names = _candidates(req.kind)
+    ``ValueError``), or for ``"auto"``/``"xla"`` the first of the platform's ranking
+    (:attr:`Implementation.prefer`) that can."""
+    platform = _platform.platform()
+    platform = platform if platform in PLATFORMS else "cpu"
+    ranked = _ranked(req.kind, platform)
+    names = [e.name for e in ranked] + [n for (k, n) in REGISTRY
+                                        if k == req.kind and n not in {e.name for e in ranked}]
     able = [n for n in names if REGISTRY[req.kind, n].refuses(req) is None]
     if impl in ("auto", "xla"):
-        h = _platform.heuristics()
-        for name in able:
-            if name == "token" and req.num_classes > h.token_max_classes:
+        for choice in ranked:
+            limit = choice.prefer[platform].max_classes
+            if choice.name not in able or (limit is not None and req.num_classes > limit):
                 continue
-            if REGISTRY[req.kind, name].xla or (impl == "auto" and h.pallas):
-                return name
+            if choice.xla or impl == "auto":
+                return choice.name
     entry = REGISTRY.get((req.kind, impl))
     if entry is None:
         known = tuple(dict.fromkeys(("auto", "xla", *names)))

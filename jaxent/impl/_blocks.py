@@ -108,6 +108,12 @@ def _varying_axes(x) -> frozenset:
     return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
 
 
+def varies(x, axis) -> bool:
+    """Whether ``x``'s type says it varies over the manual mesh axis (or axes) ``axis``."""
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return all(a in _varying_axes(x) for a in axes)
+
+
 def varying_like(carry, *refs):
     """Mark a loop's initial ``carry`` as varying over the manual mesh axes ``refs`` vary over.
 

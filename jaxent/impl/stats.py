@@ -405,11 +405,9 @@ class CrossEntropy(_OnePass):
     ``cols["weight"]``, smoothing, z-loss, soft-cap, temperature): the online statistics of
     :func:`jaxent._rowmath.update_stats` (``m, s, z_y``, ``wz`` and ``W`` with smoothing,
     the argmax with ``aux``). ``rows`` is a :class:`jaxent._rowmath.Labels`. Outputs
-    ``(losses, lse, argmax or None)``, the last two without gradient.
-
-    The fused cross-entropy of :func:`jaxent.linear_cross_entropy` runs the tuned walks of
-    :mod:`jaxent.impl.vocab` and :mod:`jaxent.impl.token` on the same row math; this
-    statistic is the same loss on the one streaming walk.
+    ``(losses, lse, argmax or None)``, the last two without gradient; the residuals are
+    ``[N]`` each. The fused cross-entropy of :func:`jaxent.linear_cross_entropy` is this
+    statistic on the streaming walk (:mod:`jaxent.impl.linear_ce`).
     """
 
     num_classes: int
@@ -442,7 +440,7 @@ class CrossEntropy(_OnePass):
                              self.num_classes)
         arg = rs.arg if self.aux else None
         return ((rm.row_losses(loss, rows), lax.stop_gradient(rs.lse), arg),
-                (rs.m, rs.log_s, rs.lse, big_w))
+                (rs.m, rs.log_s, rs.lse, jnp.broadcast_to(big_w, rs.lse.shape)))
 
     def block_grad(self, opts, res, xs, rows, cols, start, cts):
         m, log_s, lse, big_w = res

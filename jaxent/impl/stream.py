@@ -87,65 +87,136 @@ def _forward(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, cols: 
     return out, res
 
 
+def _head_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, cols: dict,
+                res, cts, opts, off):
+    """``((d hidden, d kernel, d bias), d cols)`` of a linear-head stream 0, summed over this
+    device's columns.
+
+    ``d hidden`` is added in row slices (:func:`jaxent.impl._blocks.add_dhidden`: no
+    ``[N, D]`` product held next to it). With ``q.bf16_bits`` a bf16 ``d kernel`` is written
+    in stages: blocks go, as uint16 bits, into a stage of
+    :func:`jaxent.impl.vocab.stage_width` columns, and each full stage is written into the
+    bf16 gradient with one pass. Stages are whole blocks; the last one is shifted left to end
+    at ``V``, and the columns it repeats count once in ``d hidden``.
+    """
+    h, k, b = streams[0]
+    v, bv = plan.local_classes, plan.block_v
+    axis = B.vocab_axis(plan.layout)
+    refs = (streams, rows, cols, res, cts)
+    slice_elems = _platform.heuristics().block_elems // 2
+
+    def step(start, size, masked, carry, done=0, at=None):
+        """Add block ``[start, start + size)``: its ``d kernel`` goes to column ``at`` of
+        ``dk`` (``start`` by default), its columns before ``done`` are left out of ``dh``."""
+        dh, dk, db, dcols = carry
+        blocks = [_block(plan, q, o, start, size, masked) for o in streams]
+        dx, dcb = stat.block_grad(opts, res, tuple(bl[0] for bl in blocks), rows,
+                                  _cols(cols, start, size), off + start, cts)
+        valid = blocks[0][2]
+        if valid is not None:
+            dx = jnp.where(valid, dx, 0.0)
+        dk = _platform.dupdate(dk, B.block_dkernel(h, dx, plan.layout, q),
+                               start if at is None else at, axis, k.dtype, q)
+        if db is not None:
+            db = _platform.dupdate(db, jnp.sum(dx, axis=0), start, 0, b.dtype, q)
+        dcols = _write_cols(dcols, dcb, start)
+        fresh = dx if at is None else B.drop_before(dx, start, done, 1)
+        return B.add_dhidden(dh, fresh, blocks[0][1], plan.layout, slice_elems), dk, db, dcols
+
+    dh = B.varying_like(jnp.zeros(h.shape, _acc(streams)), *refs)
+    db = None if b is None else B.varying_like(
+        _platform.carry_zeros(b.shape, b.dtype, q), *refs)
+    dc0 = B.varying_like(_zero_cols(stat, cols), *refs)
+    width = vocab.stage_width(h.shape[0], h.shape[1], bv)
+    if not _platform.stages_bf16(k.dtype, q) or width >= v:
+        dk = B.varying_like(_platform.carry_zeros(k.shape, k.dtype, q), *refs)
+        dh, dk, db, dcols = _walk(plan, step, (dh, dk, db, dc0))
+        dk = _platform.carry_value(dk, k.dtype)
+    else:
+        stage_shape = list(k.shape)
+        stage_shape[axis] = width
+
+        # Stages span the vocabulary in whole blocks: with padding, every block is masked.
+        def stage(c, carry):
+            dh, dk, db, dcols = carry
+            first = B.piece_start(c, width, v)
+            stage0 = B.varying_like(_platform.carry_zeros(stage_shape, k.dtype, q), *refs)
+            dh, st, db, dcols = lax.fori_loop(
+                0, width // bv,
+                lambda j, c2: step(first + j * bv, bv, plan.padded, c2, done=c * width,
+                                   at=j * bv),
+                (dh, stage0, db, dcols))
+            bits = lax.bitcast_convert_type(dk, st.dtype)
+            bits = lax.dynamic_update_slice_in_dim(bits, st, first, axis=axis)
+            return dh, lax.bitcast_convert_type(bits, k.dtype), db, dcols
+
+        dk = B.varying_like(jnp.zeros(k.shape, k.dtype), *refs)
+        dh, dk, db, dcols = lax.fori_loop(0, -(-v // width), stage, (dh, dk, db, dc0))
+    g = (dh.astype(h.dtype), dk, None if db is None else _platform.carry_value(db, b.dtype))
+    return g, dcols
+
+
+def _zero_cols(stat: Statistic, cols: dict) -> dict:
+    return {n: jnp.zeros(cols[n].shape, cols[n].dtype) for n in stat.diff_cols}
+
+
+def _write_cols(dcols: dict, dcb: dict, start) -> dict:
+    """The gradients of the per-class inputs with one block's written at ``start``."""
+    return {n: lax.dynamic_update_slice_in_dim(d, dcb[n].astype(d.dtype), start, d.ndim - 1)
+            for n, d in dcols.items()}
+
+
 def _grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, cols: dict, res,
            cts):
     """``(cotangent of stream 0, {name: cotangent of cols[name]})``."""
     opts = rm.row_options(plan.opts, rows.temp)
     off = vocab.shard_offset(plan)
     ops = streams[0]
-    head = len(ops) == 3
-    axis = B.vocab_axis(plan.layout)
-
-    def step(start, size, masked, carry):
-        g, dcols = carry
-        blocks = [_block(plan, q, o, start, size, masked) for o in streams]
-        dx, dcb = stat.block_grad(opts, res, tuple(b[0] for b in blocks), rows,
-                                  _cols(cols, start, size), off + start, cts)
-        valid = blocks[0][2]
-        if valid is not None:
-            dx = jnp.where(valid, dx, 0.0)
-        dcols = {n: lax.dynamic_update_slice_in_dim(
-            d, dcb[n].astype(d.dtype), start, d.ndim - 1) for n, d in dcols.items()}
-        if not head:
-            return (lax.dynamic_update_slice_in_dim(g[0], dx.astype(g[0].dtype), start, 1),
-                    ), dcols
-        dh, dk, db = g
-        h, k, b = ops
-        dk = _platform.dupdate(dk, B.block_dkernel(h, dx, plan.layout, q), start, axis,
-                               k.dtype, q)
-        if db is not None:
-            db = _platform.dupdate(db, dx.sum(0), start, 0, b.dtype, q)
-        return (dh + B.block_dhidden(dx, blocks[0][1], plan.layout), dk, db), dcols
-
-    g0: tuple
-    if head:
-        h, k, b = ops
-        # bf16 gradients are carried as uint16 bits on the CPU (_platform.Quirks.bf16_bits).
-        g0 = (jnp.zeros(h.shape, _acc(streams)), _platform.carry_zeros(k.shape, k.dtype, q),
-              None if b is None else _platform.carry_zeros(b.shape, b.dtype, q))
+    if len(ops) == 3:
+        g, dcols = _head_grads(stat, plan, q, streams, rows, cols, res, cts, opts, off)
     else:
+        def step(start, size, masked, carry):
+            (gx,), dcols = carry
+            blocks = [_block(plan, q, o, start, size, masked) for o in streams]
+            dx, dcb = stat.block_grad(opts, res, tuple(bl[0] for bl in blocks), rows,
+                                      _cols(cols, start, size), off + start, cts)
+            if blocks[0][2] is not None:
+                dx = jnp.where(blocks[0][2], dx, 0.0)
+            gx = lax.dynamic_update_slice_in_dim(gx, dx.astype(gx.dtype), start, 1)
+            return (gx,), _write_cols(dcols, dcb, start)
+
         g0 = (jnp.zeros(ops[0].shape, ops[0].dtype),)
-    dc0 = {n: jnp.zeros(cols[n].shape, cols[n].dtype) for n in stat.diff_cols}
-    g, dcols = _walk(plan, step, B.varying_like((g0, dc0), streams, rows, cols, res, cts))
-    if head:
-        h, k, b = ops
-        g = (g[0].astype(h.dtype), _platform.carry_value(g[1], k.dtype),
-             None if g[2] is None else _platform.carry_value(g[2], b.dtype))
+        g, dcols = _walk(plan, step, B.varying_like((g0, _zero_cols(stat, cols)), streams,
+                                                    rows, cols, res, cts))
     g = tuple(B.psum_to_type(c, r) for c, r in zip(g, ops, strict=True))
     return g, {n: B.psum_to_type(d, cols[n]) for n, d in dcols.items()}
 
 
-def _run_fwd(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict):
-    out, res = _platform.per_platform(
+def forward(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict):
+    """``(per-row outputs, residuals)`` of :func:`run`'s forward walk, without its
+    ``custom_vjp`` (for placements that split the walk themselves)."""
+    return _platform.per_platform(
         lambda q, s, r, c: _forward(stat, plan, q, s, r, c), streams, rows, cols)
+
+
+def grads(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict, res, cts):
+    """``(cotangents of stream 0, {name: cotangent of cols[name]})`` of :func:`run` for the
+    outputs' cotangents ``cts``, from :func:`forward`'s residuals ``res``. Inside
+    ``jax.shard_map`` each is summed over the mesh axes it varies over and its input does
+    not; elsewhere a vocabulary shard's ``d hidden`` is its columns' share."""
+    return _platform.per_platform(
+        lambda q, s, r, c, res, cts: _grads(stat, plan, q, s, r, c, res, cts),
+        streams, rows, cols, res, cts)
+
+
+def _run_fwd(stat: Statistic, plan: Plan, streams, rows: Rows, cols: dict):
+    out, res = forward(stat, plan, streams, rows, cols)
     return out, (streams, rows, cols, res)
 
 
 def _run_bwd(stat: Statistic, plan: Plan, saved, cts):
     streams, rows, cols, res = saved
-    g, dcols = _platform.per_platform(
-        lambda q, s, r, c, res, cts: _grads(stat, plan, q, s, r, c, res, cts),
-        streams, rows, cols, res, cts)
+    g, dcols = grads(stat, plan, streams, rows, cols, res, cts)
     none = lambda tree: jax.tree.map(lambda _: None, tree)  # noqa: E731
     dstreams = (g,) + tuple(none(s) for s in streams[1:])
     return dstreams, none(rows), {n: dcols.get(n) for n in cols}

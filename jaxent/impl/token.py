@@ -20,8 +20,8 @@ from jaxent import _platform
 from jaxent import _rowmath as rm
 from jaxent._platform import Quirks
 from jaxent.impl import _blocks as B
+from jaxent.impl import linear_ce
 from jaxent.impl import rows as _rows
-from jaxent.impl import vocab
 from jaxent.impl.plan import Plan
 
 
@@ -92,7 +92,7 @@ def walk(plan: Plan, q: Quirks, h, kernel, bias, lab: rm.Labels, weight):
 
 def _primal(plan: Plan, h, kernel, bias, lab, weight):
     # Without differentiation: the vocabulary walk's statistics (no [N, V] gradient).
-    losses, (lse, arg) = vocab.rows(plan, h, kernel, bias, lab, weight)
+    losses, (lse, arg) = linear_ce.rows(plan, h, kernel, bias, lab, weight)
     return losses.sum(), (lse, arg)
 
 

@@ -28,8 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxent import _platform
 from jaxent import _rowmath as rm
+from jaxent.impl import linear_ce as _ce
 from jaxent.impl import token as _token
-from jaxent.impl import vocab as _vocab
 from jaxent.impl._blocks import vocab_axis as _vocab_axis
 from jaxent.impl.plan import Plan, make_plan
 from jaxent.placement.explicit import axes_of, entry_of
@@ -93,27 +93,28 @@ def _labels(y, valid, counted, row_w, temp) -> rm.Labels:
 
 
 def _rows_forward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, temp, w):
-    f = _vocab.row_stats(ap.plan, h, k, b, _labels(y, valid, counted, row_w, temp), w)
-    return f.losses, f.lse, f.arg, f.m, f.log_s
+    losses, lse, arg, res = _ce.forward(ap.plan, h, k, b, _labels(y, valid, counted, row_w,
+                                                                   temp), w)
+    return losses, lse, arg, *res
 
 
 def _rows_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp, w):
     plan = _device_plan(ap, vocab, h, k)
-    f = _vocab.row_stats(plan, h, k, b, _labels(y, valid, counted, row_w, temp), w)
-    return f.losses, f.lse, f.arg, f.m, f.log_s
+    losses, lse, arg, res = _ce.forward(plan, h, k, b, _labels(y, valid, counted, row_w,
+                                                                temp), w)
+    return losses, lse, arg, *res
 
 
-def _rows_backward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, temp, w, m, log_s,
-                   lse, g):
+def _rows_backward(ap: AutoPlan, h, k, b, y, valid, counted, row_w, temp, w, *res_g):
     lab = _labels(y, valid, counted, row_w, temp)
-    return _vocab.row_grads(ap.plan, h, k, b, lab, w, m, log_s, lse, g)
+    return _ce.grads(ap.plan, h, k, b, lab, w, res_g[:-1], res_g[-1])
 
 
-def _rows_backward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp, w, m,
-                         log_s, lse, g):
+def _rows_backward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp, w,
+                         *res_g):
     lab = _labels(y, valid, counted, row_w, temp)
-    dh, dk, db = _vocab.row_grads(_device_plan(ap, vocab, h, k), h, k, b, lab, w, m, log_s,
-                                  lse, g)
+    dh, dk, db = _ce.grads(_device_plan(ap, vocab, h, k), h, k, b, lab, w, res_g[:-1],
+                           res_g[-1])
     return dh, _psum_over(dk, tok), _psum_over(db, tok)
 
 
@@ -131,11 +132,9 @@ def _token_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp
     lab = _labels(y, valid, counted, row_w, temp)
     plan = _device_plan(ap, vocab, h, k)
     if vocab:  # whole rows exist on no device: the vocabulary walk, forward and backward
-        f = _vocab.row_stats(plan, h, k, b, lab, w)
-        lse, arg = f.lse, f.arg
-        dh, dk, db = _vocab.row_grads(plan, h, k, b, lab, w, f.m, f.log_s, f.lse,
-                                      jnp.ones_like(f.losses))
-        total = jnp.sum(f.losses)
+        losses, lse, arg, res = _ce.forward(plan, h, k, b, lab, w)
+        dh, dk, db = _ce.grads(plan, h, k, b, lab, w, res, jnp.ones_like(losses))
+        total = jnp.sum(losses)
     else:
         total, (lse, arg), (dh, dk, db) = _token_walk(plan, h, k, b, lab, w)
     return _psum_over(total, tok), lse, arg, dh, _psum_over(dk, tok), _psum_over(db, tok)
@@ -172,8 +171,9 @@ def _grads_rule(ap: AutoPlan) -> str:
 
 _RULES = {  # Shardy sharding rules (factors: n tokens, d width, v vocabulary, c weight)
     "rows_forward": lambda ap: (f"{_rule_operands(ap, 0)} -> n, n" + ", n" * ap.spec.aux
-                                + ", n, n"),
-    "rows_backward": lambda ap: f"{_rule_operands(ap, 4)} -> {_grads_rule(ap)}",
+                                + ", n" * _ce.RESIDUALS),
+    "rows_backward": lambda ap: (f"{_rule_operands(ap, _ce.RESIDUALS + 1)} -> "
+                                 f"{_grads_rule(ap)}"),
     "token_forward": lambda ap: (f"{_rule_operands(ap, 0)} -> , n" + ", n" * ap.spec.aux
                                  + f", {_grads_rule(ap)}"),
 }
@@ -265,7 +265,7 @@ _SECOND_ORDER = (
 
 
 _rows_forward_op = _custom_partitioned(
-    "rows_forward", _rows_forward, _rows_forward_shard, ("row",) * 5)
+    "rows_forward", _rows_forward, _rows_forward_shard, ("row",) * (3 + _ce.RESIDUALS))
 _rows_backward_op = _custom_partitioned(
     "rows_backward", _rows_backward, _rows_backward_shard, ("hidden", "kernel", "bias"))
 _token_forward_op = _custom_partitioned(
@@ -279,18 +279,18 @@ def _auto_plan(plan: Plan, spec: FusedSpec, bias, weight) -> AutoPlan:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _auto_rows(ap: AutoPlan, h, kernel, bias, lab, weight):
-    loss, lse, arg, _, _ = _rows_forward_op(ap, h, kernel, bias, *lab, weight)
+    loss, lse, arg, *_ = _rows_forward_op(ap, h, kernel, bias, *lab, weight)
     return loss, (lse, arg)
 
 
 def _auto_rows_fwd(ap: AutoPlan, h, kernel, bias, lab, weight):
-    loss, lse, arg, m, log_s = _rows_forward_op(ap, h, kernel, bias, *lab, weight)
-    return (loss, (lse, arg)), (h, kernel, bias, lab, weight, m, log_s, lse)
+    loss, lse, arg, *rest = _rows_forward_op(ap, h, kernel, bias, *lab, weight)
+    return (loss, (lse, arg)), (h, kernel, bias, lab, weight, tuple(rest))
 
 
 def _auto_rows_bwd(ap: AutoPlan, res, cts):
-    h, kernel, bias, lab, weight, m, log_s, lse = res
-    dh, dk, db = _rows_backward_op(ap, h, kernel, bias, *lab, weight, m, log_s, lse, cts[0])
+    h, kernel, bias, lab, weight, rest = res
+    dh, dk, db = _rows_backward_op(ap, h, kernel, bias, *lab, weight, *rest, cts[0])
     return dh, dk, db, None, None if weight is None else jnp.zeros_like(weight)
 
 
@@ -299,7 +299,7 @@ _auto_rows.defvjp(_auto_rows_fwd, _auto_rows_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _auto_token_sum(ap: AutoPlan, h, kernel, bias, lab, weight):
-    loss, lse, arg, _, _ = _rows_forward_op(ap, h, kernel, bias, *lab, weight)
+    loss, lse, arg, *_ = _rows_forward_op(ap, h, kernel, bias, *lab, weight)
     return loss.sum(), (lse, arg)
 
 

@@ -148,15 +148,15 @@ def shard_head(fn, static: tuple, layout: ExplicitLayout, kernel_layout: str, ki
 
     ``static`` holds ``(name, value)`` pairs of hashable options, ``kinds`` one ``(name,
     layout kind)`` per array of ``arrays`` (None stays None), ``out_kinds`` the kind of each
-    result (a tuple, or one kind) (see :func:`kind_spec`); ``fn`` gets the vocabulary axis
-    (or None) and the token axes (or None) the split uses.
+    result, as nested tuples like the results (or one kind; see :func:`kind_spec`);
+    ``fn`` gets the vocabulary axis (or None) and the token axes (or
+    None) the split uses.
     """
     tok = entry_of(tuple(a for e in layout.batch for a in axes_of(e)))
     spec = lambda kind: kind_spec(kind, kernel_layout, layout.vocab, layout.batch)  # noqa: E731
     specs = tuple(None if a is None else spec(kind)
                   for a, (_, kind) in zip(arrays, kinds, strict=True))
-    outs = (spec(out_kinds) if isinstance(out_kinds, str)
-            else tuple(spec(k) for k in out_kinds))
+    outs = jax.tree.map(spec, out_kinds)
 
     def body(*arrays):
         named = {name: a for a, (name, _) in zip(arrays, kinds, strict=True)}

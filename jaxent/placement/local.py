@@ -22,7 +22,7 @@ from jax import lax
 from jaxent import _platform
 from jaxent import _rowmath as rm
 from jaxent._options import Options
-from jaxent.impl import Request, implementation, select
+from jaxent.impl import Request, choices, implementation, select
 from jaxent.impl._blocks import vocab_axis as _vocab_axis
 from jaxent.impl.plan import make_plan
 
@@ -108,7 +108,7 @@ def fused_call(spec: FusedSpec, hidden, kernel, bias, labels, weight, where, *,
     args = (hidden.reshape(n, d).astype(dtype), kernel.astype(dtype),
             None if bias is None else bias.astype(dtype), lab, w)
     if spec.impl in ("auto", "xla"):  # the walk is chosen for the lowering's platform
-        return _platform.by_platform(run, *args)
+        return _platform.by_platform(run, *args, distinct=choices("linear"))
     return run(*args)
 
 
@@ -126,7 +126,8 @@ def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_s
                      shards=shards, vocab_axis=vocab_axis, block_size=spec.block_size,
                      token_block_size=spec.token_block_size, interpret=spec.interpret)
     impl = implementation("linear", name)
-    run = impl.run if walks is None else walks[name]
+    # An implementation without a partitioner-split version runs whole on each device.
+    run = impl.run if walks is None else walks.get(name, impl.run)
     assert run is not None, f"{name} has no fused run"
     with jax.named_scope(f"jaxent_{name}"):  # names the walk in the lowered program
         out, (lse, arg) = run(plan, h, kernel, bias, lab, weight)

@@ -159,7 +159,8 @@ def linear_log_probs(
 {capacity} Counted rows: ``where`` True (all rows when ``where`` is None).
       return_aux: also return a dict of per-token extras from the same pass, shaped like
         ``tokens`` and carrying no gradient: ``"lse"`` (log-sum-exp of ``z``) and
-        ``"argmax"`` (the greedy token, int32). Served by the vocabulary walk.
+        ``"argmax"`` (the greedy token, int32). Served by the vocabulary walk; with
+        ``capacity``, 0 on rows not counted.
 
     Returns:
       ``log_probs`` shaped like ``tokens`` (float32; float64 for float64 inputs), or

@@ -206,3 +206,23 @@ def test_bench_suite_runs_tiny():
     report = compaction.compaction_suite(args)
     assert report.data["agree"] and report.data["capacity"] == 16
     assert "ratio of minima" in report.markdown
+
+
+def test_log_probs_aux_with_capacity_matches_on_counted_rows():
+    """``return_aux`` through the compaction: the counted rows' lse and argmax equal the
+    uncompacted call's (float64 reference of the lse), the others are 0; the aux is refused
+    by the walks that do not give it."""
+    h = jax.random.normal(jax.random.key(0), (7, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 20))
+    y = jax.random.randint(jax.random.key(2), (7,), 0, 20)
+    keep = jnp.array([True, False, True, True, False, False, True])
+    (lp, aux) = jaxent.linear_log_probs(h, w, y, where=keep, capacity=4, return_aux=True)
+    (lp0, aux0) = jaxent.linear_log_probs(h, w, y, where=keep, return_aux=True)
+    x64 = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+    lse = np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1)) + x64.max(1)
+    np.testing.assert_allclose(lp, lp0, rtol=1e-6)
+    np.testing.assert_allclose(aux["lse"], np.where(keep, lse, 0.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(aux["argmax"], np.where(keep, x64.argmax(1), 0))
+    np.testing.assert_array_equal(aux0["argmax"], x64.argmax(1))
+    with pytest.raises(ValueError, match="`impl`='token' cannot serve return_aux"):
+        jaxent.linear_log_probs(h, w, y, return_aux=True, impl="token")

@@ -33,6 +33,12 @@ Three ways in:
   calls that the partitioner splits the same way at compile time
   (:mod:`jaxent.placement.auto`).
 
+The RL and distillation heads have the same vocabulary-parallel form, called inside
+``jax.shard_map`` with ``axis_name``: :func:`linear_log_probs`,
+:func:`linear_soft_cross_entropy`, :func:`linear_distillation_loss` (dense or sparse
+teacher), :func:`linear_topk_log_probs` (each shard's top-k candidates gathered and selected
+again) and :func:`linear_support_log_probs` (the sampler's support found across shards).
+
 Labels are global class ids, replicated along the vocabulary axis; a label belongs to the
 shard whose range ``[i C/k, (i + 1) C/k)`` contains it. Class weights are the full ``[C]``
 vector (small), replicated; each shard reads its slice.

@@ -198,14 +198,13 @@ def test_bad_capacity(rng, bad):
             call()
 
 
-def test_bench_suite_runs_tiny():
+def test_bench_suite_runs_tiny(capsys):
     """``--suite compaction`` at a tiny shape: both variants agree (no timing asserted)."""
-    from jaxent.bench import cli, compaction  # noqa: PLC0415
+    from jaxent import bench  # noqa: PLC0415
 
-    args = cli.parse_args(["--suite", "compaction", "64", "8", "40", "25", "--rounds", "1"])
-    report = compaction.compaction_suite(args)
-    assert report.data["agree"] and report.data["capacity"] == 16
-    assert "ratio of minima" in report.markdown
+    data = bench.main(["--suite", "compaction", "64", "8", "40", "25", "--rounds", "1"])
+    assert data["agree"] and data["capacity"] == 16
+    assert "ratio of minima" in capsys.readouterr().out
 
 
 def test_log_probs_aux_with_capacity_matches_on_counted_rows():

@@ -51,10 +51,9 @@ def step(capacity: int | None):
         lambda h, k, y: linear_cross_entropy(h, k, y, capacity=capacity), (0, 1)))
 
 
-def compaction_suite(args: Any):
-    """Interleaved timing of ``capacity=PERCENT % of N`` against ``capacity=None``."""
-    from jaxent.bench.suites import Report  # noqa: PLC0415 (suites registers this suite)
-
+def compaction_suite(args: Any) -> tuple[str, dict[str, Any]]:
+    """Interleaved timing of ``capacity=PERCENT % of N`` against ``capacity=None``:
+    ``(markdown, data)`` (the suite registry wraps them in its report)."""
     n, d, v, pct = _args(args)
     rounds = args.rounds or 5
     h, k, y, cap = inputs(n, d, v, pct, jnp.dtype(args.dtype))
@@ -86,4 +85,4 @@ def compaction_suite(args: Any):
     data = {"n": n, "d": d, "v": v, "percent": pct, "capacity": cap, "dtype": args.dtype,
             "times": times, "ratio_of_minima": ratio, "per_round_ratios": per_round,
             "agree": agree, "load": load}
-    return Report("\n".join(lines), data)
+    return "\n".join(lines), data

@@ -451,5 +451,5 @@ SUITES: dict[str, Callable[[Any], Report]] = {
     "linear-speed": linear_speed,
     "matmul": matmul,
     "explore-ce": explore_ce,
-    "compaction": compaction_suite,
+    "compaction": lambda args: Report(*compaction_suite(args)),
 }

@@ -184,3 +184,22 @@ def test_traced_bad_ids_give_nan(bad_kind):
     g = jax.grad(lambda h: jax.jit(jaxent.linear_distillation_loss)(
         h, w, teacher_topk=(bad, lq)))
     assert np.isnan(np.asarray(g(h))).any()
+
+
+def test_sparse_teacher_with_capacity_and_the_walks_that_serve_it():
+    """A sparse teacher's rows are gathered with the student's under ``capacity`` (same
+    value as without it and as the materialized loss); the walks without the top-k merge
+    refuse it by name."""
+    h = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 20))
+    ids, lq, tail = jaxent.linear_topk_log_probs(jax.random.normal(jax.random.key(2), (2, 5, 8)),
+                                                 w, 4, return_tail=True)
+    keep = jax.random.bernoulli(jax.random.key(3), 0.6, (2, 5))
+    kw = dict(teacher_topk=(ids, lq), teacher_tail=tail, where=keep)
+    want = jaxent.distillation_loss(h @ w, **kw)
+    np.testing.assert_allclose(jaxent.linear_distillation_loss(h, w, capacity=10, **kw), want,
+                               rtol=1e-5)
+    np.testing.assert_allclose(jaxent.linear_distillation_loss(h, w, **kw), want, rtol=1e-5)
+    for impl in ("token", "pallas"):
+        with pytest.raises(ValueError, match=f"`impl`='{impl}' cannot serve a sparse teacher"):
+            jaxent.linear_distillation_loss(h, w, impl=impl, **kw)

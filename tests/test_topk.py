@@ -235,3 +235,11 @@ def test_memory_is_blocked():
         return compiled.memory_analysis().temp_size_in_bytes
 
     assert temp(fused) <= 0.05 * temp(materialized)
+
+
+@pytest.mark.parametrize("impl", ["token", "pallas"])
+def test_walks_without_the_top_k_merge_refuse_by_name(impl):
+    h = jax.random.normal(jax.random.key(0), (3, 4))
+    w = jax.random.normal(jax.random.key(1), (4, 9))
+    with pytest.raises(ValueError, match=f"`impl`='{impl}' cannot serve the top-k head"):
+        jaxent.linear_topk_log_probs(h, w, 2, impl=impl)

@@ -109,7 +109,7 @@ def cross_entropy(
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | ArrayLike = 1.0,
 ) -> jax.Array:
     r"""Vocabulary-parallel :func:`jaxent.cross_entropy`, called inside ``jax.shard_map``.
 
@@ -161,19 +161,20 @@ def cross_entropy(
     _checks.disjoint_axes(axis_name, token_axis_name)
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
+    acc = rm.compute_dtype(x.dtype)
+    temp_s, temp = _checks.temperature_array(temperature, batch_shape, acc)
     opts = _checks.options(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-        temperature=temperature, logit_softcap=logit_softcap, ignore_index=ignore_index,
+        temperature=temp_s, logit_softcap=logit_softcap, ignore_index=ignore_index,
     )
     c = _vocab_size(_checks.num_classes(x, ax), axis_name)
-    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     y = _checks.int_labels(labels, batch_shape, logits_shape=x.shape, axis=ax)
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
     y = _checks.label_values(y, c, ignore_index, mask)
-    acc = rm.compute_dtype(x.dtype)
     w = None if w is None else w.astype(acc)
-    lab = rm.labels_info(y, c, ignore_index, mask, w, acc)
+    lab = rm.labels_info(y, c, ignore_index, mask, w, acc, temp)
     rows = jnp.moveaxis(x, ax, -1).reshape(-1, x.shape[ax])
     losses = _rows.label_rows_parallel(rows, lab, w, opts, axis_name)
     return reduce_rows(losses.reshape(batch_shape), lab, opts.reduction, token_axis_name)
@@ -195,7 +196,7 @@ def linear_cross_entropy(
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | ArrayLike = 1.0,
     kernel_layout: KernelLayout = "dv",
     block_size: int | None = None,
     return_aux: bool = False,
@@ -330,7 +331,7 @@ def shard_cross_entropy(
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | ArrayLike = 1.0,
 ) -> jax.Array:
     """:func:`jaxent.cross_entropy` on global arrays, vocabulary-parallel over ``mesh``.
 
@@ -365,11 +366,13 @@ def shard_cross_entropy(
     _checks.disjoint_axes(vocab_axis, token_axis, "vocab_axis", "token_axis")
     x = _checks.float_array(logits, "logits")
     ax = _checks.normalize_axis(axis, x.ndim)
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
+    temp_s, temp = _checks.temperature_array(temperature, batch_shape,
+                                             rm.compute_dtype(x.dtype))
     _checks.options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-                    temperature=temperature, logit_softcap=logit_softcap,
+                    temperature=temp_s, logit_softcap=logit_softcap,
                     ignore_index=ignore_index)
     c = _checks.num_classes(x, ax)
-    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     y = _checks.int_labels(labels, batch_shape, logits_shape=x.shape, axis=ax)
     mask = _checks.where_mask(where, batch_shape)
     w = _checks.class_weight(weight, c)
@@ -382,12 +385,12 @@ def shard_cross_entropy(
         _divisible(x.shape[tok_dim], mesh, token_axis, f"logits.shape[{tok_dim}]")
     kw = dict(axis_name=vocab_axis, token_axis_name=token_axis, axis=ax,
               ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
-              z_loss=z_loss, logit_softcap=logit_softcap, temperature=temperature)
-    return _shard_ce(x, y, w, mask, mesh, tuple(sorted(kw.items())))
+              z_loss=z_loss, logit_softcap=logit_softcap, temperature=temp_s)
+    return _shard_ce(x, y, w, mask, temp, mesh, tuple(sorted(kw.items())))
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _shard_ce(x, y, w, mask, mesh, kw):
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _shard_ce(x, y, w, mask, temp, mesh, kw):
     kw = dict(kw)
     ax, tok = kw["axis"], kw["token_axis_name"]
     tok_dim = (0 if ax != 0 else 1) if x.ndim > 1 else None
@@ -396,11 +399,14 @@ def _shard_ce(x, y, w, mask, mesh, kw):
     y_spec = _spec(y.ndim, d0=tok) if y.ndim else P()
     out_spec = y_spec if kw["reduction"] == "none" else P()
 
-    def body(x, y, w, mask):
+    def body(x, y, w, mask, temp):
+        if temp is not None:  # one per row: replaces the static 1.0
+            kw["temperature"] = temp
         return cross_entropy(x, y, weight=w, where=mask, **kw)
 
-    specs = (x_spec, y_spec, P(), None if mask is None else y_spec)
-    args = _explicit.place(mesh, specs, (x, y, w, mask))
+    specs = (x_spec, y_spec, P(), None if mask is None else y_spec,
+             None if temp is None else y_spec)
+    args = _explicit.place(mesh, specs, (x, y, w, mask, temp))
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
 
 
@@ -421,7 +427,7 @@ def shard_linear_cross_entropy(
     where: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | ArrayLike = 1.0,
     kernel_layout: KernelLayout = "dv",
     block_size: int | None = None,
     return_aux: bool = False,

@@ -144,3 +144,28 @@ def test_fused_ce_row_temperature_on_meshes(axis_type):
         got = jax.jit(lambda h, k, t: _value_and_grads(
             lambda h, k: f(h, k, t), (h, k)))(hh, kk, tt)
     _close(got, want)
+
+
+def test_vocab_parallel_plain_ce_row_temperature():
+    """Per-row temperatures of ``shard_cross_entropy`` (global arrays, a data x model mesh)
+    and of ``sharded.cross_entropy`` inside a caller's ``shard_map``: values and gradients
+    equal the 1-device ``cross_entropy``'s."""
+    d = _data(5)
+    x = d["h"] @ d["k"]
+    kw = dict(temperature=d["t"], label_smoothing=0.1, z_loss=1e-3, where=d["where"])
+    want = _value_and_grads(lambda x: jaxent.cross_entropy(x, d["y"], reduction="none", **kw),
+                            (x,))
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda x: _value_and_grads(lambda x: jaxent.sharded.shard_cross_entropy(
+            x, d["y"], mesh=mesh, token_axis="data", reduction="none", **kw), (x,)))(x)
+    _close(got, want)
+    mean = jax.value_and_grad(lambda x: jaxent.cross_entropy(x, d["y"], **kw))(x)
+    specs = (P("data", "model"), P("data"), P("data"), P("data"))
+    inner = jax.shard_map(
+        lambda x, y, t, m: jaxent.sharded.cross_entropy(
+            x, y, axis_name="model", token_axis_name="data", temperature=t, where=m,
+            label_smoothing=0.1, z_loss=1e-3),
+        mesh=jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2),
+        in_specs=specs, out_specs=P())
+    _close(jax.value_and_grad(lambda x: inner(x, d["y"], d["t"], d["where"]))(x), mean)

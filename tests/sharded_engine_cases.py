@@ -168,4 +168,4 @@ def test_vocab_parallel_plain_ce_row_temperature():
             label_smoothing=0.1, z_loss=1e-3),
         mesh=jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2),
         in_specs=specs, out_specs=P())
-    _close(jax.value_and_grad(lambda x: inner(x, d["y"], d["t"], d["where"]))(x), mean)
+    _close(jax.jit(jax.value_and_grad(lambda x: inner(x, d["y"], d["t"], d["where"])))(x), mean)

@@ -9,6 +9,8 @@ picked from the registry by :func:`jaxent.impl.select`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -227,9 +229,17 @@ def linear_cross_entropy(
             {"hidden": h, "labels": y, "temp": temp})
     if layout is not None:
         return _explicit.run(spec, layout, h, k, b, y, w, mask, temp)
-    auto = _auto.applies(h, k, b, y, w, mask, temp)
-    walks = _auto.walks(spec, b, w) if auto else None
-    return fused_call(spec, h, k, b, y, w, mask, temp=temp, walks=walks, auto_mesh=auto)
+    if _auto.applies(h, k, b, y, w, mask, temp):
+        return fused_call(spec, h, k, b, y, w, mask, temp=temp, walks=_auto.walks(spec, b, w),
+                          auto_mesh=True)
+    return _local(spec, h, k, b, y, w, mask, temp)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _local(spec: FusedSpec, h, k, b, y, w, mask, temp):
+    """The one-device program, compiled once per configuration (an eager call runs it
+    whole, not op by op)."""
+    return fused_call(spec, h, k, b, y, w, mask, temp=temp)
 
 
 linear_cross_entropy.__doc__ = (linear_cross_entropy.__doc__ or "").replace(

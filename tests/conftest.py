@@ -16,3 +16,20 @@ RTOL = {"float32": 2e-5, "bfloat16": 1e-2, "float16": 5e-3, "float64": 1e-10}
 def rng(request) -> np.random.Generator:
     """A generator seeded from the test's name: fresh draws per test, reproducible per run."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# Runs of a minute or more each (8 simulated devices, or two processes, in subprocesses of
+# their own): collected first, and handed out two at a time, so that under `pytest -n 2`
+# both workers start on them and the short tests fill in around them (xdist's default
+# hands out consecutive chunks of about an eighth of the suite, which can queue several
+# long runs behind each other on one worker).
+_LONG_FIRST = ("tests/test_sharded.py::", "tests/test_multiprocess.py::")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(_LONG_FIRST))
+
+
+def pytest_configure(config):
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 2

@@ -331,8 +331,14 @@ def _all_reductions_with_aux(h, k, b, y, cot, **kw):
     return value, (tuple(o[0] for o in outs), outs[0][1])
 
 
-@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-@pytest.mark.parametrize("case", list(PLAIN_JIT_CASES))
+# Each placement on each mesh axis type, both layouts on each, the 2-D dv case on both types.
+PLAIN_JIT_PLACED = [("model8-dv", "Auto"), ("model8-vd", "Explicit"),
+                    ("data2xmodel4-dv", "Explicit"), ("data2xmodel4-dv", "Auto"),
+                    ("data2xmodel4-vd", "Auto"), ("data2xmodel4-kernel-replicated", "Explicit"),
+                    ("model8-all-replicated", "Auto")]
+
+
+@pytest.mark.parametrize(("case", "axis_type"), PLAIN_JIT_PLACED)
 def test_plain_jit_linear_on_mesh(rng, case, axis_type):
     """Plain jax.jit(jax.value_and_grad(jaxent.linear_cross_entropy)) on inputs placed on an
     Explicit- or Auto-axes mesh: values, aux and gradients (hidden, kernel, bias) of every

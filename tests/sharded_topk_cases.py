@@ -1,7 +1,7 @@
 """Vocabulary-parallel top-k log-probs and sparse-teacher distillation on 8 simulated CPU
 devices.
 
-Run by tests/test_sharded_topk.py in a subprocess of its own (the device count is fixed
+Run by tests/test_sharded.py in a subprocess of its own (the device count is fixed
 when JAX starts): inside ``jax.shard_map`` (``jaxent.sharded``) and on Explicit meshes
 (plain ``jaxent`` calls), the ids must equal the single-device ids exactly (ties by
 construction across shards included) and the values and gradients must match

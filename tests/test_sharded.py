@@ -13,8 +13,13 @@ fresh interpreter; the rest of the suite keeps its single device:
   ``impl`` refusal and per-row temperatures through the placements;
 * ``tests/sharded_compact_cases.py``: ``shift=1`` on Explicit meshes, ``capacity``'s
   refusal on meshes and its use inside a caller's ``shard_map``.
-* ``tests/sharded_support_cases.py``: the vocabulary-parallel support-restricted log-probs.
+* ``tests/sharded_support_cases.py``: the vocabulary-parallel support-restricted log-probs;
+* ``tests/sharded_topk_cases.py``: the vocabulary-parallel top-k and sparse teacher.
+
+A run is a file (or a few small ones) and, for the longest file, a ``-k`` selection, so that
+no single run holds one ``pytest -n 2`` worker for much longer than the others.
 """
+
 
 from __future__ import annotations
 
@@ -28,11 +33,24 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("cases", ["sharded_cases.py", "sharded_layout_cases.py",
-                                   "sharded_rl_cases.py", "sharded_reliability_cases.py",
-                                   "sharded_engine_cases.py", "sharded_compact_cases.py",
-                                   "sharded_support_cases.py"])
-def test_cases_on_8_cpu_devices(cases):
+# The tests of sharded_cases.py that the conformance and robustness suites bring in.
+_ROBUST = ("value_and_vjp or 16bit or class_weights or far_below or narrow_label or "
+           "tiny_temperatures")
+RUNS = {
+    "placements": (("sharded_cases.py",), f"not ({_ROBUST})"),
+    "robustness": (("sharded_cases.py",), _ROBUST),
+    "layouts": (("sharded_layout_cases.py",), None),
+    "reliability": (("sharded_reliability_cases.py",), None),
+    "engine": (("sharded_engine_cases.py",), None),
+    "topk": (("sharded_topk_cases.py",), None),
+    "rl_compact_support": (("sharded_rl_cases.py", "sharded_compact_cases.py",
+                            "sharded_support_cases.py"), None),
+}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_cases_on_8_cpu_devices(run):
+    files, select = RUNS[run]
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(
         [env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
@@ -41,7 +59,7 @@ def test_cases_on_8_cpu_devices(cases):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         str(ROOT / "tests" / cases)],
+         *(str(ROOT / "tests" / f) for f in files), *(("-k", select) if select else ())],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout, proc.stdout[-2000:]

@@ -71,6 +71,15 @@ def place(fused, shard, arrays: dict, static: dict, temperature, impl, out):
     return fused(**arrays, **static, temperature=temperature)
 
 
+def aux_dict(result, names: tuple[str, ...] | None):
+    """A fused head's ``(out, aux tuple)`` as ``(out, {name: aux})`` (``names`` in the aux's
+    order), or ``result`` itself when ``names`` is None (no ``return_aux``)."""
+    if names is None:
+        return result
+    out, aux = result
+    return out, dict(zip(names, aux, strict=True))
+
+
 def checked_block_size(block_size) -> int | None:
     if block_size is not None and (isinstance(block_size, bool)
                                    or not isinstance(block_size, int) or block_size <= 0):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from jax.typing import ArrayLike
 
-from jaxent import _checks
+from jaxent import _checks, _heads
 from jaxent import distill as _distill
 from jaxent import rl as _rl
 from jaxent._options import KernelLayout, Reduction
@@ -75,11 +75,11 @@ def linear_log_probs(
       >>> bool(jnp.allclose(lp, jaxent.token_log_probs(h @ w, y), atol=1e-5))
       True
     """
-    return _rl.aux_dict(_rl.fused_log_probs(
+    return _heads.aux_dict(_rl.fused_log_probs(
         hidden, kernel, tokens, bias=bias, kernel_layout=kernel_layout,
         temperature=temperature, logit_softcap=logit_softcap, where=where,
         return_entropy=return_entropy, block_size=block_size, return_aux=return_aux,
-        axis_name=axis_name), return_aux)
+        axis_name=axis_name), _rl.LOG_PROBS_AUX if return_aux else None)
 
 
 def linear_soft_cross_entropy(

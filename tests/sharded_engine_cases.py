@@ -84,23 +84,37 @@ HEADS = {
 }
 
 
-@pytest.mark.parametrize("mesh_name", ["data8", "model8", "data2xmodel4"])
-@pytest.mark.parametrize("head", sorted(HEADS))
-def test_rl_heads_on_explicit_meshes(head, mesh_name):
-    """Values and gradients (hidden, kernel, bias) of the RL and distillation heads with
-    inputs sharded over an Explicit mesh, several vocabulary blocks per device."""
-    d = _data()
-    fn = lambda h, k, b, ht, kt: HEADS[head](d, h, k, b, ht, kt)  # noqa: E731
-    args = (d["h"], d["k"], d["b"], d["ht"], d["kt"])
-    want = _value_and_grads(lambda h, k, b: fn(h, k, b, d["ht"], d["kt"]), args[:3])
-    mesh, hspec, kspec = _explicit(mesh_name)
+# Every head on every Explicit mesh; on Auto meshes (the partitioner splits the walks) every
+# head on the two-axis mesh and the log-probs on the one-axis meshes.
+MESH_CASES = ([(h, m, AxisType.Explicit) for h in sorted(HEADS) for m in MESHES]
+              + [(h, "data2xmodel4", AxisType.Auto) for h in sorted(HEADS)]
+              + [("log_probs", m, AxisType.Auto) for m in ("data8", "model8")])
+
+
+def _placed_value_and_grads(fn, d, mesh_name, axis_type):
+    """``fn``'s value and gradients (hidden, kernel, bias) with the inputs placed on the
+    mesh ``mesh_name`` of ``axis_type`` axes, under ``jax.jit``."""
+    shape, names, hspec, kspec = MESHES[mesh_name]
+    mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
     vocab = kspec[1] if len(kspec) > 1 else None
+    args = (d["h"], d["k"], d["b"], d["ht"], d["kt"])
     with jax.set_mesh(mesh):
         placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(
             args, (hspec, kspec, P(vocab), hspec, kspec), strict=True)]
-        got = jax.jit(lambda *a: _value_and_grads(
+        return jax.jit(lambda *a: _value_and_grads(
             lambda h, k, b: fn(h, k, b, a[3], a[4]), a[:3]))(*placed)
-    _close(got, want)
+
+
+@pytest.mark.parametrize(("head", "mesh_name", "axis_type"), MESH_CASES,
+                         ids=[f"{h}-{m}-{t.name}" for h, m, t in MESH_CASES])
+def test_rl_heads_on_meshes(head, mesh_name, axis_type):
+    """Values and gradients (hidden, kernel, bias) of the RL and distillation heads with
+    inputs sharded over an Explicit or Auto mesh, several vocabulary blocks per device."""
+    d = _data()
+    fn = lambda h, k, b, ht, kt: HEADS[head](d, h, k, b, ht, kt)  # noqa: E731
+    want = _value_and_grads(lambda h, k, b: fn(h, k, b, d["ht"], d["kt"]),
+                            (d["h"], d["k"], d["b"]))
+    _close(_placed_value_and_grads(fn, d, mesh_name, axis_type), want)
 
 
 def test_log_probs_grad_vocab_sharded_kernel_explicit():

@@ -11,7 +11,10 @@ per-module tests check against float64 references:
 * the RL and distillation heads on an Explicit data-parallel mesh with several vocabulary
   blocks (was a scan-carry type mismatch, ``float32[16]`` against ``float32[16@data]``);
 * per-row temperatures through the Explicit and Auto placements of the fused CE;
-* ``return_aux`` of ``linear_log_probs`` (lse, argmax) split over the vocabulary.
+* ``return_aux`` of ``linear_log_probs``, ``linear_soft_cross_entropy`` and the ``"jsd"``
+  distillation (lse, argmax) split over the vocabulary;
+* the same heads on Auto meshes (the partitioner splits the walks), ``impl="token"``
+  there, and ``impl="pallas"`` there refused by a ``ValueError`` naming ``impl``.
 """
 
 from __future__ import annotations
@@ -74,20 +77,21 @@ HEADS = {
         return_entropy=True, block_size=8, return_aux=True),
     "soft": lambda d, h, k, b, ht, kt: jaxent.linear_soft_cross_entropy(
         h, k, d["targets"], bias=b, temperature=d["t"], label_smoothing=0.1, z_loss=1e-3,
-        where=d["where"], block_size=8),
+        where=d["where"], block_size=8, return_aux=True),
     "soft_none": lambda d, h, k, b, ht, kt: jaxent.linear_soft_cross_entropy(
         h, k, d["targets"], bias=b, reduction="none", block_size=8),
     "kl": lambda d, h, k, b, ht, kt: jaxent.linear_distillation_loss(
         h, k, ht, kt, student_bias=b, temperature=d["t"], where=d["where"], block_size=8),
     "jsd": lambda d, h, k, b, ht, kt: jaxent.linear_distillation_loss(
-        h, k, ht, kt, divergence="jsd", beta=0.3, reduction="sum", block_size=8),
+        h, k, ht, kt, divergence="jsd", beta=0.3, reduction="sum", block_size=8,
+        return_aux=True),
 }
 
 
-# Every head on every Explicit mesh; on Auto meshes (the partitioner splits the walks) every
-# head on the two-axis mesh and the log-probs on the one-axis meshes.
+# Every head on every Explicit mesh; on Auto meshes (the partitioner splits the walks) the
+# heads on the two-axis mesh and the log-probs on the one-axis meshes.
 MESH_CASES = ([(h, m, AxisType.Explicit) for h in sorted(HEADS) for m in MESHES]
-              + [(h, "data2xmodel4", AxisType.Auto) for h in sorted(HEADS)]
+              + [(h, "data2xmodel4", AxisType.Auto) for h in sorted(HEADS) if h != "soft_none"]
               + [("log_probs", m, AxisType.Auto) for m in ("data8", "model8")])
 
 
@@ -115,6 +119,31 @@ def test_rl_heads_on_meshes(head, mesh_name, axis_type):
     want = _value_and_grads(lambda h, k, b: fn(h, k, b, d["ht"], d["kt"]),
                             (d["h"], d["k"], d["b"]))
     _close(_placed_value_and_grads(fn, d, mesh_name, axis_type), want)
+
+
+def test_rl_heads_token_and_pallas_on_auto_mesh():
+    """On an Auto mesh (tokens and vocabulary split) ``impl="token"`` gives the one-device
+    values and gradients (with ``return_aux``), and ``impl="pallas"`` raises a
+    ``ValueError`` naming ``impl`` and the Auto mesh, for each head."""
+    d = _data(5)
+    heads = {
+        "log_probs": lambda h, k, b, ht, kt, **kw: jaxent.linear_log_probs(
+            h, k, d["y"], bias=b, return_entropy=True, return_aux=True, **kw),
+        "kl": lambda h, k, b, ht, kt, **kw: jaxent.linear_distillation_loss(
+            h, k, ht, kt, student_bias=b, temperature=d["t"], **kw),
+        "soft": lambda h, k, b, ht, kt, **kw: jaxent.linear_soft_cross_entropy(
+            h, k, d["targets"], bias=b, z_loss=1e-3, return_aux=True, **kw),
+    }
+    token = lambda h, k, b, ht, kt: tuple(  # noqa: E731
+        heads[n](h, k, b, ht, kt, impl="token", token_block_size=4) for n in ("log_probs", "kl"))
+    want = _value_and_grads(lambda h, k, b: token(h, k, b, d["ht"], d["kt"]),
+                            (d["h"], d["k"], d["b"]))
+    _close(_placed_value_and_grads(token, d, "data2xmodel4", AxisType.Auto), want)
+    for f in heads.values():
+        pallas = lambda h, k, b, ht, kt, f=f: f(  # noqa: E731
+            h, k, b, ht, kt, impl="pallas", interpret=True)
+        with pytest.raises(ValueError, match="`impl`='pallas'.*Auto"):
+            _placed_value_and_grads(pallas, d, "model8", AxisType.Auto)
 
 
 def test_log_probs_grad_vocab_sharded_kernel_explicit():

@@ -204,7 +204,8 @@ def _aux_reference(name: str, h, w, b, d: dict):
         aux["z_loss"] = jnp.where(d["where"], Z_LOSS * lse**2, 0.0)
         outs = (outs[0] + aux["z_loss"],)
     if name in ("kl", "jsd"):
-        aux["teacher_argmax"] = jnp.argmax(d["ht"] @ d["wt"] + d["bt"][None, :], -1).astype(jnp.int32)
+        xt = d["ht"] @ d["wt"] + d["bt"][None, :]
+        aux["teacher_argmax"] = jnp.argmax(xt, -1).astype(jnp.int32)
     return outs, aux
 
 

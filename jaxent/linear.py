@@ -227,9 +227,8 @@ def linear_cross_entropy(
             {"hidden": h, "labels": y, "temp": temp})
     if layout is not None:
         return _explicit.run(spec, layout, h, k, b, y, w, mask, temp)
-    auto = _auto.applies(h, k, b, y, w, mask, temp)
-    walks = _auto.walks(spec, b, w) if auto else None
-    return fused_call(spec, h, k, b, y, w, mask, temp=temp, walks=walks, auto_mesh=auto)
+    return fused_call(spec, h, k, b, y, w, mask, temp=temp,
+                      auto_mesh=_auto.applies(h, k, b, y, w, mask, temp))
 
 
 linear_cross_entropy.__doc__ = (linear_cross_entropy.__doc__ or "").replace(

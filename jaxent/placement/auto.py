@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from jaxent import _platform
 from jaxent import _rowmath as rm
 from jaxent.impl import linear_ce as _ce
+from jaxent.impl import register_auto_run
 from jaxent.impl import token as _token
 from jaxent.impl._blocks import vocab_axis as _vocab_axis
 from jaxent.impl.plan import Plan, make_plan
@@ -319,14 +320,16 @@ def _auto_token_bwd(ap: AutoPlan, res, cts):
 _auto_token_sum.defvjp(_auto_token_fwd, _auto_token_bwd)
 
 
-def walks(spec: FusedSpec, bias, weight) -> dict:
-    """The registered implementations' ``run`` (:mod:`jaxent.impl`), split by the
-    partitioner: ``{name: run}`` for the ones that have an Auto-mesh version."""
+def _rows_auto(spec: FusedSpec, plan: Plan, h, k, b, lab, w):
+    """The vocabulary walk's ``run`` split by the partitioner."""
+    return _auto_rows(_auto_plan(plan, spec, b, w), h, k, b, lab, w)
 
-    def rows(plan, h, k, b, lab, w):
-        return _auto_rows(_auto_plan(plan, spec, bias, weight), h, k, b, lab, w)
 
-    def token_sum(plan, h, k, b, lab, w):
-        return _auto_token_sum(_auto_plan(plan, spec, bias, weight), h, k, b, lab, w)
+def _token_sum_auto(spec: FusedSpec, plan: Plan, h, k, b, lab, w):
+    """The token walk's ``run`` split by the partitioner."""
+    return _auto_token_sum(_auto_plan(plan, spec, b, w), h, k, b, lab, w)
 
-    return {"vocab": rows, "token": token_sum}
+
+# The Auto-mesh versions of the registered implementations (the registry's ``auto_run``).
+register_auto_run("linear", "vocab", _rows_auto)
+register_auto_run("linear", "token", _token_sum_auto)

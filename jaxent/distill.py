@@ -334,9 +334,6 @@ def linear_distillation_loss(
     """
     _heads.check_impl(impl)
     ids, lq = teacher_pair(teacher_topk)
-    if return_aux and ids is not None:
-        raise ValueError("`return_aux` is served with a dense teacher (`teacher_hidden`, "
-                         "`teacher_kernel`), not with a sparse one (`teacher_topk`)")
     if ids is not None and jnp.ndim(student_kernel) == 2:
         # checked here too: a placement on a mesh traces the ids before the head checks them
         v = vocab_size or jnp.shape(student_kernel)[1 if kernel_layout == "dv" else 0]
@@ -422,6 +419,9 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
                                  axis_name)
     if sparse:
         _heads.check_impl(impl, ("auto", "xla", "vocab"), "a sparse teacher")
+        if return_aux:
+            raise ValueError("`return_aux` is served with a dense teacher (`teacher_hidden`, "
+                             "`teacher_kernel`), not with a sparse one (`teacher_topk`)")
         v = _heads.vocab(vocab_size, v, "student_kernel")
         batch_shape = tuple(jnp.shape(student_hidden)[:-1])
         mask = _distill_mask(labels, ignore_index, where, batch_shape)

@@ -13,13 +13,15 @@ per-module tests check against float64 references:
 * per-row temperatures through the Explicit and Auto placements of the fused CE;
 * ``return_aux`` of ``linear_log_probs``, ``linear_soft_cross_entropy`` and the ``"jsd"``
   distillation (lse, argmax) split over the vocabulary;
-* the same heads on Auto meshes (the partitioner splits the walks), ``impl="token"``
-  there, and ``impl="pallas"`` there refused by a ``ValueError`` naming ``impl``.
+* the same heads on Auto meshes (the partitioner splits the statistic walk: no kernel
+  gathered), ``impl="token"`` there, and ``impl="pallas"`` there refused by a
+  ``ValueError`` naming ``impl``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -144,6 +146,33 @@ def test_rl_heads_token_and_pallas_on_auto_mesh():
             h, k, b, ht, kt, impl="pallas", interpret=True)
         with pytest.raises(ValueError, match="`impl`='pallas'.*Auto"):
             _placed_value_and_grads(pallas, d, "model8", AxisType.Auto)
+
+
+def test_rl_heads_on_auto_mesh_split_by_the_partitioner():
+    """On an Auto mesh the partitioner splits the statistic walk over the vocabulary: the
+    compiled values and gradients of the heads gather no array with a vocabulary-sized
+    dimension (no ``[D, V]`` kernel, no logits); a second-order derivative is a clear
+    ``NotImplementedError``, as for the fused CE there."""
+    d = _data(6)
+
+    def heads(h, k, b, ht, kt, t):
+        return (HEADS["log_probs"](d, h, k, b, ht, kt),
+                jaxent.linear_soft_cross_entropy(h, k, t, bias=b, z_loss=1e-3, block_size=8),
+                HEADS["kl"](d, h, k, b, ht, kt))
+
+    shape, names, hspec, kspec = MESHES["data2xmodel4"]
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * 2)
+    specs = (hspec, kspec, P("model"), hspec, kspec, P("data", "model"))
+    with jax.set_mesh(mesh):
+        args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(
+            (d["h"], d["k"], d["b"], d["ht"], d["kt"], d["targets"]), specs, strict=True)]
+        text = jax.jit(lambda *a: _value_and_grads(
+            lambda h, k, b: heads(h, k, b, *a[3:]), a[:3])).lower(*args).compile().as_text()
+    gathers = re.findall(r"=\s*\(?\w+\[([\d,]*)\][^=]*\ball-gather(?:-start)?\(", text)
+    assert not [g for g in gathers if str(V) in g.split(",")], gathers
+    grad = jax.grad(lambda h: HEADS["kl"](d, h, args[1], None, args[3], args[4]))
+    with jax.set_mesh(mesh), pytest.raises(NotImplementedError, match="AxisType.Auto"):
+        jax.jvp(grad, (d["h"],), (d["h"],))
 
 
 def test_log_probs_grad_vocab_sharded_kernel_explicit():

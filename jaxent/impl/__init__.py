@@ -75,10 +75,11 @@ class Implementation:
       xla: whether it is an XLA walk (``impl="xla"`` picks among those only).
       refuses: why it cannot serve a :class:`Request` (None when it can).
       run: for ``"linear"``, the per-device function every placement calls.
-      auto_run: for ``"linear"``, ``run`` split by the partitioner on a mesh with Auto axes,
-        ``auto_run(spec, plan, h, kernel, bias, labels, weight)`` (``spec`` the call's
-        static options); :mod:`jaxent.placement.auto` registers it, a layer above this
-        one. None: ``run`` itself, whole on each device.
+      auto_run: ``run`` split by the partitioner on a mesh with Auto axes: for
+        ``"linear"`` ``auto_run(spec, plan, h, kernel, bias, labels, weight)`` (``spec``
+        the call's static options), for ``"stat"`` ``run``'s signature;
+        :mod:`jaxent.placement.auto` registers it, a layer above this one. None: ``run``
+        itself, whole on each device (partitioned by XLA as it sees fit).
       per_row: ``run`` returns per-token losses (else their sum).
       prefer: ``{platform: Preference}`` (``"cpu"``, ``"gpu"``, ``"tpu"``); ``"auto"`` never
         picks it on a platform not listed.

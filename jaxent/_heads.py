@@ -71,6 +71,15 @@ def place(fused, shard, arrays: dict, static: dict, temperature, impl, out):
     return fused(**arrays, **static, temperature=temperature)
 
 
+def aux_dict(result, names: tuple[str, ...] | None):
+    """A fused head's ``(out, aux tuple)`` as ``(out, {name: aux})`` (``names`` in the aux's
+    order), or ``result`` itself when ``names`` is None (no ``return_aux``)."""
+    if names is None:
+        return result
+    out, aux = result
+    return out, dict(zip(names, aux, strict=True))
+
+
 def checked_block_size(block_size) -> int | None:
     if block_size is not None and (isinstance(block_size, bool)
                                    or not isinstance(block_size, int) or block_size <= 0):
@@ -154,8 +163,10 @@ def walk(impl: str, stat, plan: Plan, streams: tuple, rows, cols: dict):
                   static_tokens=isinstance(h.shape[0], int), padded=plan.padded,
                   num_classes=plan.num_classes, row_temperature=rows.temp is not None,
                   auto_mesh=_auto.applies(*arrays))
-    return _jitted(implementation("stat", select(impl, req)).run)(stat, plan, streams, rows,
-                                                                  cols)
+    entry = implementation("stat", select(impl, req))
+    # On an Auto mesh the version the partitioner splits, where the implementation has one.
+    run = entry.auto_run if req.auto_mesh and entry.auto_run is not None else entry.run
+    return _jitted(run)(stat, plan, streams, rows, cols)
 
 
 def row_temperature(temperature, batch_shape, acc):

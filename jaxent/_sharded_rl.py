@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from jax.typing import ArrayLike
 
-from jaxent import _checks
+from jaxent import _checks, _heads
 from jaxent import distill as _distill
 from jaxent import rl as _rl
 from jaxent._options import KernelLayout, Reduction
@@ -75,11 +75,11 @@ def linear_log_probs(
       >>> bool(jnp.allclose(lp, jaxent.token_log_probs(h @ w, y), atol=1e-5))
       True
     """
-    return _rl.aux_dict(_rl.fused_log_probs(
+    return _heads.aux_dict(_rl.fused_log_probs(
         hidden, kernel, tokens, bias=bias, kernel_layout=kernel_layout,
         temperature=temperature, logit_softcap=logit_softcap, where=where,
         return_entropy=return_entropy, block_size=block_size, return_aux=return_aux,
-        axis_name=axis_name), return_aux)
+        axis_name=axis_name), _rl.LOG_PROBS_AUX if return_aux else None)
 
 
 def linear_soft_cross_entropy(
@@ -99,6 +99,7 @@ def linear_soft_cross_entropy(
     logit_softcap: float | None = None,
     temperature: float | ArrayLike = 1.0,
     block_size: int | None = None,
+    return_aux: bool = False,
 ):
     r"""Vocabulary-parallel :func:`jaxent.linear_soft_cross_entropy`, inside ``jax.shard_map``.
 
@@ -117,10 +118,12 @@ def linear_soft_cross_entropy(
       bias: optional this device's ``[V/k]`` block.
       weight: optional this device's ``[V/k]`` block of the class weights.
       kernel_layout, label_smoothing, reduction, where, z_loss, logit_softcap, temperature,
-        block_size: as in :func:`jaxent.linear_soft_cross_entropy`.
+        block_size, return_aux: as in :func:`jaxent.linear_soft_cross_entropy` (the aux
+        ``"argmax"`` is a global class id).
 
     Returns:
-      A float32 scalar, the same on every device, or this device's per-token losses.
+      A float32 scalar, the same on every device, or this device's per-token losses; with
+      ``return_aux`` a pair ``(that, aux)``, the aux this device's tokens'.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -138,11 +141,12 @@ def linear_soft_cross_entropy(
       True
     """
     _checks.disjoint_axes(axis_name, token_axis_name)
-    return _rl.fused_soft_cross_entropy(
+    return _heads.aux_dict(_rl.fused_soft_cross_entropy(
         hidden, kernel, targets, bias=bias, kernel_layout=kernel_layout, weight=weight,
         label_smoothing=label_smoothing, reduction=reduction, where=where, z_loss=z_loss,
         logit_softcap=logit_softcap, temperature=temperature, block_size=block_size,
-        axis_name=axis_name, token_axis_name=token_axis_name)
+        return_aux=return_aux, axis_name=axis_name, token_axis_name=token_axis_name),
+        _rl.SOFT_AUX if return_aux else None)
 
 
 def linear_distillation_loss(
@@ -166,6 +170,7 @@ def linear_distillation_loss(
     where: ArrayLike | None = None,
     reduction: Reduction = "mean",
     block_size: int | None = None,
+    return_aux: bool = False,
 ):
     r"""Vocabulary-parallel :func:`jaxent.linear_distillation_loss`, inside ``jax.shard_map``.
 
@@ -188,11 +193,12 @@ def linear_distillation_loss(
         ``[..., k]`` (the same on every shard of ``axis_name``) and tail ``[...]``, as in
         :func:`jaxent.linear_distillation_loss`.
       divergence, beta, temperature, student_bias, teacher_bias (local ``[V/k]`` blocks),
-        kernel_layout, labels, ignore_index, where, reduction, block_size: as in
-        :func:`jaxent.linear_distillation_loss`.
+        kernel_layout, labels, ignore_index, where, reduction, block_size, return_aux: as in
+        :func:`jaxent.linear_distillation_loss` (the aux argmaxes are global class ids).
 
     Returns:
-      A float32 scalar, the same on every device, or this device's per-token losses.
+      A float32 scalar, the same on every device, or this device's per-token losses; with
+      ``return_aux`` a pair ``(that, aux)``, the aux this device's tokens'.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -210,10 +216,11 @@ def linear_distillation_loss(
     """
     _checks.disjoint_axes(axis_name, token_axis_name)
     ids, lq = _distill.teacher_pair(teacher_topk)
-    return _distill.fused_distillation_loss(
+    return _heads.aux_dict(_distill.fused_distillation_loss(
         student_hidden, student_kernel, teacher_hidden, teacher_kernel, divergence=divergence,
         beta=beta, temperature=temperature, student_bias=student_bias,
         teacher_bias=teacher_bias, kernel_layout=kernel_layout, labels=labels,
         ignore_index=ignore_index, where=where, reduction=reduction, block_size=block_size,
-        axis_name=axis_name, token_axis_name=token_axis_name, teacher_ids=ids,
-        teacher_log_probs=lq, teacher_tail=teacher_tail)
+        return_aux=return_aux, axis_name=axis_name, token_axis_name=token_axis_name,
+        teacher_ids=ids, teacher_log_probs=lq, teacher_tail=teacher_tail),
+        _distill.DISTILL_AUX if return_aux else None)

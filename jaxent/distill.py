@@ -19,7 +19,7 @@ from jax.typing import ArrayLike
 
 from jaxent import _checks, _compact, _heads, _rowmath, _shift
 from jaxent._options import Impl, KernelLayout, Options, Reduction
-from jaxent.impl import stats
+from jaxent.impl import stats, stats_aux
 from jaxent.impl import topk as _topk
 
 Divergence = Literal["kl", "reverse_kl", "jsd"]
@@ -264,6 +264,7 @@ def linear_distillation_loss(
     interpret: bool = False,
     shift: int = 0,
     capacity: int | None = None,
+    return_aux: bool = False,
 ):
     r""":func:`distillation_loss` of two linear heads, neither model's logits materialized.
 
@@ -303,10 +304,17 @@ def linear_distillation_loss(
       interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode.
 {shift} As in :func:`distillation_loss` (the labels only mask).
 {capacity}
+      return_aux: also return a dict of per-token extras from the same pass, shaped like
+        the tokens and carrying no gradient, with :func:`jaxent.linear_cross_entropy`'s
+        names: ``"lse"`` (log-sum-exp of the student's ``z``), ``"argmax"`` (the student's
+        first class of largest logit, int32) and ``"teacher_argmax"`` (the teacher's);
+        with ``capacity``, 0 on rows not counted. Every ``impl`` serves it; a sparse
+        teacher (``teacher_topk``) does not.
 
     Returns:
-      float32 scalar, or ``student_hidden.shape[:-1]`` for ``"none"``; gradients flow to the
-      student's hidden, kernel and bias only.
+      float32 scalar, or ``student_hidden.shape[:-1]`` for ``"none"``; with
+      ``return_aux=True`` the pair ``(loss, aux)``. Gradients flow to the student's hidden,
+      kernel and bias only.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -344,12 +352,20 @@ def linear_distillation_loss(
     static = {"divergence": divergence, "beta": beta, "kernel_layout": kernel_layout,
               "ignore_index": ignore_index, "reduction": reduction, "block_size": block_size,
               "vocab_size": vocab_size, "impl": impl, "token_block_size": token_block_size,
-              "interpret": bool(interpret)}
+              "interpret": bool(interpret), "return_aux": bool(return_aux)}
+    names = DISTILL_AUX if return_aux else None
     if cap is not None:
-        return _compact.head(fused_distillation_loss, cap, where, arrays, static, temperature,
-                             "linear_distillation_loss")
-    return _heads.place(fused_distillation_loss, _distill_shard, arrays, static, temperature, impl,
-                        "row" if reduction == "none" else "replicated")
+        return _heads.aux_dict(_compact.head(fused_distillation_loss, cap, where, arrays,
+                                             static, temperature, "linear_distillation_loss"),
+                               names)
+    out = "row" if reduction == "none" else "replicated"
+    return _heads.aux_dict(_heads.place(
+        fused_distillation_loss, _distill_shard, arrays, static, temperature, impl,
+        (out, ("row",) * len(DISTILL_AUX)) if return_aux else out), names)
+
+
+# The names of linear_distillation_loss's aux, in the order fused_distillation_loss gives it.
+DISTILL_AUX = ("lse", "argmax", "teacher_argmax")
 
 
 def _counted_tokens(student_hidden, labels, ignore_index, where, shift):
@@ -381,11 +397,12 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
                             divergence, beta, temperature, student_bias, teacher_bias,
                             kernel_layout, labels, ignore_index, where, reduction,
                             block_size, vocab_size=None, impl="auto",
-                            token_block_size=None, interpret=False, axis_name=None,
-                            token_axis_name=None, teacher_ids=None, teacher_log_probs=None,
-                            teacher_tail=None):
+                            token_block_size=None, interpret=False, return_aux=False,
+                            axis_name=None, token_axis_name=None, teacher_ids=None,
+                            teacher_log_probs=None, teacher_tail=None):
     """:func:`linear_distillation_loss`, vocabulary-parallel over ``axis_name`` when given
-    (a sparse teacher as ``teacher_ids`` and ``teacher_log_probs``)."""
+    (a sparse teacher as ``teacher_ids`` and ``teacher_log_probs``); with ``return_aux``
+    the pair ``(loss, aux)``, the aux a tuple in :data:`DISTILL_AUX`'s order."""
     kind, b = _divergence(divergence, beta)
     _heads.check_reduction(reduction)
     topk = None if teacher_ids is None and teacher_log_probs is None else (
@@ -402,6 +419,9 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
                                  axis_name)
     if sparse:
         _heads.check_impl(impl, ("auto", "xla", "vocab"), "a sparse teacher")
+        if return_aux:
+            raise ValueError("`return_aux` is served with a dense teacher (`teacher_hidden`, "
+                             "`teacher_kernel`), not with a sparse one (`teacher_topk`)")
         v = _heads.vocab(vocab_size, v, "student_kernel")
         batch_shape = tuple(jnp.shape(student_hidden)[:-1])
         mask = _distill_mask(labels, ignore_index, where, batch_shape)
@@ -436,9 +456,14 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
                        axis_name, streams=2, token_block_size=token_block_size,
                        interpret=interpret)
     counted = _heads.counted(mask, n)
-    losses = _heads.walk(impl, stats.Distill(kind, b), plan, ((hs, ks, bs), jax.lax.stop_gradient(
-        (ht, kt, bt))), stats.Rows(None, counted, temp), {})
-    return _heads.reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
+    stat = (stats_aux.DistillAux if return_aux else stats.Distill)(kind, b)
+    outs = _heads.walk(impl, stat, plan, ((hs, ks, bs), jax.lax.stop_gradient((ht, kt, bt))),
+                       stats.Rows(None, counted, temp), {})
+    losses = outs[0] if return_aux else outs
+    loss = _heads.reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
+    if not return_aux:
+        return loss
+    return loss, tuple(a.reshape(batch_shape) for a in outs[1:])
 
 
 distillation_loss.__doc__ = (distillation_loss.__doc__ or "").replace(

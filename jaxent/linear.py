@@ -230,8 +230,7 @@ def linear_cross_entropy(
     if layout is not None:
         return _explicit.run(spec, layout, h, k, b, y, w, mask, temp)
     if _auto.applies(h, k, b, y, w, mask, temp):
-        return fused_call(spec, h, k, b, y, w, mask, temp=temp, walks=_auto.walks(spec, b, w),
-                          auto_mesh=True)
+        return fused_call(spec, h, k, b, y, w, mask, temp=temp, auto_mesh=True)
     return _local(spec, h, k, b, y, w, mask, temp)
 
 

@@ -159,8 +159,8 @@ def linear_log_probs(
 {capacity} Counted rows: ``where`` True (all rows when ``where`` is None).
       return_aux: also return a dict of per-token extras from the same pass, shaped like
         ``tokens`` and carrying no gradient: ``"lse"`` (log-sum-exp of ``z``) and
-        ``"argmax"`` (the greedy token, int32). Served by the vocabulary walk; with
-        ``capacity``, 0 on rows not counted.
+        ``"argmax"`` (the greedy token: the first class of largest logit, int32), on
+        every row (with ``capacity``, 0 on rows not counted). Every ``impl`` serves it.
 
     Returns:
       ``log_probs`` shaped like ``tokens`` (float32; float64 for float64 inputs), or
@@ -186,8 +186,7 @@ def linear_log_probs(
       >>> bool(jnp.allclose(lp[:, 1], ref[:, 1], atol=1e-5)), lp[:, [0, 2]].tolist()
       (True, [[0.0, 0.0], [0.0, 0.0]])
     """
-    _heads.check_impl(impl, ("auto", "xla", "vocab") if return_aux else _heads.IMPLS,
-                      "return_aux")
+    _heads.check_impl(impl)
     cap = _compact.check(capacity)
     tokens, where = _shift.labels(shift, tokens, where, "tokens")
     arrays = {"hidden": hidden, "kernel": kernel, "tokens": tokens, "bias": bias,
@@ -199,23 +198,19 @@ def linear_log_probs(
     if cap is not None:
         mask = _checks.where_mask(where, jnp.shape(hidden)[:-1])
         counted = jnp.ones(jnp.shape(hidden)[:-1], bool) if mask is None else mask
-        return aux_dict(_compact.head(fused_log_probs, cap, counted, arrays, static,
-                                      temperature, "linear_log_probs"), return_aux)
+        return _heads.aux_dict(_compact.head(fused_log_probs, cap, counted, arrays, static,
+                                             temperature, "linear_log_probs"),
+                               LOG_PROBS_AUX if return_aux else None)
     out = ("row", "row") if return_entropy else "row"
     placed = _explicit.run_head(_log_probs_shard, arrays, static, temperature,
                                (out, ("row", "row")) if return_aux else out)
     if placed is None:
         placed = fused_log_probs(**arrays, **static, temperature=temperature)
-    return aux_dict(placed, return_aux)
+    return _heads.aux_dict(placed, LOG_PROBS_AUX if return_aux else None)
 
 
-def aux_dict(result, return_aux: bool):
-    """:func:`fused_log_probs`'s result with its aux ``(lse, argmax)`` as the dict
-    ``return_aux`` gives."""
-    if not return_aux:
-        return result
-    out, (lse, arg) = result
-    return out, {"lse": lse, "argmax": arg}
+# The names of linear_log_probs's aux, in the order fused_log_probs gives it.
+LOG_PROBS_AUX = ("lse", "argmax")
 
 
 def _log_probs_shard(vocab, tok, **kw):
@@ -228,7 +223,7 @@ def fused_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, temperature,
                     impl="auto", token_block_size=None, interpret=False, return_aux=False,
                     axis_name=None):
     """:func:`linear_log_probs`, vocabulary-parallel over ``axis_name`` when given (with
-    ``return_aux`` the aux as a pair ``(lse, argmax)``, see :func:`aux_dict`)."""
+    ``return_aux`` the aux a tuple in :data:`LOG_PROBS_AUX`'s order)."""
     h, k, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
     v = _heads.vocab(vocab_size, v)
     batch_shape = jnp.shape(hidden)[:-1]
@@ -276,6 +271,7 @@ def linear_soft_cross_entropy(
     token_block_size: int | None = None,
     interpret: bool = False,
     capacity: int | None = None,
+    return_aux: bool = False,
 ):
     r"""``soft_cross_entropy(hidden @ kernel + bias, targets)`` without materializing logits.
 
@@ -309,9 +305,15 @@ def linear_soft_cross_entropy(
       token_block_size: ``impl="token"``: tokens per block.
       interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode.
 {capacity} Counted rows: ``where`` True (all rows when ``where`` is None).
+      return_aux: also return a dict of per-token extras from the same pass, shaped
+        ``hidden.shape[:-1]`` and carrying no gradient, as :func:`jaxent.linear_cross_entropy`
+        gives them: ``"lse"`` (log-sum-exp of ``z``), ``"z_loss"`` (``z_loss * lse**2``,
+        0 where not counted) and ``"argmax"`` (the first class of largest logit, int32);
+        with ``capacity``, 0 on rows not counted. Every ``impl`` serves it.
 
     Returns:
-      float32 scalar, or ``hidden.shape[:-1]`` for ``"none"``.
+      float32 scalar, or ``hidden.shape[:-1]`` for ``"none"``; with ``return_aux=True`` the
+      pair ``(loss, aux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -328,15 +330,23 @@ def linear_soft_cross_entropy(
     static = {"kernel_layout": kernel_layout, "label_smoothing": label_smoothing,
               "reduction": reduction, "z_loss": z_loss, "logit_softcap": logit_softcap,
               "block_size": block_size, "impl": impl, "token_block_size": token_block_size,
-              "interpret": bool(interpret)}
+              "interpret": bool(interpret), "return_aux": bool(return_aux)}
     cap = _compact.check(capacity)
     if cap is not None:
         mask = _checks.where_mask(where, jnp.shape(hidden)[:-1])
         counted = jnp.ones(jnp.shape(hidden)[:-1], bool) if mask is None else mask
-        return _compact.head(fused_soft_cross_entropy, cap, counted, arrays, static,
-                             temperature, "linear_soft_cross_entropy")
-    return _heads.place(fused_soft_cross_entropy, _soft_shard, arrays, static, temperature, impl,
-                        "row" if reduction == "none" else "replicated")
+        return _heads.aux_dict(_compact.head(fused_soft_cross_entropy, cap, counted, arrays,
+                                             static, temperature, "linear_soft_cross_entropy"),
+                               SOFT_AUX if return_aux else None)
+    out = "row" if reduction == "none" else "replicated"
+    return _heads.aux_dict(_heads.place(
+        fused_soft_cross_entropy, _soft_shard, arrays, static, temperature, impl,
+        (out, ("row",) * len(SOFT_AUX)) if return_aux else out),
+        SOFT_AUX if return_aux else None)
+
+
+# The names of linear_soft_cross_entropy's aux, in the order fused_soft_cross_entropy gives it.
+SOFT_AUX = ("lse", "z_loss", "argmax")
 
 
 def _soft_shard(vocab, tok, **kw):
@@ -346,9 +356,11 @@ def _soft_shard(vocab, tok, **kw):
 def fused_soft_cross_entropy(hidden, kernel, targets, *, bias, kernel_layout, weight,
                              label_smoothing, reduction, where, z_loss, logit_softcap,
                              temperature, block_size, impl="auto", token_block_size=None,
-                             interpret=False, axis_name=None, token_axis_name=None):
+                             interpret=False, return_aux=False, axis_name=None,
+                             token_axis_name=None):
     """:func:`linear_soft_cross_entropy`, vocabulary-parallel over ``axis_name`` when given
-    (then ``targets`` and ``weight`` are this device's ``V/k`` columns)."""
+    (then ``targets`` and ``weight`` are this device's ``V/k`` columns); with
+    ``return_aux`` the pair ``(loss, aux)``, the aux a tuple in :data:`SOFT_AUX`'s order."""
     h, k, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
     batch_shape = jnp.shape(hidden)[:-1]
     opts = _checks.options(reduction=reduction, label_smoothing=label_smoothing,
@@ -370,10 +382,16 @@ def fused_soft_cross_entropy(hidden, kernel, targets, *, bias, kernel_layout, we
                        local, n, block_size, kernel_layout, axis_name,
                        token_block_size=token_block_size, interpret=interpret)
     counted = _heads.counted(mask, n)
-    losses = _heads.walk(impl, stats.SoftTargets(v), plan, ((h, k, b),),
-                         stats.Rows(None, counted, temp),
-                         {"targets": t.reshape(n, local), "weight": w})
-    return _heads.reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
+    stat = (stats_aux.SoftTargetsAux if return_aux else stats.SoftTargets)(v)
+    outs = _heads.walk(impl, stat, plan, ((h, k, b),), stats.Rows(None, counted, temp),
+                       {"targets": t.reshape(n, local), "weight": w})
+    losses = outs[0] if return_aux else outs
+    loss = _heads.reduce(losses.reshape(batch_shape), counted, reduction, token_axis_name)
+    if not return_aux:
+        return loss
+    lse, arg = outs[1], outs[2]
+    z = jnp.where(counted, opts.z_loss * jnp.square(lse), 0.0)
+    return loss, tuple(a.reshape(batch_shape) for a in (lse, z, arg))
 
 
 token_log_probs.__doc__ = (token_log_probs.__doc__ or "").replace("{shift}", _shift.DOC)

@@ -11,12 +11,17 @@ per-module tests check against float64 references:
 * the RL and distillation heads on an Explicit data-parallel mesh with several vocabulary
   blocks (was a scan-carry type mismatch, ``float32[16]`` against ``float32[16@data]``);
 * per-row temperatures through the Explicit and Auto placements of the fused CE;
-* ``return_aux`` of ``linear_log_probs`` (lse, argmax) split over the vocabulary.
+* ``return_aux`` of ``linear_log_probs``, ``linear_soft_cross_entropy`` and the ``"jsd"``
+  distillation (lse, argmax) split over the vocabulary;
+* the same heads on Auto meshes (the partitioner splits the statistic walk: no kernel
+  gathered), ``impl="token"`` there, and ``impl="pallas"`` there refused by a
+  ``ValueError`` naming ``impl``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -74,33 +79,100 @@ HEADS = {
         return_entropy=True, block_size=8, return_aux=True),
     "soft": lambda d, h, k, b, ht, kt: jaxent.linear_soft_cross_entropy(
         h, k, d["targets"], bias=b, temperature=d["t"], label_smoothing=0.1, z_loss=1e-3,
-        where=d["where"], block_size=8),
+        where=d["where"], block_size=8, return_aux=True),
     "soft_none": lambda d, h, k, b, ht, kt: jaxent.linear_soft_cross_entropy(
         h, k, d["targets"], bias=b, reduction="none", block_size=8),
     "kl": lambda d, h, k, b, ht, kt: jaxent.linear_distillation_loss(
         h, k, ht, kt, student_bias=b, temperature=d["t"], where=d["where"], block_size=8),
     "jsd": lambda d, h, k, b, ht, kt: jaxent.linear_distillation_loss(
-        h, k, ht, kt, divergence="jsd", beta=0.3, reduction="sum", block_size=8),
+        h, k, ht, kt, divergence="jsd", beta=0.3, reduction="sum", block_size=8,
+        return_aux=True),
 }
 
 
-@pytest.mark.parametrize("mesh_name", ["data8", "model8", "data2xmodel4"])
-@pytest.mark.parametrize("head", sorted(HEADS))
-def test_rl_heads_on_explicit_meshes(head, mesh_name):
-    """Values and gradients (hidden, kernel, bias) of the RL and distillation heads with
-    inputs sharded over an Explicit mesh, several vocabulary blocks per device."""
-    d = _data()
-    fn = lambda h, k, b, ht, kt: HEADS[head](d, h, k, b, ht, kt)  # noqa: E731
-    args = (d["h"], d["k"], d["b"], d["ht"], d["kt"])
-    want = _value_and_grads(lambda h, k, b: fn(h, k, b, d["ht"], d["kt"]), args[:3])
-    mesh, hspec, kspec = _explicit(mesh_name)
+# Every head on every Explicit mesh; on Auto meshes (the partitioner splits the walks) the
+# heads on the two-axis mesh and the log-probs on the one-axis meshes.
+MESH_CASES = ([(h, m, AxisType.Explicit) for h in sorted(HEADS) for m in MESHES]
+              + [(h, "data2xmodel4", AxisType.Auto) for h in sorted(HEADS) if h != "soft_none"]
+              + [("log_probs", m, AxisType.Auto) for m in ("data8", "model8")])
+
+
+def _placed_value_and_grads(fn, d, mesh_name, axis_type):
+    """``fn``'s value and gradients (hidden, kernel, bias) with the inputs placed on the
+    mesh ``mesh_name`` of ``axis_type`` axes, under ``jax.jit``."""
+    shape, names, hspec, kspec = MESHES[mesh_name]
+    mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
     vocab = kspec[1] if len(kspec) > 1 else None
+    args = (d["h"], d["k"], d["b"], d["ht"], d["kt"])
     with jax.set_mesh(mesh):
         placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(
             args, (hspec, kspec, P(vocab), hspec, kspec), strict=True)]
-        got = jax.jit(lambda *a: _value_and_grads(
+        return jax.jit(lambda *a: _value_and_grads(
             lambda h, k, b: fn(h, k, b, a[3], a[4]), a[:3]))(*placed)
-    _close(got, want)
+
+
+@pytest.mark.parametrize(("head", "mesh_name", "axis_type"), MESH_CASES,
+                         ids=[f"{h}-{m}-{t.name}" for h, m, t in MESH_CASES])
+def test_rl_heads_on_meshes(head, mesh_name, axis_type):
+    """Values and gradients (hidden, kernel, bias) of the RL and distillation heads with
+    inputs sharded over an Explicit or Auto mesh, several vocabulary blocks per device."""
+    d = _data()
+    fn = lambda h, k, b, ht, kt: HEADS[head](d, h, k, b, ht, kt)  # noqa: E731
+    want = _value_and_grads(lambda h, k, b: fn(h, k, b, d["ht"], d["kt"]),
+                            (d["h"], d["k"], d["b"]))
+    _close(_placed_value_and_grads(fn, d, mesh_name, axis_type), want)
+
+
+def test_rl_heads_token_and_pallas_on_auto_mesh():
+    """On an Auto mesh (tokens and vocabulary split) ``impl="token"`` gives the one-device
+    values and gradients (with ``return_aux``), and ``impl="pallas"`` raises a
+    ``ValueError`` naming ``impl`` and the Auto mesh, for each head."""
+    d = _data(5)
+    heads = {
+        "log_probs": lambda h, k, b, ht, kt, **kw: jaxent.linear_log_probs(
+            h, k, d["y"], bias=b, return_entropy=True, return_aux=True, **kw),
+        "kl": lambda h, k, b, ht, kt, **kw: jaxent.linear_distillation_loss(
+            h, k, ht, kt, student_bias=b, temperature=d["t"], **kw),
+        "soft": lambda h, k, b, ht, kt, **kw: jaxent.linear_soft_cross_entropy(
+            h, k, d["targets"], bias=b, z_loss=1e-3, return_aux=True, **kw),
+    }
+    token = lambda h, k, b, ht, kt: tuple(  # noqa: E731
+        heads[n](h, k, b, ht, kt, impl="token", token_block_size=4) for n in ("log_probs", "kl"))
+    want = _value_and_grads(lambda h, k, b: token(h, k, b, d["ht"], d["kt"]),
+                            (d["h"], d["k"], d["b"]))
+    _close(_placed_value_and_grads(token, d, "data2xmodel4", AxisType.Auto), want)
+    for f in heads.values():
+        pallas = lambda h, k, b, ht, kt, f=f: f(  # noqa: E731
+            h, k, b, ht, kt, impl="pallas", interpret=True)
+        with pytest.raises(ValueError, match="`impl`='pallas'.*Auto"):
+            _placed_value_and_grads(pallas, d, "model8", AxisType.Auto)
+
+
+def test_rl_heads_on_auto_mesh_split_by_the_partitioner():
+    """On an Auto mesh the partitioner splits the statistic walk over the vocabulary: the
+    compiled values and gradients of the heads gather no array with a vocabulary-sized
+    dimension (no ``[D, V]`` kernel, no logits); a second-order derivative is a clear
+    ``NotImplementedError``, as for the fused CE there."""
+    d = _data(6)
+
+    def heads(h, k, b, ht, kt, t):
+        return (HEADS["log_probs"](d, h, k, b, ht, kt),
+                jaxent.linear_soft_cross_entropy(h, k, t, bias=b, z_loss=1e-3, block_size=8),
+                HEADS["kl"](d, h, k, b, ht, kt))
+
+    shape, names, hspec, kspec = MESHES["data2xmodel4"]
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * 2)
+    specs = (hspec, kspec, P("model"), hspec, kspec, P("data", "model"))
+    with jax.set_mesh(mesh):
+        args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(
+            (d["h"], d["k"], d["b"], d["ht"], d["kt"], d["targets"]), specs, strict=True)]
+        text = jax.jit(lambda *a: _value_and_grads(
+            lambda h, k, b: heads(h, k, b, *a[3:]), a[:3])).lower(*args).compile().as_text()
+    gathers = re.findall(r"=\s*\(?\w+\[([\d,]*)\][^=]*\ball-gather(?:-start)?\(", text)
+    assert not [g for g in gathers if str(V) in g.split(",")], gathers
+    grad = jax.grad(lambda h: HEADS["kl"](d, h, args[1], None, args[3], args[4]))
+    with jax.set_mesh(mesh), pytest.raises(NotImplementedError, match="AxisType.Auto"):
+        jax.jvp(grad, (d["h"],), (d["h"],))
 
 
 def test_log_probs_grad_vocab_sharded_kernel_explicit():

@@ -2,7 +2,8 @@
 
 Run by tests/test_sharded_rl.py in a subprocess of its own (the device count is fixed when
 JAX starts); values and gradients (random cotangents) must equal the single-device fused
-losses, which tests/test_rl.py checks against float64 references.
+losses, which tests/test_rl.py checks against float64 references (and ``return_aux``'s
+extras the single-device ones).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def _specs(layout, tok):
     return P(tok, None), kspec, P("model"), P(tok)
 
 
-def _grads(fn, args, cts):
-    out, vjp = jax.vjp(fn, *args)
-    return out, vjp(jax.tree.map(lambda o, c: jnp.asarray(c, o.dtype), out, cts))
+def _grads(fn, args, cts, has_aux=False):
+    """``fn``'s value, (with ``has_aux``) its aux, and the vjp of ``cts``."""
+    out, vjp, *aux = jax.vjp(fn, *args, has_aux=has_aux)
+    return out, *aux, vjp(jax.tree.map(lambda o, c: jnp.asarray(c, o.dtype), out, cts))
 
 
 @pytest.mark.parametrize("mesh_name,layout", [("model8", "dv"), ("data2xmodel4", "vd")])
@@ -79,7 +81,9 @@ def test_linear_soft_cross_entropy_sharded(mesh_name, reduction):
     k = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
     t = jnp.asarray(rng.dirichlet(np.ones(V), N), jnp.float32)
     w = jnp.asarray(rng.uniform(0.5, 2.0, V), jnp.float32)
-    kw = dict(label_smoothing=0.1, z_loss=1e-3, reduction=reduction, temperature=1.3)
+    aux = reduction == "none"  # with return_aux: lse, z_loss, argmax per token
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, reduction=reduction, temperature=1.3,
+              return_aux=aux)
     hs, ks, bs, ts = _specs("dv", tok)
 
     def local(h, k, t, w):
@@ -87,12 +91,13 @@ def test_linear_soft_cross_entropy_sharded(mesh_name, reduction):
                                                  token_axis_name=tok, block_size=3, **kw)
 
     out = ts if reduction == "none" else P()
+    out = (out, dict.fromkeys(("lse", "z_loss", "argmax"), ts)) if aux else out
     fn = jax.shard_map(local, mesh=mesh, in_specs=(hs, ks, P(tok, "model"), bs),
                        out_specs=out)
     ct = rng.normal(size=(N,) if reduction == "none" else ())
-    got = _grads(jax.jit(lambda h, k, t: fn(h, k, t, w)), (h, k, t), ct)
+    got = _grads(jax.jit(lambda h, k, t: fn(h, k, t, w)), (h, k, t), ct, aux)
     want = _grads(lambda h, k, t: jaxent.linear_soft_cross_entropy(h, k, t, weight=w, **kw),
-                  (h, k, t), ct)
+                  (h, k, t), ct, aux)
     _close(got, want)
 
 
@@ -108,7 +113,8 @@ def test_linear_distillation_loss_sharded(mesh_name, divergence, beta):
     kt = jnp.asarray(rng.normal(size=(V, 2 * D)) / 2, jnp.float32)
     labels = jnp.asarray(rng.integers(0, V, (N,))).at[3].set(-100)
     temp = jnp.asarray(rng.uniform(0.5, 2.0, (N,)), jnp.float32)
-    kw = dict(divergence=divergence, beta=beta, kernel_layout="vd")
+    aux = divergence == "jsd"  # with return_aux: lse, argmax, teacher_argmax per token
+    kw = dict(divergence=divergence, beta=beta, kernel_layout="vd", return_aux=aux)
     hs, ks, bs, ts = _specs("vd", tok)
 
     def local(h, k, ht, kt, labels, temp):
@@ -116,9 +122,10 @@ def test_linear_distillation_loss_sharded(mesh_name, divergence, beta):
                                                 axis_name="model", token_axis_name=tok,
                                                 block_size=3, **kw)
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(hs, ks, hs, ks, ts, ts), out_specs=P())
+    out = (P(), dict.fromkeys(("lse", "argmax", "teacher_argmax"), ts)) if aux else P()
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(hs, ks, hs, ks, ts, ts), out_specs=out)
     ct = rng.normal()
-    got = _grads(jax.jit(lambda h, k: fn(h, k, ht, kt, labels, temp)), (h, k), ct)
+    got = _grads(jax.jit(lambda h, k: fn(h, k, ht, kt, labels, temp)), (h, k), ct, aux)
     want = _grads(lambda h, k: jaxent.linear_distillation_loss(
-        h, k, ht, kt, labels=labels, temperature=temp, **kw), (h, k), ct)
+        h, k, ht, kt, labels=labels, temperature=temp, **kw), (h, k), ct, aux)
     _close(got, want)

@@ -209,8 +209,8 @@ def test_bench_suite_runs_tiny(capsys):
 
 def test_log_probs_aux_with_capacity_matches_on_counted_rows():
     """``return_aux`` through the compaction: the counted rows' lse and argmax equal the
-    uncompacted call's (float64 reference of the lse), the others are 0; the aux is refused
-    by the walks that do not give it."""
+    uncompacted call's (float64 reference of the lse), the others are 0; the token walk
+    gives the same aux."""
     h = jax.random.normal(jax.random.key(0), (7, 8))
     w = jax.random.normal(jax.random.key(1), (8, 20))
     y = jax.random.randint(jax.random.key(2), (7,), 0, 20)
@@ -223,5 +223,7 @@ def test_log_probs_aux_with_capacity_matches_on_counted_rows():
     np.testing.assert_allclose(aux["lse"], np.where(keep, lse, 0.0), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(aux["argmax"], np.where(keep, x64.argmax(1), 0))
     np.testing.assert_array_equal(aux0["argmax"], x64.argmax(1))
-    with pytest.raises(ValueError, match="`impl`='token' cannot serve return_aux"):
-        jaxent.linear_log_probs(h, w, y, return_aux=True, impl="token")
+    _, aux_t = jaxent.linear_log_probs(h, w, y, where=keep, capacity=4, return_aux=True,
+                                       impl="token")
+    np.testing.assert_array_equal(aux_t["argmax"], aux["argmax"])
+    np.testing.assert_allclose(aux_t["lse"], aux["lse"], rtol=1e-6)

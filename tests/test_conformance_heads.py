@@ -169,3 +169,88 @@ def test_each_impl_is_its_own_program(head):
     assert "f32[5,100]" in sig["token"] and "f32[12,64]" not in sig["token"]
     texts = {impl: _compiled(impl, "float32")[0].as_text() for impl in IMPLS}
     assert len(set(texts.values())) == len(IMPLS)
+
+
+# ------------------------------------------------------------------------------ return_aux
+
+AUX_HEADS = ("log_probs_entropy", "soft", "kl", "jsd")
+Z_LOSS = 1e-3
+
+
+def _aux_head(name: str, impl: str, h, w, b, d: dict):
+    """``(per-token outputs, aux dict)`` of the head with ``return_aux=True``."""
+    kw = {"impl": impl, "block_size": 64, "token_block_size": 5, "interpret": True,
+          "temperature": d["temp"], "where": d["where"], "return_aux": True}
+    if name == "log_probs_entropy":
+        return jaxent.linear_log_probs(h, w, d["y"], bias=b, return_entropy=True, **kw)
+    if name == "soft":
+        loss, aux = jaxent.linear_soft_cross_entropy(
+            h, w, d["t"], bias=b, label_smoothing=SMOOTH, z_loss=Z_LOSS, reduction="none", **kw)
+        return (loss,), aux
+    loss, aux = jaxent.linear_distillation_loss(
+        h, w, d["ht"], d["wt"], divergence=name, beta=BETA, student_bias=b,
+        teacher_bias=d["bt"], reduction="none", **kw)
+    return (loss,), aux
+
+
+def _aux_reference(name: str, h, w, b, d: dict):
+    """The naive program's outputs and aux: ``logsumexp`` and ``argmax`` of the materialized
+    float32 logits."""
+    x = h @ w + b[None, :]
+    lse = jax.nn.logsumexp(x / d["temp"][:, None], axis=-1)
+    aux = {"lse": lse, "argmax": jnp.argmax(x, -1).astype(jnp.int32)}
+    outs = _reference(name, None, h, w, b, d)
+    if name == "soft":
+        aux["z_loss"] = jnp.where(d["where"], Z_LOSS * lse**2, 0.0)
+        outs = (outs[0] + aux["z_loss"],)
+    if name in ("kl", "jsd"):
+        xt = d["ht"] @ d["wt"] + d["bt"][None, :]
+        aux["teacher_argmax"] = jnp.argmax(xt, -1).astype(jnp.int32)
+    return outs, aux
+
+
+@functools.cache
+def _aux_results(impl: str | None):
+    """``{head: (outputs, aux, (d hidden, d kernel, d bias))}``, vocabulary 100, float32, in
+    one program. The differentiated sum also weighs the aux's ``lse`` for the heads (not for
+    the reference): it carries no gradient, so the gradients must be the reference's."""
+    def everything(d):
+        out = {}
+        for head in AUX_HEADS:
+            def loss(h, w, b, head=head):
+                outs, aux = (_aux_reference(head, h, w, b, d) if impl is None
+                             else _aux_head(head, impl, h, w, b, d))
+                total = sum(jnp.sum(o * d["c"][i]) for i, o in enumerate(outs))
+                if impl is not None:
+                    total = total + jnp.sum(aux["lse"] * d["c"][1])
+                return total, (outs, aux)
+
+            (_, (outs, aux)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
+                d["h"], d["w"], d["b"])
+            out[head] = (outs, aux, grads)
+        return out
+
+    return jax.jit(everything)(_data(VOCABS["ragged"], "float32"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_return_aux_matches_naive_program(impl):
+    """``return_aux`` on every head and impl: the outputs and gradients unchanged, ``lse``
+    at rtol 1e-5, the argmaxes exact, the z-loss term; the aux's keys are the documented
+    ones and carry no gradient."""
+    got, ref = _aux_results(impl), _aux_results(None)
+    for head in AUX_HEADS:
+        outs, aux, grads = got[head]
+        r_outs, r_aux, r_grads = ref[head]
+        assert set(aux) == set(r_aux), head
+        for i, (o, r) in enumerate(zip(outs, r_outs, strict=True)):
+            _close(o, r, 1e-5, f"{head} output {i}")
+        for name in ("argmax", "teacher_argmax"):
+            if name in aux:
+                assert aux[name].dtype == jnp.int32 and aux[name].shape == (N,)
+                np.testing.assert_array_equal(aux[name], r_aux[name], err_msg=f"{head} {name}")
+        for name in ("lse", "z_loss"):
+            if name in aux:
+                _close(aux[name], r_aux[name], 1e-5, f"{head} {name}")
+        for name, g, r in zip(("hidden", "kernel", "bias"), grads, r_grads, strict=True):
+            _close(g, r, 1e-5, f"{head} d {name}")

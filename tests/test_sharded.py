@@ -9,8 +9,9 @@ fresh interpreter; the rest of the suite keeps its single device:
 * ``tests/sharded_layout_cases.py``: FSDP, two-axis token and padded-vocabulary shardings;
 * ``tests/sharded_rl_cases.py``: the vocabulary-parallel RL and distillation losses;
 * ``tests/sharded_reliability_cases.py``: overlapping axes, bad ids and second order;
-* ``tests/sharded_engine_cases.py``: the RL heads on Explicit meshes, the Auto-mesh
-  ``impl`` refusal and per-row temperatures through the placements;
+* ``tests/sharded_engine_cases.py``: the RL heads on Explicit and Auto meshes (with
+  ``return_aux``), the Auto-mesh ``impl`` refusals and per-row temperatures through the
+  placements;
 * ``tests/sharded_compact_cases.py``: ``shift=1`` on Explicit meshes, ``capacity``'s
   refusal on meshes and its use inside a caller's ``shard_map``.
 * ``tests/sharded_support_cases.py``: the vocabulary-parallel support-restricted log-probs;

@@ -142,6 +142,8 @@ def test_bad_teachers():
     with pytest.raises(ValueError, match="`teacher_bias`"):
         jaxent.linear_distillation_loss(h, w, teacher_topk=(ids, lq),
                                         teacher_bias=jnp.zeros(V))
+    with pytest.raises(ValueError, match="`return_aux` is served with a dense teacher"):
+        jaxent.linear_distillation_loss(h, w, teacher_topk=(ids, lq), return_aux=True)
     with pytest.raises(TypeError, match="`teacher_topk` must be a pair"):
         jaxent.distillation_loss(h @ w, teacher_topk=ids)
     with pytest.raises(ValueError, match="`teacher_topk log_probs`"):

@@ -4,12 +4,13 @@ The registry's entries are the implementations themselves (:class:`Implementatio
 name, what it can serve, where ``"auto"`` prefers it (per platform: its rank and the largest
 vocabulary it is picked for), and for the fused head the per-device function that runs it
 (``run(plan, h, kernel, bias, labels, weight) -> (losses or their sum, (lse, argmax))``),
-which every placement calls. An ``impl`` asked for explicitly that cannot serve a call
-raises a ``ValueError`` naming ``impl``, why, and which implementations can; ``"auto"``
-(and ``"xla"``, the XLA walks alone) picks, among the entries that can serve the call, the
-one of lowest rank on the platform the program is lowered for (:func:`choices` tells the
-lowering which platforms differ). Adding an implementation is one module and one
-:func:`register` call (``docs/extending.md``).
+which every placement calls, and its version split by the partitioner on Auto meshes
+(``auto_run``, registered by :mod:`jaxent.placement.auto`). An ``impl`` asked for
+explicitly that cannot serve a call raises a ``ValueError`` naming ``impl``, why, and which
+implementations can; ``"auto"`` (and ``"xla"``, the XLA walks alone) picks, among the
+entries that can serve the call, the one of lowest rank on the platform the program is
+lowered for (:func:`choices` tells the lowering which platforms differ). Adding an
+implementation is one module and one :func:`register` call (``docs/extending.md``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class Implementation:
       xla: whether it is an XLA walk (``impl="xla"`` picks among those only).
       refuses: why it cannot serve a :class:`Request` (None when it can).
       run: for ``"linear"``, the per-device function every placement calls.
+      auto_run: ``run`` split by the partitioner on a mesh with Auto axes: for
+        ``"linear"`` ``auto_run(spec, plan, h, kernel, bias, labels, weight)`` (``spec``
+        the call's static options), for ``"stat"`` ``run``'s signature;
+        :mod:`jaxent.placement.auto` registers it, a layer above this one. None: ``run``
+        itself, whole on each device (partitioned by XLA as it sees fit).
       per_row: ``run`` returns per-token losses (else their sum).
       prefer: ``{platform: Preference}`` (``"cpu"``, ``"gpu"``, ``"tpu"``); ``"auto"`` never
         picks it on a platform not listed.
@@ -86,6 +92,7 @@ class Implementation:
     run: Callable | None = None
     per_row: bool = True
     prefer: Mapping[str, Preference] = dataclasses.field(default_factory=dict)
+    auto_run: Callable | None = None
 
 
 def _token_refuses(req: Request) -> str | None:
@@ -188,6 +195,12 @@ def _register_builtin() -> None:
                             prefer=_everywhere(0)))
     register(Implementation("token", "stat", True, _stat_token_refuses, stream_token.run))
     register(Implementation("pallas", "stat", False, _stat_pallas_refuses, _pallas_stat))
+
+
+def register_auto_run(kind: str, name: str, auto_run: Callable) -> None:
+    """Give the registered implementation ``name`` of ``kind`` its Auto-mesh version
+    (:attr:`Implementation.auto_run`)."""
+    REGISTRY[kind, name] = dataclasses.replace(REGISTRY[kind, name], auto_run=auto_run)
 
 
 def implementation(kind: str, name: str) -> Implementation:

@@ -167,15 +167,16 @@ def pass_stat(spec: Spec, prev):
     return nxt
 
 
-def carry_leaves(stat, bn: int, acc) -> tuple[Any, int]:
-    """``(treedef, number of leaves)`` of ``stat``'s carry; each leaf must be ``[bn]``."""
+def carry_leaves(stat, bn: int, acc) -> tuple[Any, tuple]:
+    """``(treedef, the leaves' dtypes)`` of ``stat``'s carry (``acc``, or e.g. int32 for an
+    argmax); each leaf must be ``[bn]``."""
     shapes = jax.eval_shape(lambda: stat.init(bn, acc))
     leaves, tree = jax.tree.flatten(shapes)
     if any(leaf.shape != (bn,) for leaf in leaves):
         raise NotImplementedError(
             f"impl='pallas' serves statistics whose carry is per-row vectors; "
             f"{type(stat).__name__}'s is {[leaf.shape for leaf in leaves]}")
-    return tree, len(leaves)
+    return tree, tuple(leaf.dtype for leaf in leaves)
 
 
 def cost(spec: Spec, op: Operands, matmuls: float, re_reads: int, elementwise: int = 8):
@@ -276,6 +277,8 @@ def _fwd(spec: Spec, streams, rows: Rows, cols: dict):
 def _bwd(spec: Spec, saved, cts):
     streams, rows, cols, res = saved
     n, d = streams[0][0].shape
+    # Integer outputs (an argmax) have float0 cotangents: the kernels take none for them.
+    cts = jax.tree.map(lambda c: None if c.dtype == jax.dtypes.float0 else c, cts)
     res_leaves, cts_leaves = jax.tree.leaves(res), jax.tree.leaves(cts)
     acc = rm.compute_dtype(streams[0][0].dtype)
     cts_leaves = [c.astype(acc) for c in cts_leaves]

@@ -149,14 +149,14 @@ def forward(spec, op: ps.Operands, prev_tree):
     np_, vp = op.counted.shape[0], ps.vocab_size(op, spec.layout)
     acc = rm.compute_dtype(op.streams[0][0].dtype)
     prev = None if prev_tree is None else jax.tree.unflatten(prev_tree, op.extra)
-    _, leaves = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
+    _, dtypes = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
     row = pl.BlockSpec((bn,), lambda i: (i,))
     specs = _in_specs(tags, arrays, row, lambda d: pl.BlockSpec((bn, d), lambda i: (i, 0)))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, tags=tags, prev_tree=prev_tree,
                           streams=len(op.streams), vp=vp),
-        grid=(np_ // bn,), in_specs=specs, out_specs=[row] * leaves,
-        out_shape=[jax.ShapeDtypeStruct((np_,), acc)] * leaves,
+        grid=(np_ // bn,), in_specs=specs, out_specs=[row] * len(dtypes),
+        out_shape=[jax.ShapeDtypeStruct((np_,), t) for t in dtypes],
         compiler_params=blocks.params(cfg), interpret=spec.interpret,
         name="jaxent_stat_fwd", cost_estimate=ps.cost(spec, op, 1, np_ // bn),
     )(*_guarded(spec, arrays))

@@ -151,14 +151,15 @@ def forward(spec, op: ps.Operands, prev_tree):
     np_, vp = op.counted.shape[0], ps.vocab_size(op, spec.layout)
     acc = rm.compute_dtype(op.streams[0][0].dtype)
     prev = None if prev_tree is None else jax.tree.unflatten(prev_tree, op.extra)
-    tree, leaves = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
+    tree, dtypes = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
     row = pl.BlockSpec((1, bn), lambda i, j: (0, i))
     arrays = [common.guard_platform(arrays[0], spec.interpret)] + arrays[1:]
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, tags=tags, prev_tree=prev_tree, tree=tree,
                           streams=len(op.streams)),
         grid=(np_ // bn, vp // bv), in_specs=_specs(spec, tags, arrays, "nv"),
-        out_specs=[row] * leaves, out_shape=[jax.ShapeDtypeStruct((1, np_), acc)] * leaves,
+        out_specs=[row] * len(dtypes),
+        out_shape=[jax.ShapeDtypeStruct((1, np_), t) for t in dtypes],
         compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_stat_fwd",
         cost_estimate=ps.cost(spec, op, 1, np_ // bn),
     )(*_lanes(tags, arrays))

@@ -2,10 +2,11 @@
 
 Under ``AxisType.Auto`` axes the shardings of traced values are unknown at trace time: XLA's
 partitioner (Shardy) picks them when compiling. ``jax.experimental.custom_partitioning``
-defers the split to that moment: the fused walks (the vocabulary walk's forward and
-backward, the token walk) are one custom call each, whose partition rule receives the
-operands' shardings and lowers, per device, the same walks with ``vocab_axis`` set (over
-the kernel's vocabulary axes) or on each token shard. Unpartitioned, under ``jax.vmap``
+defers the split to that moment: the fused walks (the fused CE's vocabulary walk, forward
+and backward, and its token walk; the statistic walk of the RL and distillation heads,
+forward and backward, for any statistic) are one custom call each, whose partition rule
+receives the operands' shardings and lowers, per device, the same walks with ``vocab_axis``
+set (over the kernel's vocabulary axes) or on each token shard. Unpartitioned, under ``jax.vmap``
 and eagerly, each custom call is the single-device walk itself.
 
 It applies only when an input is typed over a mesh with more than one device and Auto
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +31,13 @@ from jax.sharding import PartitionSpec as P
 from jaxent import _platform
 from jaxent import _rowmath as rm
 from jaxent.impl import linear_ce as _ce
+from jaxent.impl import register_auto_run
+from jaxent.impl import stream as _stream
 from jaxent.impl import token as _token
+from jaxent.impl._blocks import varies as _varies
 from jaxent.impl._blocks import vocab_axis as _vocab_axis
 from jaxent.impl.plan import Plan, make_plan
+from jaxent.impl.stats import Rows
 from jaxent.placement.explicit import axes_of, entry_of
 from jaxent.placement.local import FusedSpec
 
@@ -67,6 +73,10 @@ class AutoPlan:
     has_bias: bool
     has_weight: bool
     has_temp: bool = False
+
+    @property
+    def layout(self) -> str:
+        return self.spec.layout
 
 
 def _device_plan(ap: AutoPlan, vocab: tuple, h, k) -> Plan:
@@ -140,7 +150,7 @@ def _token_forward_shard(ap, tok, vocab, h, k, b, y, valid, counted, row_w, temp
     return _psum_over(total, tok), lse, arg, dh, _psum_over(dk, tok), _psum_over(db, tok)
 
 
-def _auto_split(ap: AutoPlan, h_sharding, k_sharding, n: int, v: int) -> tuple[tuple, tuple]:
+def _auto_split(ap, h_sharding, k_sharding, n: int, v: int) -> tuple[tuple, tuple]:
     """``(token axes, vocabulary axes)`` from the shardings the partitioner proposes: the
     kernel's vocabulary axis and ``hidden``'s token axis, each kept only if it divides the
     global size (an axis on both goes to the vocabulary)."""
@@ -153,7 +163,7 @@ def _auto_split(ap: AutoPlan, h_sharding, k_sharding, n: int, v: int) -> tuple[t
     def fits(axes, size):
         return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
-    vocab = fits(axes(k_sharding, _vocab_axis(ap.spec.layout)), v)
+    vocab = fits(axes(k_sharding, _vocab_axis(ap.layout)), v)
     tok = fits(tuple(a for a in axes(h_sharding, 0) if a not in vocab), n)
     return tok, vocab
 
@@ -179,14 +189,15 @@ _RULES = {  # Shardy sharding rules (factors: n tokens, d width, v vocabulary, c
 }
 
 
-def _auto_specs(ap: AutoPlan, arg_shapes) -> tuple:
+def _auto_specs(ap, arg_shapes) -> tuple:
     """``(mesh, token axes, vocabulary axes, {layout kind: PartitionSpec})`` for operands
-    sharded as ``arg_shapes`` say (``hidden`` and ``kernel`` first)."""
+    sharded as ``arg_shapes`` say (``hidden`` and ``kernel`` first; ``ap.layout`` the
+    kernel's)."""
     h, k = arg_shapes[0], arg_shapes[1]
     if isinstance(h.sharding, NamedSharding) and isinstance(k.sharding, NamedSharding):
         mesh = k.sharding.mesh
         tok, vocab = _auto_split(ap, h.sharding, k.sharding, h.shape[0],
-                                 k.shape[_vocab_axis(ap.spec.layout)])
+                                 k.shape[_vocab_axis(ap.layout)])
     else:  # shardings not over mesh axes (no mesh known): everything replicated
         # devices_indices_map lists the devices in the sharding's order
         devices = list(h.sharding.devices_indices_map(tuple(h.shape)))
@@ -194,41 +205,50 @@ def _auto_specs(ap: AutoPlan, arg_shapes) -> tuple:
         tok, vocab = (), ()
     t, v = entry_of(tok), entry_of(vocab)
     specs = {"row": P(t), "hidden": P(t, None), "bias": P(v), "replicated": P(),
-             "kernel": P(None, v) if ap.spec.layout == "dv" else P(v, None)}
+             "kernel": P(None, v) if ap.layout == "dv" else P(v, None), "targets": P(t, v)}
     return mesh, tok, vocab, specs
 
 
-def _custom_partitioned(name: str, fun, per_shard, out_kinds):
+_CE_OPERANDS = ("hidden", "kernel", "bias", "row", "row", "row", "row", "row", "replicated")
+
+
+def _ce_kinds(out_kinds: tuple):
+    """The fused CE ops' layout kinds: its operands (then residual and cotangent rows) and
+    ``out_kinds``."""
+    return lambda ap, n_args: (_CE_OPERANDS + ("row",) * (n_args - len(_CE_OPERANDS)),
+                               out_kinds)
+
+
+def _custom_partitioned(fun, per_shard, kinds, rule):
     """``fun(ap, *args)`` as a ``custom_partitioning`` op lowered per device by ``per_shard``;
-    ``out_kinds`` names each output's layout (``"row"``, ``"hidden"``, ``"kernel"``,
-    ``"bias"``, ``"replicated"``)."""
+    ``kinds(ap, number of args)`` names the layout of each operand and each output
+    (``"row"``, ``"hidden"``, ``"kernel"``, ``"bias"``, ``"targets"``, ``"replicated"``; a
+    ``":i"`` suffix is a stream's index, for ``rule``), ``rule(ap)`` is the Shardy rule."""
     from jax.experimental.custom_partitioning import custom_partitioning  # noqa: PLC0415
 
     op = custom_partitioning(fun, static_argnums=(0,))
 
-    def out_shardings(mesh, specs, result_shape):
-        return tuple(None if r is None else NamedSharding(mesh, specs[kind])
-                     for r, kind in zip(result_shape, out_kinds, strict=True))
+    def shardings(mesh, specs, shapes, kinds):
+        return tuple(None if r is None else NamedSharding(mesh, specs[kind.split(":")[0]])
+                     for r, kind in zip(shapes, kinds, strict=True))
 
     def partition(ap, mesh, arg_shapes, result_shape):
         mesh, tok, vocab, specs = _auto_specs(ap, arg_shapes)
-        in_kinds = ("hidden", "kernel", "bias", "row", "row", "row", "row", "row",
-                    "replicated")
-        in_kinds += ("row",) * (len(arg_shapes) - len(in_kinds))
-        in_shardings = tuple(None if a is None else NamedSharding(mesh, specs[kind])
-                             for a, kind in zip(arg_shapes, in_kinds, strict=True))
+        in_kinds, out_kinds = kinds(ap, len(arg_shapes))
+        in_shardings = shardings(mesh, specs, arg_shapes, in_kinds)
 
         def lower(*args):
             return per_shard(ap, tok, vocab, *args)
 
-        return mesh, lower, out_shardings(mesh, specs, result_shape), in_shardings
+        return (mesh, lower, shardings(mesh, specs, result_shape, out_kinds),
+                in_shardings)
 
     def infer(ap, mesh, arg_shapes, result_shape):  # GSPMD (Shardy off) only
         mesh, _, _, specs = _auto_specs(ap, arg_shapes)
-        return out_shardings(mesh, specs, result_shape)
+        return shardings(mesh, specs, result_shape, kinds(ap, len(arg_shapes))[1])
 
     op.def_partition(partition, infer_sharding_from_operands=infer,
-                     sharding_rule=lambda ap, mesh, ins, outs: _RULES[name](ap))
+                     sharding_rule=lambda ap, mesh, ins, outs: rule(ap))
 
     def call(ap: AutoPlan, *args):
         # custom_partitioning has no batching rule: under vmap, the single-device function.
@@ -261,16 +281,20 @@ _SECOND_ORDER = (
     "second-order derivatives (differentiating a gradient) of the fused losses on a mesh "
     "with AxisType.Auto axes are not supported: jax.experimental.custom_partitioning has no "
     "differentiation rule. Use a mesh with AxisType.Explicit axes, or jax.shard_map with "
-    "jaxent.sharded.linear_cross_entropy (or shard_linear_cross_entropy): both support it")
+    "the functions of jaxent.sharded (e.g. jaxent.sharded.linear_cross_entropy, "
+    "linear_log_probs): both support it")
 
 
 _rows_forward_op = _custom_partitioned(
-    "rows_forward", _rows_forward, _rows_forward_shard, ("row",) * (3 + _ce.RESIDUALS))
+    _rows_forward, _rows_forward_shard, _ce_kinds(("row",) * (3 + _ce.RESIDUALS)),
+    _RULES["rows_forward"])
 _rows_backward_op = _custom_partitioned(
-    "rows_backward", _rows_backward, _rows_backward_shard, ("hidden", "kernel", "bias"))
+    _rows_backward, _rows_backward_shard, _ce_kinds(("hidden", "kernel", "bias")),
+    _RULES["rows_backward"])
 _token_forward_op = _custom_partitioned(
-    "token_forward", _token_forward, _token_forward_shard,
-    ("replicated", "row", "row", "hidden", "kernel", "bias"))
+    _token_forward, _token_forward_shard,
+    _ce_kinds(("replicated", "row", "row", "hidden", "kernel", "bias")),
+    _RULES["token_forward"])
 
 
 def _auto_plan(plan: Plan, spec: FusedSpec, bias, weight) -> AutoPlan:
@@ -319,14 +343,189 @@ def _auto_token_bwd(ap: AutoPlan, res, cts):
 _auto_token_sum.defvjp(_auto_token_fwd, _auto_token_bwd)
 
 
-def walks(spec: FusedSpec, bias, weight) -> dict:
-    """The registered implementations' ``run`` (:mod:`jaxent.impl`), split by the
-    partitioner: ``{name: run}`` for the ones that have an Auto-mesh version."""
+def _rows_auto(spec: FusedSpec, plan: Plan, h, k, b, lab, w):
+    """The vocabulary walk's ``run`` split by the partitioner."""
+    return _auto_rows(_auto_plan(plan, spec, b, w), h, k, b, lab, w)
 
-    def rows(plan, h, k, b, lab, w):
-        return _auto_rows(_auto_plan(plan, spec, bias, weight), h, k, b, lab, w)
 
-    def token_sum(plan, h, k, b, lab, w):
-        return _auto_token_sum(_auto_plan(plan, spec, bias, weight), h, k, b, lab, w)
+def _token_sum_auto(spec: FusedSpec, plan: Plan, h, k, b, lab, w):
+    """The token walk's ``run`` split by the partitioner."""
+    return _auto_token_sum(_auto_plan(plan, spec, b, w), h, k, b, lab, w)
 
-    return {"vocab": rows, "token": token_sum}
+
+# ----------------------------------------- the statistic walk (RL and distillation heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatCall:
+    """Static part of a row statistic's auto-partitioned walk (a nondiff argument).
+
+    ``tree`` is the structure of ``(streams, rows, cols)`` whose leaves are the operands,
+    ``kinds`` their layouts; the backward's operands go on with the ``n_res`` residuals
+    (``res_tree``) and the ``n_cts`` outputs' cotangents (``cts_tree``, None for integer
+    outputs); ``outs`` the number of forward outputs (outputs and residuals), ``grads`` the
+    backward's layouts.
+    """
+
+    stat: Any
+    plan: Plan  # the single-device plan
+    tree: Any
+    kinds: tuple[str, ...]
+    outs: int = 0
+    res_tree: Any = None
+    cts_tree: Any = None
+    n_res: int = 0
+    n_cts: int = 0
+    grads: tuple[str, ...] = ()
+
+    @property
+    def layout(self) -> str:
+        return self.plan.layout
+
+
+def _stat_kinds(streams, rows, cols) -> tuple[str, ...]:
+    """The layout kind of each operand leaf of ``(streams, rows, cols)``."""
+    kind = lambda a, k: None if a is None else k  # noqa: E731
+    tree = (tuple((f"hidden:{i}", f"kernel:{i}", kind(b, "bias"))
+                  for i, (_, _, b) in enumerate(streams)),
+            (kind(rows.y, "row"), "row", kind(rows.temp, "row")),  # Rows' fields
+            {n: None if a is None else ("targets" if a.ndim == 2 else "bias")
+             for n, a in cols.items()})
+    return tuple(jax.tree.leaves(tree))
+
+
+def _stat_rule(sc: StatCall) -> str:
+    """Shardy's rule (factors: n tokens, v vocabulary, d and e the streams' widths)."""
+    def factors(kind):
+        base, _, i = kind.partition(":")
+        width = "de"[int(i)] if i else ""
+        return {"hidden": f"n {width}", "kernel": f"{width} v" if sc.layout == "dv"
+                else f"v {width}", "bias": "v", "row": "n", "targets": "n v"}[base]
+
+    ins = [factors(k) for k in sc.kinds]
+    if sc.res_tree is None:
+        return f"{', '.join(ins)} -> {', '.join(['n'] * sc.outs)}"
+    extra = sc.n_res + sc.n_cts
+    return f"{', '.join(ins + ['n'] * extra)} -> {', '.join(factors(k) for k in sc.grads)}"
+
+
+def _stat_operands(sc: StatCall, args):
+    """``(streams, rows, cols, the rest of args)``."""
+    streams, rows, cols = jax.tree.unflatten(sc.tree, args[:len(sc.kinds)])
+    return streams, rows, cols, args[len(sc.kinds):]
+
+
+def _stat_device_plan(sc: StatCall, vocab: tuple, streams) -> Plan:
+    """One device's plan: its columns of the vocabulary axes ``vocab`` (its tokens need
+    nothing: the statistic walk's blocks are vocabulary blocks)."""
+    local = streams[0][1].shape[_vocab_axis(sc.layout)]
+    shards = lax.axis_size(entry_of(vocab)) if vocab else 1
+    plan = sc.plan
+    return dataclasses.replace(plan, local_classes=local, block_v=min(plan.block_v, local),
+                               vocab_axis=entry_of(vocab) if vocab else None,
+                               padding=local * shards - plan.num_classes)
+
+
+def _stat_forward(sc: StatCall, *args):
+    streams, rows, cols, _ = _stat_operands(sc, args)
+    return tuple(jax.tree.leaves(_stream.forward(sc.stat, sc.plan, streams, rows, cols)))
+
+
+def _stat_forward_shard(sc: StatCall, tok, vocab, *args):
+    del tok
+    streams, rows, cols, _ = _stat_operands(sc, args)
+    plan = _stat_device_plan(sc, vocab, streams)
+    return tuple(jax.tree.leaves(_stream.forward(sc.stat, plan, streams, rows, cols)))
+
+
+def _stat_grads(sc: StatCall, plan: Plan, args):
+    streams, rows, cols, rest = _stat_operands(sc, args)
+    res = jax.tree.unflatten(sc.res_tree, rest[:sc.n_res])
+    cts = jax.tree.unflatten(sc.cts_tree, rest[sc.n_res:])
+    (dh, dk, db), dcols = _stream.grads(sc.stat, plan, streams, rows, cols, res, cts)
+    return dh, dk, db, [dcols[n] for n in sc.stat.diff_cols]
+
+
+def _stat_backward(sc: StatCall, *args):
+    dh, dk, db, dcols = _stat_grads(sc, sc.plan, args)
+    return tuple(a for a in (dh, dk, db, *dcols) if a is not None)
+
+
+def _stat_backward_shard(sc: StatCall, tok, vocab, *args):
+    plan = _stat_device_plan(sc, vocab, _stat_operands(sc, args)[0])
+    dh, dk, db, dcols = _stat_grads(sc, plan, args)
+    if vocab and not _varies(dh, plan.vocab_axis):  # each shard holds its classes' share
+        dh = lax.psum(dh, plan.vocab_axis)
+    return tuple(a for a in (dh, _psum_over(dk, tok), _psum_over(db, tok), *dcols)
+                 if a is not None)
+
+
+def _stat_kinds_of(sc: StatCall, n_args: int) -> tuple[tuple, tuple]:
+    if sc.res_tree is None:
+        return sc.kinds, ("row",) * sc.outs
+    return sc.kinds + ("row",) * (n_args - len(sc.kinds)), sc.grads
+
+
+_stat_forward_op = _custom_partitioned(_stat_forward, _stat_forward_shard, _stat_kinds_of,
+                                       _stat_rule)
+_stat_backward_op = _custom_partitioned(_stat_backward, _stat_backward_shard,
+                                        _stat_kinds_of, _stat_rule)
+
+
+def _stat_call(stat, plan: Plan, streams, rows, cols):
+    """``(StatCall, operand leaves, the forward's (outputs, residuals) structure)``."""
+    leaves, tree = jax.tree.flatten((streams, rows, cols))
+    shapes, out_tree = jax.tree.flatten(
+        jax.eval_shape(lambda: _stream.forward(stat, plan, streams, rows, cols)))
+    n = streams[0][0].shape[0]
+    if any(s.shape != (n,) for s in shapes):
+        raise NotImplementedError(
+            f"the Auto-mesh split serves statistics whose outputs and residuals are per-row "
+            f"vectors [{n}]; {type(stat).__name__}'s are {[s.shape for s in shapes]}")
+    sc = StatCall(stat, plan, tree, _stat_kinds(streams, rows, cols), len(shapes))
+    return sc, leaves, out_tree
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def stat_run(stat, plan: Plan, streams: tuple, rows: Rows, cols: dict):
+    """:func:`jaxent.impl.stream.run` split by the partitioner on a mesh with Auto axes:
+    vocabulary-parallel over the student kernel's vocabulary axes (the teacher's and the
+    per-class inputs follow), token-parallel over ``hidden``'s first axis; the same outputs
+    and gradients. Each per-row output and residual is ``[N]``, split with the tokens."""
+    return _stat_fwd(stat, plan, streams, rows, cols)[0]
+
+
+def _stat_fwd(stat, plan: Plan, streams, rows: Rows, cols: dict):
+    sc, leaves, out_tree = _stat_call(stat, plan, streams, rows, cols)
+    out, res = jax.tree.unflatten(out_tree, _stat_forward_op(sc, *leaves))
+    return out, (streams, rows, cols, res)
+
+
+def _stat_bwd(stat, plan: Plan, saved, cts):
+    streams, rows, cols, res = saved
+    # Integer outputs (an argmax) have float0 cotangents: the walk takes none for them.
+    cts = jax.tree.map(lambda c: None if c.dtype == jax.dtypes.float0 else c, cts)
+    leaves, tree = jax.tree.flatten((streams, rows, cols))
+    res_leaves, res_tree = jax.tree.flatten(res)
+    cts_leaves, cts_tree = jax.tree.flatten(cts)
+    has_bias = streams[0][2] is not None
+    grads = ("hidden:0", "kernel:0") + ("bias",) * has_bias + ("targets",) * len(
+        stat.diff_cols)
+    sc = StatCall(stat, plan, tree, _stat_kinds(streams, rows, cols), 0, res_tree, cts_tree,
+                  len(res_leaves), len(cts_leaves), grads)
+    out = list(_stat_backward_op(sc, *leaves, *res_leaves, *cts_leaves))
+    dh, dk = out[0], out[1]
+    db = out[2] if has_bias else None
+    dcols = dict(zip(stat.diff_cols, out[2 + has_bias:], strict=True))
+    none = lambda tree: jax.tree.map(lambda _: None, tree)  # noqa: E731
+    dstreams = ((dh, dk, db),) + tuple(none(s) for s in streams[1:])
+    return dstreams, none(rows), {n: dcols.get(n) for n in cols}
+
+
+stat_run.defvjp(_stat_fwd, _stat_bwd)
+
+
+# The Auto-mesh versions of the registered implementations (the registry's ``auto_run``).
+register_auto_run("linear", "vocab", _rows_auto)
+register_auto_run("linear", "token", _token_sum_auto)
+register_auto_run("stat", "vocab", stat_run)

@@ -4,8 +4,8 @@ The same function serves one device and every device of a split: inside ``jax.sh
 ``vocab_axis`` names the mesh axis the vocabulary is split over (the walk merges its row
 statistics over it) and ``token_axis`` the axes the tokens are split over (the reduction
 and the accuracy are summed over them). Each implementation's ``run`` comes from the
-registry (:func:`jaxent.impl.implementation`); a placement may swap in its own versions
-(``walks``, :mod:`jaxent.placement.auto`).
+registry (:func:`jaxent.impl.implementation`), on a mesh with Auto axes its ``auto_run``
+(split by the partitioner, :mod:`jaxent.placement.auto`) where it has one.
 """
 
 from __future__ import annotations
@@ -91,8 +91,7 @@ def choose_walk(spec: FusedSpec, h, *, vocab_parallel: bool, padded: bool = Fals
 
 def fused_call(spec: FusedSpec, hidden, kernel, bias, labels, weight, where, *,
                temp=None, vocab_axis: Hashable | None = None,
-               token_axis: Hashable | None = None, walks: dict | None = None,
-               auto_mesh: bool = False):
+               token_axis: Hashable | None = None, auto_mesh: bool = False):
     """:func:`fused_loss` of validated arrays as the user passed them: ``hidden [..., D]``,
     ``labels [...]``, ``where [...]`` or None, ``temp [...]`` (per-row temperatures) or
     None, the full ``weight [V]`` or None."""
@@ -104,7 +103,7 @@ def fused_call(spec: FusedSpec, hidden, kernel, bias, labels, weight, where, *,
     lab = rm.labels_info(labels, spec.num_classes, spec.opts.ignore_index, where, w, acc,
                          temp)
     run = functools.partial(fused_loss, spec, batch_shape=batch_shape, vocab_axis=vocab_axis,
-                            token_axis=token_axis, walks=walks, auto_mesh=auto_mesh)
+                            token_axis=token_axis, auto_mesh=auto_mesh)
     args = (hidden.reshape(n, d).astype(dtype), kernel.astype(dtype),
             None if bias is None else bias.astype(dtype), lab, w)
     if spec.impl in ("auto", "xla"):  # the walk is chosen for the lowering's platform
@@ -114,7 +113,7 @@ def fused_call(spec: FusedSpec, hidden, kernel, bias, labels, weight, where, *,
 
 def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_shape, *,
                vocab_axis: Hashable | None = None, token_axis: Hashable | None = None,
-               walks: dict | None = None, auto_mesh: bool = False):
+               auto_mesh: bool = False):
     """The fused loss of this device's ``h [N, D]`` and kernel columns: the reduced loss,
     and with ``spec.aux`` the aux dict."""
     n, d = h.shape
@@ -126,9 +125,11 @@ def fused_loss(spec: FusedSpec, h, kernel, bias, lab: rm.Labels, weight, batch_s
                      shards=shards, vocab_axis=vocab_axis, block_size=spec.block_size,
                      token_block_size=spec.token_block_size, interpret=spec.interpret)
     impl = implementation("linear", name)
+    assert impl.run is not None, f"{name} has no fused run"
+    run = impl.run
     # An implementation without a partitioner-split version runs whole on each device.
-    run = impl.run if walks is None else walks.get(name, impl.run)
-    assert run is not None, f"{name} has no fused run"
+    if auto_mesh and impl.auto_run is not None:
+        run = functools.partial(impl.auto_run, spec)
     with jax.named_scope(f"jaxent_{name}"):  # names the walk in the lowered program
         out, (lse, arg) = run(plan, h, kernel, bias, lab, weight)
     loss = reduce_rows(out.reshape(batch_shape) if impl.per_row else out, lab,

@@ -21,7 +21,7 @@ from jaxent._options import Impl, KernelLayout, Reduction
 from jaxent.impl.plan import positive_int
 from jaxent.placement import auto as _auto
 from jaxent.placement import explicit as _explicit
-from jaxent.placement.local import FusedSpec, fused_call
+from jaxent.placement.local import FusedSpec, check_local, fused_call
 
 
 def validate(hidden, kernel, labels, *, bias, weight, ignore_index, label_smoothing,
@@ -231,6 +231,7 @@ def linear_cross_entropy(
         return _explicit.run(spec, layout, h, k, b, y, w, mask, temp)
     if _auto.applies(h, k, b, y, w, mask, temp):
         return fused_call(spec, h, k, b, y, w, mask, temp=temp, auto_mesh=True)
+    check_local(spec, h, k)
     return _local(spec, h, k, b, y, w, mask, temp)
 
 

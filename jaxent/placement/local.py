@@ -89,6 +89,17 @@ def choose_walk(spec: FusedSpec, h, *, vocab_parallel: bool, padded: bool = Fals
     return select(spec.impl, req)
 
 
+def check_local(spec: FusedSpec, hidden, kernel) -> None:
+    """Raise, before any tracing, the registry's refusal of an explicit ``impl`` for a
+    one-device call of ``hidden [..., D]`` and ``kernel`` (``"auto"`` never refuses)."""
+    if spec.impl in ("auto", "xla"):
+        return
+    n, d = math.prod(hidden.shape[:-1]), hidden.shape[-1]
+    rows = jax.ShapeDtypeStruct((n, d), jnp.result_type(hidden.dtype, kernel.dtype))
+    local = kernel.shape[_vocab_axis(spec.layout)]
+    choose_walk(spec, rows, vocab_parallel=False, padded=local != spec.num_classes)
+
+
 def fused_call(spec: FusedSpec, hidden, kernel, bias, labels, weight, where, *,
                temp=None, vocab_axis: Hashable | None = None,
                token_axis: Hashable | None = None, auto_mesh: bool = False):

@@ -1,10 +1,19 @@
 """Strict JAX configuration for every test, and shared fixtures."""
 
+import os
 import zlib
 
-import jax
-import numpy as np
-import pytest
+# The suite compiles thousands of small programs and runs most of them once: XLA:CPU's LLVM
+# optimization is most of that compile time and buys nothing here. The HLO programs, their
+# fusions and buffer assignment (what the tests inspect) are the same at every LLVM level;
+# users and the benchmarks keep XLA's default. Set before JAX starts its CPU client; the
+# subprocesses of the suite inherit it.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -65,10 +65,9 @@ def _zeros(n):
     return jnp.zeros((n,), jnp.int32)
 
 
-@dataclasses.dataclass(frozen=True)
-class LogProbsAux(LogProbs):
-    """:class:`~jaxent.impl.stats.LogProbs` with outputs ``(log p_y, H, lse, argmax)``; the
-    last two carry no gradient."""
+class _Argmax:
+    """The carry of a statistic whose first two carried rows are ``(m, s)``, extended by the
+    running argmax of the logits (:func:`fold_argmax`, :func:`merge_argmax`)."""
 
     def init(self, n, dtype):
         return super().init(n, dtype), _zeros(n)
@@ -82,6 +81,12 @@ class LogProbsAux(LogProbs):
         inner, arg = carry
         merged = super().merge(opts, inner, axis_name)
         return merged, merge_argmax(arg, inner[0], inner[1], merged[0], axis_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogProbsAux(_Argmax, LogProbs):
+    """:class:`~jaxent.impl.stats.LogProbs` with outputs ``(log p_y, H, lse, argmax)``; the
+    last two carry no gradient."""
 
     def finish(self, opts, carry, rows):
         inner, arg = carry
@@ -93,22 +98,9 @@ class LogProbsAux(LogProbs):
 
 
 @dataclasses.dataclass(frozen=True)
-class SoftTargetsAux(SoftTargets):
+class SoftTargetsAux(_Argmax, SoftTargets):
     """:class:`~jaxent.impl.stats.SoftTargets` with outputs ``(loss, lse, argmax)``; the last
     two carry no gradient."""
-
-    def init(self, n, dtype):
-        return super().init(n, dtype), _zeros(n)
-
-    def fold(self, opts, carry, xs, rows, cols, start, valid):
-        inner, arg = carry
-        arg = fold_argmax(arg, inner[0], xs[0], start)
-        return super().fold(opts, inner, xs, rows, cols, start, valid), arg
-
-    def merge(self, opts, carry, axis_name):
-        inner, arg = carry
-        merged = super().merge(opts, inner, axis_name)
-        return merged, merge_argmax(arg, inner[0], inner[1], merged[0], axis_name)
 
     def finish(self, opts, carry, rows):
         inner, arg = carry

@@ -142,14 +142,23 @@ def _which_teacher(dense: dict, teacher_topk, teacher_tail) -> bool:
     return teacher_topk is not None
 
 
+# The walks that serve a sparse teacher (the vocabulary walk and the token walk).
+SPARSE_WALKS = ("auto", "xla", "vocab", "token")
+
+
 def _run_sparse(kind: str, beta: float, plan, stream_, batch_shape, mask, temp,
-                teacher_topk, teacher_tail, v: int, acc):
-    """Per-row losses of a student stream against a sparse teacher."""
+                teacher_topk, teacher_tail, v: int, acc, impl: str | None = None):
+    """Per-row losses of a student stream against a sparse teacher (``impl``: the
+    implementation of a linear-head stream, :func:`jaxent._heads.walk`; None: the
+    vocabulary walk)."""
     k, ids, lq, lqt = _sparse_teacher(teacher_topk, teacher_tail, batch_shape, v, mask, acc,
                                       plan.vocab_axis is not None)
     n = lq.shape[0]
     rows = _topk.SupportRows(ids, _heads.counted(mask, n), temp, lq, lqt)
-    return _heads.run(_topk.SparseTeacher(kind, k, beta, k < v), plan, (stream_,), rows, {})
+    stat = _topk.SparseTeacher(kind, k, beta, k < v)
+    if impl is None:
+        return _heads.run(stat, plan, (stream_,), rows, {})
+    return _heads.walk(impl, stat, plan, (stream_,), rows, {})
 
 
 def distillation_loss(
@@ -296,7 +305,7 @@ def linear_distillation_loss(
       reduction: ``"mean"`` (over counted tokens; 0.0 when none), ``"sum"`` or ``"none"``.
       block_size: vocabulary columns per block (default: about 16 MB for the two blocks).
       impl: ``"auto"``, ``"xla"``, ``"vocab"``, ``"token"`` or ``"pallas"``, as in
-        :func:`linear_log_probs`.
+        :func:`linear_log_probs` (a sparse teacher: not ``"pallas"``).
       vocab_size: the number of real classes when both kernels hold padding columns after
         them, as in :func:`linear_log_probs`.
       token_block_size: ``impl="token"``: tokens per block.
@@ -401,7 +410,9 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
                                  ("student_hidden", "student_kernel", "student_bias"),
                                  axis_name)
     if sparse:
-        _heads.check_impl(impl, ("auto", "xla", "vocab"), "a sparse teacher")
+        _heads.check_impl(impl, SPARSE_WALKS, "a sparse teacher",
+                          "its fold gathers the student's logits at the teacher's ids, "
+                          "which the Pallas kernels do not lower")
         v = _heads.vocab(vocab_size, v, "student_kernel")
         batch_shape = tuple(jnp.shape(student_hidden)[:-1])
         mask = _distill_mask(labels, ignore_index, where, batch_shape)
@@ -409,9 +420,9 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
         temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
         n = hs.shape[0]
         plan = _heads.plan(Options(temperature=temp_s), v, local, n, block_size,
-                           kernel_layout, axis_name)
+                           kernel_layout, axis_name, token_block_size=token_block_size)
         losses = _run_sparse(kind, b, plan, (hs, ks, bs), batch_shape, mask, temp, topk,
-                             teacher_tail, v, acc)
+                             teacher_tail, v, acc, impl)
         return _heads.reduce(losses.reshape(batch_shape), _heads.counted(mask, n), reduction,
                              token_axis_name)
     ht, kt, bt, local_t, _ = _heads.head(teacher_hidden, teacher_kernel, teacher_bias,

@@ -21,8 +21,9 @@ from jaxent.impl import stats
 from jaxent.impl import topk as _topk
 from jaxent.placement import explicit as _explicit
 
-# The walks that serve the top-k statistic (its block merge is lax.top_k: no kernels).
-VOCAB_WALK = ("auto", "xla", "vocab")
+# The walks that serve the top-k statistic: the vocabulary walk and the token walk (its
+# block merge is lax.top_k, which the Pallas kernels cannot lower).
+WALKS = ("auto", "xla", "vocab", "token")
 
 
 def check_k(k, num_classes: int, name: str = "k") -> int:
@@ -137,6 +138,7 @@ def linear_topk_log_probs(
     block_size: int | None = None,
     impl: Impl = "auto",
     vocab_size: int | None = None,
+    token_block_size: int | None = None,
 ):
     r""":func:`topk_log_probs` of ``hidden @ kernel + bias`` without materializing logits.
     {doc}
@@ -144,7 +146,10 @@ def linear_topk_log_probs(
     The vocabulary is walked in blocks of ``block_size`` columns; each block's candidates
     are merged into the running top-k of every row (``lax.top_k`` of ``k + block_size``
     candidates), with an online max and the sum of the evicted candidates' mass. The
-    backward recomputes each block. Extra memory ``O(N * (block_size + k))``.
+    backward recomputes each block. Extra memory ``O(N * (block_size + k))``. With
+    ``impl="token"`` the tokens are walked in blocks of ``token_block_size`` rows instead,
+    each block's whole vocabulary row at once (``lax.top_k`` of ``k + V`` candidates per
+    row; extra memory ``O(token_block_size * V)``).
 
     Args:
       hidden: float ``[..., D]``.
@@ -157,9 +162,14 @@ def linear_topk_log_probs(
       where: optional boolean mask ``hidden.shape[:-1]`` (``False``: ids ``-1``, values 0).
       return_tail: also return the tail log-mass.
       block_size: vocabulary columns per block (default: about 16 MB of float32 logits).
-      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (all: the vocabulary walk).
+      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (the vocabulary walk) or ``"token"``
+        (token blocks, each with its whole vocabulary row; not with a vocabulary split
+        over a mesh axis). ``"pallas"`` is refused: the block merge is ``lax.top_k``,
+        which neither Triton nor Mosaic lowers.
       vocab_size: the number of real classes when the kernel's vocabulary axis holds
         padding columns after them (never chosen; ``k <= vocab_size``).
+      token_block_size: ``impl="token"``: tokens per block (default: about 64 MB of
+        float32 logits).
 
     Returns:
       ``(ids, log_probs)``, each ``hidden.shape[:-1] + (k,)`` (int32; float32, float64 for
@@ -175,11 +185,12 @@ def linear_topk_log_probs(
       >>> bool((ids == ref_ids).all()), bool(jnp.allclose(lp, ref_lp, atol=1e-5))
       (True, True)
     """
-    _heads.check_impl(impl, VOCAB_WALK, "the top-k head")
+    _heads.check_impl(impl, WALKS, "the top-k head",
+                      "its block merge is lax.top_k, which the Pallas kernels do not lower")
     arrays = {"hidden": hidden, "kernel": kernel, "bias": bias, "where": where}
     static = {"k": k, "kernel_layout": kernel_layout, "logit_softcap": logit_softcap,
               "return_tail": bool(return_tail), "block_size": block_size,
-              "vocab_size": vocab_size}
+              "vocab_size": vocab_size, "impl": impl, "token_block_size": token_block_size}
     placed = _explicit.run_head(_topk_shard, arrays, static, temperature,
                                 ("row",) * (3 if return_tail else 2))
     if placed is not None:
@@ -194,7 +205,7 @@ def _topk_shard(vocab, tok, **kw):
 
 def fused_topk_log_probs(hidden, kernel, k, *, bias, kernel_layout, temperature,
                          logit_softcap, where, return_tail, block_size, vocab_size=None,
-                         axis_name=None):
+                         impl="auto", token_block_size=None, axis_name=None):
     """:func:`linear_topk_log_probs`, vocabulary-parallel over ``axis_name`` when given."""
     h, kr, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout,
                                      axis_name=axis_name)
@@ -207,9 +218,10 @@ def fused_topk_log_probs(hidden, kernel, k, *, bias, kernel_layout, temperature,
     temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
     n = h.shape[0]
     plan = _heads.plan(Options(temperature=temp_s, logit_softcap=cap), v, local, n,
-                       block_size, kernel_layout, axis_name)
-    outs = _heads.run(_topk.TopK(k, bool(return_tail)), plan, ((h, kr, b),),
-                      stats.Rows(None, _heads.counted(mask, n), temp), {})
+                       block_size, kernel_layout, axis_name,
+                       token_block_size=token_block_size)
+    outs = _heads.walk(impl, _topk.TopK(k, bool(return_tail)), plan, ((h, kr, b),),
+                       stats.Rows(None, _heads.counted(mask, n), temp), {})
     return _outputs(outs, batch_shape, k, return_tail)
 
 

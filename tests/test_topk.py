@@ -74,9 +74,11 @@ def _check_values(got, want, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("block_size,k,layout", [
-    (None, 5, "dv"), (7, 12, "vd"), (16, 1, "dv"), (50, 50, "vd"), (3, 4, "dv")])
-def test_linear_matches_naive_with_ties(block_size, k, layout):
+@pytest.mark.parametrize("block_size,k,layout,impl", [
+    (None, 5, "dv", "vocab"), (7, 12, "vd", "vocab"), (16, 1, "dv", "vocab"),
+    (50, 50, "vd", "vocab"), (3, 4, "dv", "vocab"), (None, 12, "vd", "token"),
+    (None, 50, "dv", "token")])
+def test_linear_matches_naive_with_ties(block_size, k, layout, impl):
     rng = np.random.default_rng(block_size or 0)
     h, w, b = _tied_inputs(rng, layout)
 
@@ -84,7 +86,8 @@ def test_linear_matches_naive_with_ties(block_size, k, layout):
         return (h @ w if layout == "dv" else h @ w.T) + b[None, :]
 
     fused = lambda h, w, b: jaxent.linear_topk_log_probs(  # noqa: E731
-        h, w, k, bias=b, kernel_layout=layout, block_size=block_size, return_tail=True)
+        h, w, k, bias=b, kernel_layout=layout, block_size=block_size, return_tail=True,
+        impl=impl, token_block_size=3)
     ref = lambda h, w, b: naive(logits(h, w, b), k)  # noqa: E731
     got, want = jax.jit(fused)(h, w, b), jax.jit(ref)(h, w, b)
     _check_values(got, want)
@@ -151,12 +154,14 @@ def test_tail_is_stable_when_the_topk_hold_almost_all_mass():
     assert float(full[0]) == -np.inf
 
 
-def test_padded_vocab_never_chosen():
+@pytest.mark.parametrize("impl", ["vocab", "token"])
+def test_padded_vocab_never_chosen(impl):
     rng = np.random.default_rng(6)
     h = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32).at[:, 45:].set(100.0)
     got = jaxent.linear_topk_log_probs(h, w, 45, vocab_size=45, block_size=16,
-                                       logit_softcap=5.0, return_tail=True)
+                                       logit_softcap=5.0, return_tail=True, impl=impl,
+                                       token_block_size=3)
     want = naive(h @ w[:, :45], 45, cap=5.0)
     _check_values(got, want)
 
@@ -237,9 +242,9 @@ def test_memory_is_blocked():
     assert temp(fused) <= 0.05 * temp(materialized)
 
 
-@pytest.mark.parametrize("impl", ["token", "pallas"])
-def test_walks_without_the_top_k_merge_refuse_by_name(impl):
+def test_pallas_refuses_by_name():
     h = jax.random.normal(jax.random.key(0), (3, 4))
     w = jax.random.normal(jax.random.key(1), (4, 9))
-    with pytest.raises(ValueError, match=f"`impl`='{impl}' cannot serve the top-k head"):
-        jaxent.linear_topk_log_probs(h, w, 2, impl=impl)
+    with pytest.raises(ValueError, match="`impl`='pallas' cannot serve the top-k head: its "
+                                         "block merge is lax.top_k"):
+        jaxent.linear_topk_log_probs(h, w, 2, impl="pallas")

@@ -13,7 +13,7 @@ fresh interpreter; the rest of the suite keeps its single device:
   ``impl`` refusal and per-row temperatures through the placements;
 * ``tests/sharded_compact_cases.py``: ``shift=1`` on Explicit meshes, ``capacity``'s
   refusal on meshes and its use inside a caller's ``shard_map``.
-* ``tests/sharded_support_cases.py``: the vocabulary-parallel support-restricted log-probs.
+* ``tests/sharded_support_cases.py``: the support-restricted log-probs (shard_map, Explicit meshes).
 """
 
 from __future__ import annotations

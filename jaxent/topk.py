@@ -21,9 +21,9 @@ from jaxent.impl import stats
 from jaxent.impl import topk as _topk
 from jaxent.placement import explicit as _explicit
 
-# The walks that serve the top-k statistic: the vocabulary walk and the token walk (its
-# block merge is lax.top_k, which the Pallas kernels cannot lower).
-WALKS = ("auto", "xla", "vocab", "token")
+# The implementations that serve the top-k statistic (the Pallas kernels through its tiled
+# form, jaxent.impl.topk_tiles).
+WALKS = ("auto", "xla", "vocab", "token", "pallas")
 
 
 def check_k(k, num_classes: int, name: str = "k") -> int:
@@ -139,6 +139,7 @@ def linear_topk_log_probs(
     impl: Impl = "auto",
     vocab_size: int | None = None,
     token_block_size: int | None = None,
+    interpret: bool = False,
 ):
     r""":func:`topk_log_probs` of ``hidden @ kernel + bias`` without materializing logits.
     {doc}
@@ -162,14 +163,16 @@ def linear_topk_log_probs(
       where: optional boolean mask ``hidden.shape[:-1]`` (``False``: ids ``-1``, values 0).
       return_tail: also return the tail log-mass.
       block_size: vocabulary columns per block (default: about 16 MB of float32 logits).
-      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (the vocabulary walk) or ``"token"``
-        (token blocks, each with its whole vocabulary row; not with a vocabulary split
-        over a mesh axis). ``"pallas"`` is refused: the block merge is ``lax.top_k``,
-        which neither Triton nor Mosaic lowers.
+      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (the vocabulary walk), ``"token"``
+        (token blocks, each with its whole vocabulary row) or ``"pallas"`` (the statistic
+        kernels of :mod:`jaxent.impl.pallas_stats` with the merge of
+        :mod:`jaxent.impl.topk_tiles`: NVIDIA GPUs and TPUs, or ``interpret``); the last
+        two not with a vocabulary split over a mesh axis.
       vocab_size: the number of real classes when the kernel's vocabulary axis holds
         padding columns after them (never chosen; ``k <= vocab_size``).
       token_block_size: ``impl="token"``: tokens per block (default: about 64 MB of
         float32 logits).
+      interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode.
 
     Returns:
       ``(ids, log_probs)``, each ``hidden.shape[:-1] + (k,)`` (int32; float32, float64 for
@@ -185,12 +188,12 @@ def linear_topk_log_probs(
       >>> bool((ids == ref_ids).all()), bool(jnp.allclose(lp, ref_lp, atol=1e-5))
       (True, True)
     """
-    _heads.check_impl(impl, WALKS, "the top-k head",
-                      "its block merge is lax.top_k, which the Pallas kernels do not lower")
+    _heads.check_impl(impl)
     arrays = {"hidden": hidden, "kernel": kernel, "bias": bias, "where": where}
     static = {"k": k, "kernel_layout": kernel_layout, "logit_softcap": logit_softcap,
               "return_tail": bool(return_tail), "block_size": block_size,
-              "vocab_size": vocab_size, "impl": impl, "token_block_size": token_block_size}
+              "vocab_size": vocab_size, "impl": impl, "token_block_size": token_block_size,
+              "interpret": bool(interpret)}
     placed = _explicit.run_head(_topk_shard, arrays, static, temperature,
                                 ("row",) * (3 if return_tail else 2))
     if placed is not None:
@@ -205,7 +208,8 @@ def _topk_shard(vocab, tok, **kw):
 
 def fused_topk_log_probs(hidden, kernel, k, *, bias, kernel_layout, temperature,
                          logit_softcap, where, return_tail, block_size, vocab_size=None,
-                         impl="auto", token_block_size=None, axis_name=None):
+                         impl="auto", token_block_size=None, interpret=False,
+                         axis_name=None):
     """:func:`linear_topk_log_probs`, vocabulary-parallel over ``axis_name`` when given."""
     h, kr, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout,
                                      axis_name=axis_name)
@@ -219,7 +223,7 @@ def fused_topk_log_probs(hidden, kernel, k, *, bias, kernel_layout, temperature,
     n = h.shape[0]
     plan = _heads.plan(Options(temperature=temp_s, logit_softcap=cap), v, local, n,
                        block_size, kernel_layout, axis_name,
-                       token_block_size=token_block_size)
+                       token_block_size=token_block_size, interpret=interpret)
     outs = _heads.walk(impl, _topk.TopK(k, bool(return_tail)), plan, ((h, kr, b),),
                        stats.Rows(None, _heads.counted(mask, n), temp), {})
     return _outputs(outs, batch_shape, k, return_tail)

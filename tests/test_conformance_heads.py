@@ -8,9 +8,8 @@ Heads: ``linear_log_probs`` (with and without the entropy), ``linear_soft_cross_
 temperature per row (and label smoothing for the soft targets), per-token outputs
 (``reduction="none"``). Impls: ``vocab`` (blocks of 64 columns), ``token`` (blocks of 5
 tokens: 12 tokens make a ragged last block) and ``pallas`` (the Triton kernels in Pallas's
-interpreter, blocks of 128 columns; not the top-k head and the sparse teacher, which it
-refuses). Vocabularies: 128 (a whole number of blocks of every impl) and 100 (ragged
-against both).
+interpreter, blocks of 128 columns; not the sparse teacher, which it refuses).
+Vocabularies: 128 (a whole number of blocks of every impl) and 100 (ragged against both).
 
 The reference forms ``logits = h @ W + b`` in float32 (from the same, possibly bfloat16,
 inputs) and writes each loss with ``jax.nn.log_softmax`` (the top-k with ``lax.top_k``;
@@ -41,7 +40,7 @@ VOCABS = {"whole": 128, "ragged": 100}
 HEADS = ("log_probs", "log_probs_entropy", "soft", "kl", "reverse_kl", "jsd", "topk",
          "sparse")
 IMPLS = ("vocab", "token", "pallas")
-SERVED = {"topk": ("vocab", "token"), "sparse": ("vocab", "token")}  # else every impl
+SERVED = {"sparse": ("vocab", "token")}  # else every impl
 CASES = [(head, impl) for head in HEADS for impl in SERVED.get(head, IMPLS)]
 K, KT = 5, 6  # the top-k head's k; the sparse teacher's ids per row
 DTYPES = ("float32", "bfloat16")
@@ -89,7 +88,6 @@ def _head(name: str, impl: str, h, w, b, d: dict):
         return (jaxent.linear_soft_cross_entropy(h, w, d["t"], bias=b, label_smoothing=SMOOTH,
                                                  reduction="none", **common, **kw),)
     if name == "topk":
-        del kw["interpret"]
         return jaxent.linear_topk_log_probs(h, w, K, bias=b, return_tail=True, **common, **kw)
     if name == "sparse":
         return (jaxent.linear_distillation_loss(

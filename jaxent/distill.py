@@ -142,8 +142,6 @@ def _which_teacher(dense: dict, teacher_topk, teacher_tail) -> bool:
     return teacher_topk is not None
 
 
-# The walks that serve a sparse teacher (the vocabulary walk and the token walk).
-SPARSE_WALKS = ("auto", "xla", "vocab", "token")
 
 
 def _run_sparse(kind: str, beta: float, plan, stream_, batch_shape, mask, temp,
@@ -305,7 +303,7 @@ def linear_distillation_loss(
       reduction: ``"mean"`` (over counted tokens; 0.0 when none), ``"sum"`` or ``"none"``.
       block_size: vocabulary columns per block (default: about 16 MB for the two blocks).
       impl: ``"auto"``, ``"xla"``, ``"vocab"``, ``"token"`` or ``"pallas"``, as in
-        :func:`linear_log_probs` (a sparse teacher: not ``"pallas"``).
+        :func:`linear_log_probs`.
       vocab_size: the number of real classes when both kernels hold padding columns after
         them, as in :func:`linear_log_probs`.
       token_block_size: ``impl="token"``: tokens per block.
@@ -410,9 +408,6 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
                                  ("student_hidden", "student_kernel", "student_bias"),
                                  axis_name)
     if sparse:
-        _heads.check_impl(impl, SPARSE_WALKS, "a sparse teacher",
-                          "its fold gathers the student's logits at the teacher's ids, "
-                          "which the Pallas kernels do not lower")
         v = _heads.vocab(vocab_size, v, "student_kernel")
         batch_shape = tuple(jnp.shape(student_hidden)[:-1])
         mask = _distill_mask(labels, ignore_index, where, batch_shape)
@@ -420,7 +415,8 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
         temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
         n = hs.shape[0]
         plan = _heads.plan(Options(temperature=temp_s), v, local, n, block_size,
-                           kernel_layout, axis_name, token_block_size=token_block_size)
+                           kernel_layout, axis_name, token_block_size=token_block_size,
+                           interpret=interpret)
         losses = _run_sparse(kind, b, plan, (hs, ks, bs), batch_shape, mask, temp, topk,
                              teacher_tail, v, acc, impl)
         return _heads.reduce(losses.reshape(batch_shape), _heads.counted(mask, n), reduction,

@@ -117,8 +117,8 @@ def _fused_args(n, d, v, dt):
 
 # The RL and distillation heads (row statistics: impl="pallas" runs jaxent.impl.pallas_stats).
 STAT_HEADS = ("linear_log_probs", "linear_soft_cross_entropy", "linear_distillation_loss",
-              "linear_topk_log_probs")
-TOPK = 16  # the top-k head's k
+              "linear_topk_log_probs", "sparse_teacher_distillation")
+TOPK = 16  # the top-k head's k and the sparse teacher's ids per row
 
 
 def _topk(impl):
@@ -158,6 +158,12 @@ HEADS: dict[str, Head] = {head.name: head for head in (
     # No naive program: its temporaries are held against the naive one in tests/test_topk.py.
     Head("linear_topk_log_probs", True, ("auto", "vocab", "token", "pallas"), _topk,
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt)), (0, 1)),
+    # linear_distillation_loss with a sparse teacher (TOPK ids and log-probabilities a row).
+    Head("sparse_teacher_distillation", True, ("auto", "vocab", "token", "pallas"),
+         lambda impl: lambda h, w, ids, lq: jaxent.linear_distillation_loss(
+             h, w, teacher_topk=(ids, lq), kernel_layout="vd", impl=impl),
+         lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, TOPK), jnp.int32),
+                              ((n, TOPK), jnp.float32)), (0, 1)),
 )}
 
 

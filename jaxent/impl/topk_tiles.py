@@ -1,9 +1,11 @@
-r"""The top-k statistic with ops the Pallas kernels lower: :class:`TopKTiles`.
+r"""The top-k and sparse-teacher statistics with ops the Pallas kernels lower.
 
 :class:`jaxent.impl.topk.TopK` merges a block into the running top-k with ``lax.top_k``
-over ``concat(carry, block)`` and reads its gradient through a scatter; neither Triton nor
-Mosaic lowers ``top_k``, gathers or scatters. :class:`TopKTiles` computes the same thing
-with maxima, minima, compares and ``where`` only:
+over ``concat(carry, block)`` and reads its gradient through a scatter;
+:class:`jaxent.impl.topk.SparseTeacher` gathers the student's logits at the teacher's ids.
+Neither Triton nor Mosaic lowers ``top_k``, gathers or scatters. :class:`TopKTiles` and
+:class:`SparseTeacherTiles` compute the same things with maxima, minima, compares and
+``where`` only:
 
 * **merge**: ``k`` rounds; each takes the largest available key of the carry and of the
   tile, the carry's on a tie (its ids are lower), and within either the first position
@@ -12,6 +14,8 @@ with maxima, minima, compares and ``where`` only:
   written to slot ``j`` and marked taken. The evicted mass is the sum of ``exp`` over the
   candidates not taken (empty slots and padding columns count 0), as in
   :class:`~jaxent.impl.topk.TopK`.
+* **gather** (the sparse teacher): ``x`` at each id, and ``[c \in S]``, by ``k`` rounds
+  of ``column == i_j``.
 * **gradient**: ``[c = i_j] g_j`` and ``[c \in S]`` by ``k`` rounds of ``column == i_j``
   (one array: ``nan`` off the support).
 
@@ -30,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxent import _rowmath as rm
+from jaxent.impl import stats
 from jaxent.impl import topk as _topk
 
 _NONE = 1e9  # a position above every real one
@@ -86,12 +91,44 @@ def scatter(k: int, ids, g, start, shape):
     and a mask: the ``d kernel`` program keeps it beside its logits tile in registers."""
     col = (start + lax.broadcasted_iota(jnp.int32, shape, 1)).astype(ids.dtype)
     slot = lax.broadcasted_iota(jnp.int32, ids.shape, 1)
+    gslot = lax.broadcasted_iota(jnp.int32, g.shape, 1)
 
     def body(j, out):
-        pick = slot == j
-        return jnp.where(col == _pick(pick, ids)[:, None], _pick(pick, g)[:, None], out)
+        return jnp.where(col == _pick(slot == j, ids)[:, None], _pick(gslot == j, g)[:, None],
+                         out)
 
     return lax.fori_loop(0, k, body, jnp.full(shape, jnp.nan, ids.dtype))
+
+
+def gather(k: int, ids, x, start):
+    """``(x at ids[:, j] - start per slot j [N, W] (0 where the id is not in the block),
+    [c in S] of the block as 0/1 [N, B])`` by ``k`` rounds of compares."""
+    col = (start + lax.broadcasted_iota(jnp.int32, x.shape, 1)).astype(ids.dtype)
+    slot = lax.broadcasted_iota(jnp.int32, ids.shape, 1)
+
+    def body(j, st):
+        got, member = st
+        hit = col == _pick(slot == j, ids)[:, None]
+        got = jnp.where(slot == j, _pick(hit, x)[:, None], got)
+        return got, jnp.maximum(member, jnp.where(hit, 1.0, 0.0))
+
+    return lax.fori_loop(0, k, body, (jnp.zeros(ids.shape, x.dtype), jnp.zeros_like(x)))
+
+
+def support_grad(opts, x, m, log_s, log_out, ids, start, g, g_t, counted, k: int):
+    """:func:`jaxent.impl.topk.support_grad` with the scatter as :func:`scatter` (``g``:
+    ``[N, W]``, zeros past ``k``)."""
+    hits = scatter(k, ids, g, start, x.shape)
+    member = hits == hits  # (a nan cotangent makes the whole row nan through the total)
+    zs = rm.shift(x, m[:, None], opts)
+    p = jnp.exp(zs - log_s[:, None])
+    total = g.sum(1) if g_t is None else g.sum(1) + g_t
+    dz = jnp.where(member, hits, 0.0) - p * total[:, None]
+    if g_t is not None:
+        outside = ~member & (p > 0)
+        dz = dz + g_t[:, None] * jnp.exp(jnp.where(outside, zs - log_out[:, None], -jnp.inf))
+    dz = jnp.where(counted[:, None], dz, 0.0)
+    return rm.transform_vjp(dz, x, opts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,24 +182,69 @@ class TopKTiles:
         (x,) = xs
         g, g_t = cts[1], cts[2]
         g = jnp.where(rows.counted[:, None], g, 0.0)  # (the kernels pad g to the width)
-        hits = scatter(self.k, ik, g, start, x.shape)
-        member = hits == hits  # (a nan cotangent makes the whole row nan through total)
-        hits = jnp.where(member, hits, 0.0)
-        zs = rm.shift(x, m[:, None], opts)
-        p = jnp.exp(zs - log_s[:, None])
-        total = g.sum(1)
-        if self.tail:
-            g_t = jnp.where(rows.counted, g_t, 0.0)
-            total = total + g_t
-        dz = hits - p * total[:, None]
-        if self.tail:
-            outside = ~member & (p > 0)
-            dz = dz + g_t[:, None] * jnp.exp(jnp.where(outside, zs - log_out[:, None], -jnp.inf))
-        dz = jnp.where(rows.counted[:, None], dz, 0.0)
-        return rm.transform_vjp(dz, x, opts), {}
+        g_t = jnp.where(rows.counted, g_t, 0.0) if self.tail else None
+        return support_grad(opts, x, m, log_s, log_out, ik, start, g, g_t, rows.counted,
+                            self.k), {}
 
 
 def tiled(stat: _topk.TopK) -> TopKTiles:
     """The Pallas form of ``stat`` (its carry ``pow2(k)`` slots wide)."""
     return TopKTiles(stat.k, pow2(stat.k), stat.tail)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseTeacherTiles:
+    """:class:`jaxent.impl.topk.SparseTeacher` (same outputs) with the student's logits at
+    the teacher's ids read by :func:`gather` and the gradient's scatter by :func:`scatter`;
+    the ids come as ``[rows, 2**j]`` (``-1`` past ``k``: the kernels pad them), the carry
+    ``[rows, 2**j]`` wide."""
+
+    kind: str
+    k: int
+    beta: float = 0.5
+    tail: bool = True
+    streams = 1
+    diff_cols: tuple[str, ...] = ()
+    extra_tiles = 1  # (as TopKTiles: the support's [block_n, block_v] array)
+
+    def _dense(self) -> _topk.SparseTeacher:
+        return _topk.SparseTeacher(self.kind, self.k, self.beta, self.tail)
+
+    def then(self, res):
+        return None
+
+    def init(self, n, dtype):
+        z = jnp.zeros((n,), dtype)
+        return jnp.full((n,), -jnp.inf, dtype), z, z, jnp.zeros((n, pow2(self.k)), dtype)
+
+    def fold(self, opts, carry, xs, rows, cols, start, valid):
+        m, s, out, xk = carry
+        (x,) = xs
+        a = stats.stream(m, s, x, opts, valid)
+        got, member = gather(self.k, rows.y.astype(x.dtype), x, start)
+        if self.tail:
+            out = out * a.alpha + jnp.where(member > 0, 0.0, a.e).sum(1)
+        return a.m, a.s, out, xk + got
+
+    def merge(self, opts, carry, axis_name):
+        raise NotImplementedError("SparseTeacherTiles walks one vocabulary (no shards)")
+
+    def finish(self, opts, carry, rows):
+        m, s, out, xk = carry
+        return self._dense().finish(opts, (m, s, out, xk[:, :self.k]), rows)
+
+    def block_grad(self, opts, res, xs, rows, cols, start, cts):
+        m, log_s, log_out, g = res  # g: [N, 2**j], the k bins and the tail's, then zeros
+        (x,) = xs
+        g = g * cts[:, None]
+        slot = lax.broadcasted_iota(jnp.int32, g.shape, 1)
+        g_t = _pick(slot == self.k, g) if self.tail else None
+        g = jnp.where(slot < self.k, g, 0.0)
+        return support_grad(opts, x, m, log_s, log_out, rows.y.astype(x.dtype), start, g,
+                            g_t, rows.counted, self.k), {}
+
+
+def tiled_sparse(stat: _topk.SparseTeacher) -> SparseTeacherTiles:
+    """The Pallas form of ``stat``."""
+    return SparseTeacherTiles(stat.kind, stat.k, stat.beta, stat.tail)
 

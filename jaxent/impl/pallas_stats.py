@@ -28,8 +28,9 @@ first stream (the student) gets gradients; a teacher is a constant.
 Served: every statistic whose carry is per-row vectors or ``[rows, 2**j]`` blocks, with one
 optional second pass (:class:`~jaxent.impl.stats.LogProbs` with or without entropy,
 :class:`~jaxent.impl.stats.SoftTargets`, :class:`~jaxent.impl.stats.Distill` ``"kl"``,
-``"reverse_kl"`` and ``"jsd"``, :class:`~jaxent.impl.topk.TopK` through its ``tiled()``
-form), linear-head streams, per-row temperatures and padding
+``"reverse_kl"`` and ``"jsd"``; :class:`~jaxent.impl.topk.TopK` and
+:class:`~jaxent.impl.topk.SparseTeacher` through their ``tiled()`` forms, whose ids come
+as ``[rows, 2**j]`` blocks), linear-head streams, per-row temperatures and padding
 columns; not a vocabulary split over a mesh axis (no merge across shards).
 """
 

@@ -159,6 +159,7 @@ def forward(spec, op: ps.Operands, prev_tree):
     acc = rm.compute_dtype(op.streams[0][0].dtype)
     prev = None if prev_tree is None else jax.tree.unflatten(prev_tree, op.extra)
     tree, leaves = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
+
     def out(t):  # a per-row leaf in (1, bn) lanes, a [bn, c] one in (bn, c) blocks
         if t:
             return pl.BlockSpec((bn, *t), lambda i, j: (i, 0)), (np_, *t)

@@ -49,14 +49,15 @@ def check_reduction(value) -> None:
         raise ValueError(f"`reduction` must be one of ('mean', 'sum', 'none'), got {value!r}")
 
 
-def check_impl(value, served: tuple[str, ...] = IMPLS, what: str = "") -> None:
+def check_impl(value, served: tuple[str, ...] = IMPLS, what: str = "",
+               why: str = "only the vocabulary walk does") -> None:
     """``value`` is an implementation name; ``served`` the ones this call runs (``what``
-    names the call in the error for one it does not)."""
+    names the call and ``why`` says why in the error for one it does not)."""
     if value not in IMPLS:
         raise ValueError(f"`impl` must be one of {IMPLS}, got {value!r}")
     if value not in served:
-        raise ValueError(f"`impl`={value!r} cannot serve {what}: only the vocabulary walk "
-                         f"does; implementations that can: {served}")
+        raise ValueError(f"`impl`={value!r} cannot serve {what}: {why}; implementations "
+                         f"that can: {served}")
 
 
 def place(fused, shard, arrays: dict, static: dict, temperature, impl, out):

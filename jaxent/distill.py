@@ -142,14 +142,21 @@ def _which_teacher(dense: dict, teacher_topk, teacher_tail) -> bool:
     return teacher_topk is not None
 
 
+
+
 def _run_sparse(kind: str, beta: float, plan, stream_, batch_shape, mask, temp,
-                teacher_topk, teacher_tail, v: int, acc):
-    """Per-row losses of a student stream against a sparse teacher."""
+                teacher_topk, teacher_tail, v: int, acc, impl: str | None = None):
+    """Per-row losses of a student stream against a sparse teacher (``impl``: the
+    implementation of a linear-head stream, :func:`jaxent._heads.walk`; None: the
+    vocabulary walk)."""
     k, ids, lq, lqt = _sparse_teacher(teacher_topk, teacher_tail, batch_shape, v, mask, acc,
                                       plan.vocab_axis is not None)
     n = lq.shape[0]
     rows = _topk.SupportRows(ids, _heads.counted(mask, n), temp, lq, lqt)
-    return _heads.run(_topk.SparseTeacher(kind, k, beta, k < v), plan, (stream_,), rows, {})
+    stat = _topk.SparseTeacher(kind, k, beta, k < v)
+    if impl is None:
+        return _heads.run(stat, plan, (stream_,), rows, {})
+    return _heads.walk(impl, stat, plan, (stream_,), rows, {})
 
 
 def distillation_loss(
@@ -418,7 +425,6 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
                                  ("student_hidden", "student_kernel", "student_bias"),
                                  axis_name)
     if sparse:
-        _heads.check_impl(impl, ("auto", "xla", "vocab"), "a sparse teacher")
         if return_aux:
             raise ValueError("`return_aux` is served with a dense teacher (`teacher_hidden`, "
                              "`teacher_kernel`), not with a sparse one (`teacher_topk`)")
@@ -429,9 +435,10 @@ def fused_distillation_loss(student_hidden, student_kernel, teacher_hidden, teac
         temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
         n = hs.shape[0]
         plan = _heads.plan(Options(temperature=temp_s), v, local, n, block_size,
-                           kernel_layout, axis_name)
+                           kernel_layout, axis_name, token_block_size=token_block_size,
+                           interpret=interpret)
         losses = _run_sparse(kind, b, plan, (hs, ks, bs), batch_shape, mask, temp, topk,
-                             teacher_tail, v, acc)
+                             teacher_tail, v, acc, impl)
         return _heads.reduce(losses.reshape(batch_shape), _heads.counted(mask, n), reduction,
                              token_axis_name)
     ht, kt, bt, local_t, _ = _heads.head(teacher_hidden, teacher_kernel, teacher_bias,

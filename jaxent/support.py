@@ -29,6 +29,7 @@ from jax.typing import ArrayLike
 from jaxent import _checks, _heads, _rowmath
 from jaxent._options import Impl, KernelLayout, Options
 from jaxent.impl import support as sup
+from jaxent.placement import explicit as _explicit
 
 _FILTERS = ("top_k", "top_p", "min_p")
 
@@ -282,12 +283,20 @@ def linear_support_log_probs(
         :func:`support_log_probs`.
       return_entropy, max_candidates: as in :func:`support_log_probs`.
       block_size: vocabulary columns per block (default: about 16 MB of float32 logits).
-      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (all: the vocabulary walk).
+      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (all: the vocabulary walk; ``"token"``
+        and ``"pallas"`` raise ``ValueError``).
       vocab_size: the real classes when the kernel holds padding columns after them.
 
     Returns:
       ``log_probs`` shaped like ``tokens`` (float32), or ``(log_probs, entropy)``;
       gradients w.r.t. ``hidden``, ``kernel``, ``bias`` in their dtypes.
+
+    On a mesh with ``AxisType.Explicit`` axes the split is read from the inputs' types
+    (:mod:`jaxent.placement.explicit`): a kernel sharded along its vocabulary runs the
+    vocabulary-parallel head (:func:`sharded_linear_support_log_probs`) in a
+    ``jax.shard_map``, the tokens split as ``hidden``'s token axes are; per-row sampler
+    parameters and ``allowed_ids`` follow the tokens. The arguments are checked, and the
+    candidate buffer sized, from the whole batch first, as on one device.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxent
@@ -299,12 +308,64 @@ def linear_support_log_probs(
       >>> bool(jnp.allclose(lp, ref, atol=1e-5))
       True
     """
-    _heads.check_impl(impl)
-    return fused_support_log_probs(
-        hidden, kernel, tokens, bias=bias, kernel_layout=kernel_layout, top_k=top_k,
-        top_p=top_p, min_p=min_p, allowed_ids=allowed_ids, temperature=temperature,
-        logit_softcap=logit_softcap, where=where, return_entropy=return_entropy,
-        max_candidates=max_candidates, block_size=block_size, vocab_size=vocab_size)
+    _heads.check_impl(impl, ("auto", "xla", "vocab"), "the support head")
+    kw = dict(bias=bias, kernel_layout=kernel_layout, top_k=top_k, top_p=top_p, min_p=min_p,
+              allowed_ids=allowed_ids, temperature=temperature, logit_softcap=logit_softcap,
+              where=where, return_entropy=return_entropy, max_candidates=max_candidates,
+              block_size=block_size, vocab_size=vocab_size)
+    if _explicit.head_layout(hidden, kernel, kernel_layout, tokens, bias, top_k, top_p,
+                             min_p, allowed_ids, temperature, where) is not None:
+        placed = _place(hidden, kernel, tokens, **kw)
+        if placed is not None:
+            return placed
+    return fused_support_log_probs(hidden, kernel, tokens, **kw)
+
+
+def _place(hidden, kernel, tokens, *, top_k, top_p, min_p, allowed_ids, max_candidates,
+           vocab_size, **kw):
+    """:func:`linear_support_log_probs` split on an Explicit mesh
+    (:func:`jaxent.placement.explicit.run_head`): the arguments checked on the whole batch
+    first (in the split they are traced), the candidate buffer sized from them, per-row
+    sampler parameters passed as arrays shaped like the tokens, Python numbers as they
+    are; a nucleus longer than the buffer raises here as on one device."""
+    _filters_or_ids(allowed_ids, top_k, top_p, min_p)
+    batch_shape = tuple(jnp.shape(hidden)[:-1])
+    v = _heads.vocab(vocab_size, _checks.head_shape(
+        _checks.float_array(hidden, "hidden"), _checks.float_array(kernel, "kernel"),
+        kw["kernel_layout"], "hidden", "kernel")[1])
+    acc = _rowmath.compute_dtype(jnp.result_type(hidden, kernel))
+    arrays = {"hidden": hidden, "kernel": kernel, "tokens": tokens, "bias": kw.pop("bias"),
+              "where": kw["where"]}
+    static = {k: a for k, a in kw.items() if k not in ("where", "temperature")}
+    static["vocab_size"] = vocab_size
+    if allowed_ids is not None:
+        arrays["allowed_ids"] = _allowed(allowed_ids, batch_shape, v).reshape(
+            *batch_shape, -1)
+        static.update(max_candidates=max_candidates, top_k=None, top_p=None, min_p=None)
+    else:
+        static["allowed_ids"] = None
+        flat = _sampler_rows(top_k, top_p, min_p, batch_shape, v, acc)
+        _check_candidates(max_candidates, flat[3], flat[0] is None or _concrete(top_k))
+        static["max_candidates"] = sup.candidates_for(v, flat[3], flat[1] is not None,
+                                                      max_candidates)
+        for name, value, arr in zip(_FILTERS, (top_k, top_p, min_p), flat[:3], strict=True):
+            if value is None or isinstance(value, int | float | np.number):
+                static[name] = value
+            else:
+                arrays[name] = arr.reshape(batch_shape)
+    ent = bool(kw["return_entropy"])
+    placed = _explicit.run_head(_support_shard, arrays, static, kw["temperature"],
+                                (("row", "row") if ent else "row", "row"))
+    if placed is None:
+        return None
+    out, flag = placed
+    _raise_on_flag(flag)
+    return out
+
+
+def _support_shard(vocab, tok, **kw):
+    del tok
+    return fused_support_log_probs(**kw, axis_name=vocab, return_flag=True)
 
 
 def sharded_linear_support_log_probs(
@@ -426,9 +487,10 @@ def _ids_head(h, k, b, ids, y, counted, temp, *, v, local, layout, block, opts, 
 def fused_support_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, top_k, top_p,
                             min_p, allowed_ids, temperature, logit_softcap, where,
                             return_entropy, max_candidates, block_size, vocab_size=None,
-                            axis_name=None):
+                            axis_name=None, return_flag=False):
     """:func:`linear_support_log_probs`, vocabulary-parallel over ``axis_name`` when
-    given."""
+    given; with ``return_flag`` the pair ``(outputs, flag)``, ``flag`` shaped like the
+    tokens and positive where a top-p nucleus overflowed the candidates (not raised)."""
     _filters_or_ids(allowed_ids, top_k, top_p, min_p)
     h, k, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout, axis_name=axis_name)
     v = _heads.vocab(vocab_size, v)
@@ -449,7 +511,8 @@ def fused_support_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, top_
         lp, ent = _ids_head(h, k, b, ids, y, counted, temp, v=v, local=local,
                             layout=kernel_layout, block=min(block, ids.shape[1]), opts=opts,
                             entropy=bool(return_entropy), axis_name=axis_name)
-        return _outputs(lp, ent, batch_shape, return_entropy)
+        out = _outputs(lp, ent, batch_shape, return_entropy)
+        return (out, jnp.zeros(batch_shape, jnp.int32)) if return_flag else out
     kr, p, mp, need = _sampler_rows(top_k, top_p, min_p, batch_shape, v, acc)
     _check_candidates(max_candidates, need, kr is None or _concrete(top_k))
     stat = sup.Sampler(v, sup.candidates_for(v, need, p is not None, max_candidates),
@@ -457,5 +520,8 @@ def fused_support_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, top_
     plan = _heads.plan(opts, v, local, n, block_size, kernel_layout, axis_name)
     lp, ent, flag = _heads.run(stat, plan, ((h, k, b),),
                                sup.SupportRows(y, counted, temp, kr, p, mp), {})
+    out = _outputs(lp, ent, batch_shape, return_entropy)
+    if return_flag:
+        return out, flag.reshape(batch_shape).astype(jnp.int32)
     _raise_on_flag(flag)
-    return _outputs(lp, ent, batch_shape, return_entropy)
+    return out

@@ -21,8 +21,9 @@ from jaxent.impl import stats
 from jaxent.impl import topk as _topk
 from jaxent.placement import explicit as _explicit
 
-# The walks that serve the top-k statistic (its block merge is lax.top_k: no kernels).
-VOCAB_WALK = ("auto", "xla", "vocab")
+# The implementations that serve the top-k statistic (the Pallas kernels through its tiled
+# form, jaxent.impl.topk_tiles).
+WALKS = ("auto", "xla", "vocab", "token", "pallas")
 
 
 def check_k(k, num_classes: int, name: str = "k") -> int:
@@ -137,6 +138,8 @@ def linear_topk_log_probs(
     block_size: int | None = None,
     impl: Impl = "auto",
     vocab_size: int | None = None,
+    token_block_size: int | None = None,
+    interpret: bool = False,
 ):
     r""":func:`topk_log_probs` of ``hidden @ kernel + bias`` without materializing logits.
     {doc}
@@ -144,7 +147,10 @@ def linear_topk_log_probs(
     The vocabulary is walked in blocks of ``block_size`` columns; each block's candidates
     are merged into the running top-k of every row (``lax.top_k`` of ``k + block_size``
     candidates), with an online max and the sum of the evicted candidates' mass. The
-    backward recomputes each block. Extra memory ``O(N * (block_size + k))``.
+    backward recomputes each block. Extra memory ``O(N * (block_size + k))``. With
+    ``impl="token"`` the tokens are walked in blocks of ``token_block_size`` rows instead,
+    each block's whole vocabulary row at once (``lax.top_k`` of ``k + V`` candidates per
+    row; extra memory ``O(token_block_size * V)``).
 
     Args:
       hidden: float ``[..., D]``.
@@ -157,9 +163,16 @@ def linear_topk_log_probs(
       where: optional boolean mask ``hidden.shape[:-1]`` (``False``: ids ``-1``, values 0).
       return_tail: also return the tail log-mass.
       block_size: vocabulary columns per block (default: about 16 MB of float32 logits).
-      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (all: the vocabulary walk).
+      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (the vocabulary walk), ``"token"``
+        (token blocks, each with its whole vocabulary row) or ``"pallas"`` (the statistic
+        kernels of :mod:`jaxent.impl.pallas_stats` with the merge of
+        :mod:`jaxent.impl.topk_tiles`: NVIDIA GPUs and TPUs, or ``interpret``); the last
+        two not with a vocabulary split over a mesh axis.
       vocab_size: the number of real classes when the kernel's vocabulary axis holds
         padding columns after them (never chosen; ``k <= vocab_size``).
+      token_block_size: ``impl="token"``: tokens per block (default: about 64 MB of
+        float32 logits).
+      interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode.
 
     Returns:
       ``(ids, log_probs)``, each ``hidden.shape[:-1] + (k,)`` (int32; float32, float64 for
@@ -175,11 +188,12 @@ def linear_topk_log_probs(
       >>> bool((ids == ref_ids).all()), bool(jnp.allclose(lp, ref_lp, atol=1e-5))
       (True, True)
     """
-    _heads.check_impl(impl, VOCAB_WALK, "the top-k head")
+    _heads.check_impl(impl)
     arrays = {"hidden": hidden, "kernel": kernel, "bias": bias, "where": where}
     static = {"k": k, "kernel_layout": kernel_layout, "logit_softcap": logit_softcap,
               "return_tail": bool(return_tail), "block_size": block_size,
-              "vocab_size": vocab_size}
+              "vocab_size": vocab_size, "impl": impl, "token_block_size": token_block_size,
+              "interpret": bool(interpret)}
     placed = _explicit.run_head(_topk_shard, arrays, static, temperature,
                                 ("row",) * (3 if return_tail else 2))
     if placed is not None:
@@ -194,6 +208,7 @@ def _topk_shard(vocab, tok, **kw):
 
 def fused_topk_log_probs(hidden, kernel, k, *, bias, kernel_layout, temperature,
                          logit_softcap, where, return_tail, block_size, vocab_size=None,
+                         impl="auto", token_block_size=None, interpret=False,
                          axis_name=None):
     """:func:`linear_topk_log_probs`, vocabulary-parallel over ``axis_name`` when given."""
     h, kr, b, local, v = _heads.head(hidden, kernel, bias, kernel_layout,
@@ -207,9 +222,10 @@ def fused_topk_log_probs(hidden, kernel, k, *, bias, kernel_layout, temperature,
     temp_s, temp = _heads.row_temperature(temperature, batch_shape, acc)
     n = h.shape[0]
     plan = _heads.plan(Options(temperature=temp_s, logit_softcap=cap), v, local, n,
-                       block_size, kernel_layout, axis_name)
-    outs = _heads.run(_topk.TopK(k, bool(return_tail)), plan, ((h, kr, b),),
-                      stats.Rows(None, _heads.counted(mask, n), temp), {})
+                       block_size, kernel_layout, axis_name,
+                       token_block_size=token_block_size, interpret=interpret)
+    outs = _heads.walk(impl, _topk.TopK(k, bool(return_tail)), plan, ((h, kr, b),),
+                       stats.Rows(None, _heads.counted(mask, n), temp), {})
     return _outputs(outs, batch_shape, k, return_tail)
 
 

@@ -2,9 +2,10 @@
 
 Run by tests/test_sharded.py in a subprocess of its own (the device count is fixed when
 JAX starts): values and gradients (random cotangents) of
-``jaxent.sharded.linear_support_log_probs`` must equal the single-device
-``jaxent.linear_support_log_probs``, which tests/test_support.py checks against a float64
-reference.
+``jaxent.sharded.linear_support_log_probs`` inside ``jax.shard_map``, and of plain
+``jaxent.linear_support_log_probs`` on Explicit meshes (data-parallel and vocabulary-
+parallel), must equal the single-device ``jaxent.linear_support_log_probs``, which
+tests/test_support.py checks against a float64 reference.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from jax.sharding import AxisType  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxent  # noqa: E402
@@ -82,4 +83,41 @@ def test_linear_support_log_probs_sharded(mesh_name, layout, mode):
     want = _grads(lambda h, k, b: jaxent.linear_support_log_probs(
         h, k, y, bias=b, where=where, temperature=temp, **per_row, **kw), (h, k, b), cts)
     assert not np.any(np.isnan(np.asarray(got[0][0])))
+    _close(got, want)
+
+
+@pytest.mark.parametrize("mesh_name,kspec,mode", [
+    ("data8", P(), "ids"), ("data2xmodel4", P(None, "model"), "filters")])
+def test_linear_support_log_probs_explicit_mesh(mesh_name, kspec, mode):
+    """Plain calls on an Explicit mesh: tokens (and the per-row sampler parameters or
+    allowed ids) split over "data", the kernel replicated or split over "model"."""
+    shape, names = {"data8": ((8,), ("data",)),
+                    "data2xmodel4": ((2, 4), ("data", "model"))}[mesh_name]
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Explicit,) * len(names))
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(V,)), jnp.float32)
+    y = jnp.asarray(np.argsort(-np.asarray(h @ k + b[None, :]), axis=1)[np.arange(N),
+                                                              rng.integers(0, 4, N)])
+    temp = jnp.asarray(rng.uniform(0.5, 2.0, (N,)), jnp.float32)
+    if mode == "filters":
+        params = dict(top_k=7, top_p=jnp.asarray(rng.uniform(0.3, 1.0, N), jnp.float32),
+                      min_p=jnp.asarray(rng.uniform(0.0, 0.1, N), jnp.float32))
+    else:
+        ids = rng.integers(0, V, (N, 6))
+        ids[:, 0], ids[:, -1] = np.asarray(y), -1
+        params = dict(allowed_ids=jnp.asarray(ids))
+
+    def fn(h, k, b):
+        return jaxent.linear_support_log_probs(h, k, y, bias=b, temperature=temp,
+                                               return_entropy=True, block_size=4, **params)
+
+    cts = (rng.normal(size=(N,)), rng.normal(size=(N,)))
+    want = _grads(fn, (h, k, b), cts)
+    with jax.set_mesh(mesh):
+        placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in
+                  zip((h, k, b), (P("data", None), kspec, P(*kspec[1:])), strict=True)]
+        assert "shard_map" in str(jax.make_jaxpr(fn)(*placed))
+        got = jax.jit(lambda *a: _grads(fn, a, cts))(*placed)
     _close(got, want)

@@ -1,16 +1,20 @@
 """Conformance of the RL and distillation heads: every head x impl x dtype x vocabulary
 against the naive materialized program, values and gradients.
 
-Heads: ``linear_log_probs`` (with and without the entropy), ``linear_soft_cross_entropy``
-and ``linear_distillation_loss`` (``kl``, ``reverse_kl``, ``jsd``), with a bias, a ``where``
-mask, one temperature per row (and label smoothing for the soft targets), per-token outputs
+Heads: ``linear_log_probs`` (with and without the entropy), ``linear_soft_cross_entropy``,
+``linear_distillation_loss`` (``kl``, ``reverse_kl``, ``jsd``), ``linear_topk_log_probs``
+(ids, log-probabilities and tail) and ``linear_distillation_loss`` with a sparse teacher
+(``jsd`` over the teacher's top-k ids and a tail bin), with a bias, a ``where`` mask, one
+temperature per row (and label smoothing for the soft targets), per-token outputs
 (``reduction="none"``). Impls: ``vocab`` (blocks of 64 columns), ``token`` (blocks of 5
 tokens: 12 tokens make a ragged last block) and ``pallas`` (the Triton kernels in Pallas's
-interpreter, blocks of 128 columns). Vocabularies: 128 (a whole number of blocks of every
-impl) and 100 (ragged against both).
+interpreter, blocks of 128 columns; the top-k head and the sparse teacher in their
+``tiled()`` forms). Vocabularies: 128 (a whole number of blocks of every impl) and 100
+(ragged against both).
 
 The reference forms ``logits = h @ W + b`` in float32 (from the same, possibly bfloat16,
-inputs) and writes each loss with ``jax.nn.log_softmax``; gradients w.r.t. the student's
+inputs) and writes each loss with ``jax.nn.log_softmax`` (the top-k with ``lax.top_k``;
+its ids must be equal); gradients w.r.t. the student's
 hidden, kernel and bias are plain autodiff of a random weighted sum of the outputs.
 Tolerances (rtol, with atol = rtol * max |reference| for entries near 0): float32 1e-5;
 bfloat16 values 1e-5 (they accumulate in float32 from the same inputs) and gradients
@@ -34,8 +38,10 @@ import jaxent
 
 N, D, DT = 12, 24, 16
 VOCABS = {"whole": 128, "ragged": 100}
-HEADS = ("log_probs", "log_probs_entropy", "soft", "kl", "reverse_kl", "jsd")
+HEADS = ("log_probs", "log_probs_entropy", "soft", "kl", "reverse_kl", "jsd", "topk",
+         "sparse")
 IMPLS = ("vocab", "token", "pallas")
+K, KT = 5, 6  # the top-k head's k; the sparse teacher's ids per row
 DTYPES = ("float32", "bfloat16")
 BETA, SMOOTH = 0.3, 0.1
 TOL = {"float32": (1e-5, 1e-5), "bfloat16": (1e-5, 2e-2)}  # (values, gradients)
@@ -53,11 +59,25 @@ def _data(v: int, dtype: str) -> dict:
         "where": jnp.asarray(rng.random(N) < 0.8),
         "temp": jnp.asarray(rng.uniform(0.6, 1.8, N), jnp.float32),
         "c": jnp.asarray(rng.standard_normal((2, N)), jnp.float32),
+        "ck": jnp.asarray(rng.standard_normal((N, K)), jnp.float32),
+        **_sparse_teacher(f(N, DT), f(DT, v, scale=0.5)),
     }
 
 
+def _sparse_teacher(ht, wt) -> dict:
+    """A sparse teacher in float32: the top ``KT`` ids of ``ht @ wt``, their
+    log-probabilities and the log-mass of the other classes."""
+    x = ht.astype(jnp.float32) @ wt.astype(jnp.float32)
+    ids = jax.lax.top_k(x, KT)[1]
+    lq = jax.nn.log_softmax(x, axis=-1)
+    out = jnp.ones(x.shape, bool).at[jnp.arange(N)[:, None], ids].set(False)
+    tail = jax.nn.logsumexp(jnp.where(out, lq, -jnp.inf), axis=-1)
+    return {"tid": ids, "tlq": jnp.take_along_axis(lq, ids, 1), "ttail": tail}
+
+
 def _head(name: str, impl: str, h, w, b, d: dict):
-    """The head's per-token outputs, a tuple of ``[N]`` arrays."""
+    """The head's per-token outputs, a tuple of ``[N]`` arrays (the top-k's ids and
+    log-probabilities ``[N, K]``)."""
     kw = {"impl": impl, "block_size": 64, "token_block_size": 5, "interpret": True}
     common = {"temperature": d["temp"], "where": d["where"]}
     if name.startswith("log_probs"):
@@ -67,6 +87,12 @@ def _head(name: str, impl: str, h, w, b, d: dict):
     if name == "soft":
         return (jaxent.linear_soft_cross_entropy(h, w, d["t"], bias=b, label_smoothing=SMOOTH,
                                                  reduction="none", **common, **kw),)
+    if name == "topk":
+        return jaxent.linear_topk_log_probs(h, w, K, bias=b, return_tail=True, **common, **kw)
+    if name == "sparse":
+        return (jaxent.linear_distillation_loss(
+            h, w, teacher_topk=(d["tid"], d["tlq"]), teacher_tail=d["ttail"],
+            divergence="jsd", beta=BETA, student_bias=b, reduction="none", **common, **kw),)
     return (jaxent.linear_distillation_loss(h, w, d["ht"], d["wt"], divergence=name,
                                             beta=BETA, student_bias=b, teacher_bias=d["bt"],
                                             reduction="none", **common, **kw),)
@@ -87,6 +113,18 @@ def _reference(name: str, impl: str, h, w, b, d: dict):
     if name == "soft":
         t = (1 - SMOOTH) * d["t"] + SMOOTH / lp.shape[1]
         return (zero(-jnp.sum(t * lp, -1)),)
+    if name == "topk":
+        _, ids = jax.lax.top_k(lp, K)
+        out = jnp.ones(lp.shape, bool).at[jnp.arange(N)[:, None], ids].set(False)
+        tail = jax.nn.logsumexp(jnp.where(out, lp, -jnp.inf), axis=-1)
+        return (jnp.where(where[:, None], ids, -1),
+                jnp.where(where[:, None], jnp.take_along_axis(lp, ids, 1), 0.0), zero(tail))
+    if name == "sparse":
+        out = jnp.ones(lp.shape, bool).at[jnp.arange(N)[:, None], d["tid"]].set(False)
+        lp_bins = jnp.concatenate([jnp.take_along_axis(lp, d["tid"], 1), jax.nn.logsumexp(
+            jnp.where(out, lp, -jnp.inf), axis=-1)[:, None]], axis=1)
+        lq_bins = jnp.concatenate([d["tlq"], d["ttail"][:, None]], axis=1)
+        return (zero(_jsd(lp_bins, lq_bins)),)
     lq = jax.nn.log_softmax((f32(d["ht"]) @ f32(d["wt"]) + f32(d["bt"])[None, :]) / temp,
                            axis=-1)
     p, q = jnp.exp(lp), jnp.exp(lq)
@@ -94,8 +132,22 @@ def _reference(name: str, impl: str, h, w, b, d: dict):
         return (zero(jnp.sum(q * (lq - lp), -1)),)
     if name == "reverse_kl":
         return (zero(jnp.sum(p * (lp - lq), -1)),)
+    return (zero(_jsd(lp, lq)),)
+
+
+def _jsd(lp, lq):
+    p, q = jnp.exp(lp), jnp.exp(lq)
     lm = jnp.log(BETA * q + (1 - BETA) * p)
-    return (zero(BETA * jnp.sum(q * (lq - lm), -1) + (1 - BETA) * jnp.sum(p * (lp - lm), -1)),)
+    return BETA * jnp.sum(q * (lq - lm), -1) + (1 - BETA) * jnp.sum(p * (lp - lm), -1)
+
+
+def _weighted(outs, d: dict):
+    """A random weighted sum of the float outputs (``[N]`` and the top-k's ``[N, K]``)."""
+    total = 0.0
+    for i, o in enumerate(o for o in outs if jnp.issubdtype(o.dtype, jnp.floating)):
+        c = d["c"][i % 2]
+        total = total + jnp.sum(o * (c if o.ndim == 1 else c[:, None] * d["ck"]))
+    return total
 
 
 def _everything(fn, impl: str, data: dict) -> dict:
@@ -105,8 +157,7 @@ def _everything(fn, impl: str, data: dict) -> dict:
         for head in HEADS:
             def loss(h, w, b, head=head, d=d):
                 outs = fn(head, impl, h, w, b, d)
-                total = sum(jnp.sum(o * d["c"][i]) for i, o in enumerate(outs))
-                return total, outs
+                return _weighted(outs, d), outs
 
             (_, outs), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
                 d["h"], d["w"], d["b"])
@@ -140,7 +191,12 @@ def test_head_matches_naive_program(head, impl, dtype, vocab):
     tol_v, tol_g = TOL[dtype]
     assert len(outs) == len(ref_outs)
     for i, (o, r) in enumerate(zip(outs, ref_outs, strict=True)):
-        assert o.shape == (N,) and o.dtype == jnp.float32
+        assert o.shape == r.shape and o.shape[0] == N, f"output {i}"
+        if jnp.issubdtype(r.dtype, jnp.integer):  # the top-k ids
+            assert o.dtype == jnp.int32
+            np.testing.assert_array_equal(o, r, err_msg=f"output {i}")
+            continue
+        assert o.dtype == jnp.float32
         _close(o, r, tol_v, f"output {i}")
     for name, g, r in zip(("hidden", "kernel", "bias"), grads, ref_grads, strict=True):
         assert g.dtype == jnp.dtype(dtype), name
@@ -152,7 +208,7 @@ def _signature(head: str, impl: str) -> str:
     d = _data(VOCABS["ragged"], "float32")
 
     def loss(h, w, b):
-        return sum(jnp.sum(o) for o in _head(head, impl, h, w, b, d))
+        return _weighted(_head(head, impl, h, w, b, d), d)
 
     return str(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(d["h"], d["w"], d["b"]))
 

@@ -14,7 +14,8 @@ fresh interpreter; the rest of the suite keeps its single device:
   placements;
 * ``tests/sharded_compact_cases.py``: ``shift=1`` on Explicit meshes, ``capacity``'s
   refusal on meshes and its use inside a caller's ``shard_map``.
-* ``tests/sharded_support_cases.py``: the vocabulary-parallel support-restricted log-probs;
+* ``tests/sharded_support_cases.py``: the support-restricted log-probs (shard_map,
+  Explicit meshes);
 * ``tests/sharded_topk_cases.py``: the vocabulary-parallel top-k and sparse teacher.
 
 A run is a file (or a few small ones) and, for the longest file, a ``-k`` selection, so that

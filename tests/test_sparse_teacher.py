@@ -188,10 +188,10 @@ def test_traced_bad_ids_give_nan(bad_kind):
     assert np.isnan(np.asarray(g(h))).any()
 
 
-def test_sparse_teacher_with_capacity_and_the_walks_that_serve_it():
+def test_sparse_teacher_with_capacity_on_every_impl():
     """A sparse teacher's rows are gathered with the student's under ``capacity`` (same
-    value as without it and as the materialized loss); the walks without the top-k merge
-    refuse it by name."""
+    value as without it and as the materialized loss), on the vocabulary and the token
+    walk and the Pallas kernels (interpreted)."""
     h = jax.random.normal(jax.random.key(0), (2, 5, 8))
     w = jax.random.normal(jax.random.key(1), (8, 20))
     ids, lq, tail = jaxent.linear_topk_log_probs(jax.random.normal(jax.random.key(2), (2, 5, 8)),
@@ -202,6 +202,7 @@ def test_sparse_teacher_with_capacity_and_the_walks_that_serve_it():
     np.testing.assert_allclose(jaxent.linear_distillation_loss(h, w, capacity=10, **kw), want,
                                rtol=1e-5)
     np.testing.assert_allclose(jaxent.linear_distillation_loss(h, w, **kw), want, rtol=1e-5)
-    for impl in ("token", "pallas"):
-        with pytest.raises(ValueError, match=f"`impl`='{impl}' cannot serve a sparse teacher"):
-            jaxent.linear_distillation_loss(h, w, impl=impl, **kw)
+    np.testing.assert_allclose(jaxent.linear_distillation_loss(
+        h, w, capacity=10, impl="token", token_block_size=3, **kw), want, rtol=1e-5)
+    np.testing.assert_allclose(jaxent.linear_distillation_loss(
+        h, w, capacity=10, impl="pallas", interpret=True, **kw), want, rtol=1e-5)

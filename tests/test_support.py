@@ -224,6 +224,13 @@ def test_bad_concrete_input_raises(kw, name):
         jaxent.support_log_probs(x, y, **kw)
 
 
+@pytest.mark.parametrize("impl", ["token", "pallas"])
+def test_impls_other_than_the_vocabulary_walk_refuse_by_name(impl):
+    h, w = jnp.ones((2, 3)), jnp.ones((3, 5))
+    with pytest.raises(ValueError, match=f"`impl`='{impl}' cannot serve the support head"):
+        jaxent.linear_support_log_probs(h, w, jnp.zeros((2,), jnp.int32), top_k=2, impl=impl)
+
+
 @pytest.mark.parametrize("kw", [
     dict(top_p=np.array([0.5, np.nan, 0.0, 1.5, np.inf, 0.5], np.float32)),
     dict(min_p=np.array([0.1, -0.1, 1.5, np.nan, 0.1, 0.1], np.float32)),

@@ -116,7 +116,18 @@ def _fused_args(n, d, v, dt):
 
 
 # The RL and distillation heads (row statistics: impl="pallas" runs jaxent.impl.pallas_stats).
-STAT_HEADS = ("linear_log_probs", "linear_soft_cross_entropy", "linear_distillation_loss")
+STAT_HEADS = ("linear_log_probs", "linear_soft_cross_entropy", "linear_distillation_loss",
+              "linear_topk_log_probs", "sparse_teacher_distillation")
+TOPK = 16  # the top-k head's k and the sparse teacher's ids per row
+
+
+def _topk(impl):
+    def f(h, w):
+        _, lp, tail = jaxent.linear_topk_log_probs(h, w, TOPK, kernel_layout="vd",
+                                                   return_tail=True, impl=impl)
+        return lp.sum() + tail.sum()
+    return f
+
 
 HEADS: dict[str, Head] = {head.name: head for head in (
     Head("cross_entropy", False, ("auto", "xla", "pallas"),
@@ -144,6 +155,15 @@ HEADS: dict[str, Head] = {head.name: head for head in (
              h, w, th, tw, kernel_layout="vd", impl=impl),
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, d), dt), ((v, d), dt)),
          (0, 1), _naive_distill),
+    # No naive program: its temporaries are held against the naive one in tests/test_topk.py.
+    Head("linear_topk_log_probs", True, ("auto", "vocab", "token", "pallas"), _topk,
+         lambda n, d, v, dt: (((n, d), dt), ((v, d), dt)), (0, 1)),
+    # linear_distillation_loss with a sparse teacher (TOPK ids and log-probabilities a row).
+    Head("sparse_teacher_distillation", True, ("auto", "vocab", "token", "pallas"),
+         lambda impl: lambda h, w, ids, lq: jaxent.linear_distillation_loss(
+             h, w, teacher_topk=(ids, lq), kernel_layout="vd", impl=impl),
+         lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, TOPK), jnp.int32),
+                              ((n, TOPK), jnp.float32)), (0, 1)),
 )}
 
 
@@ -354,7 +374,7 @@ def plan(profile: str = "full") -> list[Key]:
         out += [Key(target, "linear_cross_entropy", i, "grad", "llama") for i in big]
         if target == "h100":
             out += [Key(target, h, i, "grad", "llama") for h in HEADS
-                    if HEADS[h].fused and h != "linear_cross_entropy"
+                    if HEADS[h].naive is not None and h != "linear_cross_entropy"
                     for i in ("naive", "auto", "pallas")]
     return out
 

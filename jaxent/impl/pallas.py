@@ -114,10 +114,13 @@ def dispatch_stat(stat, plan, streams, rows, cols):
     n, d = streams[0][0].shape
     kernels = {pallas_gpu: pallas_stats_gpu, pallas_tpu: pallas_stats_tpu}
 
+    # A statistic that keeps more [block_n, block_v] arrays live than one logits tile per
+    # stream says how many (extra_tiles): the GPU's token tiles shrink as for a stream.
+    weight = len(streams) + getattr(pallas_stats.for_kernels(stat), "extra_tiles", 0)
+
     def run(mod, streams, rows, cols):
         backend = kernels[mod]
-        cfg = backend.default_config(n, d, plan.num_classes, streams[0][0].dtype,
-                                     len(streams))
+        cfg = backend.default_config(n, d, plan.num_classes, streams[0][0].dtype, weight)
         return pallas_stats.run_on(backend, cfg, stat, plan.opts, plan.num_classes,
                                    plan.layout, streams, rows, cols, interpret=plan.interpret)
 

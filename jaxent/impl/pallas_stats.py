@@ -25,10 +25,12 @@ with rows that are not counted, the vocabulary with columns masked by ``column <
 lowest finite logit and a zero gradient, as :func:`jaxent._rowmath.mask_columns`). Only the
 first stream (the student) gets gradients; a teacher is a constant.
 
-Served: every statistic whose carry is per-row vectors, with one optional second pass
-(:class:`~jaxent.impl.stats.LogProbs` with or without entropy,
+Served: every statistic whose carry is per-row vectors or ``[rows, 2**j]`` blocks, with one
+optional second pass (:class:`~jaxent.impl.stats.LogProbs` with or without entropy,
 :class:`~jaxent.impl.stats.SoftTargets`, :class:`~jaxent.impl.stats.Distill` ``"kl"``,
-``"reverse_kl"`` and ``"jsd"``), linear-head streams, per-row temperatures and padding
+``"reverse_kl"`` and ``"jsd"``; :class:`~jaxent.impl.topk.TopK` and
+:class:`~jaxent.impl.topk.SparseTeacher` through their ``tiled()`` forms, whose ids come
+as ``[rows, 2**j]`` blocks), linear-head streams, per-row temperatures and padding
 columns; not a vocabulary split over a mesh axis (no merge across shards).
 """
 
@@ -167,16 +169,29 @@ def pass_stat(spec: Spec, prev):
     return nxt
 
 
-def carry_leaves(stat, bn: int, acc) -> tuple[Any, tuple]:
-    """``(treedef, the leaves' dtypes)`` of ``stat``'s carry (``acc``, or e.g. int32 for an
-    argmax); each leaf must be ``[bn]``."""
+def carry_leaves(stat, bn: int, acc) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
+    """``(treedef, (trailing shape, dtype) of each leaf)`` of ``stat``'s carry (dtype ``acc``,
+    or e.g. int32 for an argmax); each leaf must be ``[bn]`` (trailing ``()``) or ``[bn, c]``
+    with ``c`` a power of two."""
     shapes = jax.eval_shape(lambda: stat.init(bn, acc))
     leaves, tree = jax.tree.flatten(shapes)
-    if any(leaf.shape != (bn,) for leaf in leaves):
+    if any(leaf.shape[:1] != (bn,) or leaf.ndim > 2 or (
+            leaf.ndim == 2 and leaf.shape[1] != _pow2(leaf.shape[1])) for leaf in leaves):
         raise NotImplementedError(
-            f"impl='pallas' serves statistics whose carry is per-row vectors; "
-            f"{type(stat).__name__}'s is {[leaf.shape for leaf in leaves]}")
-    return tree, tuple(leaf.dtype for leaf in leaves)
+            f"impl='pallas' serves statistics whose carry is per-row vectors or [rows, 2**j] "
+            f"blocks; {type(stat).__name__}'s is {[leaf.shape for leaf in leaves]}")
+    return tree, [(tuple(leaf.shape[1:]), leaf.dtype) for leaf in leaves]
+
+
+def _pow2(c: int) -> int:
+    return 1 << max(c - 1, 0).bit_length()
+
+
+def for_kernels(stat):
+    """``stat`` in the form the kernels take (``stat.tiled()`` where it has one: a
+    statistic whose ``fold`` uses ops Pallas does not lower gives an equivalent one)."""
+    tiled = getattr(stat, "tiled", None)
+    return stat if tiled is None else tiled()
 
 
 def cost(spec: Spec, op: Operands, matmuls: float, re_reads: int, elementwise: int = 8):
@@ -221,6 +236,16 @@ def _pad_rows(a, np_: int, value=0):
     return common.pad_to(a, 0, np_, value)
 
 
+def _row_block(e: jax.Array, np_: int, value=0) -> jax.Array:
+    """A per-row operand padded to ``np_`` rows and, ``[N, c]``, to ``2**j`` columns (with
+    ``value``; Triton's tiles are powers of two)."""
+    out = _pad_rows(e, np_, value)
+    if out is not None and out.ndim == 2:
+        out = common.pad_to(out, 1, _pow2(out.shape[1]), value)
+    assert out is not None
+    return out
+
+
 def _operands(spec: Spec, streams, rows: Rows, cols: dict, extra=()) -> Operands:
     n = streams[0][0].shape[0]
     bn, bv, dk = spec.tile
@@ -234,7 +259,7 @@ def _operands(spec: Spec, streams, rows: Rows, cols: dict, extra=()) -> Operands
         padded.append((common.pad_to(_pad_rows(h, np_), 1, dp),
                        common.pad_to(common.pad_to(w, vax, vp), dax, dp),
                        None if b is None else common.pad_to(b.astype(acc), 0, vp)))
-    y = None if rows.y is None else _pad_rows(rows.y.astype(jnp.int32), np_, -1)
+    y = None if rows.y is None else _row_block(rows.y.astype(jnp.int32), np_, -1)
     temp = None if rows.temp is None else _pad_rows(rows.temp, np_, 1)
     pcols: dict = {}
     for k, c in cols.items():
@@ -242,7 +267,7 @@ def _operands(spec: Spec, streams, rows: Rows, cols: dict, extra=()) -> Operands
         if c is not None and c.ndim == 2:
             pcols[k] = _pad_rows(pcols[k], np_)
     return Operands(tuple(padded), y, _pad_rows(rows.counted.astype(jnp.int32), np_), temp,
-                    tuple(_pad_rows(e, np_) for e in extra), pcols)
+                    tuple(_row_block(e, np_) for e in extra), pcols)
 
 
 def _check_streams(streams) -> None:
@@ -277,7 +302,7 @@ def _fwd(spec: Spec, streams, rows: Rows, cols: dict):
 def _bwd(spec: Spec, saved, cts):
     streams, rows, cols, res = saved
     n, d = streams[0][0].shape
-    # Integer outputs (an argmax) have float0 cotangents: the kernels take none for them.
+    # Integer outputs (an argmax, top-k ids) have float0 cotangents: the kernels take none.
     cts = jax.tree.map(lambda c: None if c.dtype == jax.dtypes.float0 else c, cts)
     res_leaves, cts_leaves = jax.tree.leaves(res), jax.tree.leaves(cts)
     acc = rm.compute_dtype(streams[0][0].dtype)
@@ -319,6 +344,7 @@ def run_on(launch, config, stat: Statistic, opts: Options, num_classes: int, lay
     device, ``cols`` padded to the kernel's columns."""
     tile = launch.tile(config)
     columns = streams[0][1].shape[1 if layout == "dv" else 0]
+    stat = for_kernels(stat)
     spec = Spec(stat, launch, opts, num_classes, layout, config, interpret, tile,
                 num_classes < common.round_up(columns, tile[1]))
     return _call(spec, streams, rows, cols)

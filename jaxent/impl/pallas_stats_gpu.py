@@ -92,13 +92,20 @@ def _logits(spec, r: dict, rs, start, streams: int):
     return tuple(out)
 
 
-def _in_specs(tags, arrays, row_block, h_block):
-    """Blocks of each operand: ``row_block`` for the row vectors, ``h_block(width)`` for the
-    hidden states (None: whole), the rest whole."""
+def _row_spec(bn: int, trailing: tuple) -> pl.BlockSpec:
+    """The block of a per-row operand ``[Np]`` or ``[Np, c]`` (``trailing``: ``()`` or
+    ``(c,)``) on a grid whose first axis walks the token tiles."""
+    zeros = (0,) * len(trailing)
+    return pl.BlockSpec((bn, *trailing), lambda i, *_: (i, *zeros))
+
+
+def _in_specs(tags, arrays, bn, h_block):
+    """Blocks of each operand: token tiles of ``bn`` rows for the row vectors (None: whole),
+    ``h_block(width)`` for the hidden states (None: whole), the rest whole."""
     specs = []
     for t, a in zip(tags, arrays, strict=True):
-        if t[0] in _ROW_TAGS and row_block is not None:
-            specs.append(row_block)
+        if t[0] in _ROW_TAGS and bn is not None:
+            specs.append(_row_spec(bn, a.shape[1:]))
         elif t[0] == "h" and h_block is not None:
             specs.append(h_block(a.shape[1]))
         else:
@@ -149,14 +156,13 @@ def forward(spec, op: ps.Operands, prev_tree):
     np_, vp = op.counted.shape[0], ps.vocab_size(op, spec.layout)
     acc = rm.compute_dtype(op.streams[0][0].dtype)
     prev = None if prev_tree is None else jax.tree.unflatten(prev_tree, op.extra)
-    _, dtypes = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
-    row = pl.BlockSpec((bn,), lambda i: (i,))
-    specs = _in_specs(tags, arrays, row, lambda d: pl.BlockSpec((bn, d), lambda i: (i, 0)))
+    _, leaves = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
+    specs = _in_specs(tags, arrays, bn, lambda d: pl.BlockSpec((bn, d), lambda i: (i, 0)))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, tags=tags, prev_tree=prev_tree,
                           streams=len(op.streams), vp=vp),
-        grid=(np_ // bn,), in_specs=specs, out_specs=[row] * len(dtypes),
-        out_shape=[jax.ShapeDtypeStruct((np_,), t) for t in dtypes],
+        grid=(np_ // bn,), in_specs=specs, out_specs=[_row_spec(bn, t) for t, _ in leaves],
+        out_shape=[jax.ShapeDtypeStruct((np_, *t), dt) for t, dt in leaves],
         compiler_params=blocks.params(cfg), interpret=spec.interpret,
         name="jaxent_stat_fwd", cost_estimate=ps.cost(spec, op, 1, np_ // bn),
     )(*_guarded(spec, arrays))
@@ -199,8 +205,7 @@ def dhidden(spec, op: ps.Operands, trees):
     h = op.streams[0][0]
     np_, dp = h.shape
     vp = ps.vocab_size(op, spec.layout)
-    row = pl.BlockSpec((bn,), lambda i, k: (i,))
-    specs = _in_specs(tags, arrays, row, lambda d: pl.BlockSpec((bn, d), lambda i, k: (i, 0)))
+    specs = _in_specs(tags, arrays, bn, lambda d: pl.BlockSpec((bn, d), lambda i, k: (i, 0)))
     nd = dp // bd
     return pl.pallas_call(
         functools.partial(_dh_kernel, spec=spec, tags=tags, trees=trees,
@@ -235,8 +240,7 @@ def dcols(spec, op: ps.Operands, trees, diff: tuple) -> list:
     bn, bv = cfg.block_n, cfg.block_v
     tags, arrays = ps.flat(op)
     np_, vp = op.counted.shape[0], ps.vocab_size(op, spec.layout)
-    row = pl.BlockSpec((bn,), lambda i, j: (i,))
-    specs = _in_specs(tags, arrays, row, lambda d: pl.BlockSpec((bn, d), lambda i, j: (i, 0)))
+    specs = _in_specs(tags, arrays, bn, lambda d: pl.BlockSpec((bn, d), lambda i, j: (i, 0)))
     return pl.pallas_call(
         functools.partial(_dc_kernel, spec=spec, tags=tags, trees=trees,
                           streams=len(op.streams), diff=diff),

@@ -64,7 +64,9 @@ def _specs(spec, tags, arrays, order: str) -> list:
 
     out = []
     for t, a in zip(tags, arrays, strict=True):
-        if t[0] in _ROW_TAGS:
+        if t[0] in _ROW_TAGS and a.ndim == 2:  # [Np, c] blocks
+            out.append(pl.BlockSpec((bn, a.shape[1]), nv(lambda i, j: (i, 0))))
+        elif t[0] in _ROW_TAGS:
             out.append(pl.BlockSpec((1, bn), nv(lambda i, j: (0, i))))
         elif t[0] in ("b", "col"):
             out.append(pl.BlockSpec((1, bv), nv(lambda i, j: (0, j))))
@@ -88,16 +90,21 @@ def _w_spec(spec, d: int, order: str) -> pl.BlockSpec:
 
 
 def _lanes(tags, arrays):
-    """The row and class vectors as ``[1, n]``; the platform guard on the first operand."""
-    out = [a.reshape(1, -1) if t[0] in _ROW_TAGS + ("b", "col") else a
+    """The row and class vectors as ``[1, n]`` (``[Np, c]`` row blocks as they are)."""
+    out = [a.reshape(1, -1) if t[0] in _ROW_TAGS + ("b", "col") and a.ndim == 1 else a
            for t, a in zip(tags, arrays, strict=True)]
     return out
 
 
+def _vec(ref):
+    """A row operand's tile: ``[bn]`` from a ``(1, bn)`` block, ``[bn, c]`` as it is."""
+    return ref[...].reshape(-1) if ref.shape[0] == 1 else ref[...]
+
+
 def _read(r: dict):
     """``(rows, extra row vectors, cols)`` of the current tile from its refs."""
-    get = {t[0]: r[t][...].reshape(-1) for t in r if t[0] in ("y", "counted", "temp")}
-    extra = [r["extra", i][...].reshape(-1) for i in range(sum(t[0] == "extra" for t in r))]
+    get = {t[0]: _vec(r[t]) for t in r if t[0] in ("y", "counted", "temp")}
+    extra = [_vec(r["extra", i]) for i in range(sum(t[0] == "extra" for t in r))]
     cols = {t[1]: (ref[...] if t[0] == "row_col" else ref[...].reshape(-1))
             for t, ref in r.items() if t[0] in ("row_col", "col")}
     return ps.tile_rows(get), extra, cols
@@ -136,7 +143,7 @@ def _fwd_kernel(*refs, spec, tags, prev_tree, tree, streams):
         for ref, leaf in zip(outs, jax.tree.leaves(stat.init(bn, acc)), strict=True):
             ref[...] = leaf.reshape(ref.shape)
 
-    carry = jax.tree.unflatten(tree, [o[...].reshape(-1) for o in outs])
+    carry = jax.tree.unflatten(tree, [_vec(o) for o in outs])
     carry = ps.fold_tile(spec, stat, carry, _logits(spec, r, streams), rows, cols, j * bv)
     for ref, leaf in zip(outs, jax.tree.leaves(carry), strict=True):
         ref[...] = leaf.reshape(ref.shape)
@@ -151,19 +158,24 @@ def forward(spec, op: ps.Operands, prev_tree):
     np_, vp = op.counted.shape[0], ps.vocab_size(op, spec.layout)
     acc = rm.compute_dtype(op.streams[0][0].dtype)
     prev = None if prev_tree is None else jax.tree.unflatten(prev_tree, op.extra)
-    tree, dtypes = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
-    row = pl.BlockSpec((1, bn), lambda i, j: (0, i))
+    tree, leaves = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
+
+    def out(t):  # a per-row leaf in (1, bn) lanes, a [bn, c] one in (bn, c) blocks
+        if t:
+            return pl.BlockSpec((bn, *t), lambda i, j: (i, 0)), (np_, *t)
+        return pl.BlockSpec((1, bn), lambda i, j: (0, i)), (1, np_)
+
     arrays = [common.guard_platform(arrays[0], spec.interpret)] + arrays[1:]
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, tags=tags, prev_tree=prev_tree, tree=tree,
                           streams=len(op.streams)),
         grid=(np_ // bn, vp // bv), in_specs=_specs(spec, tags, arrays, "nv"),
-        out_specs=[row] * len(dtypes),
-        out_shape=[jax.ShapeDtypeStruct((1, np_), t) for t in dtypes],
+        out_specs=[out(t)[0] for t, _ in leaves],
+        out_shape=[jax.ShapeDtypeStruct(out(t)[1], dt) for t, dt in leaves],
         compiler_params=_params(cfg), interpret=spec.interpret, name="jaxent_stat_fwd",
         cost_estimate=ps.cost(spec, op, 1, np_ // bn),
     )(*_lanes(tags, arrays))
-    return [o.reshape(-1) for o in outs]
+    return [o.reshape(-1) if not t else o for o, (t, _) in zip(outs, leaves, strict=True)]
 
 
 # ----------------------------------------------------------------------------- backward

@@ -82,12 +82,14 @@ def _blocked(tree, nb: int, bn: int):
 
 
 def _rows_blocked(rows: Rows, nb: int, bn: int) -> Rows:
-    """The rows cut into blocks: padding rows are not counted and have temperature 1."""
+    """The rows (a :class:`~jaxent.impl.stats.Rows` or another NamedTuple of ``[N, ...]``
+    per-row inputs with ``counted`` and ``temp``) cut into blocks: padding rows are not
+    counted and have temperature 1."""
     temp = rows.temp
     if temp is not None:
         temp = jnp.pad(temp, (0, nb * bn - temp.shape[0]), constant_values=1)
-    y, counted = _blocked((rows.y, rows.counted), nb, bn)
-    return Rows(y, counted, None if temp is None else temp.reshape(nb, bn))
+    blocked = _blocked(rows._replace(temp=None), nb, bn)
+    return blocked._replace(temp=None if temp is None else temp.reshape(nb, bn))
 
 
 def _valid(plan: Plan, size: int):

@@ -152,6 +152,13 @@ class TopK:
     def then(self, res):
         return None
 
+    def tiled(self):
+        """The same statistic with ops the Pallas kernels lower
+        (:class:`jaxent.impl.topk_tiles.TopKTiles`)."""
+        from jaxent.impl import topk_tiles  # noqa: PLC0415 - it builds on this module
+
+        return topk_tiles.tiled(self)
+
     def init(self, n, dtype):
         k = self.k
         return (jnp.full((n,), -jnp.inf, dtype), jnp.zeros((n,), dtype),
@@ -242,6 +249,13 @@ class SparseTeacher:
 
     def then(self, res):
         return None
+
+    def tiled(self):
+        """The same statistic with ops the Pallas kernels lower
+        (:class:`jaxent.impl.topk_tiles.SparseTeacherTiles`)."""
+        from jaxent.impl import topk_tiles  # noqa: PLC0415 - it builds on this module
+
+        return topk_tiles.tiled_sparse(self)
 
     def init(self, n, dtype):
         z = jnp.zeros((n,), dtype)

@@ -172,7 +172,8 @@ _KINDS = {"hidden": "hidden", "student_hidden": "hidden", "teacher_hidden": "hid
           "bias": "vocab", "student_bias": "vocab", "teacher_bias": "vocab",
           "weight": "vocab", "targets": "targets", "tokens": "row", "labels": "row",
           "where": "row", "temperature": "row", "teacher_ids": "row",
-          "teacher_log_probs": "row", "teacher_tail": "row"}
+          "teacher_log_probs": "row", "teacher_tail": "row", "top_k": "row", "top_p": "row",
+          "min_p": "row", "allowed_ids": "row"}
 
 
 def run_head(shard_fn, arrays: dict, static: dict, temperature, out_kinds):

@@ -16,7 +16,9 @@ fresh interpreter; the rest of the suite keeps its single device:
   refusal on meshes and its use inside a caller's ``shard_map``.
 * ``tests/sharded_support_cases.py``: the support-restricted log-probs (shard_map,
   Explicit meshes);
-* ``tests/sharded_topk_cases.py``: the vocabulary-parallel top-k and sparse teacher.
+* ``tests/sharded_topk_cases.py``: the vocabulary-parallel top-k and sparse teacher;
+* ``tests/sharded_conformance_cases.py``: the heads' conformance suite over placements x
+  impls x dtypes x vocabularies.
 
 A run is a file (or a few small ones) and, for the longest file, a ``-k`` selection, so that
 no single run holds one ``pytest -n 2`` worker for much longer than the others.
@@ -45,6 +47,7 @@ RUNS = {
     "reliability": (("sharded_reliability_cases.py",), None),
     "engine": (("sharded_engine_cases.py",), None),
     "topk": (("sharded_topk_cases.py",), None),
+    "conformance": (("sharded_conformance_cases.py",), None),
     "rl_compact_support": (("sharded_rl_cases.py", "sharded_compact_cases.py",
                             "sharded_support_cases.py"), None),
 }

@@ -472,22 +472,34 @@ _stat_backward_op = _custom_partitioned(_stat_backward, _stat_backward_shard,
                                         _stat_kinds_of, _stat_rule)
 
 
+def _forward_shapes(stat, plan: Plan, streams, rows, cols):
+    """The leaves and structure of the walk's ``(outputs, residuals)``."""
+    return jax.tree.flatten(
+        jax.eval_shape(lambda: _stream.forward(stat, plan, streams, rows, cols)))
+
+
 def _stat_call(stat, plan: Plan, streams, rows, cols):
     """``(StatCall, operand leaves, the forward's (outputs, residuals) structure)``."""
     leaves, tree = jax.tree.flatten((streams, rows, cols))
-    shapes, out_tree = jax.tree.flatten(
-        jax.eval_shape(lambda: _stream.forward(stat, plan, streams, rows, cols)))
-    n = streams[0][0].shape[0]
-    if any(s.shape != (n,) for s in shapes):
-        raise NotImplementedError(
-            f"the Auto-mesh split serves statistics whose outputs and residuals are per-row "
-            f"vectors [{n}]; {type(stat).__name__}'s are {[s.shape for s in shapes]}")
+    shapes, out_tree = _forward_shapes(stat, plan, streams, rows, cols)
     sc = StatCall(stat, plan, tree, _stat_kinds(streams, rows, cols), len(shapes))
     return sc, leaves, out_tree
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def stat_run(stat, plan: Plan, streams: tuple, rows: Rows, cols: dict):
+    """:func:`jaxent.impl.stream.run` split by the partitioner on a mesh with Auto axes
+    (:func:`split_stat_run`) when each of its outputs and residuals is a per-row vector
+    ``[N]``; a statistic with wider ones (the top-k's ``[N, k]`` candidates) runs whole, placed
+    by the partitioner like any program."""
+    n = streams[0][0].shape[0]
+    shapes, _ = _forward_shapes(stat, plan, streams, rows, cols)
+    if any(s.shape != (n,) for s in shapes):
+        return _stream.run(stat, plan, streams, rows, cols)
+    return split_stat_run(stat, plan, streams, rows, cols)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def split_stat_run(stat, plan: Plan, streams: tuple, rows: Rows, cols: dict):
     """:func:`jaxent.impl.stream.run` split by the partitioner on a mesh with Auto axes:
     vocabulary-parallel over the student kernel's vocabulary axes (the teacher's and the
     per-class inputs follow), token-parallel over ``hidden``'s first axis; the same outputs
@@ -522,7 +534,7 @@ def _stat_bwd(stat, plan: Plan, saved, cts):
     return dstreams, none(rows), {n: dcols.get(n) for n in cols}
 
 
-stat_run.defvjp(_stat_fwd, _stat_bwd)
+split_stat_run.defvjp(_stat_fwd, _stat_bwd)
 
 
 # The Auto-mesh versions of the registered implementations (the registry's ``auto_run``).

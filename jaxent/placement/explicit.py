@@ -125,7 +125,11 @@ def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask,
                           token_axis=tok)
 
     args = place(mesh, specs, (h, k, y, b, w, mask, temp))
-    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+    # pallas_call asks every kernel output for its varying mesh axes when shard_map checks
+    # them, and the kernels give none ("auto" picks them on GPUs and TPUs).
+    check = spec.impl not in ("auto", "pallas")
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec,
+                         check_vma=check)(*args)
 
 
 # The layout kinds of a head's arguments: how each is split (``vocab``: the vocabulary axis
@@ -163,7 +167,11 @@ def shard_head(fn, static: tuple, layout: ExplicitLayout, kernel_layout: str, ki
         return fn(layout.vocab, tok, **dict(static), **named)
 
     args = place(layout.mesh, specs, arrays)
-    return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=outs)(*args)
+    # pallas_call asks every output of a kernel for its varying mesh axes when shard_map
+    # checks them; the statistic kernels run on whole rows of one device and give none.
+    check = dict(static).get("impl") != "pallas"
+    return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=outs,
+                         check_vma=check)(*args)
 
 
 # How each array argument of a head is split on a mesh (kind_spec), by its name.

@@ -241,3 +241,17 @@ def test_vocab_parallel_plain_ce_row_temperature():
         mesh=jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2),
         in_specs=specs, out_specs=P())
     _close(jax.jit(jax.value_and_grad(lambda x: inner(x, d["y"], d["t"], d["where"])))(x), mean)
+
+
+def test_fused_ce_pallas_on_explicit_data_mesh():
+    """``impl="pallas"`` (interpreted) inside the Explicit placement's ``shard_map``: values
+    and gradients equal one device's (pallas_call's outputs carry no varying-axes type)."""
+    d = _data(6)
+    f = lambda h, k: jaxent.linear_cross_entropy(  # noqa: E731
+        h, k, d["y"], label_smoothing=0.1, impl="pallas", interpret=True)
+    want = _value_and_grads(f, (d["h"], d["k"]))
+    mesh, hspec, _ = _explicit("data8")
+    with jax.set_mesh(mesh):
+        hh = jax.device_put(d["h"], NamedSharding(mesh, hspec))
+        got = jax.jit(lambda h, k: _value_and_grads(f, (h, k)))(hh, d["k"])
+    _close(got, want)

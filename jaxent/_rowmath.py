@@ -361,6 +361,22 @@ def update_stats(st: Stats, x, y_local, w_block, start, opts: Options, valid=Non
     return Stats(m_new, s, zy, wz, wseen, arg)
 
 
+class ArrayAxis(NamedTuple):
+    """An array axis standing for a mesh axis in :func:`merge_stats`: each member of the
+    "collective" is one index of that axis (e.g. the vocabulary splits of one kernel)."""
+
+    axis: int
+
+
+def _collective(op: str, x: jax.Array, axis_name) -> jax.Array:
+    """``lax.p{op}`` of ``x`` over the mesh axis ``axis_name``; over an :class:`ArrayAxis`,
+    the same reduction along that array axis, broadcast back (each member's result)."""
+    if isinstance(axis_name, ArrayAxis):
+        reduced = getattr(jnp, op)(x, axis=axis_name.axis, keepdims=True)  # jnp.max, ...
+        return jnp.broadcast_to(reduced, x.shape)
+    return getattr(lax, "p" + op)(x, axis_name)  # lax.pmax, lax.pmin, lax.psum
+
+
 def shared_max(m: jax.Array, axis_name) -> jax.Array:
     """``pmax`` of the raw row maxima over ``axis_name``, under ``stop_gradient``.
 
@@ -368,7 +384,7 @@ def shared_max(m: jax.Array, axis_name) -> jax.Array:
     invariant to it (``lse = m + log sum e^{z - m}``), so its derivative is 0 and a constant
     is exact. ``pmax`` has no differentiation rule, so without the ``stop_gradient`` the
     forward of a ``custom_vjp`` could not be differentiated again (second order)."""
-    return lax.pmax(lax.stop_gradient(m), axis_name)
+    return _collective("max", lax.stop_gradient(m), axis_name)
 
 
 def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
@@ -382,22 +398,24 @@ def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
 
     ``st.arg`` holds local column ids; ``offset`` (this shard's first class id) makes them
     global: the smallest global id among the shards that hold the max (0 if none does).
+    ``axis_name`` may be an :class:`ArrayAxis`: the shards are then the indices of that axis
+    of the statistics' arrays.
     """
     m = shared_max(st.m, axis_name)
     new_safe = safe(m)
     back = shift(safe(st.m), new_safe, opts)
     alpha = jnp.exp(shift(st.m, new_safe, opts))
-    s = lax.psum(st.s * alpha, axis_name)
-    zy = lax.psum(st.zy, axis_name)
+    s = _collective("sum", st.s * alpha, axis_name)
+    zy = _collective("sum", st.zy, axis_name)
     wz = wseen = None
     if st.wz is not None and st.wseen is not None:
-        wz = lax.psum(st.wz + st.wseen * back, axis_name)
-        wseen = lax.psum(st.wseen, axis_name)
+        wz = _collective("sum", st.wz + st.wseen * back, axis_name)
+        wseen = _collective("sum", st.wseen, axis_name)
     arg = None
     if st.arg is not None:
         none = jnp.iinfo(jnp.int32).max
         holds = (st.s > 0) & (st.m == m)
-        arg = lax.pmin(jnp.where(holds, st.arg + offset, none), axis_name)
+        arg = _collective("min", jnp.where(holds, st.arg + offset, none), axis_name)
         arg = jnp.where(arg == none, 0, arg)
     return Stats(m, s, zy, wz, wseen, arg)
 

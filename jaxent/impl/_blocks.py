@@ -108,6 +108,12 @@ def _varying_axes(x) -> frozenset:
     return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
 
 
+def varying_axes(*trees) -> frozenset:
+    """The manual mesh axes that any array of ``trees`` varies over (empty outside
+    ``jax.shard_map``)."""
+    return frozenset().union(*(_varying_axes(a) for a in jax.tree.leaves(trees)))
+
+
 def varies(x, axis) -> bool:
     """Whether ``x``'s type says it varies over the manual mesh axis (or axes) ``axis``."""
     axes = axis if isinstance(axis, tuple) else (axis,)
@@ -121,7 +127,7 @@ def varying_like(carry, *refs):
     same type in and out; zeros made here are replicated while the block updates computed
     from sharded operands are varying. Outside ``shard_map`` this returns ``carry`` as is.
     """
-    axes = frozenset().union(*(_varying_axes(r) for r in jax.tree.leaves(refs)))
+    axes = varying_axes(refs)
     if not axes:
         return carry
 

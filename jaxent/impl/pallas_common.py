@@ -47,6 +47,7 @@ from jax.interpreters import batching, mlir
 
 from jaxent import _rowmath
 from jaxent._options import Options
+from jaxent.impl import _blocks as B
 
 _HINT = ("impl='pallas' has no compiled kernels for the CPU: pass interpret=True (Pallas's "
          "interpreter, slow, for testing) or run on a GPU or TPU.")
@@ -90,6 +91,23 @@ def guard_platform(x: jax.Array, interpret: bool) -> jax.Array:
     with :func:`check_platform`'s hint (an identity elsewhere, so exports for cuda/tpu
     from a CPU host work)."""
     return x if interpret else _guard_p.bind(x)
+
+
+def pallas_call(kernel: Callable, *, out_shape, **kwargs) -> Callable:
+    """``pl.pallas_call`` whose outputs vary over the manual mesh axes that its operands
+    vary over. Inside a ``jax.shard_map`` that checks varying axes (its default), pallas_call
+    takes each output's from its ``ShapeDtypeStruct`` (``manual_axis_type``) and a kernel
+    cannot infer them; outside one they are empty and ignored."""
+    call = functools.partial(pl.pallas_call, kernel, **kwargs)
+
+    def run(*args):
+        leaves = jax.tree.leaves(args)
+        mat = type(jax.typeof(leaves[0]).manual_axis_type)(varying=B.varying_axes(leaves))
+        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, manual_axis_type=mat), out_shape)
+        return call(out_shape=shapes)(*args)
+
+    return run
 
 
 def round_up(x: int, b: int) -> int:
@@ -333,9 +351,10 @@ def _linear_bwd(spec: Spec, res, cts):
     dk, db = _first_order(spec.launch.dkernel, spec, hp, kp, bp, rows, wp)
     dk = dk[: kernel.shape[0], : kernel.shape[1]]
     db = None if db is None else db[: bias.shape[0]]
-    return (dh.astype(h.dtype), dk.astype(kernel.dtype),
-            None if db is None else db.astype(bias.dtype), None, jnp.zeros_like(row_w), None,
-            None if weight is None else jnp.zeros_like(weight))
+    # Inside shard_map, the partial gradients of inputs the same on every device are summed.
+    return (B.psum_to_type(dh.astype(h.dtype), h), B.psum_to_type(dk.astype(kernel.dtype), kernel),
+            None if db is None else B.psum_to_type(db.astype(bias.dtype), bias), None,
+            jnp.zeros_like(row_w), None, None if weight is None else jnp.zeros_like(weight))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -377,7 +396,7 @@ def _ce_bwd(spec: Spec, res, g):
     xp, _, wp, np_ = _ce_padded(spec, x, labels, weight)
     rows = _coef_rows(spec, g, rs, labels, row_w, counted, weight, np_)
     dx = _first_order(spec.launch.ce_bwd, spec, xp, rows, wp)
-    return (dx.astype(x.dtype), None, jnp.zeros_like(row_w), None,
+    return (B.psum_to_type(dx.astype(x.dtype), x), None, jnp.zeros_like(row_w), None,
             None if weight is None else jnp.zeros_like(weight))
 
 

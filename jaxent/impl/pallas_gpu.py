@@ -136,13 +136,12 @@ def _fwd_kernel(*refs, spec, has_b, has_w, dp, vp):
 
 def _merge_splits(spec, outs, names, np_):
     """One row of statistics from ``v_split`` vocabulary ranges, each ``[v_split * Np]``:
-    :func:`jaxent._rowmath.merge_stats` over a vmapped axis (its collectives run as
-    reductions over the splits; the argmax ids are global already, offset 0)."""
+    :func:`jaxent._rowmath.merge_stats` over the splits' array axis (the argmax ids are
+    global already, offset 0)."""
     got = {k: a.reshape(spec.config.v_split, np_) for k, a in zip(names, outs, strict=True)}
     st = _rowmath.Stats(got["m"], got["s"], got["zy"], got.get("wz"), got.get("wseen"),
                         got.get("arg"))
-    merged = jax.vmap(lambda st: _rowmath.merge_stats(st, "split", 0, spec.opts),
-                      axis_name="split")(st)
+    merged = _rowmath.merge_stats(st, _rowmath.ArrayAxis(0), 0, spec.opts)
     return jax.tree.map(lambda a: a[0], merged._replace(wseen=None))
 
 
@@ -158,7 +157,7 @@ def _fwd(spec, h, w, b, y, wt):
     specs = [pl.BlockSpec((cfg.block_n, dp), lambda i, s: (i, 0)), pl.no_block_spec] + [
         pl.no_block_spec for a in (b, wt) if a is not None] + [row]
     out = pl.BlockSpec((cfg.block_n,), lambda i, s: (s * nn + i,))
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, has_b=b is not None, has_w=wt is not None,
                           dp=dp, vp=vp),
         grid=(nn, cfg.v_split), in_specs=specs, out_specs=[out] * len(names),
@@ -214,7 +213,7 @@ def _ce_fwd(spec, x, y, wt):
     row = pl.BlockSpec((cfg.block_n,), lambda i: (i,))
     ins = [x] + ([wt] if wt is not None else []) + [y]
     specs = [pl.no_block_spec] + ([pl.no_block_spec] if wt is not None else []) + [row]
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_ce_fwd_kernel, spec=spec, has_w=wt is not None, cp=cp),
         grid=(np_ // cfg.block_n,), in_specs=specs, out_specs=[row] * len(names),
         out_shape=_stat_shapes(names, np_, _rowmath.compute_dtype(x.dtype)),
@@ -250,7 +249,7 @@ def _ce_bwd(spec, x, rows, wt):
     ins = [x] + list(rows) + ([wt] if wt is not None else [])
     specs = [pl.no_block_spec] + [row] * len(rows) + (
         [pl.BlockSpec((bv,), lambda i, j: (j,))] if wt is not None else [])
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_ce_bwd_kernel, spec=spec, has_w=wt is not None),
         grid=(np_ // bn, common.round_up(x.shape[1], bv) // bv), in_specs=specs,
         out_specs=pl.no_block_spec, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),

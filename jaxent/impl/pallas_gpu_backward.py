@@ -56,7 +56,7 @@ def _dhidden(spec, h, w, b, rows, wt):
     ins = [h, w] + [a for a in (b, wt) if a is not None] + list(rows)
     specs = [pl.BlockSpec((cfg.block_n, dp), lambda i, k: (i, 0)), pl.no_block_spec] + [
         pl.no_block_spec for a in (b, wt) if a is not None] + [row] * len(rows)
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_dhidden_kernel, spec=spec, has_b=b is not None,
                           has_w=wt is not None, dp=dp, vp=vp),
         grid=(np_ // cfg.block_n, dp // cfg.block_d), in_specs=specs,
@@ -122,7 +122,7 @@ def _dkernel(spec, h, w, b, rows, wt):
     if b is not None:
         out_specs.append(pl.BlockSpec((cfg.block_v,), lambda j, k: (j,)))
         out_shape.append(jax.ShapeDtypeStruct((vp,), b.dtype))
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_dkernel_kernel, spec=spec, has_b=b is not None,
                           has_w=wt is not None, dp=dp, np_=np_),
         grid=(vp // cfg.block_v, dp // cfg.block_d), in_specs=specs, out_specs=out_specs,
@@ -200,7 +200,7 @@ def _dhidden_acc(spec, h, w, b, rows, wt):
     specs = [pl.BlockSpec((cfg.block_n, dp), lambda i, c: (i, 0)), pl.no_block_spec] + [
         pl.no_block_spec for a in (b, wt) if a is not None] + [row] * len(rows)
     out = pl.BlockSpec((cfg.block_n, dp // cfg.d_split), lambda i, c: (i, c))
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_dhidden_acc_kernel, spec=spec, has_b=b is not None,
                           has_w=wt is not None, dp=dp, vp=vp),
         grid=(np_ // cfg.block_n, cfg.d_split), in_specs=specs, out_specs=out,
@@ -265,7 +265,7 @@ def _dkernel_acc(spec, h, w, b, rows, wt):
     if b is not None:
         out_specs.append(pl.BlockSpec((cfg.block_v,), lambda j, c: (j,)))
         out_shape.append(jax.ShapeDtypeStruct((vp,), b.dtype))
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_dkernel_acc_kernel, spec=spec, has_b=b is not None,
                           has_w=wt is not None, dp=dp, np_=np_),
         grid=(vp // cfg.block_v, cfg.d_split), in_specs=[pl.no_block_spec] * len(ins),

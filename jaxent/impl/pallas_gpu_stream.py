@@ -60,7 +60,7 @@ def _dz(spec, h, w, b, rows, wt, num_classes: int, name: str):
     ins = [h, w] + [a for a in (b, wt) if a is not None] + list(rows)
     specs = [pl.BlockSpec((cfg.block_n, dp), lambda i, j: (i, 0)), pl.no_block_spec] + [
         pl.no_block_spec for a in (b, wt) if a is not None] + [row] * len(rows)
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_dz_kernel, spec=spec, has_b=b is not None, has_w=wt is not None,
                           dp=dp, num_classes=num_classes),
         grid=(n // cfg.block_n, v // cfg.block_v), in_specs=specs,

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from jaxent import _rowmath as rm
 from jaxent._options import Options
+from jaxent.impl import _blocks as B
 from jaxent.impl import pallas_common as common
 from jaxent.impl.stats import Rows, Statistic
 
@@ -324,8 +325,11 @@ def _bwd(spec: Spec, saved, cts):
     dcols = {name: dc[:n, :cols[name].shape[1]].astype(cols[name].dtype)
              for name, dc in dcols.items()}
     none = lambda tree: jax.tree.map(lambda _: None, tree)  # noqa: E731
+    # Inside shard_map, the partial gradients of inputs the same on every device are summed.
+    dh, dk, db = (B.psum_to_type(g, p) for g, p in zip((dh, dk, db), (h, k, b), strict=True))
     dstreams = ((dh, dk, db),) + tuple(none(s) for s in streams[1:])
-    return dstreams, none(rows), {name: dcols.get(name) for name in cols}
+    return dstreams, none(rows), {name: B.psum_to_type(dcols.get(name), cols[name])
+                                  for name in cols}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -158,7 +158,7 @@ def forward(spec, op: ps.Operands, prev_tree):
     prev = None if prev_tree is None else jax.tree.unflatten(prev_tree, op.extra)
     _, leaves = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
     specs = _in_specs(tags, arrays, bn, lambda d: pl.BlockSpec((bn, d), lambda i: (i, 0)))
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, tags=tags, prev_tree=prev_tree,
                           streams=len(op.streams), vp=vp),
         grid=(np_ // bn,), in_specs=specs, out_specs=[_row_spec(bn, t) for t, _ in leaves],
@@ -207,7 +207,7 @@ def dhidden(spec, op: ps.Operands, trees):
     vp = ps.vocab_size(op, spec.layout)
     specs = _in_specs(tags, arrays, bn, lambda d: pl.BlockSpec((bn, d), lambda i, k: (i, 0)))
     nd = dp // bd
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_dh_kernel, spec=spec, tags=tags, trees=trees,
                           streams=len(op.streams), vp=vp),
         grid=(np_ // bn, nd), in_specs=specs,
@@ -241,7 +241,7 @@ def dcols(spec, op: ps.Operands, trees, diff: tuple) -> list:
     tags, arrays = ps.flat(op)
     np_, vp = op.counted.shape[0], ps.vocab_size(op, spec.layout)
     specs = _in_specs(tags, arrays, bn, lambda d: pl.BlockSpec((bn, d), lambda i, j: (i, 0)))
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_dc_kernel, spec=spec, tags=tags, trees=trees,
                           streams=len(op.streams), diff=diff),
         grid=(np_ // bn, vp // bv), in_specs=specs,
@@ -301,7 +301,7 @@ def dkernel(spec, op: ps.Operands, trees):
         out_specs.append(pl.BlockSpec((bv,), lambda j, k: (j,)))
         out_shape.append(jax.ShapeDtypeStruct((vp,), b.dtype))
     nd = dp // bd
-    out = pl.pallas_call(
+    out = common.pallas_call(
         functools.partial(_dk_kernel, spec=spec, tags=tags, trees=trees,
                           streams=len(op.streams), np_=np_, has_b=b is not None),
         grid=(vp // bv, nd), in_specs=_in_specs(tags, arrays, None, None),

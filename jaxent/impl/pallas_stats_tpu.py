@@ -166,7 +166,7 @@ def forward(spec, op: ps.Operands, prev_tree):
         return pl.BlockSpec((1, bn), lambda i, j: (0, i)), (1, np_)
 
     arrays = [common.guard_platform(arrays[0], spec.interpret)] + arrays[1:]
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, tags=tags, prev_tree=prev_tree, tree=tree,
                           streams=len(op.streams)),
         grid=(np_ // bn, vp // bv), in_specs=_specs(spec, tags, arrays, "nv"),
@@ -210,7 +210,7 @@ def dhidden(spec, op: ps.Operands, trees):
     np_, d = h.shape
     vp = ps.vocab_size(op, spec.layout)
     arrays = [common.guard_platform(arrays[0], spec.interpret)] + arrays[1:]
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_dh_kernel, spec=spec, tags=tags, trees=trees,
                           streams=len(op.streams)),
         grid=(np_ // bn, vp // bv), in_specs=_specs(spec, tags, arrays, "nv"),
@@ -241,7 +241,7 @@ def dcols(spec, op: ps.Operands, trees, diff: tuple) -> list:
     tags, arrays = ps.flat(op)
     np_, vp = op.counted.shape[0], ps.vocab_size(op, spec.layout)
     arrays = [common.guard_platform(arrays[0], spec.interpret)] + arrays[1:]
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_dc_kernel, spec=spec, tags=tags, trees=trees,
                           streams=len(op.streams), diff=diff),
         grid=(np_ // bn, vp // bv), in_specs=_specs(spec, tags, arrays, "nv"),
@@ -299,7 +299,7 @@ def dkernel(spec, op: ps.Operands, trees):
         out_shape.append(jax.ShapeDtypeStruct((1, vp), b.dtype))
         scratch.append(pltpu.VMEM((1, bv), acc))
     arrays = [common.guard_platform(arrays[0], spec.interpret)] + arrays[1:]
-    out = pl.pallas_call(
+    out = common.pallas_call(
         functools.partial(_dk_kernel, spec=spec, tags=tags, trees=trees,
                           streams=len(op.streams), has_b=b is not None),
         grid=(vp // bv, np_ // bn), in_specs=_specs(spec, tags, arrays, "vn"),

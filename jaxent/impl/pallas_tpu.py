@@ -199,7 +199,7 @@ def _stats_call(spec, ins, in_specs, np_, vp, acc, plain, has_b, has_w, name, co
     cfg = spec.config
     names = _names(spec)
     row = _row(cfg.block_n)
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_stats_kernel, spec=spec, has_b=has_b, has_w=has_w, plain=plain),
         grid=(np_ // cfg.block_n, vp // cfg.block_v), in_specs=in_specs + [row],
         out_specs=[row] * len(names),
@@ -264,7 +264,7 @@ def _dhidden(spec, h, w, b, rows, wt):
     ins = [h, w] + [_lanes(a) for a in (b, wt) if a is not None] + [_lanes(r) for r in rows]
     specs = [pl.BlockSpec((cfg.block_n, d), lambda i, j: (i, 0)), _w_spec(spec, d, "nv")] + [
         vec for a in (b, wt) if a is not None] + [row] * len(rows)
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_dhidden_kernel, spec=spec, has_b=b is not None,
                           has_w=wt is not None),
         grid=(np_ // cfg.block_n, vp // cfg.block_v), in_specs=specs,
@@ -327,7 +327,7 @@ def _dkernel(spec, h, w, b, rows, wt):
         out_specs.append(vec)
         out_shape.append(jax.ShapeDtypeStruct((1, vp), b.dtype))
         scratch.append(pltpu.VMEM((1, cfg.block_v), acc_t))
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_dkernel_kernel, spec=spec, has_b=b is not None,
                           has_w=wt is not None),
         grid=(vp // cfg.block_v, np_ // cfg.block_n), in_specs=specs, out_specs=out_specs,
@@ -363,7 +363,7 @@ def _ce_bwd(spec, x, rows, wt):
     ins = [x] + [_lanes(r) for r in rows] + ([_lanes(wt)] if wt is not None else [])
     specs = [pl.BlockSpec((bn, bv), lambda i, j: (i, j))] + [row] * len(rows) + (
         [_col(bv)] if wt is not None else [])
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(common.ce_bwd_kernel, opts=spec.opts, num_classes=spec.num_classes,
                           block_c=bv, weighted=wt is not None),
         grid=(np_ // bn, cp // bv), in_specs=specs,

@@ -94,6 +94,15 @@ def head_layout(hidden, kernel, kernel_layout: str, *others) -> ExplicitLayout |
     return ExplicitLayout(mesh, entry_of(vocab), tuple(batch))
 
 
+def checks_vma(impl, interpret: bool) -> bool:
+    """Whether the placement's ``shard_map`` checks varying mesh axes: always, but for
+    Pallas kernels in the interpreter, whose grid loop drops the operands' varying types
+    (JAX 0.10-0.12: "Scan carry input and output got mismatched varying manual axes").
+    Unchecked, ``shard_map`` sums the gradients of inputs the same on every device itself;
+    those kernels serve only the placements that split the tokens alone."""
+    return not (impl == "pallas" and interpret)
+
+
 def place(mesh: Mesh | jax.sharding.AbstractMesh, specs, args):
     """Reshard ``args`` to ``specs`` on a mesh with explicit axes (auto axes need nothing:
     ``shard_map`` reshards its inputs itself)."""
@@ -125,11 +134,8 @@ def shard_fused(spec: FusedSpec, mesh, vocab, batch: tuple, h, k, y, b, w, mask,
                           token_axis=tok)
 
     args = place(mesh, specs, (h, k, y, b, w, mask, temp))
-    # pallas_call asks every kernel output for its varying mesh axes when shard_map checks
-    # them, and the kernels give none ("auto" picks them on GPUs and TPUs).
-    check = spec.impl not in ("auto", "pallas")
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec,
-                         check_vma=check)(*args)
+                         check_vma=checks_vma(spec.impl, spec.interpret))(*args)
 
 
 # The layout kinds of a head's arguments: how each is split (``vocab``: the vocabulary axis
@@ -167,9 +173,7 @@ def shard_head(fn, static: tuple, layout: ExplicitLayout, kernel_layout: str, ki
         return fn(layout.vocab, tok, **dict(static), **named)
 
     args = place(layout.mesh, specs, arrays)
-    # pallas_call asks every output of a kernel for its varying mesh axes when shard_map
-    # checks them; the statistic kernels run on whole rows of one device and give none.
-    check = dict(static).get("impl") != "pallas"
+    check = checks_vma(dict(static).get("impl"), dict(static).get("interpret", False))
     return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=outs,
                          check_vma=check)(*args)
 

@@ -211,6 +211,7 @@ def _dz(spec, op: ps.Operands, trees, offsets, nc: int, vc: int, name: str):
 
 
 def _at(rows, cols):
+    """The int32 ``[2]`` offsets operand of :func:`_dz`."""
     return jnp.stack([jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32)])
 
 

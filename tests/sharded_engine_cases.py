@@ -255,3 +255,28 @@ def test_fused_ce_pallas_on_explicit_data_mesh():
         hh = jax.device_put(d["h"], NamedSharding(mesh, hspec))
         got = jax.jit(lambda h, k: _value_and_grads(f, (h, k)))(hh, d["k"])
     _close(got, want)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_compiled_kernels_lower_inside_explicit_placement(platform):
+    """The compiled (not interpreted) kernels of the fused CE and of a statistic head inside
+    the Explicit data-parallel ``shard_map``, which checks varying mesh axes: their outputs
+    carry the operands' varying axes and the replicated kernel's gradient is summed, so the
+    value and gradient programs lower for GPUs and TPUs from this host, kernels included."""
+    from jax import export
+
+    mesh, hspec, _ = _explicit("data8")
+    sh = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    h = jax.ShapeDtypeStruct((64, 32), jnp.bfloat16, sharding=sh(hspec))
+    k = jax.ShapeDtypeStruct((32, 512), jnp.bfloat16, sharding=sh(P()))
+    y = jax.ShapeDtypeStruct((64,), jnp.int32, sharding=sh(P("data")))
+    kernel_call = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
+    for f in (lambda h, k, y: jaxent.linear_cross_entropy(h, k, y, impl="pallas"),
+              lambda h, k, y: jaxent.linear_log_probs(h, k, y, impl="pallas").sum()):
+        with jax.set_mesh(mesh):
+            text = export.export(
+                jax.jit(jax.value_and_grad(f, argnums=(0, 1))), platforms=[platform],
+                disabled_checks=[export.DisabledSafetyCheck.custom_call(kernel_call)],
+            )(h, k, y).mlir_module()
+        assert kernel_call in text
+        assert "all_reduce" in text  # the kernel's gradient summed over the data axis

@@ -1,10 +1,10 @@
 """The statistic kernels (:mod:`jaxent.impl.pallas_stats`) on both backends in Pallas's
 interpreter (the fused cross-entropy's statistic among them), against the vocabulary walk
 (:func:`jaxent.impl.stream.run`, itself checked against the naive program in
-``test_conformance_heads``), with the options the public heads'
-conformance cases leave out: a soft-cap, class weights and z-loss, the targets' gradient,
-the ``"vd"`` layout, padding columns (``num_classes`` below the kernel's columns), a counted
-token outside the vocabulary (``nan``); and the registry's refusals."""
+``test_conformance_heads``), with the options the public heads' conformance cases leave
+out: a soft-cap, class weights and z-loss, the targets' gradient, the ``"vd"`` layout, the
+GPU backward's chunks, padding columns (``num_classes`` below the kernel's columns), a
+counted token outside the vocabulary (``nan``); and the registry's refusals."""
 
 from __future__ import annotations
 
@@ -30,10 +30,14 @@ from jaxent.impl import (
 )
 from jaxent.impl.plan import stream_plan
 
-N, D, DT, V, COLS = 13, 24, 16, 150, 160  # 10 padding columns beyond V
+N, D, DT, V, COLS = 37, 24, 16, 150, 160  # 10 padding columns beyond V
 BACKENDS = {
     "gpu": (pallas_stats_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
                                                 block_d=16)),
+    # Logits gradients streamed in chunks of two tiles' rows or columns: the backward's
+    # chunk loops, each with a last chunk that starts early and overlaps the one before.
+    "gpu-chunks": (pallas_stats_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
+                                                       chunk=2 * 16 * 192)),
     "tpu": (pallas_stats_tpu, pallas_tpu.Config(block_n=128, block_v=128)),
 }
 OPTS = Options(label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0)

@@ -41,9 +41,10 @@ class Config:
         no atomics: each output element has one writer). ``"recompute"``: one program per
         (tile, ``block_d`` slice) with a register accumulator, forming each logits tile
         ``Dp / block_d`` times.
-      chunk: ``"stream"`` only: the most logits whose gradient is held at once (a chunk of
-        the vocabulary for ``d kernel``, of the tokens for ``d hidden``; 32 M elements, 64 MB
-        of bf16, by default).
+      chunk: ``"stream"`` (and the statistic kernels' backward,
+        :mod:`jaxent.impl.pallas_stats_gpu`, which always streams): the most logits whose
+        gradient is held at once (a chunk of the vocabulary for ``d kernel``, of the tokens
+        for ``d hidden``; 32 M elements, 64 MB of bf16, by default).
       d_split: ``"accumulate"`` only: split ``D`` into this many chunks, one program each
         (grids ``(Np / block_n, d_split)`` and ``(Vp / block_v, d_split)``): more programs
         for few tokens, each logits tile formed ``d_split`` times.

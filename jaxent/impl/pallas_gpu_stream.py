@@ -87,7 +87,7 @@ def chunk(size: int, block: int, other: int, budget: int) -> tuple[int, int]:
     return per * block, -(-tiles // per)
 
 
-def _chunks(count: int, size: int, total: int, one, init):
+def over_chunks(count: int, size: int, total: int, one, init):
     """``one(start, carry)`` over ``count`` chunks of ``size`` covering ``total``, the last
     starting at ``total - size``; one call when a single chunk covers it all."""
     if count == 1:
@@ -118,7 +118,7 @@ def dkernel(spec, h, w, b, rows, wt):
         return dw, db
 
     init = (jnp.zeros(w.shape, w.dtype), None if b is None else jnp.zeros(b.shape, b.dtype))
-    return _chunks(count, vc, vp, one, init)
+    return over_chunks(count, vc, vp, one, init)
 
 
 def dhidden(spec, h, w, b, rows, wt):
@@ -135,4 +135,4 @@ def dhidden(spec, h, w, b, rows, wt):
         part = common.dot(dz, w, (1, 1) if spec.layout == "dv" else (1, 0))
         return lax.dynamic_update_slice_in_dim(dh, part.astype(dh.dtype), start, 0)
 
-    return _chunks(count, nc, np_, one, jnp.zeros(h.shape, h.dtype))
+    return over_chunks(count, nc, np_, one, jnp.zeros(h.shape, h.dtype))

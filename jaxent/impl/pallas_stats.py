@@ -13,10 +13,12 @@ launches three kernels:
   carry (a tuple of per-row ``[block_n]`` vectors) is written out and ``stat.finish`` runs
   on the ``[N]`` rows outside the kernel. A second pass (``stat.then``, JSD) is the same
   kernel with the first pass's residual rows as inputs, its statistic built per tile.
-* ``d hidden``: per token tile, walking the vocabulary tiles, ``dx`` from
-  ``stat.block_grad`` (0 on padding columns), ``dh += dx W_tile^T`` in float32.
-* ``d kernel`` (+ ``d bias``): per vocabulary tile, walking the token tiles,
-  ``dW_tile += h_tile^T dx``, ``db_tile += sum_rows dx`` in float32.
+* ``d hidden``: ``dx`` from ``stat.block_grad`` (0 on padding columns) contracted with
+  the kernel, ``dh = dx W^T``: on TPUs per token tile, walking the vocabulary tiles, in
+  float32; on GPUs streamed (``dx`` written by chunks of tokens, contracted by XLA's matmul).
+* ``d kernel`` (+ ``d bias``): ``dW = h^T dx``, ``db = sum_rows dx``: on TPUs per
+  vocabulary tile, walking the token tiles, in float32; on GPUs streamed by vocabulary
+  chunks.
 * the gradients of the per-row inputs (``stat.diff_cols``: soft targets), one tile per
   program, a call of its own that XLA drops when they are not asked for.
 

@@ -1,17 +1,21 @@
 r"""The statistic kernels of :mod:`jaxent.impl.pallas_stats` for NVIDIA GPUs (Triton).
 
-Blocks are :class:`jaxent.impl.pallas_gpu.Config`'s (``v_split``/``d_split``/``backward``
-unused); the operands come padded to whole tiles, ``D`` to a multiple of ``block_k`` and
-``block_d``. Grids, each program walking its tiles with a ``fori_loop``:
+Blocks are :class:`jaxent.impl.pallas_gpu.Config`'s (``block_n``, ``block_v``, ``block_k``,
+``chunk`` and the launch parameters; the splits, ``block_d`` and ``backward`` unused); the
+operands come padded to whole tiles, ``D`` to a multiple of ``block_k``. Each logits tile
+``x = h W (+ b)`` is formed over ``block_k`` slices of ``D`` in float32:
 
-* forward ``(Np / block_n,)``: a token tile walks the vocabulary tiles, each logits tile
-  formed over ``block_k`` slices of ``D`` (float32), folded by the statistic; the carry's
-  ``[block_n]`` vectors are written once.
-* ``d hidden`` ``(Np / block_n, Dp / block_d)``: a token tile walks the vocabulary, forms
-  each logits tile and ``dx``, and adds ``dx W[d-slice, tile]^T`` into a ``[block_n,
-  block_d]`` float32 accumulator (each logits tile formed ``Dp / block_d`` times).
-* ``d kernel`` ``(Vp / block_v, Dp / block_d)``: a vocabulary tile walks the tokens,
-  ``dW += h[:, d-slice]^T dx`` in float32 (``db`` too, by the first slice).
+* forward, grid ``(Np / block_n,)``: a token tile walks the vocabulary tiles with a
+  ``fori_loop``, each tile folded by the statistic; the carry's ``[block_n]`` vectors are
+  written once.
+* backward, streamed as the fused cross-entropy's (:mod:`jaxent.impl.pallas_gpu_stream`):
+  one ``dz`` kernel, one program per ``[block_n, block_v]`` tile, writes the logits gradient
+  ``dz = stat.block_grad`` (0 on padding columns) of a chunk of at most ``Config.chunk``
+  logits in the hidden states' dtype, and XLA's matmuls contract it: ``d kernel``
+  (+ ``d bias``) by vocabulary chunks, ``dW[c] = h^T dz`` and ``db[c] = sum_rows dz``
+  (grid ``(Np / block_n, Vc / block_v)``); ``d hidden`` by token chunks,
+  ``dh[r] = dz W^T`` (grid ``(Nc / block_n, Vp / block_v)``). Each logits tile is formed
+  once per gradient; nothing float32 of the gradients' size is kept, only one chunk.
 * per-row inputs' gradients ``(Np / block_n, Vp / block_v)``: one tile each.
 
 No atomics: each output element has one writer.
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,7 @@ from jax.experimental import pallas as pl
 from jaxent import _rowmath as rm
 from jaxent.impl import pallas_common as common
 from jaxent.impl import pallas_gpu_blocks as blocks
+from jaxent.impl import pallas_gpu_stream as stream
 from jaxent.impl import pallas_stats as ps
 from jaxent.impl.pallas_gpu_blocks import Config
 
@@ -39,18 +43,16 @@ _ROW_TAGS = ("y", "counted", "temp", "extra")
 
 def default_config(n: int, d: int, v: int, dtype, streams: int = 1) -> Config:
     """The fused cross-entropy kernels' default blocks (:func:`jaxent.impl.pallas_gpu.
-    default_config`), without their vocabulary or ``D`` splits, ``D`` slices of at most 64
-    and token tiles divided by the number of ``streams``: the ``d kernel`` program holds a
-    ``[block_d, block_v]`` float32 accumulator next to a ``[block_n, block_v]`` logits tile
-    per stream, which spill registers on an H100 beyond that."""
+    default_config`), without their vocabulary or ``D`` splits, and token tiles divided by
+    the number of ``streams``: each program holds a ``[block_n, block_v]`` float32 logits
+    tile per stream."""
     cfg = blocks.default_config(n, d, v, dtype)
-    return dataclasses.replace(cfg, v_split=1, d_split=1, block_d=min(cfg.block_d, 64),
-                               block_n=max(16, cfg.block_n // streams))
+    return dataclasses.replace(cfg, v_split=1, d_split=1, block_n=max(16, cfg.block_n // streams))
 
 
 def tile(cfg: Config) -> tuple[int, int, int]:
     """``(block_n, block_v, D alignment)`` of the padded operands."""
-    return cfg.block_n, cfg.block_v, math.lcm(cfg.block_k, cfg.block_d)
+    return cfg.block_n, cfg.block_v, cfg.block_k
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -171,52 +173,62 @@ def forward(spec, op: ps.Operands, prev_tree):
 # ----------------------------------------------------------------------------- backward
 
 
-def _dh_kernel(*refs, spec, tags, trees, streams, vp):
+def _dz_kernel(*refs, spec, tags, trees, streams):
     r = dict(zip(tags, refs[:len(tags)], strict=True))
-    (dh_ref,) = refs[len(tags):]
-    cfg = spec.config
-    bn, bv, bd = cfg.block_n, cfg.block_v, cfg.block_d
-    rows, extra = _rows(r, Ellipsis)
+    off_ref, dz_ref = refs[len(tags):]
+    bn, bv = spec.config.block_n, spec.config.block_v
+    rs = pl.ds(pl.multiple_of(off_ref[0] + pl.program_id(0) * bn, bn), bn)
+    start = pl.multiple_of(off_ref[1] + pl.program_id(1) * bv, bv)
+    rows, extra = _rows(r, rs)
     res, cts = _split_extra(extra, trees)
-    cs = pl.ds(pl.multiple_of(pl.program_id(0) * bn, bn), bn)
-    dstart = pl.multiple_of(pl.program_id(1) * bd, bd)
-    w_ref = r["w", 0]
+    xs = _logits(spec, r, rs, start, streams)
+    dx, _ = ps.grad_tile(spec, res, xs, rows, _cols(spec, r, rs, start), start, cts)
+    dz_ref[...] = dx.astype(dz_ref.dtype)
 
-    def body(j, acc):
-        start = pl.multiple_of(j * bv, bv)
-        cols = _cols(spec, r, cs, start)
-        xs = _logits(spec, r, Ellipsis, start, streams)
-        dx, _ = ps.grad_tile(spec, res, xs, rows, cols, start, cts)
-        if spec.layout == "dv":
-            wd = w_ref[pl.ds(dstart, bd), pl.ds(start, bv)]
-        else:
-            wd = w_ref[pl.ds(start, bv), pl.ds(dstart, bd)]
-        return acc + common.dhidden_part(dx, wd, spec.layout)
 
-    acc = jnp.zeros((bn, bd), rm.compute_dtype(r["h", 0].dtype))
-    dh_ref[...] = lax.fori_loop(0, vp // bv, body, acc).astype(dh_ref.dtype)
+def _dz(spec, op: ps.Operands, trees, offsets, nc: int, vc: int, name: str):
+    """``dz [nc, vc]`` in the hidden states' dtype: the logits gradient of the rows from
+    ``offsets[0]`` and the columns from ``offsets[1]`` (int32 ``[2]``, multiples of the
+    tile), one tile per program."""
+    cfg = spec.config
+    bn, bv = cfg.block_n, cfg.block_v
+    tags, arrays = ps.flat(op)
+    h = op.streams[0][0]
+    d = sum(s[0].shape[1] for s in op.streams)
+    rows = 4 * nc * (3 + len(op.extra))
+    return common.pallas_call(
+        functools.partial(_dz_kernel, spec=spec, tags=tags, trees=trees,
+                          streams=len(op.streams)),
+        grid=(nc // bn, vc // bv), in_specs=[pl.no_block_spec] * (len(arrays) + 1),
+        out_specs=pl.BlockSpec((bn, bv), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((nc, vc), h.dtype),
+        compiler_params=blocks.params(cfg), interpret=spec.interpret, name=name,
+        cost_estimate=common.cost(nc, d, vc, h.dtype.itemsize, matmuls=1,
+                                  h_reads=vc // bv, w_reads=nc // bn,
+                                  extra_bytes=rows + nc * vc * h.dtype.itemsize,
+                                  elementwise=12),
+    )(*_guarded(spec, arrays), offsets)
+
+
+def _at(rows, cols):
+    """The int32 ``[2]`` offsets operand of :func:`_dz`."""
+    return jnp.stack([jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32)])
 
 
 def dhidden(spec, op: ps.Operands, trees):
-    """``d hidden [Np, Dp]`` of the padded first stream."""
+    """``d hidden [Np, Dp]`` of the padded first stream, by token chunks: ``dz`` of a chunk
+    of rows over the whole vocabulary, then ``dh[chunk] = dz W^T`` (XLA's matmul)."""
     cfg = spec.config
-    bn, bd = cfg.block_n, cfg.block_d
-    tags, arrays = ps.flat(op)
-    h = op.streams[0][0]
-    np_, dp = h.shape
-    vp = ps.vocab_size(op, spec.layout)
-    specs = _in_specs(tags, arrays, bn, lambda d: pl.BlockSpec((bn, d), lambda i, k: (i, 0)))
-    nd = dp // bd
-    return common.pallas_call(
-        functools.partial(_dh_kernel, spec=spec, tags=tags, trees=trees,
-                          streams=len(op.streams), vp=vp),
-        grid=(np_ // bn, nd), in_specs=specs,
-        out_specs=pl.BlockSpec((bn, bd), lambda i, k: (i, k)),
-        out_shape=jax.ShapeDtypeStruct((np_, dp), h.dtype),
-        compiler_params=blocks.params(cfg), interpret=spec.interpret,
-        name="jaxent_stat_dhidden",
-        cost_estimate=ps.cost(spec, op, nd + 1, np_ // bn * nd, elementwise=12),
-    )(*_guarded(spec, arrays))
+    h, w, _ = op.streams[0]
+    np_, vp = h.shape[0], ps.vocab_size(op, spec.layout)
+    nc, count = stream.chunk(np_, cfg.block_n, vp, cfg.chunk)
+
+    def one(start, dh):
+        dz = _dz(spec, op, trees, _at(start, 0), nc, vp, "jaxent_stat_dhidden")
+        part = common.dot(dz, w, (1, 1) if spec.layout == "dv" else (1, 0))
+        return lax.dynamic_update_slice_in_dim(dh, part.astype(dh.dtype), start, 0)
+
+    return stream.over_chunks(count, nc, np_, one, jnp.zeros(h.shape, h.dtype))
 
 
 def _dc_kernel(*refs, spec, tags, trees, streams, diff):
@@ -252,61 +264,25 @@ def dcols(spec, op: ps.Operands, trees, diff: tuple) -> list:
     )(*_guarded(spec, arrays))
 
 
-def _dk_kernel(*refs, spec, tags, trees, streams, np_, has_b):
-    r = dict(zip(tags, refs[:len(tags)], strict=True))
-    dw_ref, *db_ref = refs[len(tags):]
-    cfg = spec.config
-    bn, bv, bd = cfg.block_n, cfg.block_v, cfg.block_d
-    start = pl.multiple_of(pl.program_id(0) * bv, bv)
-    dstart = pl.multiple_of(pl.program_id(1) * bd, bd)
-    acc_t = rm.compute_dtype(r["h", 0].dtype)
-
-    def body(i, carry):
-        acc, dbacc = carry
-        rs = pl.ds(pl.multiple_of(i * bn, bn), bn)
-        rows, extra = _rows(r, rs)
-        cols = _cols(spec, r, rs, start)
-        res, cts = _split_extra(extra, trees)
-        xs = _logits(spec, r, rs, start, streams)
-        dx, _ = ps.grad_tile(spec, res, xs, rows, cols, start, cts)
-        acc = acc + common.dkernel_part(r["h", 0][rs, pl.ds(dstart, bd)], dx, spec.layout)
-        if dbacc is not None:
-            dbacc = dbacc + jnp.sum(dx, axis=0)
-        return acc, dbacc
-
-    shape = (bd, bv) if spec.layout == "dv" else (bv, bd)
-    init = (jnp.zeros(shape, acc_t), jnp.zeros((bv,), acc_t) if has_b else None)
-    acc, dbacc = lax.fori_loop(0, np_ // bn, body, init)
-    dw_ref[...] = acc.astype(dw_ref.dtype)
-    if has_b:
-        @pl.when(pl.program_id(1) == 0)
-        def _():
-            db_ref[0][...] = dbacc.astype(db_ref[0].dtype)
-
-
 def dkernel(spec, op: ps.Operands, trees):
-    """``(d kernel, d bias or None)`` of the padded first stream."""
+    """``(d kernel, d bias or None)`` of the padded first stream, by vocabulary chunks:
+    ``dz`` of all rows over a chunk of columns, then ``dW[chunk] = h^T dz`` (XLA's matmul)
+    and ``db[chunk] = sum_rows dz``."""
     cfg = spec.config
-    bv, bd = cfg.block_v, cfg.block_d
-    tags, arrays = ps.flat(op)
     h, w, b = op.streams[0]
-    np_, dp = h.shape
-    vp = ps.vocab_size(op, spec.layout)
-    if spec.layout == "dv":
-        out_specs = [pl.BlockSpec((bd, bv), lambda j, k: (k, j))]
-    else:
-        out_specs = [pl.BlockSpec((bv, bd), lambda j, k: (j, k))]
-    out_shape = [jax.ShapeDtypeStruct(w.shape, w.dtype)]
-    if b is not None:
-        out_specs.append(pl.BlockSpec((bv,), lambda j, k: (j,)))
-        out_shape.append(jax.ShapeDtypeStruct((vp,), b.dtype))
-    nd = dp // bd
-    out = common.pallas_call(
-        functools.partial(_dk_kernel, spec=spec, tags=tags, trees=trees,
-                          streams=len(op.streams), np_=np_, has_b=b is not None),
-        grid=(vp // bv, nd), in_specs=_in_specs(tags, arrays, None, None),
-        out_specs=out_specs, out_shape=out_shape, compiler_params=blocks.params(cfg),
-        interpret=spec.interpret, name="jaxent_stat_dkernel",
-        cost_estimate=ps.cost(spec, op, nd + 1, nd, elementwise=12),
-    )(*_guarded(spec, arrays))
-    return out[0], (out[1] if b is not None else None)
+    np_, vp = h.shape[0], ps.vocab_size(op, spec.layout)
+    vax = 1 if spec.layout == "dv" else 0
+    vc, count = stream.chunk(vp, cfg.block_v, np_, cfg.chunk)
+
+    def one(start, carry):
+        dw, db = carry
+        dz = _dz(spec, op, trees, _at(0, start), np_, vc, "jaxent_stat_dkernel")
+        part = common.dot(h, dz, (0, 0)) if spec.layout == "dv" else common.dot(dz, h, (0, 0))
+        dw = lax.dynamic_update_slice_in_dim(dw, part.astype(dw.dtype), start, vax)
+        if db is not None:
+            part_b = jnp.sum(dz.astype(jnp.float32), axis=0).astype(db.dtype)
+            db = lax.dynamic_update_slice_in_dim(db, part_b, start, 0)
+        return dw, db
+
+    init = (jnp.zeros(w.shape, w.dtype), None if b is None else jnp.zeros(b.shape, b.dtype))
+    return stream.over_chunks(count, vc, vp, one, init)

@@ -20,7 +20,7 @@ fresh interpreter; the rest of the suite keeps its single device:
 * ``tests/sharded_conformance_cases.py``: the heads' conformance suite over placements x
   impls x dtypes x vocabularies.
 
-A run is a file (or a few small ones) and, for the longest file, a ``-k`` selection, so that
+A run is a file (or a few small ones) or, for the longest file, a ``-k`` selection, so that
 no single run holds one ``pytest -n 2`` worker for much longer than the others.
 """
 
@@ -41,7 +41,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 _ROBUST = ("value_and_vjp or 16bit or class_weights or far_below or narrow_label or "
            "tiny_temperatures")
 RUNS = {
-    "placements": (("sharded_cases.py",), f"not ({_ROBUST})"),
+    "placements": (("sharded_cases.py",), f"not ({_ROBUST} or plain_jit)"),
+    "plain_jit": (("sharded_cases.py",), "plain_jit"),
     "robustness": (("sharded_cases.py",), _ROBUST),
     "layouts": (("sharded_layout_cases.py",), None),
     "reliability": (("sharded_reliability_cases.py",), None),

@@ -257,6 +257,7 @@ def linear_support_log_probs(
     block_size: int | None = None,
     impl: Impl = "auto",
     vocab_size: int | None = None,
+    token_block_size: int | None = None,
 ):
     r""":func:`support_log_probs` of ``hidden @ kernel + bias`` without the ``[N, V]``
     logits.
@@ -283,9 +284,13 @@ def linear_support_log_probs(
         :func:`support_log_probs`.
       return_entropy, max_candidates: as in :func:`support_log_probs`.
       block_size: vocabulary columns per block (default: about 16 MB of float32 logits).
-      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (all: the vocabulary walk; ``"token"``
-        and ``"pallas"`` raise ``ValueError``).
+      impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (the vocabulary walk), or ``"token"``
+        (blocks of ``token_block_size`` whole rows, :mod:`jaxent.impl.stream_token`); with
+        ``allowed_ids`` all compute the ``K`` ids' columns alone. ``"pallas"`` raises
+        ``ValueError``: the candidates' selection is a ``top_k``, which the kernels'
+        compilers do not lower.
       vocab_size: the real classes when the kernel holds padding columns after them.
+      token_block_size: rows per block of ``impl="token"`` (default: its plan's).
 
     Returns:
       ``log_probs`` shaped like ``tokens`` (float32), or ``(log_probs, entropy)``;
@@ -308,11 +313,12 @@ def linear_support_log_probs(
       >>> bool(jnp.allclose(lp, ref, atol=1e-5))
       True
     """
-    _heads.check_impl(impl, ("auto", "xla", "vocab"), "the support head")
+    _heads.check_impl(impl, ("auto", "xla", "vocab", "token"), "the support head")
     kw = dict(bias=bias, kernel_layout=kernel_layout, top_k=top_k, top_p=top_p, min_p=min_p,
               allowed_ids=allowed_ids, temperature=temperature, logit_softcap=logit_softcap,
               where=where, return_entropy=return_entropy, max_candidates=max_candidates,
-              block_size=block_size, vocab_size=vocab_size)
+              block_size=block_size, vocab_size=vocab_size, impl=impl,
+              token_block_size=token_block_size)
     if _explicit.head_layout(hidden, kernel, kernel_layout, tokens, bias, top_k, top_p,
                              min_p, allowed_ids, temperature, where) is not None:
         placed = _place(hidden, kernel, tokens, **kw)
@@ -487,7 +493,8 @@ def _ids_head(h, k, b, ids, y, counted, temp, *, v, local, layout, block, opts, 
 def fused_support_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, top_k, top_p,
                             min_p, allowed_ids, temperature, logit_softcap, where,
                             return_entropy, max_candidates, block_size, vocab_size=None,
-                            axis_name=None, return_flag=False):
+                            impl="auto", token_block_size=None, axis_name=None,
+                            return_flag=False):
     """:func:`linear_support_log_probs`, vocabulary-parallel over ``axis_name`` when
     given; with ``return_flag`` the pair ``(outputs, flag)``, ``flag`` shaped like the
     tokens and positive where a top-p nucleus overflowed the candidates (not raised)."""
@@ -517,9 +524,10 @@ def fused_support_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, top_
     _check_candidates(max_candidates, need, kr is None or _concrete(top_k))
     stat = sup.Sampler(v, sup.candidates_for(v, need, p is not None, max_candidates),
                        p is not None, bool(return_entropy))
-    plan = _heads.plan(opts, v, local, n, block_size, kernel_layout, axis_name)
-    lp, ent, flag = _heads.run(stat, plan, ((h, k, b),),
-                               sup.SupportRows(y, counted, temp, kr, p, mp), {})
+    plan = _heads.plan(opts, v, local, n, block_size, kernel_layout, axis_name,
+                       token_block_size=token_block_size)
+    lp, ent, flag = _heads.walk(impl, stat, plan, ((h, k, b),),
+                                sup.SupportRows(y, counted, temp, kr, p, mp), {})
     out = _outputs(lp, ent, batch_shape, return_entropy)
     if return_flag:
         return out, flag.reshape(batch_shape).astype(jnp.int32)

@@ -100,12 +100,13 @@ def _head(seed, layout="dv", v=V):
     return h, k, b, rng
 
 
+@pytest.mark.parametrize("impl", ["vocab", "token"])
 @pytest.mark.parametrize("layout,kw", [
     ("dv", dict(top_k=6, top_p=0.85, min_p=0.01, temperature=1.3, max_candidates=20)),
     ("vd", dict(top_p=np.array([0.5, 0.9, 1.0, 0.2, 0.75, 0.6], np.float32),
                 temperature=np.array([0.7, 1.0, 1.3, 2.0, 0.9, 1.1], np.float32))),
 ])
-def test_linear_matches_reference(layout, kw):
+def test_linear_matches_reference(layout, kw, impl):
     h, k, b, rng = _head(3, layout)
     logits = lambda h, k, b: h @ (k if layout == "dv" else k.T) + b[None, :]  # noqa: E731
     x = logits(h, k, b)
@@ -114,9 +115,10 @@ def test_linear_matches_reference(layout, kw):
     keep = sr.support_mask(z, kw.get("top_k"), kw.get("top_p"), kw.get("min_p"))
     y = _tokens(keep, rng)
 
-    def got(h, k, b):  # V = 50 in blocks of 16: a ragged last block
+    def got(h, k, b):  # V = 50 in blocks of 16, or N = 6 in blocks of 4: ragged last blocks
         return jaxent.linear_support_log_probs(h, k, y, bias=b, kernel_layout=layout,
-                                               return_entropy=True, block_size=16, **kw)
+                                               return_entropy=True, block_size=16, impl=impl,
+                                               token_block_size=4, **kw)
 
     lp, ent = got(h, k, b)
     want = sr.values64(z, np.asarray(y), keep)
@@ -224,11 +226,26 @@ def test_bad_concrete_input_raises(kw, name):
         jaxent.support_log_probs(x, y, **kw)
 
 
-@pytest.mark.parametrize("impl", ["token", "pallas"])
-def test_impls_other_than_the_vocabulary_walk_refuse_by_name(impl):
+def test_pallas_refuses_by_name():
     h, w = jnp.ones((2, 3)), jnp.ones((3, 5))
-    with pytest.raises(ValueError, match=f"`impl`='{impl}' cannot serve the support head"):
-        jaxent.linear_support_log_probs(h, w, jnp.zeros((2,), jnp.int32), top_k=2, impl=impl)
+    with pytest.raises(ValueError, match="`impl`='pallas' cannot serve the support head"):
+        jaxent.linear_support_log_probs(h, w, jnp.zeros((2,), jnp.int32), top_k=2,
+                                        impl="pallas")
+
+
+def test_token_impl_is_its_own_program():
+    """``impl="token"`` walks blocks of whole rows (``[4, 50]`` logits), the vocabulary walk
+    blocks of columns (``[6, 16]``)."""
+    h, k, b, rng = _head(3, "dv")
+    y = jnp.asarray(rng.integers(0, V, N))
+
+    def jaxpr(impl):
+        return str(jax.make_jaxpr(lambda h: jaxent.linear_support_log_probs(
+            h, k, y, top_k=6, block_size=16, impl=impl, token_block_size=4))(h))
+
+    tok, voc = jaxpr("token"), jaxpr("vocab")
+    assert "f32[4,50]" in tok and "f32[6,16]" not in tok
+    assert "f32[6,16]" in voc and "f32[4,50]" not in voc
 
 
 @pytest.mark.parametrize("kw", [

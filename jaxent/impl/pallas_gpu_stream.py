@@ -105,20 +105,27 @@ def dkernel(spec, h, w, b, rows, wt):
     vc, count = chunk(vp, cfg.block_v, np_, cfg.chunk)
 
     def one(start, carry):
-        dw, db = carry
         cut = lambda a, axis=0: None if a is None else lax.dynamic_slice_in_dim(  # noqa: E731
             a, start, vc, axis)
         dz = _dz(spec, h, cut(w, vax), cut(b), (rows[0] - start,) + tuple(rows[1:]), cut(wt),
                  vc, "jaxent_lce_dkernel")
-        part = common.dot(h, dz, (0, 0)) if spec.layout == "dv" else common.dot(dz, h, (0, 0))
-        dw = lax.dynamic_update_slice_in_dim(dw, part.astype(dw.dtype), start, vax)
-        if db is not None:
-            part_b = jnp.sum(dz.astype(jnp.float32), axis=0).astype(db.dtype)
-            db = lax.dynamic_update_slice_in_dim(db, part_b, start, 0)
-        return dw, db
+        return put_dkernel(carry, h, dz, start, spec.layout)
 
     init = (jnp.zeros(w.shape, w.dtype), None if b is None else jnp.zeros(b.shape, b.dtype))
     return over_chunks(count, vc, vp, one, init)
+
+
+def put_dkernel(carry, h, dz, start, layout: str):
+    """``(dW, db)`` with the vocabulary chunk ``[start, start + Vc)`` written from its logits
+    gradient ``dz [Np, Vc]``: ``h^T dz`` (XLA's matmul) and ``sum_rows dz`` (in float32)."""
+    dw, db = carry
+    part = common.dot(h, dz, (0, 0)) if layout == "dv" else common.dot(dz, h, (0, 0))
+    dw = lax.dynamic_update_slice_in_dim(dw, part.astype(dw.dtype), start,
+                                         1 if layout == "dv" else 0)
+    if db is not None:
+        part_b = jnp.sum(dz.astype(jnp.float32), axis=0).astype(db.dtype)
+        db = lax.dynamic_update_slice_in_dim(db, part_b, start, 0)
+    return dw, db
 
 
 def dhidden(spec, h, w, b, rows, wt):

@@ -271,18 +271,11 @@ def dkernel(spec, op: ps.Operands, trees):
     cfg = spec.config
     h, w, b = op.streams[0]
     np_, vp = h.shape[0], ps.vocab_size(op, spec.layout)
-    vax = 1 if spec.layout == "dv" else 0
     vc, count = stream.chunk(vp, cfg.block_v, np_, cfg.chunk)
 
     def one(start, carry):
-        dw, db = carry
         dz = _dz(spec, op, trees, _at(0, start), np_, vc, "jaxent_stat_dkernel")
-        part = common.dot(h, dz, (0, 0)) if spec.layout == "dv" else common.dot(dz, h, (0, 0))
-        dw = lax.dynamic_update_slice_in_dim(dw, part.astype(dw.dtype), start, vax)
-        if db is not None:
-            part_b = jnp.sum(dz.astype(jnp.float32), axis=0).astype(db.dtype)
-            db = lax.dynamic_update_slice_in_dim(db, part_b, start, 0)
-        return dw, db
+        return stream.put_dkernel(carry, h, dz, start, spec.layout)
 
     init = (jnp.zeros(w.shape, w.dtype), None if b is None else jnp.zeros(b.shape, b.dtype))
     return stream.over_chunks(count, vc, vp, one, init)

@@ -404,15 +404,10 @@ class CrossEntropy(_OnePass):
     """Cross-entropy against integer labels with every option (class weights
     ``cols["weight"]``, smoothing, z-loss, soft-cap, temperature): the online statistics of
     :func:`jaxent._rowmath.update_stats` (``m, s, z_y``, ``wz`` and ``W`` with smoothing,
-    the argmax with ``aux``). ``rows`` is a :class:`jaxent._rowmath.Labels` for ``finish``;
-    ``fold`` and ``block_grad`` read only :class:`Rows`' fields (the Pallas kernels pass no
-    more), the carry is per-row vectors (``W``, the same on every row, too). Outputs
+    the argmax with ``aux``). ``rows`` is a :class:`jaxent._rowmath.Labels`. Outputs
     ``(losses, lse, argmax or None)``, the last two without gradient; the residuals are
-    ``[N]`` each: ``m``, ``log s``, ``lse``, ``W`` and the row weight ``w_y`` (``nan`` on
-    rows whose label is out of range, so that their gradient is ``nan`` as their loss). The
-    fused cross-entropy of :func:`jaxent.linear_cross_entropy` is this statistic on the
-    streaming walk (:mod:`jaxent.impl.linear_ce`) and in the Pallas kernels
-    (:mod:`jaxent.impl.pallas_stats`).
+    ``[N]`` each. The fused cross-entropy of :func:`jaxent.linear_cross_entropy` is this
+    statistic on the streaming walk (:mod:`jaxent.impl.linear_ce`).
     """
 
     num_classes: int
@@ -420,7 +415,7 @@ class CrossEntropy(_OnePass):
 
     def init(self, n, dtype):
         return rm.init_stats(n, dtype, False, self.aux), (
-            (jnp.zeros((n,), dtype), jnp.zeros((n,), dtype)))
+            (jnp.zeros((n,), dtype), jnp.zeros((), dtype)))
 
     def fold(self, opts, carry, xs, rows, cols, start, valid):
         st, (wz, wseen) = carry
@@ -444,15 +439,13 @@ class CrossEntropy(_OnePass):
         loss = rm.label_loss(rs.log_s, rs.zy_s, rs.wz, rs.lse, rows.row_w, big_w, opts,
                              self.num_classes)
         arg = rs.arg if self.aux else None
-        row_w = jnp.where(rows.valid, rows.row_w, jnp.nan)
         return ((rm.row_losses(loss, rows), lax.stop_gradient(rs.lse), arg),
-                (rs.m, rs.log_s, rs.lse, jnp.broadcast_to(big_w, rs.lse.shape), row_w))
+                (rs.m, rs.log_s, rs.lse, jnp.broadcast_to(big_w, rs.lse.shape)))
 
     def block_grad(self, opts, res, xs, rows, cols, start, cts):
-        # rm.row_cotangent's select: the nan of an out-of-range label rides on its row
-        # weight, and rows not counted get 0 from rm.block_grad.
-        m, log_s, lse, big_w, row_w = res
-        coefs = rm.grad_coefs(cts[0], lse, row_w, big_w, opts, self.num_classes)
+        m, log_s, lse, big_w = res
+        coefs = rm.grad_coefs(rm.row_cotangent(cts[0], rows), lse, rows.row_w, big_w, opts,
+                              self.num_classes)
         dx = rm.block_grad(xs[0], m, log_s, rows.y - start, coefs, cols.get("weight"),
                            rows.counted, opts)
         return dx, {}

@@ -273,7 +273,7 @@ class _Restricted(_Pass):
 
     def init(self, n, dtype):
         z = jnp.zeros((n,), dtype)
-        return z, z, z, jnp.zeros((n,), bool)
+        return z, z, z, z  # (the token in S as 0/1: Triton lowers no reduce_or)
 
     def fold(self, opts, carry, xs, rows, cols, start, valid):
         s, u, zy, y_in = carry
@@ -285,15 +285,17 @@ class _Restricted(_Pass):
             u = u + stats.wsum(e, zs)
         hit = rm.onehot(rows.y - start, x.shape)
         zy = zy + jnp.sum(jnp.where(hit, x, 0.0), axis=1)
-        return s + e.sum(1), u, zy, y_in | jnp.any(hit & keep, axis=1)
+        y_in = jnp.maximum(y_in, jnp.max(jnp.where(hit & keep, 1.0, 0.0), axis=1))
+        return s + e.sum(1), u, zy, y_in
 
     def merge(self, opts, carry, axis_name):
         s, u, zy, y_in = carry
-        y_in = lax.psum(y_in.astype(jnp.int32), axis_name) > 0
+        y_in = lax.pmax(y_in, axis_name)
         return lax.psum(s, axis_name), lax.psum(u, axis_name), lax.psum(zy, axis_name), y_in
 
     def finish(self, opts, carry, rows):
         s, u, zy, y_in = carry
+        y_in = y_in > 0
         m = self.m
         lmin = self.lmin
         bad = jnp.isnan(self.tau) | (self.over > 0)

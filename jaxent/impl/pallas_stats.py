@@ -292,20 +292,22 @@ def _pass(spec: Spec, streams, rows: Rows, cols: dict, prev=None):
     return stat.finish(rm.row_options(spec.opts, rows.temp), carry, rows)
 
 
-# Each later pass is ``spec.stat.then(prev)`` of the pass before's residuals ``prev``.
+# A later pass runs while the pass before's ``then`` gives one; the kernels build it as
+# ``spec.stat.then(prev)`` of that pass's residuals ``prev`` (the same statistic).
 _MAX_PASSES = 3
 
 
 def _fwd(spec: Spec, streams, rows: Rows, cols: dict):
     _check_streams(streams)
     out, res = _pass(spec, streams, rows, cols)
-    for _ in range(_MAX_PASSES - 1):
-        if spec.stat.then(res) is None:
+    stat = spec.stat
+    for done in range(1, _MAX_PASSES + 1):
+        if stat.then(res) is None:
             break
-        out, res = _pass(spec, streams, rows, cols, res)
-    else:
-        if spec.stat.then(res) is not None:
+        if done == _MAX_PASSES:
             raise NotImplementedError(f"impl='pallas' runs at most {_MAX_PASSES} passes")
+        stat = pass_stat(spec, res)
+        out, res = _pass(spec, streams, rows, cols, res)
     return out, (streams, rows, cols, res)
 
 

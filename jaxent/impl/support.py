@@ -34,7 +34,10 @@ thresholds):
     \frac{\partial H'}{\partial z_c} = -[c\in S]\,p'_c(\log p'_c + H').
 
 Per-row sampler parameters (``[N]``, or None when the filter is off) ride in
-:class:`SupportRows`; a parameter out of its range (a traced one) gives ``nan`` rows.
+:class:`SupportRows`; a parameter out of its range (a traced one) gives ``nan`` rows. Later
+passes take ``log(min_p)`` from the residuals (:class:`FirstPass`, :class:`Nucleus`,
+:class:`Final`), not from the rows, and ``Sampler.tiled()`` (:class:`SamplerTiles`) merges
+the candidates without ``lax.top_k``: the Pallas kernels run all three passes.
 """
 
 from __future__ import annotations
@@ -332,6 +335,8 @@ class SamplerTiles(Sampler):
         m = jnp.maximum(m, jnp.max(x, axis=1))
         if self.candidates:
             xv = x if valid is None else jnp.where(valid, x, -jnp.inf)
+            # Values are their own keys (ties are equal values: any order holds them), and
+            # the merge's ids are unused (the values again).
             cand = topk_tiles.merge(self.candidates, cand, cand, cand, xv, xv, xv)[1]
         return m, cand
 

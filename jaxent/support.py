@@ -258,6 +258,7 @@ def linear_support_log_probs(
     impl: Impl = "auto",
     vocab_size: int | None = None,
     token_block_size: int | None = None,
+    interpret: bool = False,
 ):
     r""":func:`support_log_probs` of ``hidden @ kernel + bias`` without the ``[N, V]``
     logits.
@@ -286,11 +287,13 @@ def linear_support_log_probs(
       block_size: vocabulary columns per block (default: about 16 MB of float32 logits).
       impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (the vocabulary walk), or ``"token"``
         (blocks of ``token_block_size`` whole rows, :mod:`jaxent.impl.stream_token`); with
-        ``allowed_ids`` all compute the ``K`` ids' columns alone. ``"pallas"`` raises
-        ``ValueError``: the candidates' selection is a ``top_k``, which the kernels'
-        compilers do not lower.
+        ``allowed_ids`` all compute the ``K`` ids' columns alone. ``"pallas"``: the
+        statistic kernels (:mod:`jaxent.impl.pallas_stats`) with the candidates merged by
+        max extraction (:class:`jaxent.impl.support.SamplerTiles`; NVIDIA GPUs and TPUs, or
+        ``interpret``); not with ``allowed_ids`` nor a vocabulary-sharded kernel.
       vocab_size: the real classes when the kernel holds padding columns after them.
       token_block_size: rows per block of ``impl="token"`` (default: its plan's).
+      interpret: with ``impl="pallas"``, run the kernels in Pallas's interpret mode.
 
     Returns:
       ``log_probs`` shaped like ``tokens`` (float32), or ``(log_probs, entropy)``;
@@ -313,12 +316,15 @@ def linear_support_log_probs(
       >>> bool(jnp.allclose(lp, ref, atol=1e-5))
       True
     """
-    _heads.check_impl(impl, ("auto", "xla", "vocab", "token"), "the support head")
+    _heads.check_impl(impl, ("auto", "xla", "vocab", "token", "pallas"), "the support head")
+    if impl == "pallas" and allowed_ids is not None:
+        raise ValueError("impl='pallas' serves the sampler's filters (top_k, top_p, min_p), "
+                         "not allowed_ids; use impl='vocab' or 'token'")
     kw = dict(bias=bias, kernel_layout=kernel_layout, top_k=top_k, top_p=top_p, min_p=min_p,
               allowed_ids=allowed_ids, temperature=temperature, logit_softcap=logit_softcap,
               where=where, return_entropy=return_entropy, max_candidates=max_candidates,
               block_size=block_size, vocab_size=vocab_size, impl=impl,
-              token_block_size=token_block_size)
+              token_block_size=token_block_size, interpret=bool(interpret))
     if _explicit.head_layout(hidden, kernel, kernel_layout, tokens, bias, top_k, top_p,
                              min_p, allowed_ids, temperature, where) is not None:
         placed = _place(hidden, kernel, tokens, **kw)
@@ -493,8 +499,8 @@ def _ids_head(h, k, b, ids, y, counted, temp, *, v, local, layout, block, opts, 
 def fused_support_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, top_k, top_p,
                             min_p, allowed_ids, temperature, logit_softcap, where,
                             return_entropy, max_candidates, block_size, vocab_size=None,
-                            impl="auto", token_block_size=None, axis_name=None,
-                            return_flag=False):
+                            impl="auto", token_block_size=None, interpret=False,
+                            axis_name=None, return_flag=False):
     """:func:`linear_support_log_probs`, vocabulary-parallel over ``axis_name`` when
     given; with ``return_flag`` the pair ``(outputs, flag)``, ``flag`` shaped like the
     tokens and positive where a top-p nucleus overflowed the candidates (not raised)."""
@@ -525,7 +531,7 @@ def fused_support_log_probs(hidden, kernel, tokens, *, bias, kernel_layout, top_
     stat = sup.Sampler(v, sup.candidates_for(v, need, p is not None, max_candidates),
                        p is not None, bool(return_entropy))
     plan = _heads.plan(opts, v, local, n, block_size, kernel_layout, axis_name,
-                       token_block_size=token_block_size)
+                       token_block_size=token_block_size, interpret=interpret)
     lp, ent, flag = _heads.walk(impl, stat, plan, ((h, k, b),),
                                 sup.SupportRows(y, counted, temp, kr, p, mp), {})
     out = _outputs(lp, ent, batch_shape, return_entropy)

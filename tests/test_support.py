@@ -100,7 +100,7 @@ def _head(seed, layout="dv", v=V):
     return h, k, b, rng
 
 
-@pytest.mark.parametrize("impl", ["vocab", "token"])
+@pytest.mark.parametrize("impl", ["vocab", "token", "pallas"])
 @pytest.mark.parametrize("layout,kw", [
     ("dv", dict(top_k=6, top_p=0.85, min_p=0.01, temperature=1.3, max_candidates=20)),
     ("vd", dict(top_p=np.array([0.5, 0.9, 1.0, 0.2, 0.75, 0.6], np.float32),
@@ -118,7 +118,8 @@ def test_linear_matches_reference(layout, kw, impl):
     def got(h, k, b):  # V = 50 in blocks of 16, or N = 6 in blocks of 4: ragged last blocks
         return jaxent.linear_support_log_probs(h, k, y, bias=b, kernel_layout=layout,
                                                return_entropy=True, block_size=16, impl=impl,
-                                               token_block_size=4, **kw)
+                                               token_block_size=4,
+                                               interpret=impl == "pallas", **kw)
 
     lp, ent = got(h, k, b)
     want = sr.values64(z, np.asarray(y), keep)
@@ -226,11 +227,12 @@ def test_bad_concrete_input_raises(kw, name):
         jaxent.support_log_probs(x, y, **kw)
 
 
-def test_pallas_refuses_by_name():
+def test_pallas_refuses_allowed_ids_by_name():
     h, w = jnp.ones((2, 3)), jnp.ones((3, 5))
-    with pytest.raises(ValueError, match="`impl`='pallas' cannot serve the support head"):
-        jaxent.linear_support_log_probs(h, w, jnp.zeros((2,), jnp.int32), top_k=2,
-                                        impl="pallas")
+    with pytest.raises(ValueError, match="impl='pallas'.*allowed_ids"):
+        jaxent.linear_support_log_probs(h, w, jnp.zeros((2,), jnp.int32),
+                                        allowed_ids=jnp.zeros((2, 2), jnp.int32),
+                                        impl="pallas", interpret=True)
 
 
 def test_token_impl_is_its_own_program():

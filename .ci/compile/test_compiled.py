@@ -24,6 +24,10 @@ KERNELS = {
     **{(head, "value"): ["jaxent_stat_fwd"] for head in compiled.STAT_HEADS},
     **{(head, "grad"): ["jaxent_stat_dhidden", "jaxent_stat_dkernel", "jaxent_stat_fwd"]
        for head in compiled.STAT_HEADS},
+    # Three passes (the row max and candidates, the nucleus's mass, the restricted sums).
+    ("linear_support_log_probs", "value"): ["jaxent_stat_fwd"] * 3,
+    ("linear_support_log_probs", "grad"): ["jaxent_stat_dhidden", "jaxent_stat_dkernel",
+                                           *["jaxent_stat_fwd"] * 3],
 }
 DH_F32 = ("the vocabulary walk keeps d hidden in float32 ([N, D], 0.27 GB at the Llama-3-8B "
           "head) while the naive program of this head keeps only bf16 logits (XLA fuses "

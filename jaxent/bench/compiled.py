@@ -117,7 +117,8 @@ def _fused_args(n, d, v, dt):
 
 # The RL and distillation heads (row statistics: impl="pallas" runs jaxent.impl.pallas_stats).
 STAT_HEADS = ("linear_log_probs", "linear_soft_cross_entropy", "linear_distillation_loss",
-              "linear_topk_log_probs", "sparse_teacher_distillation")
+              "linear_topk_log_probs", "sparse_teacher_distillation",
+              "linear_support_log_probs")
 TOPK = 16  # the top-k head's k and the sparse teacher's ids per row
 
 
@@ -126,6 +127,15 @@ def _topk(impl):
         _, lp, tail = jaxent.linear_topk_log_probs(h, w, TOPK, kernel_layout="vd",
                                                    return_tail=True, impl=impl)
         return lp.sum() + tail.sum()
+    return f
+
+
+def _support(impl):
+    def f(h, w, y):  # the nucleus within the TOPK candidates: three passes, none flagged
+        lp, ent = jaxent.linear_support_log_probs(
+            h, w, y, top_k=TOPK, top_p=0.9, min_p=0.01, max_candidates=TOPK,
+            return_entropy=True, kernel_layout="vd", impl=impl)
+        return lp.sum() + ent.sum()
     return f
 
 
@@ -164,6 +174,9 @@ HEADS: dict[str, Head] = {head.name: head for head in (
              h, w, teacher_topk=(ids, lq), kernel_layout="vd", impl=impl),
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, TOPK), jnp.int32),
                               ((n, TOPK), jnp.float32)), (0, 1)),
+    # The sampler's filters (top-k, top-p, min-p; no naive program).
+    Head("linear_support_log_probs", True, ("auto", "vocab", "token", "pallas"), _support,
+         _fused_args, (0, 1)),
 )}
 
 

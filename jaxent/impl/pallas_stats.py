@@ -163,8 +163,9 @@ def grad_tile(spec: Spec, res, xs, rows: Rows, cols: dict, start, cts):
 
 
 def pass_stat(spec: Spec, prev):
-    """The statistic of a pass: ``spec.stat``, or ``spec.stat.then(prev)`` for the second
-    pass (``prev`` the first pass's residuals, of a tile or of all rows)."""
+    """The statistic of a pass: ``spec.stat``, or ``spec.stat.then(prev)`` for a later
+    pass (``prev`` the residuals of the pass before, of a tile or of all rows; a statistic
+    with three passes, :class:`~jaxent.impl.support.Sampler`, tells them by their type)."""
     if prev is None:
         return spec.stat
     nxt = spec.stat.then(prev)
@@ -291,14 +292,22 @@ def _pass(spec: Spec, streams, rows: Rows, cols: dict, prev=None):
     return stat.finish(rm.row_options(spec.opts, rows.temp), carry, rows)
 
 
+# A later pass runs while the pass before's ``then`` gives one; the kernels build it as
+# ``spec.stat.then(prev)`` of that pass's residuals ``prev`` (the same statistic).
+_MAX_PASSES = 3
+
+
 def _fwd(spec: Spec, streams, rows: Rows, cols: dict):
     _check_streams(streams)
     out, res = _pass(spec, streams, rows, cols)
-    if spec.stat.then(res) is not None:
-        out, res2 = _pass(spec, streams, rows, cols, res)
-        if pass_stat(spec, res).then(res2) is not None:
-            raise NotImplementedError("impl='pallas' runs at most two passes")
-        res = res2
+    stat = spec.stat
+    for done in range(1, _MAX_PASSES + 1):
+        if stat.then(res) is None:
+            break
+        if done == _MAX_PASSES:
+            raise NotImplementedError(f"impl='pallas' runs at most {_MAX_PASSES} passes")
+        stat = pass_stat(spec, res)
+        out, res = _pass(spec, streams, rows, cols, res)
     return out, (streams, rows, cols, res)
 
 

@@ -34,7 +34,10 @@ thresholds):
     \frac{\partial H'}{\partial z_c} = -[c\in S]\,p'_c(\log p'_c + H').
 
 Per-row sampler parameters (``[N]``, or None when the filter is off) ride in
-:class:`SupportRows`; a parameter out of its range (a traced one) gives ``nan`` rows.
+:class:`SupportRows`; a parameter out of its range (a traced one) gives ``nan`` rows. Later
+passes take ``log(min_p)`` from the residuals (:class:`FirstPass`, :class:`Nucleus`,
+:class:`Final`), not from the rows, and ``Sampler.tiled()`` (:class:`SamplerTiles`) merges
+the candidates without ``lax.top_k``: the Pallas kernels run all three passes.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxent import _rowmath as rm
-from jaxent.impl import stats
+from jaxent.impl import stats, topk_tiles
 
 
 class SupportRows(NamedTuple):
@@ -86,6 +89,37 @@ def in_first_set(x, m, tk, lmin, opts) -> jax.Array:
     if lmin is not None:
         keep = keep & (rm.shift(x, m[:, None], opts) >= lmin[:, None])
     return keep
+
+
+class FirstPass(NamedTuple):
+    """:class:`Sampler`'s residuals (``[N]``; ``cand [N, C]``; ``lmin`` :func:`min_p_bound`)."""
+
+    m: jax.Array
+    tk: jax.Array
+    cand: jax.Array
+    lmin: jax.Array | None
+
+
+class Nucleus(NamedTuple):
+    """:class:`_Mass`'s residuals: the row max, the threshold ``tau``, the flag, ``lmin``."""
+
+    m: jax.Array
+    tau: jax.Array
+    over: jax.Array
+    lmin: jax.Array | None
+
+
+class Final(NamedTuple):
+    """The last pass's residuals (:class:`Sampler`'s gradient): ``y_in`` (the token in
+    ``S``) and ``bad`` (a nan row) as 0/1 floats, as the kernels take their rows."""
+
+    m: jax.Array
+    tau: jax.Array
+    lmin: jax.Array | None
+    log_s: jax.Array
+    ent: jax.Array
+    y_in: jax.Array
+    bad: jax.Array
 
 
 def _valid_keep(keep, valid):
@@ -139,16 +173,28 @@ class Sampler:
             idx = jnp.clip(k - 1, 0, max(self.candidates - 1, 0))[:, None]
             tk = jnp.where(ok, jnp.take_along_axis(cand, idx, axis=1)[:, 0], jnp.nan)
         zeros = jnp.zeros_like(m)
-        return (zeros, zeros, zeros), (m, tk, cand)
+        return (zeros, zeros, zeros), FirstPass(m, tk, cand, min_p_bound(rows, m.dtype))
 
     def then(self, res) -> stats.Statistic | None:
-        m, tk, cand = res
+        """The pass after the one whose residuals are ``res`` (:class:`FirstPass` or
+        :class:`Nucleus`; None after :class:`Final`: the type names the pass, so the kernels
+        of :mod:`jaxent.impl.pallas_stats` build every later pass from this statistic)."""
+        if isinstance(res, Final):
+            return None
+        if isinstance(res, Nucleus):
+            return _Restricted(self, *res)
+        m, tk, cand, lmin = res
         if self.top_p:
-            return _Mass(self, m, tk, cand)
-        return _Restricted(self, m, tk, jnp.zeros_like(m))
+            return _Mass(self, m, tk, cand, lmin)
+        return _Restricted(self, m, tk, jnp.zeros_like(m), lmin)
+
+    def tiled(self) -> SamplerTiles:
+        """The Pallas form (:class:`SamplerTiles`)."""
+        return SamplerTiles(self.num_classes, self.candidates, self.top_p, self.entropy)
 
     def block_grad(self, opts, res, xs, rows, cols, start, cts):
         m, tau, lmin, log_s, ent, y_in, bad = res
+        y_in, bad = y_in > 0, bad > 0
         # A token outside S has log p' = -inf whatever the logits: no gradient. A flagged
         # row (nan outputs) gets nan gradients.
         g_lp = jnp.where(rows.counted & y_in, cts[0], 0.0)
@@ -180,16 +226,15 @@ class _Mass(_Pass):
     """Second pass with top-p: ``S_0 = sum e^{z - z_max}`` over the classes that pass min-p
     and top-k; its finish finds the nucleus threshold ``x_p`` among the candidates."""
 
-    def __init__(self, first: Sampler, m, tk, cand):
-        self.first, self.m, self.tk, self.cand = first, m, tk, cand
+    def __init__(self, first: Sampler, m, tk, cand, lmin):
+        self.first, self.m, self.tk, self.cand, self.lmin = first, m, tk, cand, lmin
 
     def init(self, n, dtype):
         return jnp.zeros((n,), dtype)
 
     def fold(self, opts, carry, xs, rows, cols, start, valid):
         (x,) = xs
-        keep = _valid_keep(in_first_set(x, self.m, self.tk, min_p_bound(rows, x.dtype),
-                                        opts), valid)
+        keep = _valid_keep(in_first_set(x, self.m, self.tk, self.lmin, opts), valid)
         e = jnp.exp(rm.shift(x, self.m[:, None], opts))
         return carry + jnp.sum(jnp.where(keep, e, 0.0), axis=1)
 
@@ -200,7 +245,7 @@ class _Mass(_Pass):
         s0, cand, m, tk = carry, self.cand, self.m, self.tk
         c = self.first.candidates
         top_p = rows.top_p.astype(s0.dtype)
-        in0 = in_first_set(cand, m, tk, min_p_bound(rows, s0.dtype), opts)
+        in0 = in_first_set(cand, m, tk, self.lmin, opts)
         q = jnp.where(in0, jnp.exp(rm.shift(cand, m[:, None], opts)) / s0[:, None], 0.0)
         incl = jnp.cumsum(q, axis=1)
         excl = jnp.concatenate([jnp.zeros_like(incl[:, :1]), incl[:, :-1]], axis=1)
@@ -216,46 +261,46 @@ class _Mass(_Pass):
         tp = jnp.where(ok & ~over, tp, jnp.nan)
         tau = jnp.maximum(tk, tp)  # nan stays nan
         zeros = jnp.zeros_like(s0)
-        return (zeros, zeros, zeros), (m, tau, over.astype(s0.dtype))
+        return (zeros, zeros, zeros), Nucleus(m, tau, over.astype(s0.dtype), self.lmin)
 
     def then(self, res) -> stats.Statistic | None:
-        m, tau, over = res
-        return _Restricted(self.first, m, tau, over)
+        return self.first.then(res)
 
 
 class _Restricted(_Pass):
     """The last pass: ``s' = sum_S e^{z - z_max}``, ``u' = sum_S e^{z - z_max}(z - z_max)``
     (with the entropy) and whether the token is in ``S`` with its raw logit."""
 
-    def __init__(self, first: Sampler, m, tau, over):
-        self.first, self.m, self.tau, self.over = first, m, tau, over
+    def __init__(self, first: Sampler, m, tau, over, lmin):
+        self.first, self.m, self.tau, self.over, self.lmin = first, m, tau, over, lmin
 
     def init(self, n, dtype):
         z = jnp.zeros((n,), dtype)
-        return z, z, z, jnp.zeros((n,), bool)
+        return z, z, z, z  # (the token in S as 0/1: Triton lowers no reduce_or)
 
     def fold(self, opts, carry, xs, rows, cols, start, valid):
         s, u, zy, y_in = carry
         (x,) = xs
-        keep = _valid_keep(in_first_set(x, self.m, self.tau, min_p_bound(rows, x.dtype),
-                                        opts), valid)
+        keep = _valid_keep(in_first_set(x, self.m, self.tau, self.lmin, opts), valid)
         zs = rm.shift(x, self.m[:, None], opts)
         e = jnp.where(keep, jnp.exp(zs), 0.0)
         if self.first.entropy:
             u = u + stats.wsum(e, zs)
         hit = rm.onehot(rows.y - start, x.shape)
         zy = zy + jnp.sum(jnp.where(hit, x, 0.0), axis=1)
-        return s + e.sum(1), u, zy, y_in | jnp.any(hit & keep, axis=1)
+        y_in = jnp.maximum(y_in, jnp.max(jnp.where(hit & keep, 1.0, 0.0), axis=1))
+        return s + e.sum(1), u, zy, y_in
 
     def merge(self, opts, carry, axis_name):
         s, u, zy, y_in = carry
-        y_in = lax.psum(y_in.astype(jnp.int32), axis_name) > 0
+        y_in = lax.pmax(y_in, axis_name)
         return lax.psum(s, axis_name), lax.psum(u, axis_name), lax.psum(zy, axis_name), y_in
 
     def finish(self, opts, carry, rows):
         s, u, zy, y_in = carry
+        y_in = y_in > 0
         m = self.m
-        lmin = min_p_bound(rows, s.dtype)
+        lmin = self.lmin
         bad = jnp.isnan(self.tau) | (self.over > 0)
         if lmin is not None:
             bad = bad | jnp.isnan(lmin)
@@ -266,10 +311,41 @@ class _Restricted(_Pass):
         logp = jnp.where(valid & ~bad, logp, jnp.nan)
         ent = jnp.where(bad, jnp.nan, ent)
         out = tuple(jnp.where(rows.counted, a, 0.0) for a in (logp, ent, self.over))
-        return out, (m, self.tau, lmin, log_s, ent, y_in & valid & ~bad, bad | ~valid)
+        return out, Final(m, self.tau, lmin, log_s, ent, (y_in & valid & ~bad).astype(s.dtype),
+                          (bad | ~valid).astype(s.dtype))
 
     def then(self, res) -> stats.Statistic | None:
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerTiles(Sampler):
+    """:class:`Sampler` (same outputs and passes) with its candidate merge written as
+    :func:`jaxent.impl.topk_tiles.merge` (``candidates`` rounds of max extraction; the raw
+    value is the key) and a carry of ``pow2(candidates)`` slots, so the kernels of
+    :mod:`jaxent.impl.pallas_stats` take it (no ``lax.top_k``)."""
+
+    def init(self, n, dtype):
+        w = topk_tiles.pow2(max(self.candidates, 1))
+        return _neg_inf(n, dtype), jnp.full((n, w), -jnp.inf, dtype)
+
+    def fold(self, opts, carry, xs, rows, cols, start, valid):
+        m, cand = carry
+        (x,) = xs
+        m = jnp.maximum(m, jnp.max(x, axis=1))
+        if self.candidates:
+            xv = x if valid is None else jnp.where(valid, x, -jnp.inf)
+            # Values are their own keys (ties are equal values: any order holds them), and
+            # the merge's ids are unused (the values again).
+            cand = topk_tiles.merge(self.candidates, cand, cand, cand, xv, xv, xv)[1]
+        return m, cand
+
+    def merge(self, opts, carry, axis_name):
+        raise NotImplementedError("SamplerTiles walks one vocabulary (no shards to merge)")
+
+    def finish(self, opts, carry, rows):
+        m, cand = carry
+        return super().finish(opts, (m, cand[:, :self.candidates]), rows)
 
 
 DEFAULT_CANDIDATES = 1024

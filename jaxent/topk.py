@@ -22,7 +22,7 @@ from jaxent.impl import topk as _topk
 from jaxent.placement import explicit as _explicit
 
 # The implementations that serve the top-k statistic (the Pallas kernels through its tiled
-# form, jaxent.impl.topk_tiles).
+# form, jaxent.impl.topk).
 WALKS = ("auto", "xla", "vocab", "token", "pallas")
 
 
@@ -166,7 +166,7 @@ def linear_topk_log_probs(
       impl: ``"auto"``, ``"xla"`` or ``"vocab"`` (the vocabulary walk), ``"token"``
         (token blocks, each with its whole vocabulary row) or ``"pallas"`` (the statistic
         kernels of :mod:`jaxent.impl.pallas_stats` with the merge of
-        :mod:`jaxent.impl.topk_tiles`: NVIDIA GPUs and TPUs, or ``interpret``); the last
+        :mod:`jaxent.impl.topk`: NVIDIA GPUs and TPUs, or ``interpret``); the last
         two not with a vocabulary split over a mesh axis.
       vocab_size: the number of real classes when the kernel's vocabulary axis holds
         padding columns after them (never chosen; ``k <= vocab_size``).

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxent import _rowmath as rm
-from jaxent.impl import stats, topk_tiles
+from jaxent.impl import stats, topk
 
 
 class SupportRows(NamedTuple):
@@ -321,12 +321,12 @@ class _Restricted(_Pass):
 @dataclasses.dataclass(frozen=True)
 class SamplerTiles(Sampler):
     """:class:`Sampler` (same outputs and passes) with its candidate merge written as
-    :func:`jaxent.impl.topk_tiles.merge` (``candidates`` rounds of max extraction; the raw
+    :func:`jaxent.impl.topk.merge` (``candidates`` rounds of max extraction; the raw
     value is the key) and a carry of ``pow2(candidates)`` slots, so the kernels of
     :mod:`jaxent.impl.pallas_stats` take it (no ``lax.top_k``)."""
 
     def init(self, n, dtype):
-        w = topk_tiles.pow2(max(self.candidates, 1))
+        w = topk.pow2(max(self.candidates, 1))
         return _neg_inf(n, dtype), jnp.full((n, w), -jnp.inf, dtype)
 
     def fold(self, opts, carry, xs, rows, cols, start, valid):
@@ -337,7 +337,7 @@ class SamplerTiles(Sampler):
             xv = x if valid is None else jnp.where(valid, x, -jnp.inf)
             # Values are their own keys (ties are equal values: any order holds them), and
             # the merge's ids are unused (the values again).
-            cand = topk_tiles.merge(self.candidates, cand, cand, cand, xv, xv, xv)[1]
+            cand = topk.merge(self.candidates, cand, cand, cand, xv, xv, xv)[1]
         return m, cand
 
     def merge(self, opts, carry, axis_name):

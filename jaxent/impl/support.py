@@ -151,8 +151,12 @@ class Sampler:
         m = jnp.maximum(m, jnp.max(x, axis=1))
         if self.candidates:
             xv = x if valid is None else jnp.where(valid, x, -jnp.inf)
-            cand = _top(jnp.concatenate([cand, xv], axis=1), self.candidates)
+            cand = self._keep(cand, xv)
         return m, cand
+
+    def _keep(self, cand, xv):
+        """The largest ``candidates`` values of the carry and the block's valid logits."""
+        return _top(jnp.concatenate([cand, xv], axis=1), self.candidates)
 
     def merge(self, opts, carry, axis_name):
         m, cand = carry
@@ -329,16 +333,10 @@ class SamplerTiles(Sampler):
         w = topk.pow2(max(self.candidates, 1))
         return _neg_inf(n, dtype), jnp.full((n, w), -jnp.inf, dtype)
 
-    def fold(self, opts, carry, xs, rows, cols, start, valid):
-        m, cand = carry
-        (x,) = xs
-        m = jnp.maximum(m, jnp.max(x, axis=1))
-        if self.candidates:
-            xv = x if valid is None else jnp.where(valid, x, -jnp.inf)
-            # Values are their own keys (ties are equal values: any order holds them), and
-            # the merge's ids are unused (the values again).
-            cand = topk.merge(self.candidates, cand, cand, cand, xv, xv, xv)[1]
-        return m, cand
+    def _keep(self, cand, xv):
+        # Values are their own keys (ties are equal values: any order holds them), and the
+        # merge's ids are unused (the values again).
+        return topk.merge(self.candidates, cand, cand, cand, xv, xv, xv)[1]
 
     def merge(self, opts, carry, axis_name):
         raise NotImplementedError("SamplerTiles walks one vocabulary (no shards to merge)")

@@ -156,15 +156,13 @@ def register(impl: Implementation) -> None:
 
 
 def _pallas_linear_rows(plan, h, kernel, bias, lab: rm.Labels, weight):
-    """The Pallas kernels' per-token losses and ``(lse, argmax)`` (their platform chosen
-    when lowering: Triton on NVIDIA GPUs, Mosaic on TPUs)."""
-    from jaxent.impl import pallas  # noqa: PLC0415
+    """The fused cross-entropy on the statistic kernels (:func:`_pallas_stat` of
+    :class:`~jaxent.impl.stats.CrossEntropy`): per-token losses and ``(lse, argmax)``."""
+    from jaxent.impl import linear_ce  # noqa: PLC0415
 
-    losses, lse, arg = pallas.dispatch_linear_ce_rows(
-        h, kernel, bias, rm.kernel_labels(lab), lab.row_w, lab.counted, weight, opts=plan.opts,
-        num_classes=plan.num_classes, layout=plan.layout, interpret=plan.interpret,
-        aux=plan.aux)
-    return rm.row_losses(losses, lab), (lse, arg)
+    stat, streams, cols = linear_ce.statistic(plan, h, kernel, bias, weight)
+    losses, lse, arg = _pallas_stat(stat, plan, streams, lab, cols)
+    return losses, (lse, arg)
 
 
 def _everywhere(rank: int, max_classes: int | None = None) -> dict[str, Preference]:
@@ -186,7 +184,8 @@ def _register_builtin() -> None:
                             per_row=False,
                             prefer={"cpu": Preference(0, 65536), "gpu": Preference(1, 65536),
                                     "tpu": Preference(1, 65536)}))
-    register(Implementation("pallas", "linear", False, _pallas_refuses, _pallas_linear_rows))
+    register(Implementation("pallas", "linear", False, _stat_pallas_refuses,
+                            _pallas_linear_rows))
     register(Implementation("pallas", "ce", False, _pallas_refuses))
     # The RL and distillation heads ("stat": a row statistic over linear-head streams).
     from jaxent.impl import stream, stream_token  # noqa: PLC0415

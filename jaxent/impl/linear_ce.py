@@ -28,7 +28,10 @@ def _rows(lab: rm.Labels) -> stats.Rows:
     return cast(stats.Rows, lab)
 
 
-def _args(plan: Plan, h, kernel, bias, weight) -> tuple:
+def statistic(plan: Plan, h, kernel, bias, weight) -> tuple:
+    """``(statistic, streams, cols)`` of the fused cross-entropy: the arguments of the
+    walks over any statistic (:func:`jaxent.impl.stream.run`, the Pallas kernels'
+    :func:`jaxent.impl.pallas.dispatch_stat`)."""
     return (stats.CrossEntropy(plan.num_classes, plan.aux), ((h, kernel, bias),),
             {"weight": vocab.local_weight(weight, plan)})
 
@@ -56,7 +59,7 @@ def rows(plan: Plan, h, kernel, bias, lab: rm.Labels, weight):
       >>> bool(jnp.allclose(losses, ref, rtol=1e-5))
       True
     """
-    stat, streams, cols = _args(plan, h, kernel, bias, weight)
+    stat, streams, cols = statistic(plan, h, kernel, bias, weight)
     losses, lse, arg = stream.run(stat, plan, streams, lab, cols)
     return losses, (lse, arg)
 
@@ -64,7 +67,7 @@ def rows(plan: Plan, h, kernel, bias, lab: rm.Labels, weight):
 def forward(plan: Plan, h, kernel, bias, lab: rm.Labels, weight):
     """``(losses, lse, argmax or None, residuals)`` of :func:`rows`'s forward walk (no
     ``custom_vjp``: for placements that split it); the residuals are ``[N]`` arrays."""
-    stat, streams, cols = _args(plan, h, kernel, bias, weight)
+    stat, streams, cols = statistic(plan, h, kernel, bias, weight)
     (losses, lse, arg), res = stream.forward(stat, plan, streams, _rows(lab), cols)
     return losses, lse, arg, tuple(res)
 
@@ -72,7 +75,7 @@ def forward(plan: Plan, h, kernel, bias, lab: rm.Labels, weight):
 def grads(plan: Plan, h, kernel, bias, lab: rm.Labels, weight, res: tuple, g):
     """``(d hidden, d kernel, d bias)`` of :func:`rows` for the per-token cotangent ``g``,
     from :func:`forward`'s residuals, ``d hidden`` summed over the vocabulary shards."""
-    stat, streams, cols = _args(plan, h, kernel, bias, weight)
+    stat, streams, cols = statistic(plan, h, kernel, bias, weight)
     (dh, dk, db), _ = stream.grads(stat, plan, streams, _rows(lab), cols, res, (g, None, None))
     if plan.vocab_axis is not None and not B.varies(dh, plan.vocab_axis):
         dh = lax.psum(dh, plan.vocab_axis)  # untyped shards: each holds its classes' share

@@ -443,9 +443,40 @@ class CrossEntropy(_OnePass):
                 (rs.m, rs.log_s, rs.lse, jnp.broadcast_to(big_w, rs.lse.shape)))
 
     def block_grad(self, opts, res, xs, rows, cols, start, cts):
+        return self._grad(opts, res, xs, rows, cols, start, rm.row_cotangent(cts[0], rows),
+                          rows.row_w)
+
+    def _grad(self, opts, res, xs, rows, cols, start, g, row_w):
+        """``block_grad`` for the per-row cotangent ``g`` and row weights ``row_w``."""
         m, log_s, lse, big_w = res
-        coefs = rm.grad_coefs(rm.row_cotangent(cts[0], rows), lse, rows.row_w, big_w, opts,
-                              self.num_classes)
+        coefs = rm.grad_coefs(g, lse, row_w, big_w, opts, self.num_classes)
         dx = rm.block_grad(xs[0], m, log_s, rows.y - start, coefs, cols.get("weight"),
                            rows.counted, opts)
         return dx, {}
+
+    def tiled(self) -> CrossEntropyTiles:
+        """This statistic in the form the Pallas kernels take (:class:`CrossEntropyTiles`)."""
+        return CrossEntropyTiles(self.num_classes, self.aux)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyTiles(CrossEntropy):
+    """:class:`CrossEntropy` as the Pallas kernels (:mod:`jaxent.impl.pallas_stats`) take
+    it: every carry leaf a per-row vector (the class-weight sum ``W`` too, which masked
+    tiles count per row), and a ``block_grad`` that reads only :class:`Rows`' fields (the
+    kernels pass no more): the row weight ``w_y`` rides in a fifth ``[N]`` residual, ``nan``
+    on rows whose label is out of range, so that their gradient is ``nan`` as their loss
+    (the walks select it from the labels instead, keeping four residuals). Same outputs.
+    """
+
+    def init(self, n, dtype):
+        st, (wz, _) = super().init(n, dtype)
+        return st, (wz, jnp.zeros((n,), dtype))
+
+    def finish(self, opts, carry, rows):
+        outs, res = super().finish(opts, carry, rows)
+        return outs, (*res, jnp.where(rows.valid, rows.row_w, jnp.nan))
+
+    def block_grad(self, opts, res, xs, rows, cols, start, cts):
+        # Rows not counted get 0 from rm.block_grad's select.
+        return self._grad(opts, res[:4], xs, rows, cols, start, cts[0], res[4])

@@ -3,7 +3,6 @@ references, exports for cuda and tpu, the platform check, and the autotuner's ca
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import jax
@@ -16,7 +15,15 @@ from jaxent import _autotune
 from jaxent import _rowmath as rm
 from jaxent._options import Options
 from jaxent.impl import pallas as pallas_entry
-from jaxent.impl import pallas_common, pallas_gpu, pallas_tpu
+from jaxent.impl import (
+    pallas_common,
+    pallas_gpu,
+    pallas_stats,
+    pallas_stats_gpu,
+    pallas_stats_tpu,
+    pallas_tpu,
+    stats,
+)
 from tests import reference
 from tests.gpu_target import cuda_target
 
@@ -27,15 +34,17 @@ def _counted_rows(y, mask, weight, ignore_index, dtype):
                          None if weight is None else weight.astype(dtype), dtype)
     return jnp.where(lab.valid, y, 0).astype(jnp.int32), lab.counted, lab.row_w
 
-N, D, V = 37, 48, 300  # ragged against every block below (D too, for the GPU's block_d)
+N, D, V = 37, 48, 300  # ragged against every block below (D too, for the GPU's block_k)
+# The fused CE's kernels (the statistic kernels of stats.CrossEntropy) and plain CE's.
+LINEAR = {
+    "gpu": (pallas_stats_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=32)),
+    # the backward in chunks of 2 vocabulary / 1 token tiles, the last one clamped
+    "gpu_chunks": (pallas_stats_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
+                                                       chunk=48 * 128)),
+    "tpu": (pallas_stats_tpu, pallas_tpu.Config(block_n=128, block_v=128)),
+}
 BACKENDS = {
-    "gpu": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16, block_d=16,
-                                          backward="accumulate", d_split=2, v_split=2)),
-    # the default backward, in chunks of 2 vocabulary / 1 token tiles, the last one clamped
-    "gpu_stream": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
-                                                 chunk=48 * 128)),
-    "gpu_recompute": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=32,
-                                                    block_d=16, backward="recompute")),
+    "gpu": (pallas_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16)),
     "tpu": (pallas_tpu, pallas_tpu.Config(block_n=128, block_v=128)),
 }
 OPTION_SETS = {
@@ -106,13 +115,20 @@ def _jit_vjp(fn, n_args):
     return jax.jit(run)
 
 
+def _linear_rows(backend, h, w, b, y, weight, where, ignore, opts, layout, aux=True):
+    """``(losses, lse, argmax or None)`` of the fused CE's kernels on ``backend`` with its
+    test blocks (``[N]`` labels, interpret mode)."""
+    mod, cfg = LINEAR[backend]
+    lab = rm.labels_info(y, V, ignore, where, weight, jnp.float32)
+    return pallas_stats.run_on(mod, cfg, stats.CrossEntropy(V, aux), opts, V, layout,
+                               ((h, w, b),), lab, {"weight": weight}, interpret=True)
+
+
 def _cases():
     names = list(OPTION_SETS)
-    yield "gpu_recompute", "all", "vd", "float32"
-    yield "gpu_recompute", "smooth_weight_where", "dv", "bfloat16"
-    yield "gpu_stream", "all", "vd", "float32"
-    yield "gpu_stream", "smooth_weight_where", "dv", "float32"
-    yield "gpu_stream", "all", "dv", "bfloat16"
+    yield "gpu_chunks", "all", "vd", "float32"
+    yield "gpu_chunks", "smooth_weight_where", "dv", "float32"
+    yield "gpu_chunks", "all", "dv", "bfloat16"
     for backend in ("gpu", "tpu"):
         for i, name in enumerate(names):
             yield backend, name, "vd" if i % 2 else "dv", "float32"
@@ -124,16 +140,12 @@ def _cases():
 
 @pytest.mark.parametrize(("backend", "name", "layout", "dtype"), list(_cases()))
 def test_linear_matches_references(backend, name, layout, dtype, rng):
-    mod, cfg = BACKENDS[backend]
     h, w, b, y, weight, where = _data(rng, layout, dtype)
     kw, opts, wt, mask, ignore = _split(OPTION_SETS[name], weight, where)
     y = _relabel(y, ignore)
-    yf, counted, row_w = _counted_rows(y, mask, wt, ignore, jnp.float32)
 
     def rows(h, w, b):
-        loss, lse, arg = mod.linear_ce_rows(
-            h, w, b, yf, row_w, counted, wt, opts=opts, num_classes=V, layout=layout,
-            config=cfg, interpret=True, aux=True)
+        loss, lse, arg = _linear_rows(backend, h, w, b, y, wt, mask, ignore, opts, layout)
         return loss, (lse, arg)
 
     g = jnp.asarray(rng.standard_normal((N,)), jnp.float32)
@@ -171,16 +183,15 @@ def test_linear_matches_references(backend, name, layout, dtype, rng):
             _close(got, want, dtype)
 
 
-@pytest.mark.parametrize("backend", ["gpu_stream", "tpu"])
+@pytest.mark.parametrize("backend", ["gpu_chunks", "tpu"])
 def test_linear_without_bias_and_reduced(backend, rng):
     """No bias, a mean over the rows as the front function forms it, and its gradient."""
-    mod, cfg = BACKENDS[backend]
     h, w, _, y, _, _ = _data(rng, "dv", jnp.float32)
-    yf, counted, row_w = _counted_rows(y, None, None, -100, jnp.float32)
+    _, _, row_w = _counted_rows(y, None, None, -100, jnp.float32)
 
     def mean(h, w):
-        loss, _, arg = mod.linear_ce_rows(h, w, None, yf, row_w, counted, None, opts=Options(),
-                                          num_classes=V, config=cfg, interpret=True)
+        loss, _, arg = _linear_rows(backend, h, w, None, y, None, None, -100, Options(), "dv",
+                                    aux=False)
         assert arg is None
         return rm.reduce(loss, row_w.sum(), "mean")
 
@@ -193,7 +204,7 @@ def test_linear_without_bias_and_reduced(backend, rng):
 
 
 @pytest.mark.parametrize(("backend", "name", "dtype"), [
-    (b, n, d) for b in ("gpu_stream", "tpu") for n, d in
+    (b, n, d) for b in ("gpu", "tpu") for n, d in
     [("plain", "float32"), ("all", "float32"), ("smooth_weight_where", "bfloat16")]])
 def test_ce_rows_match_references(backend, name, dtype, rng):
     mod, cfg = BACKENDS[backend]
@@ -260,80 +271,62 @@ def test_ce_rows_minus_inf_logits(backend, rng):
 
 _S = jax.ShapeDtypeStruct
 _ALL = Options(label_smoothing=0.1, z_loss=1e-3, temperature=0.7, logit_softcap=5.0)
-EXPORTS = [(b, k, layout, dt) for b in BACKENDS
+EXPORTS = [(p, k, layout, dt) for p in ("cuda", "tpu")
            for k, layout, dt in [("linear", "dv", "float32"), ("linear", "vd", "float32"),
                                  ("linear", "dv", "bfloat16"), ("linear", "vd", "bfloat16"),
                                  ("linear-plain", "dv", "float32"),
-                                 ("ce", None, "float32"), ("ce", None, "bfloat16")]
-           if b in ("gpu", "tpu") or k == "linear"]
+                                 ("ce", None, "float32"), ("ce", None, "bfloat16")]]
 
 
-def _export_fn(mod, cfg, kind, layout):
+def _export_fn(kind, layout):
+    """``value_and_grad`` of a public loss with ``impl="pallas"`` and its gradients' count."""
     if kind == "ce":
-        def f(x, y, rw, c, wt):
-            return mod.ce_rows(x, y, rw, c, wt, opts=_ALL, config=cfg).sum()
+        def f(x, y, wt):
+            return jaxent.cross_entropy(x, y, weight=wt, impl="pallas", label_smoothing=0.1,
+                                        z_loss=1e-3, temperature=0.7, logit_softcap=5.0)
 
         return jax.value_and_grad(f), 2
     plain = kind == "linear-plain"
 
-    def f(h, w, b, y, rw, c, wt):
-        loss, lse, arg = mod.linear_ce_rows(
-            h, w, None if plain else b, y, rw, c, None if plain else wt,
-            opts=Options() if plain else _ALL, num_classes=V, layout=layout, config=cfg,
-            aux=not plain)
-        return loss.sum()
+    def f(h, w, b, y, wt):
+        opts = {} if plain else {"label_smoothing": 0.1, "z_loss": 1e-3, "temperature": 0.7,
+                                 "logit_softcap": 5.0, "weight": wt, "bias": b}
+        loss, aux = jaxent.linear_cross_entropy(h, w, y, kernel_layout=layout, impl="pallas",
+                                                return_aux=True, **opts)
+        return loss + aux["lse"].sum() * 0.0
 
     return jax.value_and_grad(f, argnums=(0, 1, 2)), 3
 
 
-@pytest.mark.parametrize(("backend", "kind", "layout", "dtype"), EXPORTS)
-def test_export(backend, kind, layout, dtype):
-    """value_and_grad lowers for the device with the kernels' custom calls (fwd + bwd)."""
-    mod, cfg = BACKENDS[backend]
+@pytest.mark.parametrize(("platform", "kind", "layout", "dtype"), EXPORTS)
+def test_export(platform, kind, layout, dtype):
+    """value_and_grad exports for the device with the kernels' custom calls (fwd + bwd),
+    through the public API from this CPU host, with no device and no private context."""
     dt = jnp.dtype(dtype)
-    rows = (_S((N,), jnp.int32), _S((N,), jnp.float32), _S((N,), jnp.bool_),
-            _S((V,), jnp.float32))
+    rows = (_S((N,), jnp.int32), _S((V,), jnp.float32))
     if kind == "ce":
         args = (_S((N, V), dt),) + rows
     else:
         wshape = (D, V) if layout == "dv" else (V, D)
         args = (_S((N, D), dt), _S(wshape, dt), _S((V,), dt)) + rows
-    fn, n_kernels = _export_fn(mod, cfg, kind, layout)
-    if backend != "tpu":
+    fn, n_kernels = _export_fn(kind, layout)
+    if platform == "cuda":
         with cuda_target():
             exp = jax.export.export(jax.jit(fn), platforms=["cuda"],
-                                    disabled_checks=list(mod.EXPORT_CHECKS))(*args)
-        target = mod.TRITON_TARGET
-    else:  # from this CPU host, with no TPU and no context (Mosaic asks no device)
+                                    disabled_checks=list(pallas_gpu.EXPORT_CHECKS))(*args)
+    else:
         exp = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
-        target = mod.MOSAIC_TARGET
-    assert exp.mlir_module().count(target) == n_kernels
-
-
-@pytest.mark.parametrize("platform", ["cuda", "tpu", "cpu"])
-def test_dispatch_per_platform(platform):
-    """The per-platform entry lowers the Triton kernels for cuda, Mosaic's for tpu, and
-    refuses the CPU (without interpret)."""
-    dt = jnp.bfloat16
-    args = (_S((N, D), dt), _S((D, V), dt), _S((V,), dt), _S((N,), jnp.int32),
-            _S((N,), jnp.float32), _S((N,), jnp.bool_), _S((V,), jnp.float32))
-
-    def f(h, w, b, y, rw, c, wt):
-        loss, _, _ = pallas_entry.dispatch_linear_ce_rows(
-            h, w, b, y, rw, c, wt, opts=_ALL, num_classes=V, layout="dv", interpret=False)
-        return loss.sum()
-
-    fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
-    if platform == "cpu":
-        with pytest.raises(ValueError, match="interpret=True"):
-            fn.lower(*args).compile()
-        return
-    with cuda_target() if platform == "cuda" else contextlib.nullcontext():
-        exp = jax.export.export(fn, platforms=[platform],
-                                disabled_checks=list(pallas_gpu.EXPORT_CHECKS))(*args)
     text = exp.mlir_module()
-    assert text.count(pallas_gpu.TRITON_TARGET) == (3 if platform == "cuda" else 0)
-    assert text.count(pallas_tpu.MOSAIC_TARGET) == (3 if platform == "tpu" else 0)
+    assert text.count(pallas_gpu.TRITON_TARGET) == (n_kernels if platform == "cuda" else 0)
+    assert text.count(pallas_tpu.MOSAIC_TARGET) == (n_kernels if platform == "tpu" else 0)
+
+
+def test_lowering_for_the_cpu_without_interpret_raises():
+    h, w, y = (_S((N, D), jnp.bfloat16), _S((D, V), jnp.bfloat16), _S((N,), jnp.int32))
+    fn = jax.jit(jax.value_and_grad(lambda h, w, y: jaxent.linear_cross_entropy(
+        h, w, y, impl="pallas"), argnums=(0, 1)))
+    with pytest.raises(ValueError, match="interpret=True"):
+        fn.lower(h, w, y).compile()
 
 
 def test_dispatch_interpret_matches_backend(rng):
@@ -355,12 +348,10 @@ def test_cpu_without_interpret_raises():
         pallas_common.check_platform(False, "cpu")
     pallas_common.check_platform(True, "cpu")
     pallas_common.check_platform(False, "tpu")
-    mod, cfg = BACKENDS["gpu"]
     h, w = jnp.ones((N, D)), jnp.ones((D, V))
     y, rw, c = jnp.zeros((N,), jnp.int32), jnp.ones((N,)), jnp.ones((N,), bool)
     with pytest.raises(ValueError, match="interpret=True.*GPU or TPU"):
-        jax.jit(lambda h, w: mod.linear_ce_rows(
-            h, w, None, y, rw, c, None, opts=Options(), num_classes=V, config=cfg))(h, w)
+        jax.jit(lambda h, w: jaxent.linear_cross_entropy(h, w, y, impl="pallas"))(h, w)
     with pytest.raises(ValueError, match="interpret=True"):
         pallas_tpu.ce_rows(h, y, rw, c, None, opts=Options(), config=BACKENDS["tpu"][1])
 
@@ -370,15 +361,15 @@ def test_configs_validate_and_default():
         pallas_gpu.Config(block_n=24)
     with pytest.raises(ValueError, match="`chunk` must be >= 1, got 0"):
         pallas_gpu.Config(chunk=0)
-    with pytest.raises(ValueError, match="'stream', 'accumulate' or 'recompute', got 'x'"):
-        pallas_gpu.Config(backward="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`v_split` must be >= 1, got 0"):
+        pallas_gpu.Config(v_split=0)
     with pytest.raises(ValueError, match="multiple of 128"):
         pallas_tpu.Config(block_v=200)
     for platform in ("cuda", "tpu", "cpu"):
         cfg = pallas_entry.default_config(4096, 2048, 128256, jnp.bfloat16, platform)
         assert cfg.padded(4096, 2048, 128256)[2] >= 128256
     with pytest.raises(ValueError, match="cuda and tpu"):
-        pallas_entry.backend("rocm")
+        pallas_entry.default_config(64, 32, 256, jnp.float32, "rocm")
     for mod in (pallas_gpu, pallas_tpu):
         cands = mod.candidates(4096, 1024, 32000, jnp.bfloat16)
         assert cands[0] == mod.default_config(4096, 1024, 32000, jnp.bfloat16)
@@ -430,7 +421,7 @@ def test_autotune_caches_xla_block_sizes(tmp_path, monkeypatch):
     assert jaxent.autotune(build_cfg, cfgs, (), gkey) == cfgs[1]
     assert pallas_entry.config_for(4096, 2048, 128256, jnp.bfloat16, "cuda") == cfgs[1]
     assert pallas_entry.config_for(8, 16, 32, jnp.float32, "cuda") == \
-        pallas_gpu.default_config(8, 16, 32, jnp.float32)
+        pallas_stats_gpu.default_config(8, 16, 32, jnp.float32)
 
 
 def test_autotune_unreadable_cache_falls_back(tmp_path, monkeypatch):
@@ -453,10 +444,10 @@ def test_every_pallas_call_states_its_cost(kind):
             x, *r, opts=_ALL, interpret=False).sum())
         args = (_S((N, V), dt),) + rows
     else:
-        fn = jax.value_and_grad(lambda h, w, *r: pallas_entry.dispatch_linear_ce_rows(
-            h, w, None, *r, opts=_ALL, num_classes=V, layout="dv",
-            interpret=False)[0].sum(), argnums=(0, 1))
-        args = (_S((N, D), dt), _S((D, V), dt)) + rows
+        fn = jax.value_and_grad(lambda h, w, y: jaxent.linear_cross_entropy(
+            h, w, y, impl="pallas", label_smoothing=0.1, z_loss=1e-3, temperature=0.7,
+            logit_softcap=5.0), argnums=(0, 1))
+        args = (_S((N, D), dt), _S((D, V), dt), _S((N,), jnp.int32))
     from jax.extend import core as jex_core
 
     calls = []

@@ -32,8 +32,7 @@ from jaxent.impl.plan import stream_plan
 
 N, D, DT, V, COLS = 37, 24, 16, 150, 160  # 10 padding columns beyond V
 BACKENDS = {
-    "gpu": (pallas_stats_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
-                                                block_d=16)),
+    "gpu": (pallas_stats_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16)),
     # Logits gradients streamed in chunks of two tiles' rows or columns: the backward's
     # chunk loops, each with a last chunk that starts early and overlaps the one before.
     "gpu-chunks": (pallas_stats_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,

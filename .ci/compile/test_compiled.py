@@ -15,15 +15,14 @@ import pytest
 from jaxent.bench import compiled, targets
 
 KEYS = compiled.plan(os.environ.get("JAXENT_COMPILE_PROFILE", "ci"))
+FUSED = ("linear_cross_entropy", *compiled.STAT_HEADS)
 KERNELS = {
     ("cross_entropy", "value"): ["jaxent_ce_fwd"],
     ("cross_entropy", "grad"): ["jaxent_ce_bwd", "jaxent_ce_fwd"],
-    ("linear_cross_entropy", "value"): ["jaxent_lce_fwd"],
-    ("linear_cross_entropy", "grad"): ["jaxent_lce_dhidden", "jaxent_lce_dkernel",
-                                       "jaxent_lce_fwd"],
-    **{(head, "value"): ["jaxent_stat_fwd"] for head in compiled.STAT_HEADS},
+    # Every fused head runs the kernels built from its row statistic.
+    **{(head, "value"): ["jaxent_stat_fwd"] for head in FUSED},
     **{(head, "grad"): ["jaxent_stat_dhidden", "jaxent_stat_dkernel", "jaxent_stat_fwd"]
-       for head in compiled.STAT_HEADS},
+       for head in FUSED},
     # Three passes (the row max and candidates, the nucleus's mass, the restricted sums).
     ("linear_support_log_probs", "value"): ["jaxent_stat_fwd"] * 3,
     ("linear_support_log_probs", "grad"): ["jaxent_stat_dhidden", "jaxent_stat_dkernel",

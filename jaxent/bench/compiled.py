@@ -61,8 +61,6 @@ def configure() -> None:
 LLAMA = (16384, 4096, 128256)  # Llama-3-8B's head: tokens x hidden x vocabulary
 SMALL = (512, 256, 4096)
 PLAIN = (8192, 0, 128256)  # plain losses: tokens x classes
-KERNEL_NAMES = ("jaxent_lce_fwd", "jaxent_lce_dhidden", "jaxent_lce_dkernel", "jaxent_ce_fwd",
-                "jaxent_ce_bwd")
 
 
 # --------------------------------------------------------------------------- the heads

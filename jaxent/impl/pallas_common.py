@@ -1,34 +1,28 @@
-r"""What the Pallas kernels of every backend share: tile math, padding, the ``custom_vjp``.
+r"""What the Pallas kernels of every backend share: tile math, padding, cost estimates,
+the plain cross-entropy's ``custom_vjp``, and the ``pallas_call`` that types its outputs.
 
 The per-row formulas are :mod:`jaxent._rowmath`'s (the one copy); this module only cuts the
-work into tiles. Each backend module (:mod:`jaxent.impl.pallas_gpu`,
-:mod:`jaxent.impl.pallas_tpu`) supplies :class:`Launchers`, five functions that run its
-kernels on *padded* operands, and its own block ``Config``; the entry points here pad, call
-them, and finish the per-row math outside the kernels.
+work into tiles. The fused heads' kernels are built from their row statistics
+(:mod:`jaxent.impl.pallas_stats`); the plain cross-entropy of materialized logits has kernels
+of its own in each backend module (:mod:`jaxent.impl.pallas_gpu`,
+:mod:`jaxent.impl.pallas_tpu`), which supplies :class:`Launchers` (its forward and
+backward on padded row vectors) and its block ``Config``; :func:`ce_rows` pads, calls them
+and finishes the per-row math outside the kernels.
 
-Padding. The fused kernels' operands are padded to whole blocks (tokens ``N -> Np``,
-vocabulary ``V -> Vp``, the contraction ``D -> Dp`` where a backend blocks it), so every
-kernel sees full tiles of static shape (Triton wants powers of two, Mosaic TPU multiples of
-``(8, 128)``). Padding rows carry label ``-1``, weight 0, a zero cotangent and are not
-``live``; padding columns are masked by ``valid = column < V`` in
-:func:`jaxent._rowmath.update_stats` and in the gradient tile (:func:`grad_tile`), so
-neither counts, with or without a soft-cap. The cost is one copy of an operand whose size
-is not a multiple of its block (``O(|W|)`` bytes, next to ``O(N D V)`` flops). Plain CE
-pads only its ``[N]``/``[C]`` vectors: its logits are read in place (it is memory bound).
-
-Per token, with raw logits :math:`x = h W + b` of a tile (float32 accumulation), the
-forward folds tiles into the streaming :class:`~jaxent._rowmath.Stats` (raw max ``m``,
-``s = \sum e^{z - z(m)}``, the label's raw logit, the smoothing sum, the argmax); the loss
+Per row, the forward folds class tiles into the streaming :class:`~jaxent._rowmath.Stats`
+(raw max ``m``, ``s = \sum e^{z - z(m)}``, the label's raw logit, the smoothing sum); the
+loss
 
 .. math::
-    (1-\epsilon)\, r\,(\log s - (z_y - m)) + \frac{\epsilon}{V}(W \log s - wz)
+    (1-\epsilon)\, r\,(\log s - (z_y - m)) + \frac{\epsilon}{C}(W \log s - wz)
     + \lambda_z\,\mathrm{lse}^2
 
-is formed outside the kernel (:func:`jaxent._rowmath.label_loss`). The backward recomputes
-each tile, ``dz = g [p A - (1-\epsilon) r [c = y] - \tfrac{\epsilon}{V} w_c]`` with
-``p = exp(shift(x, m) - log s)`` (:func:`jaxent._rowmath.block_grad`) and contracts it:
-``d hidden = dz W^T`` (accumulated over vocabulary tiles) and ``d W = h^T dz``, ``d b =
-sum_rows dz`` (accumulated over token tiles), in two kernels, without atomics.
+is formed outside the kernel (:func:`jaxent._rowmath.label_loss`). The backward writes
+each tile's ``dx = g [p A - (1-\epsilon) r [c = y] - \tfrac{\epsilon}{C} w_c]`` with
+``p = exp(shift(x, m) - log s)`` (:func:`jaxent._rowmath.block_grad`). The logits are read
+in place (no padded copy: the loss is memory bound); only the ``[N]`` and ``[C]`` vectors
+are padded to whole blocks, padding rows with label ``-1``, weight 0 and a zero cotangent,
+padding columns masked by ``column < C`` (:func:`column_mask`).
 """
 
 from __future__ import annotations
@@ -176,9 +170,9 @@ def column_mask(shape: tuple[int, int], start, num_classes: int) -> jax.Array:
     return lax.broadcasted_iota(jnp.int32, shape, 1) + start < num_classes
 
 
-def init_stats(bn: int, dtype, opts: Options, aux: bool) -> _rowmath.Stats:
+def init_stats(bn: int, dtype, opts: Options) -> _rowmath.Stats:
     """:func:`jaxent._rowmath.init_stats` with ``wseen`` per row (masked tiles count it so)."""
-    st = _rowmath.init_stats(bn, dtype, opts.smoothing, aux)
+    st = _rowmath.init_stats(bn, dtype, opts.smoothing, False)
     if st.wseen is not None:
         st = st._replace(wseen=jnp.zeros((bn,), dtype))
     return st
@@ -245,18 +239,10 @@ def ce_bwd_kernel(*refs, opts: Options, num_classes: int, block_c: int, weighted
 
 
 class Launchers(NamedTuple):
-    """A backend's kernels on padded operands (see the backend modules for the shapes).
+    """A backend's plain cross-entropy kernels on padded row vectors: ``ce_fwd(spec, x, y,
+    wt) -> Stats`` (``[Np]`` fields) and ``ce_bwd(spec, x, rows, wt) -> dx``; the logits
+    ``x [N, C]`` come unpadded and ``dx`` is ``[N, C]``."""
 
-    ``fwd(spec, h, w, b, y, wt) -> Stats`` (``[Np]`` fields); ``dhidden(spec, h, w, b, rows,
-    wt) -> [Np, Dp]``; ``dkernel(spec, h, w, b, rows, wt) -> (dW, db or None)``;
-    ``ce_fwd(spec, x, y, wt) -> Stats``; ``ce_bwd(spec, x, rows, wt) -> dx``: for plain CE
-    the logits ``x [N, C]`` come unpadded (the row vectors and weights padded), and ``dx``
-    is ``[N, C]``.
-    """
-
-    fwd: Callable
-    dhidden: Callable
-    dkernel: Callable
     ce_fwd: Callable
     ce_bwd: Callable
 
@@ -268,10 +254,8 @@ class Spec:
     launch: Launchers
     opts: Options
     num_classes: int
-    layout: str
     config: Any
     interpret: bool
-    aux: bool = False
 
 
 _SECOND_ORDER = (
@@ -280,7 +264,7 @@ _SECOND_ORDER = (
     "Use impl='xla' (or 'vocab' / 'token') where a gradient is differentiated again")
 
 
-def _first_order(launch: Callable, spec, *args):
+def first_order(launch: Callable, spec, *args):
     """``launch(spec, *args)``, with a clear ``NotImplementedError`` when differentiated (only
     a gradient of the loss's gradient differentiates the kernels themselves)."""
 
@@ -321,58 +305,6 @@ def _coef_rows(spec: Spec, g, rs, labels, row_w, counted, weight, n_pad: int):
     return tuple(pad_to(r, 0, n_pad, -1 if i == 0 else 0) for i, r in enumerate(rows))
 
 
-def _linear_padded(spec: Spec, h, kernel, bias, labels, weight):
-    """Operands padded to whole blocks: ``(h, W, b, labels, weight, (Np, Dp, Vp))``."""
-    n, d = h.shape
-    np_, dp, vp = spec.config.padded(n, d, spec.num_classes)
-    vax, dax = (1, 0) if spec.layout == "dv" else (0, 1)
-    h = pad_to(pad_to(h, 0, np_), 1, dp)
-    kernel = pad_to(pad_to(kernel, vax, vp), dax, dp)
-    return (h, kernel, pad_to(bias, 0, vp), pad_to(labels.astype(jnp.int32), 0, np_, -1),
-            pad_to(weight, 0, vp), (np_, dp, vp))
-
-
-def _linear_fwd(spec: Spec, h, kernel, bias, labels, row_w, counted, weight):
-    n = h.shape[0]
-    hp, kp, bp, yp, wp, _ = _linear_padded(spec, h, kernel, bias, labels, weight)
-    st = _first_order(spec.launch.fwd, spec, hp, kp, bp, yp, wp)
-    st = jax.tree.map(lambda a: a[:n], st)
-    loss, rs = _finish(spec, st, labels, row_w, counted, weight)
-    out = (loss, rs.lse, rs.arg)
-    return out, (h, kernel, bias, labels, row_w, counted, weight, rs)
-
-
-def _linear_bwd(spec: Spec, res, cts):
-    h, kernel, bias, labels, row_w, counted, weight, rs = res
-    n, d = h.shape
-    hp, kp, bp, yp, wp, (np_, _, _) = _linear_padded(spec, h, kernel, bias, labels, weight)
-    rows = _coef_rows(spec, cts[0], rs, labels, row_w, counted, weight, np_)
-    dh = _first_order(spec.launch.dhidden, spec, hp, kp, bp, rows, wp)[:n, :d]
-    dk, db = _first_order(spec.launch.dkernel, spec, hp, kp, bp, rows, wp)
-    dk = dk[: kernel.shape[0], : kernel.shape[1]]
-    db = None if db is None else db[: bias.shape[0]]
-    # Inside shard_map, the partial gradients of inputs the same on every device are summed.
-    return (B.psum_to_type(dh.astype(h.dtype), h), B.psum_to_type(dk.astype(kernel.dtype), kernel),
-            None if db is None else B.psum_to_type(db.astype(bias.dtype), bias), None,
-            jnp.zeros_like(row_w), None, None if weight is None else jnp.zeros_like(weight))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _linear(spec: Spec, h, kernel, bias, labels, row_w, counted, weight):
-    return _linear_fwd(spec, h, kernel, bias, labels, row_w, counted, weight)[0]
-
-
-_linear.defvjp(_linear_fwd, _linear_bwd)
-
-
-def linear_ce_rows(launch: Launchers, h, kernel, bias, labels, row_w, counted, weight, *,
-                   opts: Options, num_classes: int, layout: str, config, interpret: bool,
-                   aux: bool = False):
-    """Per-token fused linear cross-entropy on one backend; see the backend modules."""
-    spec = Spec(launch, opts, num_classes, layout, config, interpret, aux)
-    return _linear(spec, h, kernel, bias, labels, row_w, counted, weight)
-
-
 def _ce_padded(spec: Spec, x, labels, weight):
     """Labels and weights padded to whole blocks; the logits are *not* copied: the kernels
     read ``x [N, C]`` as is (masked loads on GPUs, partial edge blocks on TPUs), since a
@@ -385,7 +317,7 @@ def _ce_padded(spec: Spec, x, labels, weight):
 def _ce_fwd(spec: Spec, x, labels, row_w, counted, weight):
     n = x.shape[0]
     xp, yp, wp, _ = _ce_padded(spec, x, labels, weight)
-    st = jax.tree.map(lambda a: a[:n], _first_order(spec.launch.ce_fwd, spec, xp, yp, wp))
+    st = jax.tree.map(lambda a: a[:n], first_order(spec.launch.ce_fwd, spec, xp, yp, wp))
     loss, rs = _finish(spec, st, labels, row_w, counted, weight)
     return loss, (x, labels, row_w, counted, weight, rs)
 
@@ -395,7 +327,7 @@ def _ce_bwd(spec: Spec, res, g):
     n, c = x.shape
     xp, _, wp, np_ = _ce_padded(spec, x, labels, weight)
     rows = _coef_rows(spec, g, rs, labels, row_w, counted, weight, np_)
-    dx = _first_order(spec.launch.ce_bwd, spec, xp, rows, wp)
+    dx = first_order(spec.launch.ce_bwd, spec, xp, rows, wp)
     return (B.psum_to_type(dx.astype(x.dtype), x), None, jnp.zeros_like(row_w), None,
             None if weight is None else jnp.zeros_like(weight))
 
@@ -411,7 +343,7 @@ _ce.defvjp(_ce_fwd, _ce_bwd)
 def ce_rows(launch: Launchers, x, labels, row_w, counted, weight, *, opts: Options, config,
             interpret: bool):
     """Per-row plain cross-entropy of logits ``x [N, C]`` on one backend."""
-    spec = Spec(launch, opts, x.shape[1], "dv", config, interpret)
+    spec = Spec(launch, opts, x.shape[1], config, interpret)
     return _ce(spec, x, labels, row_w, counted, weight)
 
 

@@ -213,27 +213,10 @@ def cost(spec: Spec, op: Operands, matmuls: float, re_reads: int, elementwise: i
 
 # ------------------------------------------------------------------------ the custom_vjp
 
-_SECOND_ORDER = (
-    "second-order derivatives (differentiating a gradient) of the Pallas kernels "
-    "(impl='pallas') are not supported; use impl='vocab' or 'token' where a gradient is "
-    "differentiated again")
-
-
-def _first_order(launch, spec: Spec, op: Operands, aux):
-    """``launch(spec, op, aux)``, raising ``NotImplementedError`` with a clear message when
-    differentiated (only a gradient of the gradient differentiates the kernels)."""
-
-    @jax.custom_jvp
-    def call(op):
-        return launch(spec, op, aux)
-
-    @call.defjvp
-    def _no_jvp(primals, tangents):
-        del primals, tangents
-        raise NotImplementedError(_SECOND_ORDER)
-
-    return call(op)
-
+def _kernel(launch, spec: Spec, op: Operands, static):
+    """``launch(spec, op, static)`` (``static``: a pytree structure or other static value)
+    with :func:`jaxent.impl.pallas_common.first_order`'s clear error when differentiated."""
+    return common.first_order(lambda spec, op: launch(spec, op, static), spec, op)
 
 
 def _pad_rows(a, np_: int, value=0):
@@ -285,7 +268,7 @@ def _pass(spec: Spec, streams, rows: Rows, cols: dict, prev=None):
     leaves = () if prev is None else tuple(jax.tree.leaves(prev))
     op = _operands(spec, streams, rows, cols, leaves)
     prev_tree = None if prev is None else jax.tree.structure(prev)
-    outs = _first_order(spec.launch.forward, spec, op, prev_tree)
+    outs = _kernel(spec.launch.forward, spec, op, prev_tree)
     stat = pass_stat(spec, prev)
     tree, _ = carry_leaves(stat, spec.tile[0], rm.compute_dtype(streams[0][0].dtype))
     carry = jax.tree.unflatten(tree, [o[:n] for o in outs])
@@ -321,12 +304,12 @@ def _bwd(spec: Spec, saved, cts):
     cts_leaves = [c.astype(acc) for c in cts_leaves]
     op = _operands(spec, streams, rows, cols, tuple(res_leaves) + tuple(cts_leaves))
     trees = (jax.tree.structure(res), jax.tree.structure(cts), len(res_leaves))
-    dh = _first_order(spec.launch.dhidden, spec, op, trees)
-    dk, db = _first_order(spec.launch.dkernel, spec, op, trees)
+    dh = _kernel(spec.launch.dhidden, spec, op, trees)
+    dk, db = _kernel(spec.launch.dkernel, spec, op, trees)
     diff = tuple(k for k in spec.stat.diff_cols if cols.get(k) is not None)
     dcols = {}
     if diff:
-        dcols = dict(zip(diff, _first_order(
+        dcols = dict(zip(diff, _kernel(
             lambda spec, op, trees: spec.launch.dcols(spec, op, trees, diff), spec, op, trees),
             strict=True))
     h, k, b = streams[0]

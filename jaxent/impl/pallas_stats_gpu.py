@@ -1,14 +1,14 @@
 r"""The statistic kernels of :mod:`jaxent.impl.pallas_stats` for NVIDIA GPUs (Triton).
 
 Blocks are :class:`jaxent.impl.pallas_gpu.Config`'s (``block_n``, ``block_v``, ``block_k``,
-``chunk`` and the launch parameters; the splits, ``block_d`` and ``backward`` unused); the
+``chunk`` and the launch parameters; ``v_split`` unused); the
 operands come padded to whole tiles, ``D`` to a multiple of ``block_k``. Each logits tile
 ``x = h W (+ b)`` is formed over ``block_k`` slices of ``D`` in float32:
 
 * forward, grid ``(Np / block_n,)``: a token tile walks the vocabulary tiles with a
   ``fori_loop``, each tile folded by the statistic; the carry's ``[block_n]`` vectors are
   written once.
-* backward, streamed as the fused cross-entropy's (:mod:`jaxent.impl.pallas_gpu_stream`):
+* backward, streamed (:mod:`jaxent.impl.pallas_gpu_stream`):
   one ``dz`` kernel, one program per ``[block_n, block_v]`` tile, writes the logits gradient
   ``dz = stat.block_grad`` (0 on padding columns) of a chunk of at most ``Config.chunk``
   logits in the hidden states' dtype, and XLA's matmuls contract it: ``d kernel``
@@ -42,12 +42,12 @@ _ROW_TAGS = ("y", "counted", "temp", "extra")
 
 
 def default_config(n: int, d: int, v: int, dtype, streams: int = 1) -> Config:
-    """The fused cross-entropy kernels' default blocks (:func:`jaxent.impl.pallas_gpu.
-    default_config`), without their vocabulary or ``D`` splits, and token tiles divided by
+    """The Triton kernels' default blocks (:func:`jaxent.impl.pallas_gpu_blocks.
+    default_config`), without the vocabulary split, and token tiles divided by
     the number of ``streams``: each program holds a ``[block_n, block_v]`` float32 logits
     tile per stream."""
     cfg = blocks.default_config(n, d, v, dtype)
-    return dataclasses.replace(cfg, v_split=1, d_split=1, block_n=max(16, cfg.block_n // streams))
+    return dataclasses.replace(cfg, v_split=1, block_n=max(16, cfg.block_n // streams))
 
 
 def tile(cfg: Config) -> tuple[int, int, int]:

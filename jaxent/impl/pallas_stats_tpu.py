@@ -38,7 +38,7 @@ _ROW_TAGS = ("y", "counted", "temp", "extra")
 
 
 def default_config(n: int, d: int, v: int, dtype, streams: int = 1) -> Config:
-    """The fused cross-entropy kernels' default blocks (:func:`jaxent.impl.pallas_tpu.
+    """The Mosaic kernels' default blocks (:func:`jaxent.impl.pallas_tpu.
     default_config`; one per-stream tile more in VMEM for a teacher, unmeasured)."""
     del streams
     return pallas_tpu.default_config(n, d, v, dtype)

@@ -149,8 +149,9 @@ def linear_cross_entropy(
       impl: ``"auto"`` (the platform's choice, :mod:`jaxent._platform`), ``"xla"`` (the
         XLA walks' choice), ``"vocab"`` (vocabulary blocks, recompute in the backward) or
         ``"token"`` (gradient made in the forward; float32/float64, ``"mean"``/``"sum"``,
-        whole vocabulary rows on each device) or ``"pallas"`` (Pallas kernels: Triton on
-        NVIDIA GPUs, Mosaic on TPUs; one device or token-parallel). An ``impl`` that
+        whole vocabulary rows on each device) or ``"pallas"`` (Pallas kernels built from the
+        cross-entropy's row statistic, as every fused head's: Triton on NVIDIA GPUs,
+        Mosaic on TPUs; one device or token-parallel). An ``impl`` that
         cannot serve the call raises ``ValueError`` saying why (on Auto meshes, where the
         split is only known when compiling, ``"token"`` makes the gradient in the forward
         from a vocabulary walk on vocabulary shards).

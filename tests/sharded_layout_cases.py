@@ -1,4 +1,4 @@
-"""Shardings real models use, on 8 simulated CPU devices (run by tests/test_sharded_layouts.py).
+"""Shardings real models use, on 8 simulated CPU devices (run by tests/test_sharded.py).
 
 * FSDP: the kernel sharded along ``D`` over the ``fsdp`` axis (which also splits the
   tokens) and along the vocabulary over ``model``;
@@ -37,7 +37,7 @@ import jaxent  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_"
-    "device_count=8 before JAX starts (tests/test_sharded_layouts.py does this)")
+    "device_count=8 before JAX starts (tests/test_sharded.py does this)")
 
 N, D, V = 32, 16, 64
 OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-3}

@@ -1,4 +1,4 @@
-"""Shardings real models use, on 8 simulated CPU devices (run by tests/test_sharded_layouts.py).
+"""Shardings real models use, on 8 simulated CPU devices (run by tests/test_sharded.py).
 
 * FSDP: the kernel sharded along ``D`` over the ``fsdp`` axis (which also splits the
   tokens) and along the vocabulary over ``model``;
@@ -37,7 +37,7 @@ import jaxent  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_"
-    "device_count=8 before JAX starts (tests/test_sharded_layouts.py does this)")
+    "device_count=8 before JAX starts (tests/test_sharded.py does this)")
 
 N, D, V = 32, 16, 64
 OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-3}
@@ -143,7 +143,11 @@ def test_layout_matches_one_device(rng, layout, axis_type):
 def test_layout_hlo_gathers_nothing_vocabulary_sized(layout, axis_type):
     """The compiled value and gradients gather no array with a dimension of the full
     vocabulary (no logits, no kernel): the only all-gather allowed is the FSDP one of the
-    kernel's D shards, whose result is one device's vocabulary block ``[D, V/k]``."""
+    kernel's D shards, whose result is one device's vocabulary block ``[D, V/k]``. No
+    all-to-all either: ``hidden``'s gradient comes out sharded like ``hidden`` (on Auto axes
+    too, where the partitioner picks its layout), never along its width (from which the
+    partitioner reshards it by an all-to-all, or by gathering the whole ``[N, D]``). The
+    statistic walk (log-probs) as well as the CE."""
     n, d, v = 64, 32, 1024
     shape, names, tok, kspec = LAYOUTS[layout]
     mesh = _mesh(layout, axis_type)
@@ -156,15 +160,19 @@ def test_layout_hlo_gathers_nothing_vocabulary_sized(layout, axis_type):
         "api": lambda h, k, y: jaxent.sharded.shard_linear_cross_entropy(
             h, k, y, mesh=mesh, token_axis=tok, **OPTIONS),
         "plain": lambda h, k, y: jaxent.linear_cross_entropy(h, k, y, **OPTIONS),
+        "log_probs": lambda h, k, y: jnp.sum(jaxent.linear_log_probs(h, k, y)),
     }
     allowed = {(d, v // k_model)} if kspec[0] == "fsdp" else set()
     for name, loss in losses.items():
         with jax.set_mesh(mesh):
-            text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, k, y).compile(
-                ).as_text()
+            compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, k, y).compile()
+        text = compiled.as_text()
         gathers = _all_gathers(text)
         assert set(gathers) <= allowed, (name, gathers)
         assert all(v not in g for g in gathers), (name, gathers)
+        assert "all-to-all" not in text, name
+        dh = compiled.output_shardings[1][0]
+        assert dh.is_equivalent_to(h.sharding, 2), (name, dh, h.sharding)
 
 
 # ------------------------------------------------------------------ padded vocabulary

@@ -6,7 +6,9 @@ fresh interpreter; the rest of the suite keeps its single device:
 
 * ``tests/sharded_cases.py``: the vocabulary-parallel losses, every placement, export and
   the robustness checks on them;
-* ``tests/sharded_layout_cases.py``: FSDP, two-axis token and padded-vocabulary shardings;
+* ``tests/sharded_layout_cases.py``: FSDP, two-axis token and padded-vocabulary shardings
+  (its compiled-program checks, ``gathers``, a run of their own that the newest-JAX leg
+  also runs);
 * ``tests/sharded_rl_cases.py``: the vocabulary-parallel RL and distillation losses;
 * ``tests/sharded_reliability_cases.py``: overlapping axes, bad ids and second order;
 * ``tests/sharded_engine_cases.py``: the RL heads on Explicit and Auto meshes (with
@@ -44,7 +46,8 @@ RUNS = {
     "placements": (("sharded_cases.py",), f"not ({_ROBUST} or plain_jit)"),
     "plain_jit": (("sharded_cases.py",), "plain_jit"),
     "robustness": (("sharded_cases.py",), _ROBUST),
-    "layouts": (("sharded_layout_cases.py",), None),
+    "layouts": (("sharded_layout_cases.py",), "not gathers"),
+    "layout_hlo": (("sharded_layout_cases.py",), "gathers"),
     "reliability": (("sharded_reliability_cases.py",), None),
     "engine": (("sharded_engine_cases.py",), None),
     "topk": (("sharded_topk_cases.py",), None),

@@ -168,18 +168,30 @@ def _auto_split(ap, h_sharding, k_sharding, n: int, v: int) -> tuple[tuple, tupl
     return tok, vocab
 
 
+def _matmul_factors(layout: str, stream: str = "") -> tuple[str, str]:
+    """Shardy factors of a stream's ``hidden`` and kernel: ``n`` tokens, ``v`` vocabulary,
+    ``d`` hidden's width, ``w`` the kernel's width.
+
+    The two widths are distinct factors, though of one size, so that the sharding of one is
+    never proposed for the other: each device contracts them whole (the partition rules
+    replicate both). With one factor, an FSDP kernel's width axis (also ``hidden``'s token
+    axis) would be proposed for the width of ``hidden``'s gradient, which would leave the op
+    sharded along its width and be resharded to ``hidden``'s layout (an all-to-all, or a
+    gather of the whole ``[N, D]``)."""
+    return f"n d{stream}", f"w{stream} v" if layout == "dv" else f"v w{stream}"
+
+
 def _rule_operands(ap: AutoPlan, extra: int) -> str:
-    kernel = "d v" if ap.spec.layout == "dv" else "v d"
-    ops = (["n d", kernel] + ["v"] * ap.has_bias + ["n"] * (4 + ap.has_temp)
-           + ["c"] * ap.has_weight)
+    ops = (list(_matmul_factors(ap.spec.layout)) + ["v"] * ap.has_bias
+           + ["n"] * (4 + ap.has_temp) + ["c"] * ap.has_weight)
     return ", ".join(ops + ["n"] * extra)
 
 
 def _grads_rule(ap: AutoPlan) -> str:
-    return ", ".join(["n d", "d v" if ap.spec.layout == "dv" else "v d"] + ["v"] * ap.has_bias)
+    return ", ".join(list(_matmul_factors(ap.spec.layout)) + ["v"] * ap.has_bias)
 
 
-_RULES = {  # Shardy sharding rules (factors: n tokens, d width, v vocabulary, c weight)
+_RULES = {  # Shardy sharding rules (factors: _matmul_factors's, c the class weight)
     "rows_forward": lambda ap: (f"{_rule_operands(ap, 0)} -> n, n" + ", n" * ap.spec.aux
                                 + ", n" * _ce.RESIDUALS),
     "rows_backward": lambda ap: (f"{_rule_operands(ap, _ce.RESIDUALS + 1)} -> "
@@ -395,12 +407,12 @@ def _stat_kinds(streams, rows, cols) -> tuple[str, ...]:
 
 
 def _stat_rule(sc: StatCall) -> str:
-    """Shardy's rule (factors: n tokens, v vocabulary, d and e the streams' widths)."""
+    """Shardy's rule (factors: :func:`_matmul_factors`'s, numbered by stream)."""
     def factors(kind):
         base, _, i = kind.partition(":")
-        width = "de"[int(i)] if i else ""
-        return {"hidden": f"n {width}", "kernel": f"{width} v" if sc.layout == "dv"
-                else f"v {width}", "bias": "v", "row": "n", "targets": "n v"}[base]
+        hidden, kernel = _matmul_factors(sc.layout, i)
+        return {"hidden": hidden, "kernel": kernel, "bias": "v", "row": "n",
+                "targets": "n v"}[base]
 
     ins = [factors(k) for k in sc.kinds]
     if sc.res_tree is None:

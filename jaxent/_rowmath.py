@@ -362,19 +362,67 @@ def update_stats(st: Stats, x, y_local, w_block, start, opts: Options, valid=Non
 
 
 class ArrayAxis(NamedTuple):
-    """An array axis standing for a mesh axis in :func:`merge_stats`: each member of the
-    "collective" is one index of that axis (e.g. the vocabulary splits of one kernel)."""
+    """An array axis standing for a mesh axis in the collectives below (:func:`psum`,
+    :func:`pmax`, :func:`pmin`, :func:`all_gather`, :func:`shared_max`) and so in every
+    statistic's ``merge`` and :func:`merge_stats`: each member of the "collective" is one
+    index of that axis (e.g. the vocabulary splits of one kernel, ``[splits, N]``)."""
 
     axis: int
 
 
-def _collective(op: str, x: jax.Array, axis_name) -> jax.Array:
-    """``lax.p{op}`` of ``x`` over the mesh axis ``axis_name``; over an :class:`ArrayAxis`,
-    the same reduction along that array axis, broadcast back (each member's result)."""
+def _collective(op: str, x, axis_name):
+    """``lax.p{op}`` of the arrays of ``x`` (a pytree) over the mesh axis ``axis_name``; over
+    an :class:`ArrayAxis`, the same reduction along that array axis, broadcast back (each
+    member's result)."""
     if isinstance(axis_name, ArrayAxis):
-        reduced = getattr(jnp, op)(x, axis=axis_name.axis, keepdims=True)  # jnp.max, ...
-        return jnp.broadcast_to(reduced, x.shape)
+        def one(a):
+            reduced = getattr(jnp, op)(a, axis=axis_name.axis, keepdims=True)  # jnp.max, ...
+            return jnp.broadcast_to(reduced, a.shape)
+
+        return jax.tree.map(one, x)
     return getattr(lax, "p" + op)(x, axis_name)  # lax.pmax, lax.pmin, lax.psum
+
+
+def psum(x, axis_name):
+    """The sum of ``x`` (a pytree of arrays) over the members of ``axis_name``: a mesh axis
+    (``lax.psum``) or an :class:`ArrayAxis`.
+
+    >>> psum(jnp.array([[1.0, 2.0], [3.0, 4.0]]), ArrayAxis(0))
+    Array([[4., 6.],
+           [4., 6.]], dtype=float32)
+    """
+    return _collective("sum", x, axis_name)
+
+
+def pmax(x, axis_name):
+    """The maximum of ``x`` over the members of ``axis_name`` (as :func:`psum`)."""
+    return _collective("max", x, axis_name)
+
+
+def pmin(x, axis_name):
+    """The minimum of ``x`` over the members of ``axis_name`` (as :func:`psum`)."""
+    return _collective("min", x, axis_name)
+
+
+def all_gather(x: jax.Array, axis_name, axis: int) -> jax.Array:
+    """Every member's ``x`` side by side along its axis ``axis`` (in member order), on every
+    member: ``lax.all_gather(..., tiled=True)`` over a mesh axis (typed as varying: a
+    reduction after it, e.g. :func:`pmax`, types its result as replicated). Over an
+    :class:`ArrayAxis` ``a``, ``x`` holds the members along its axis ``a`` and ``axis``
+    counts the axes of one member's array (``a`` left out).
+
+    >>> all_gather(jnp.array([[1, 2], [3, 4]]), ArrayAxis(0), 0)  # two members' [2]
+    Array([[1, 2, 3, 4],
+           [1, 2, 3, 4]], dtype=int32)
+    """
+    if not isinstance(axis_name, ArrayAxis):
+        return lax.all_gather(x, axis_name, axis=axis, tiled=True)
+    a = axis_name.axis
+    side = jnp.moveaxis(x, a, axis)  # the members just before their axis `axis`
+    shape = side.shape
+    joined = side.reshape(shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2:])
+    return jnp.broadcast_to(jnp.expand_dims(joined, a),
+                            joined.shape[:a] + (x.shape[a],) + joined.shape[a:])
 
 
 def shared_max(m: jax.Array, axis_name) -> jax.Array:
@@ -384,7 +432,7 @@ def shared_max(m: jax.Array, axis_name) -> jax.Array:
     invariant to it (``lse = m + log sum e^{z - m}``), so its derivative is 0 and a constant
     is exact. ``pmax`` has no differentiation rule, so without the ``stop_gradient`` the
     forward of a ``custom_vjp`` could not be differentiated again (second order)."""
-    return _collective("max", lax.stop_gradient(m), axis_name)
+    return pmax(lax.stop_gradient(m), axis_name)
 
 
 def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
@@ -405,17 +453,17 @@ def merge_stats(st: Stats, axis_name, offset, opts: Options) -> Stats:
     new_safe = safe(m)
     back = shift(safe(st.m), new_safe, opts)
     alpha = jnp.exp(shift(st.m, new_safe, opts))
-    s = _collective("sum", st.s * alpha, axis_name)
-    zy = _collective("sum", st.zy, axis_name)
+    s = psum(st.s * alpha, axis_name)
+    zy = psum(st.zy, axis_name)
     wz = wseen = None
     if st.wz is not None and st.wseen is not None:
-        wz = _collective("sum", st.wz + st.wseen * back, axis_name)
-        wseen = _collective("sum", st.wseen, axis_name)
+        wz = psum(st.wz + st.wseen * back, axis_name)
+        wseen = psum(st.wseen, axis_name)
     arg = None
     if st.arg is not None:
         none = jnp.iinfo(jnp.int32).max
         holds = (st.s > 0) & (st.m == m)
-        arg = _collective("min", jnp.where(holds, st.arg + offset, none), axis_name)
+        arg = pmin(jnp.where(holds, st.arg + offset, none), axis_name)
         arg = jnp.where(arg == none, 0, arg)
     return Stats(m, s, zy, wz, wseen, arg)
 

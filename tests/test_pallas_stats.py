@@ -4,7 +4,8 @@ interpreter (the fused cross-entropy's statistic among them), against the vocabu
 ``test_conformance_heads``), with the options the public heads' conformance cases leave
 out: a soft-cap, class weights and z-loss, the targets' gradient, the ``"vd"`` layout, the
 GPU backward's chunks, padding columns (``num_classes`` below the kernel's columns), a
-counted token outside the vocabulary (``nan``); and the registry's refusals."""
+counted token outside the vocabulary (``nan``), the GPU forward's vocabulary split (with
+ties of the argmax across its ranges); and the registry's refusals."""
 
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ from jaxent.impl import (
     pallas_stats_tpu,
     pallas_tpu,
     stats,
+    stats_aux,
     stream,
+    topk,
 )
 from jaxent.impl.plan import stream_plan
 
 N, D, DT, V, COLS = 37, 24, 16, 150, 160  # 10 padding columns beyond V
+SPLIT = pallas_gpu.Config(block_n=16, block_v=32, block_k=16, v_split=4)
 BACKENDS = {
     "gpu": (pallas_stats_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16)),
     # Logits gradients streamed in chunks of two tiles' rows or columns: the backward's
@@ -38,6 +42,9 @@ BACKENDS = {
     "gpu-chunks": (pallas_stats_gpu, pallas_gpu.Config(block_n=16, block_v=64, block_k=16,
                                                        chunk=2 * 16 * 192)),
     "tpu": (pallas_stats_tpu, pallas_tpu.Config(block_n=128, block_v=128)),
+    # The forward's vocabulary split: 5 tiles in 4 ranges of 2, 2, 1 (with the padding
+    # columns) and 0 tiles, merged by each statistic's merge.
+    "gpu-split": (pallas_stats_gpu, SPLIT),
 }
 OPTS = Options(label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0)
 
@@ -75,12 +82,12 @@ CASES = {  # statistic, streams, rows, cols; layout "vd"
 }
 
 
-def _all(run):
+def _all(run, cases=CASES, data=None):
     """``{case: (outputs, grads w.r.t. h, W, b, targets)}`` of ``run(stat, streams, rows,
     cols)`` for every case, in one program."""
     def one(d):
         out = {}
-        for name, case in CASES.items():
+        for name, case in cases.items():
             def loss(h, w, b, t, case=case):
                 stat, streams, rows, cols = case(d, h, w, b, t)
                 outs = jax.tree.leaves(run(stat, streams, rows, cols))
@@ -93,7 +100,7 @@ def _all(run):
             out[name] = (outs, grads)
         return out
 
-    return jax.jit(one)(_data())
+    return jax.jit(one)(_data() if data is None else data)
 
 
 def _walk(stat, streams, rows, cols):
@@ -101,13 +108,13 @@ def _walk(stat, streams, rows, cols):
     return stream.run(stat, plan, streams, rows, cols)
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
-def test_kernels_match_the_vocabulary_walk(backend):
-    mod, cfg = BACKENDS[backend]
-    got = _all(lambda stat, s, r, c: pallas_stats.run_on(mod, cfg, stat, OPTS, V, "vd", s, r, c,
-                                                         interpret=True))
-    ref = _all(_walk)
-    for name in CASES:
+def _kernels(mod, cfg):
+    return lambda stat, s, r, c: pallas_stats.run_on(mod, cfg, stat, OPTS, V, "vd", s, r, c,
+                                                     interpret=True)
+
+
+def _check(got, ref):
+    for name in ref:
         (outs, grads), (ref_outs, ref_grads) = got[name], ref[name]
         for o, r in zip(outs, ref_outs, strict=True):
             np.testing.assert_array_equal(np.isnan(o), np.isnan(r))
@@ -117,7 +124,71 @@ def test_kernels_match_the_vocabulary_walk(backend):
             np.testing.assert_array_equal(np.isnan(g), np.isnan(r))
             np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5 * np.nanmax(np.abs(r)) + 1e-30,
                                        err_msg=f"{name}: d {what}")
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_kernels_match_the_vocabulary_walk(backend):
+    got = _all(_kernels(*BACKENDS[backend]))
+    _check(got, _all(_walk))
     assert np.isnan(got["log_probs"][0][0][3])  # the counted token outside the vocabulary
+
+
+AUX_CASES = {  # the argmax statistics and the one-pass divergences, per-row temperatures
+    "log_probs_aux": lambda d, h, w, b, t: (
+        stats_aux.LogProbsAux(V, True), ((h, w, b),),
+        stats.Rows(d["y"], d["counted"], d["temp"]), {}),
+    "soft_aux": lambda d, h, w, b, t: (
+        stats_aux.SoftTargetsAux(V), ((h, w, b),), stats.Rows(None, d["counted"], d["temp"]),
+        {"targets": t}),
+    **{kind: lambda d, h, w, b, t, kind=kind: (
+        stats_aux.DistillAux(kind), ((h, w, b), (d["ht"], d["wt"], None)),
+        stats.Rows(None, d["counted"], d["temp"]), {}) for kind in ("kl", "reverse_kl")},
+}
+
+
+def _tied_data():
+    """:func:`_data` with the row max of most rows tied across the split's ranges, exactly
+    (sums of zeros: any order of the dot products): the student's classes 5, 100 and 140
+    (ranges 0, 1 and 2) and the teacher's 7 and 130 weigh only the first hidden feature,
+    which every row leans to."""
+    d = _data()
+    d["h"] = d["h"].at[:, 0].add(3.0)
+    d["ht"] = d["ht"].at[:, 0].add(3.0)
+    for j in (5, 100, 140):
+        d["w"] = d["w"].at[j].set(jnp.zeros(D).at[0].set(4.0))
+        d["b"] = d["b"].at[j].set(0.5)
+    for j in (7, 130):
+        d["wt"] = d["wt"].at[j].set(jnp.zeros(DT).at[0].set(4.0))
+    return d
+
+
+def test_split_vocabulary_aux_and_argmax_ties():
+    d = _tied_data()
+    got = _all(_kernels(*BACKENDS["gpu-split"]), AUX_CASES, d)
+    ref = _all(_walk, AUX_CASES, d)
+    _check(got, ref)
+    x = (np.asarray(d["h"], np.float64) @ np.asarray(d["w"], np.float64).T
+         + np.asarray(d["b"], np.float64)[None, :])[:, :V]
+    xt = (np.asarray(d["ht"], np.float64) @ np.asarray(d["wt"], np.float64).T)[:, :V]
+    arg, arg_t = got["kl"][0][2], got["kl"][0][3]
+    np.testing.assert_array_equal(got["log_probs_aux"][0][3], np.argmax(x, axis=1))
+    np.testing.assert_array_equal(arg, np.argmax(x, axis=1))
+    np.testing.assert_array_equal(arg_t, np.argmax(xt, axis=1))
+    assert (np.asarray(arg) == 5).sum() > N // 2  # ties: the smallest id
+    assert (np.asarray(arg_t) == 7).sum() > N // 2
+
+
+def test_statistics_that_cannot_merge_walk_whole_rows():
+    d = _data()
+    stat = topk.TopK(4, tail=True)
+    run = _kernels(*BACKENDS["gpu-split"])
+    got = jax.jit(lambda: run(stat, ((d["h"], d["w"], d["b"]),),
+                              stats.Rows(None, d["counted"], d["temp"]), {}))()
+    ref = _walk(stat, ((d["h"], d["w"], d["b"]),), stats.Rows(None, d["counted"], d["temp"]),
+                {})
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_allclose(got[1], ref[1], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got[2], ref[2], rtol=2e-5, atol=2e-5)
 
 
 def test_registry_refusals_and_auto():

@@ -56,7 +56,7 @@ class Config:
     def padded(self, n: int, d: int, v: int) -> tuple[int, int, int]:
         """``(Np, Dp, Vp)``: the padded token, width and vocabulary sizes."""
         return (common.round_up(n, self.block_n), common.round_up(d, self.block_k),
-                common.round_up(v, self.block_v * self.v_split))
+                common.round_up(v, self.block_v))
 
 
 def _pow2_at_most(x: int, cap: int, floor: int = 16) -> int:

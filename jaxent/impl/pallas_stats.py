@@ -11,7 +11,9 @@ launches three kernels:
 * forward: per token tile, walking the vocabulary tiles, the logits tile of each stream
   ``x = h_tile W_tile (+ b_tile)`` (float32 accumulation) folded with ``stat.fold``; the
   carry (a tuple of per-row ``[block_n]`` vectors) is written out and ``stat.finish`` runs
-  on the ``[N]`` rows outside the kernel. A second pass (``stat.then``, JSD) is the same
+  on the ``[N]`` rows outside the kernel. On GPUs the vocabulary may be split into
+  ``v_split`` ranges, one program each, whose carries ``stat.merge`` combines over an array
+  axis (:func:`merge_splits`). A second pass (``stat.then``, JSD) is the same
   kernel with the first pass's residual rows as inputs, its statistic built per tile.
 * ``d hidden``: ``dx`` from ``stat.block_grad`` (0 on padding columns) contracted with
   the kernel, ``dh = dx W^T``: on TPUs per token tile, walking the vocabulary tiles, in
@@ -198,17 +200,39 @@ def for_kernels(stat):
     return stat if tiled is None else tiled()
 
 
-def cost(spec: Spec, op: Operands, matmuls: float, re_reads: int, elementwise: int = 8):
+def cost(spec: Spec, op: Operands, matmuls: float, re_reads: int, elementwise: int = 8,
+         h_reads: int = 1, out_bytes: int = 0):
     """:func:`jaxent.impl.pallas_common.cost` of a kernel over the padded operands:
     ``matmuls`` logits-sized products (each over the streams' widths together), the weights
-    read ``re_reads`` times."""
+    read ``re_reads`` times, the hidden states ``h_reads`` times, ``out_bytes`` written."""
     np_ = op.counted.shape[0]
     vp = vocab_size(op, spec.layout)
     d = sum(s[0].shape[1] for s in op.streams)
     rows = 4 * np_ * (3 + len(op.extra))
     cols = sum(c.size * c.dtype.itemsize for c in op.cols.values() if c is not None)
     return common.cost(np_, d, vp, op.streams[0][0].dtype.itemsize, matmuls=matmuls,
-                       w_reads=re_reads, extra_bytes=rows + cols, elementwise=elementwise)
+                       h_reads=h_reads, w_reads=re_reads, extra_bytes=rows + cols + out_bytes,
+                       elementwise=elementwise)
+
+
+def vocab_splits(stat) -> bool:
+    """Whether the kernels may split ``stat``'s vocabulary walk into ranges merged by its
+    ``merge`` (a class attribute ``vocab_splits``, True unless the statistic says not:
+    :class:`~jaxent.impl.stats.Statistic`)."""
+    return getattr(stat, "vocab_splits", True)
+
+
+def merge_splits(spec: Spec, stat, tree, leaves: list, splits: int, temp) -> list:
+    """The carry leaves ``[Np, ...]`` of the whole vocabulary from those of ``splits``
+    vocabulary ranges, each ``[splits * Np, ...]`` (range-major): ``stat.merge`` over the
+    ranges' array axis (:class:`jaxent._rowmath.ArrayAxis`), then its first index (the same
+    on every index). ``tree``: the carry's structure; ``temp``: the padded per-row
+    temperatures ``[Np]`` or None."""
+    np_ = leaves[0].shape[0] // splits
+    carry = jax.tree.unflatten(tree, [a.reshape(splits, np_, *a.shape[1:]) for a in leaves])
+    temp = None if temp is None else jnp.broadcast_to(temp, (splits, np_))
+    merged = stat.merge(rm.row_options(spec.opts, temp), carry, rm.ArrayAxis(0))
+    return [a[0] for a in jax.tree.leaves(merged)]
 
 
 # ------------------------------------------------------------------------ the custom_vjp
@@ -340,9 +364,11 @@ def run_on(launch, config, stat: Statistic, opts: Options, num_classes: int, lay
     (``launch``: :mod:`~jaxent.impl.pallas_stats_gpu` or :mod:`~jaxent.impl.pallas_stats_tpu`,
     with its block ``config``); the contract of :func:`jaxent.impl.stream.run` on one
     device, ``cols`` padded to the kernel's columns."""
+    stat = for_kernels(stat)
+    if not vocab_splits(stat) and getattr(config, "v_split", 1) > 1:
+        config = dataclasses.replace(config, v_split=1)
     tile = launch.tile(config)
     columns = streams[0][1].shape[1 if layout == "dv" else 0]
-    stat = for_kernels(stat)
     spec = Spec(stat, launch, opts, num_classes, layout, config, interpret, tile,
                 num_classes < common.round_up(columns, tile[1]))
     return _call(spec, streams, rows, cols)

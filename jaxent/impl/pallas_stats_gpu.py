@@ -1,13 +1,18 @@
 r"""The statistic kernels of :mod:`jaxent.impl.pallas_stats` for NVIDIA GPUs (Triton).
 
 Blocks are :class:`jaxent.impl.pallas_gpu.Config`'s (``block_n``, ``block_v``, ``block_k``,
-``chunk`` and the launch parameters; ``v_split`` unused); the
-operands come padded to whole tiles, ``D`` to a multiple of ``block_k``. Each logits tile
-``x = h W (+ b)`` is formed over ``block_k`` slices of ``D`` in float32:
+``v_split``, ``chunk`` and the launch parameters); the operands come padded to whole tiles,
+``D`` to a multiple of ``block_k``. Each logits tile ``x = h W (+ b)`` is formed over
+``block_k`` slices of ``D`` in float32:
 
-* forward, grid ``(Np / block_n,)``: a token tile walks the vocabulary tiles with a
-  ``fori_loop``, each tile folded by the statistic; the carry's ``[block_n]`` vectors are
-  written once.
+* forward, grid ``(Np / block_n, v_split)``: program ``(i, s)`` walks the ``s``-th range of
+  ``ceil(T / v_split)`` of the ``T = Vp / block_v`` vocabulary tiles (the last ranges
+  shorter or empty: the vocabulary is not padded for the split) with a ``fori_loop``, each
+  tile folded by the statistic, and writes its carry's ``[block_n]`` vectors once, to rows
+  ``s Np + i block_n`` of ``[v_split Np]`` outputs; ``stat.merge`` over the ranges' array
+  axis gives the ``[Np]`` carry (:func:`jaxent.impl.pallas_stats.merge_splits`, a few
+  ``[v_split, Np]`` element-wise ops in XLA). A statistic that cannot merge
+  (``vocab_splits = False``) runs with ``v_split = 1``.
 * backward, streamed (:mod:`jaxent.impl.pallas_gpu_stream`):
   one ``dz`` kernel, one program per ``[block_n, block_v]`` tile, writes the logits gradient
   ``dz = stat.block_grad`` (0 on padding columns) of a chunk of at most ``Config.chunk``
@@ -43,11 +48,20 @@ _ROW_TAGS = ("y", "counted", "temp", "extra")
 
 def default_config(n: int, d: int, v: int, dtype, streams: int = 1) -> Config:
     """The Triton kernels' default blocks (:func:`jaxent.impl.pallas_gpu_blocks.
-    default_config`), without the vocabulary split, and token tiles divided by
-    the number of ``streams``: each program holds a ``[block_n, block_v]`` float32 logits
-    tile per stream."""
+    default_config`), with token tiles divided by the number of ``streams`` (each program
+    holds a ``[block_n, block_v]`` float32 logits tile per stream); the forward's vocabulary
+    split ``v_split`` shrinks as the token tiles multiply, for as many programs as a
+    one-stream forward.
+
+    >>> cfg = default_config(512, 256, 4096, "bfloat16")
+    >>> (512 // cfg.block_n) * cfg.v_split   # programs of the forward, for 132 SMs
+    128
+    """
     cfg = blocks.default_config(n, d, v, dtype)
-    return dataclasses.replace(cfg, v_split=1, block_n=max(16, cfg.block_n // streams))
+    bn = max(16, cfg.block_n // streams)
+    tiles = -(-n // cfg.block_n), -(-n // bn)
+    return dataclasses.replace(cfg, block_n=bn,
+                               v_split=max(1, cfg.v_split * tiles[0] // tiles[1]))
 
 
 def tile(cfg: Config) -> tuple[int, int, int]:
@@ -101,6 +115,13 @@ def _row_spec(bn: int, trailing: tuple) -> pl.BlockSpec:
     return pl.BlockSpec((bn, *trailing), lambda i, *_: (i, *zeros))
 
 
+def _split_row_spec(bn: int, nn: int, trailing: tuple) -> pl.BlockSpec:
+    """The block of a per-row output ``[v_split * Np, *trailing]`` of program ``(i, s)`` on
+    the forward's grid ``(nn = Np / bn, v_split)``: rows ``s Np + i bn``."""
+    zeros = (0,) * len(trailing)
+    return pl.BlockSpec((bn, *trailing), lambda i, s: (s * nn + i, *zeros))
+
+
 def _in_specs(tags, arrays, bn, h_block):
     """Blocks of each operand: token tiles of ``bn`` rows for the row vectors (None: whole),
     ``h_block(width)`` for the hidden states (None: whole), the rest whole."""
@@ -128,46 +149,58 @@ def _split_extra(extra, trees):
 # ------------------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(*refs, spec, tags, prev_tree, streams, vp):
+def _fwd_kernel(*refs, spec, tags, prev_tree, streams, tiles):
     r = dict(zip(tags, refs[:len(tags)], strict=True))
     outs = refs[len(tags):]
-    bn, bv = spec.config.block_n, spec.config.block_v
+    bn, bv, splits = spec.config.block_n, spec.config.block_v, spec.config.v_split
     rows, extra = _rows(r, Ellipsis)
     prev = None if prev_tree is None else jax.tree.unflatten(prev_tree, extra)
     stat = ps.pass_stat(spec, prev)
     cs = pl.ds(pl.multiple_of(pl.program_id(0) * bn, bn), bn)
+    per = -(-tiles // splits)  # tiles per range; the last ranges hold fewer (or none)
+    first = pl.program_id(1) * per
+    count = per if tiles % splits == 0 else jnp.clip(tiles - first, 0, per)
 
     def body(j, carry):
-        start = pl.multiple_of(j * bv, bv)
+        start = pl.multiple_of((first + j) * bv, bv)
         cols = _cols(spec, r, cs, start)
         xs = _logits(spec, r, Ellipsis, start, streams)
         return ps.fold_tile(spec, stat, carry, xs, rows, cols, start)
 
     carry = stat.init(bn, rm.compute_dtype(r["h", 0].dtype))
-    carry = lax.fori_loop(0, vp // bv, body, carry)
+    carry = lax.fori_loop(0, count, body, carry)
     for ref, leaf in zip(outs, jax.tree.leaves(carry), strict=True):
         ref[...] = leaf
 
 
 def forward(spec, op: ps.Operands, prev_tree):
     """The carry's leaves ``[Np]`` of one pass (``prev_tree``: the structure of the first
-    pass's residuals in ``op.extra`` for the second pass, else None)."""
+    pass's residuals in ``op.extra`` for the second pass, else None), the vocabulary ranges'
+    carries merged."""
     cfg = spec.config
-    bn = cfg.block_n
+    bn, splits = cfg.block_n, cfg.v_split
     tags, arrays = ps.flat(op)
     np_, vp = op.counted.shape[0], ps.vocab_size(op, spec.layout)
+    nn = np_ // bn
     acc = rm.compute_dtype(op.streams[0][0].dtype)
     prev = None if prev_tree is None else jax.tree.unflatten(prev_tree, op.extra)
-    _, leaves = ps.carry_leaves(ps.pass_stat(spec, prev), bn, acc)
-    specs = _in_specs(tags, arrays, bn, lambda d: pl.BlockSpec((bn, d), lambda i: (i, 0)))
-    return common.pallas_call(
+    stat = ps.pass_stat(spec, prev)
+    tree, leaves = ps.carry_leaves(stat, bn, acc)
+    specs = _in_specs(tags, arrays, bn, lambda d: pl.BlockSpec((bn, d), lambda i, s: (i, 0)))
+    out_specs = [_split_row_spec(bn, nn, t) for t, _ in leaves]
+    out_shape = [jax.ShapeDtypeStruct((splits * np_, *t), dt) for t, dt in leaves]
+    out_bytes = sum(o.size * o.dtype.itemsize for o in out_shape)
+    outs = common.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, tags=tags, prev_tree=prev_tree,
-                          streams=len(op.streams), vp=vp),
-        grid=(np_ // bn,), in_specs=specs, out_specs=[_row_spec(bn, t) for t, _ in leaves],
-        out_shape=[jax.ShapeDtypeStruct((np_, *t), dt) for t, dt in leaves],
+                          streams=len(op.streams), tiles=vp // cfg.block_v),
+        grid=(nn, splits), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=blocks.params(cfg), interpret=spec.interpret,
-        name="jaxent_stat_fwd", cost_estimate=ps.cost(spec, op, 1, np_ // bn),
+        name="jaxent_stat_fwd",
+        cost_estimate=ps.cost(spec, op, 1, nn, h_reads=splits, out_bytes=out_bytes),
     )(*_guarded(spec, arrays))
+    if splits == 1:
+        return outs
+    return ps.merge_splits(spec, stat, tree, list(outs), splits, op.temp)
 
 
 # ----------------------------------------------------------------------------- backward

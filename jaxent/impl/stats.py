@@ -39,9 +39,12 @@ from jax import lax
 from jaxent import _rowmath as rm
 from jaxent._options import Options
 
-# The row math a statistic is written with (the one copy, :mod:`jaxent._rowmath`).
+# The row math a statistic is written with (the one copy, :mod:`jaxent._rowmath`), and the
+# collectives of its ``merge``: over a mesh axis or an array axis (:class:`~jaxent._rowmath.
+# ArrayAxis`, the vocabulary splits of a kernel) alike.
 onehot, safe, shift, transform, transform_vjp = (
     rm.onehot, rm.safe, rm.shift, rm.transform, rm.transform_vjp)
+psum, pmax, pmin, all_gather = rm.psum, rm.pmax, rm.pmin, rm.all_gather
 
 
 class Rows(NamedTuple):
@@ -64,6 +67,15 @@ class Statistic(Protocol):
     the block's columns that are classes (padding columns come with the lowest finite
     logit: never a max, ``exp`` 0 but with a soft-cap). ``opts`` are the loss options with
     the rows' temperatures (:func:`jaxent._rowmath.row_options`).
+
+    ``merge`` runs over vocabulary shards of a mesh axis and over the vocabulary splits of a
+    GPU kernel (``axis_name`` a :class:`jaxent._rowmath.ArrayAxis`, each carry leaf then
+    ``[splits, N, ...]`` and the temperatures ``[splits, N]``), so it reduces only with the
+    collectives of :mod:`jaxent._rowmath` (:func:`~jaxent._rowmath.psum`, ``pmax``,
+    ``pmin``, ``all_gather``, ``shared_max``), never with ``lax``'s. A statistic whose
+    ``merge`` cannot run (it walks one whole vocabulary) says so with a class attribute
+    ``vocab_splits = False``: the kernels then walk each row's vocabulary in one range (read
+    with ``getattr``, True by default).
     """
 
     streams: int
@@ -133,7 +145,7 @@ def merge_stream(m, s, opts: Options, axis_name):
     ns = rm.safe(mg)
     alpha = jnp.exp(rm.shift(m, ns, opts))
     back = rm.shift(rm.safe(m), ns, opts)
-    return mg, lax.psum(s * alpha, axis_name), alpha, back
+    return mg, rm.psum(s * alpha, axis_name), alpha, back
 
 
 def _first_pass(n: int, dtype, extra: int) -> tuple:
@@ -176,8 +188,8 @@ class LogProbs(_OnePass):
     def merge(self, opts, carry, axis_name):
         m, s, u, zy = carry
         m, s_all, alpha, back = merge_stream(m, s, opts, axis_name)
-        u = lax.psum(alpha * (u + back * s), axis_name)
-        return m, s_all, u, lax.psum(zy, axis_name)
+        u = rm.psum(alpha * (u + back * s), axis_name)
+        return m, s_all, u, rm.psum(zy, axis_name)
 
     def finish(self, opts, carry, rows):
         m, s, u, zy = carry
@@ -242,8 +254,8 @@ class SoftTargets(_OnePass):
     def merge(self, opts, carry, axis_name):
         m, s, wt, wtz = carry
         m, s_all, _, back = merge_stream(m, s, opts, axis_name)
-        wtz = lax.psum(wtz + wt * back, axis_name)
-        return m, s_all, lax.psum(wt, axis_name), wtz
+        wtz = rm.psum(wtz + wt * back, axis_name)
+        return m, s_all, rm.psum(wt, axis_name), wtz
 
     def finish(self, opts, carry, rows):
         m, s, wt, wtz = carry
@@ -324,11 +336,11 @@ class Distill(_OnePass):
         ms, ss_all, al_s, bk_s = merge_stream(ms, ss, opts, axis_name)
         mt, st_all, al_t, bk_t = merge_stream(mt, st, opts, axis_name)
         if self.kind == "kl":
-            a = lax.psum(al_t * (a + bk_t * st), axis_name)
-            b = lax.psum(al_t * (b + bk_s * st), axis_name)
+            a = rm.psum(al_t * (a + bk_t * st), axis_name)
+            b = rm.psum(al_t * (b + bk_s * st), axis_name)
         elif self.kind == "reverse_kl":
-            a = lax.psum(al_s * (a + bk_s * ss), axis_name)
-            b = lax.psum(al_s * (b + bk_t * ss), axis_name)
+            a = rm.psum(al_s * (a + bk_s * ss), axis_name)
+            b = rm.psum(al_s * (b + bk_t * ss), axis_name)
         return ms, ss_all, mt, st_all, a, b
 
     def finish(self, opts, carry, rows):
@@ -386,7 +398,7 @@ class _JsdPass(_OnePass):
         return tot, k + kpm
 
     def merge(self, opts, carry, axis_name):
-        return lax.psum(carry, axis_name)
+        return rm.psum(carry, axis_name)
 
     def finish(self, opts, carry, rows):
         tot, k = carry

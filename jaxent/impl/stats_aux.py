@@ -52,7 +52,7 @@ def merge_argmax(arg, m_local, s_local, m_all, axis_name):
     merged max ``m_all`` (0 if none holds it, e.g. a row of ``-inf``)."""
     none = jnp.iinfo(jnp.int32).max
     holds = (s_local > 0) & (m_local == m_all)
-    arg = lax.pmin(jnp.where(holds, arg, none), axis_name)
+    arg = rm.pmin(jnp.where(holds, arg, none), axis_name)
     return jnp.where(arg == none, 0, arg)
 
 

@@ -162,9 +162,9 @@ class Sampler:
         m, cand = carry
         m = rm.shared_max(m, axis_name)
         if self.candidates:
-            every = lax.all_gather(cand, axis_name, axis=1, tiled=True)
+            every = rm.all_gather(cand, axis_name, 1)
             # The same values on every shard; the pmax types them as replicated.
-            cand = lax.pmax(_top(every, self.candidates), axis_name)
+            cand = rm.pmax(_top(every, self.candidates), axis_name)
         return m, cand
 
     def finish(self, opts, carry, rows):
@@ -243,7 +243,7 @@ class _Mass(_Pass):
         return carry + jnp.sum(jnp.where(keep, e, 0.0), axis=1)
 
     def merge(self, opts, carry, axis_name):
-        return lax.psum(carry, axis_name)
+        return rm.psum(carry, axis_name)
 
     def finish(self, opts, carry, rows):
         s0, cand, m, tk = carry, self.cand, self.m, self.tk
@@ -297,8 +297,8 @@ class _Restricted(_Pass):
 
     def merge(self, opts, carry, axis_name):
         s, u, zy, y_in = carry
-        y_in = lax.pmax(y_in, axis_name)
-        return lax.psum(s, axis_name), lax.psum(u, axis_name), lax.psum(zy, axis_name), y_in
+        y_in = rm.pmax(y_in, axis_name)
+        return rm.psum(s, axis_name), rm.psum(u, axis_name), rm.psum(zy, axis_name), y_in
 
     def finish(self, opts, carry, rows):
         s, u, zy, y_in = carry
@@ -328,6 +328,8 @@ class SamplerTiles(Sampler):
     :func:`jaxent.impl.topk.merge` (``candidates`` rounds of max extraction; the raw
     value is the key) and a carry of ``pow2(candidates)`` slots, so the kernels of
     :mod:`jaxent.impl.pallas_stats` take it (no ``lax.top_k``)."""
+
+    vocab_splits = False  # (merge raises: the kernels walk each row's vocabulary whole)
 
     def init(self, n, dtype):
         w = topk.pow2(max(self.candidates, 1))

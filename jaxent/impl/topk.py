@@ -90,17 +90,6 @@ def _select(keys, xs, ids, k: int, ns, opts):
             out)
 
 
-def _gather_shards(a: jax.Array, axis_name) -> jax.Array:
-    """``[N, k]`` blocks of every shard of ``axis_name`` side by side, ``[N, shards * k]`` in
-    shard order; the same on every shard (a ``psum`` of the block placed in its slot)."""
-    shards = lax.axis_size(axis_name)
-    i = lax.axis_index(axis_name)
-    n, k = a.shape
-    slot = lax.broadcasted_iota(jnp.int32, (1, shards, 1), 1) == i
-    placed = jnp.where(slot, a[:, None, :], jnp.zeros((), a.dtype))
-    return lax.psum(placed, axis_name).reshape(n, shards * k)
-
-
 # --------------------------------------------------------------------------- gradient
 
 
@@ -180,10 +169,12 @@ class TopK:
         m, out, keys, xk, ik = carry
         mg = rm.shared_max(m, axis_name)
         ns = rm.safe(mg)
-        out = lax.psum(out * jnp.exp(rm.shift(m, ns, opts)), axis_name)
+        out = rm.psum(out * jnp.exp(rm.shift(m, ns, opts)), axis_name)
+        # Every shard's candidates side by side, in shard order (so in id order).
         keys, xk, ik, evicted = _select(
-            _gather_shards(keys, axis_name), _gather_shards(xk, axis_name),
-            _gather_shards(ik, axis_name), self.k, ns, opts)
+            *(rm.all_gather(a, axis_name, 1) for a in (keys, xk, ik)), self.k, ns, opts)
+        # The same on every shard; the pmax types them as replicated.
+        keys, xk, ik, evicted = rm.pmax((keys, xk, ik, evicted), axis_name)
         return mg, out + evicted, keys, xk, ik
 
     def finish(self, opts, carry, rows):
@@ -273,7 +264,7 @@ class SparseTeacher:
     def merge(self, opts, carry, axis_name):
         m, s, out, xk = carry
         m, s_all, alpha, _ = stats.merge_stream(m, s, opts, axis_name)
-        return m, s_all, lax.psum(out * alpha, axis_name), lax.psum(xk, axis_name)
+        return m, s_all, rm.psum(out * alpha, axis_name), rm.psum(xk, axis_name)
 
     def finish(self, opts, carry, rows):
         m, s, out, xk = carry
@@ -432,6 +423,7 @@ class TopKTiles:
     # The gradient keeps the support's [block_n, block_v] array (scatter) beside the logits
     # tile: with 64-row tiles the H100's d kernel program spilled 72 bytes (ptxas -v).
     extra_tiles = 1
+    vocab_splits = False  # (merge raises: the kernels walk each row's vocabulary whole)
 
     def then(self, res):
         return None
@@ -495,6 +487,7 @@ class SparseTeacherTiles:
     streams = 1
     diff_cols: tuple[str, ...] = ()
     extra_tiles = 1  # (as TopKTiles: the support's [block_n, block_v] array)
+    vocab_splits = False  # (as TopKTiles: merge raises)
 
     def _dense(self) -> SparseTeacher:
         return SparseTeacher(self.kind, self.k, self.beta, self.tail)

@@ -6,7 +6,8 @@ fresh interpreter; the rest of the suite keeps its single device:
 
 * ``tests/sharded_cases.py``: the vocabulary-parallel losses, every placement, export and
   the robustness checks on them;
-* ``tests/sharded_layout_cases.py``: FSDP, two-axis token and padded-vocabulary shardings;
+* ``tests/sharded_layout_cases.py``: FSDP, two-axis token and padded-vocabulary shardings
+  (with ``tests/sharded_row_groups_cases.py``: the backward in row groups);
 * ``tests/sharded_rl_cases.py``: the vocabulary-parallel RL and distillation losses;
 * ``tests/sharded_reliability_cases.py``: overlapping axes, bad ids and second order;
 * ``tests/sharded_engine_cases.py``: the RL heads on Explicit and Auto meshes (with
@@ -44,7 +45,7 @@ RUNS = {
     "placements": (("sharded_cases.py",), f"not ({_ROBUST} or plain_jit)"),
     "plain_jit": (("sharded_cases.py",), "plain_jit"),
     "robustness": (("sharded_cases.py",), _ROBUST),
-    "layouts": (("sharded_layout_cases.py",), None),
+    "layouts": (("sharded_layout_cases.py", "sharded_row_groups_cases.py"), None),
     "reliability": (("sharded_reliability_cases.py",), None),
     "engine": (("sharded_engine_cases.py",), None),
     "topk": (("sharded_topk_cases.py",), None),

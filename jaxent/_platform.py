@@ -156,8 +156,8 @@ class Heuristics:
         classes (inclusive), the gradient outside it.
       block_elems: the unit of the fused walks' automatic block sizes (float32 elements).
       max_token_block: the largest token block of the token walk.
-      dhidden_elems: the most float32 elements of ``d hidden`` the vocabulary walk's
-        backward carries at once; more rows are walked in groups
+      dhidden_elems: the most float32 elements of a 16-bit ``d hidden``'s carry the
+        vocabulary walk's backward holds at once; more rows are walked in groups
         (:func:`jaxent.impl.plan.row_groups`).
     """
 

@@ -84,7 +84,8 @@ def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int, int]:
 
 def row_groups(n, d: int, forced: int = 0) -> int:
     """How many groups of rows the vocabulary walk's backward takes for ``n`` tokens of
-    width ``d`` (:func:`jaxent.impl.stream.grads`): ``forced`` when given (at most ``n``),
+    width ``d`` with a 16-bit ``d hidden`` (:func:`jaxent.impl.stream.grads`; a float32 one
+    is its own carry: one group): ``forced`` when given (at most ``n``),
     else the smallest power of two ``G`` whose group's float32 ``d hidden``
     ``[ceil(n / G), d]`` holds at most the platform's ``dhidden_elems``; then as few as give
     groups of that many rows. A symbolic ``n`` (export) takes one group.

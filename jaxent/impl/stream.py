@@ -9,9 +9,9 @@ columns masked, in blocks of their own); on a vocabulary shard (``plan.vocab_axi
 the per-row outputs. It is a ``jax.custom_vjp`` that keeps ``O(N)`` residuals: the backward
 walks again and asks the statistic for each block's gradient, which it turns into
 ``d x`` (rows), or ``d h += dx @ W_b^T``, ``d W_b = h^T dx``, ``d b_b = sum dx`` (head).
-Only the first stream gets gradients (a teacher is a constant). A head's float32 ``d h``
-beyond the platform's budget (:func:`jaxent.impl.plan.row_groups`) is walked in groups of
-rows, each group over the whole vocabulary.
+Only the first stream gets gradients (a teacher is a constant). A 16-bit head whose float32
+``d h`` carry exceeds the platform's budget (:func:`jaxent.impl.plan.row_groups`) is walked
+in groups of rows, each group over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def _head_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, col
     in stages: blocks go, as uint16 bits, into a stage of
     :func:`jaxent.impl.vocab.stage_width` columns, and each full stage is written into the
     bf16 gradient with one pass. Stages are whole blocks; the last one is shifted left to end
-    at ``V``, and the columns it repeats count once in ``d hidden``. More rows than one
-    float32 ``d hidden`` of the budget go in groups (:func:`_grouped_grads`; not with
-    stages).
+    at ``V``, and the columns it repeats count once in ``d hidden``. A 16-bit ``d hidden``
+    of more rows than one float32 carry of the budget goes in groups
+    (:func:`_grouped_grads`; not with stages).
     """
     h, k, b = streams[0]
     v, bv = plan.local_classes, plan.block_v
@@ -127,7 +127,9 @@ def _head_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, col
         fresh = dx if at is None else B.drop_before(dx, start, done, 1)
         return B.add_dhidden(dh, fresh, blocks[0][1], plan.layout, slice_elems), dk, db, dcols
 
-    groups = row_groups(h.shape[0], h.shape[1], plan.row_groups)
+    # A float32 d hidden carry is the gradient itself: groups would only add a group's copy.
+    auto = plan.row_groups == 0 and h.dtype == _acc(streams)
+    groups = 1 if auto else row_groups(h.shape[0], h.shape[1], plan.row_groups)
     if groups > 1 and not _platform.stages_bf16(k.dtype, q):
         return _grouped_grads(stat, plan, q, streams, rows, cols, res, cts, off, groups)
     dh = B.varying_like(jnp.zeros(h.shape, _acc(streams)), *refs)

@@ -15,7 +15,8 @@ row of the table (and of the caller's ``distinct`` answer) inside ``lax.platform
 each trace reading its own row (:func:`heuristics`, :func:`platform`), so the program
 lowered (compiled, exported) for cuda or tpu holds that platform's choices whatever the
 host; outside it, the row is the default backend's. The choices change speed and memory,
-never the numbers.
+and the numbers only by rounding (a backward walked in row groups rounds a 16-bit
+``d kernel`` once per group).
 """
 
 from __future__ import annotations
@@ -155,12 +156,16 @@ class Heuristics:
         classes (inclusive), the gradient outside it.
       block_elems: the unit of the fused walks' automatic block sizes (float32 elements).
       max_token_block: the largest token block of the token walk.
+      dhidden_elems: the most float32 elements of a 16-bit ``d hidden``'s carry the
+        vocabulary walk's backward holds at once; more rows are walked in groups
+        (:func:`jaxent.impl.plan.row_groups`).
     """
 
     lse_min_elements: int = 1 << 24
     lse_16bit_rows: tuple[int, int] = (256, MAX_PIECE)
     block_elems: int = 8 * 1024 * 1024
     max_token_block: int = 512
+    dhidden_elems: int = 8 * 1024 * 1024
 
 
 TABLE: dict[str, Heuristics] = {

@@ -8,7 +8,7 @@ fresh interpreter; the rest of the suite keeps its single device:
   the robustness checks on them;
 * ``tests/sharded_layout_cases.py``: FSDP, two-axis token and padded-vocabulary shardings
   (its compiled-program checks, ``gathers``, a run of their own that the newest-JAX leg
-  also runs);
+  also runs; with ``tests/sharded_row_groups_cases.py``: the backward in row groups);
 * ``tests/sharded_rl_cases.py``: the vocabulary-parallel RL and distillation losses;
 * ``tests/sharded_reliability_cases.py``: overlapping axes, bad ids and second order;
 * ``tests/sharded_engine_cases.py``: the RL heads on Explicit and Auto meshes (with
@@ -46,7 +46,7 @@ RUNS = {
     "placements": (("sharded_cases.py",), f"not ({_ROBUST} or plain_jit)"),
     "plain_jit": (("sharded_cases.py",), "plain_jit"),
     "robustness": (("sharded_cases.py",), _ROBUST),
-    "layouts": (("sharded_layout_cases.py",), "not gathers"),
+    "layouts": (("sharded_layout_cases.py", "sharded_row_groups_cases.py"), "not gathers"),
     "layout_hlo": (("sharded_layout_cases.py",), "gathers"),
     "reliability": (("sharded_reliability_cases.py",), None),
     "engine": (("sharded_engine_cases.py",), None),

@@ -28,9 +28,10 @@ KERNELS = {
     ("linear_support_log_probs", "grad"): ["jaxent_stat_dhidden", "jaxent_stat_dkernel",
                                            *["jaxent_stat_fwd"] * 3],
 }
-DH_F32 = ("the vocabulary walk keeps d hidden in float32 ([N, D], 0.27 GB at the Llama-3-8B "
-          "head) while the naive program of this head keeps only bf16 logits (XLA fuses "
-          "their float32 upcast into the consumers)")
+
+GPU_DZ_CHUNK = ("the GPU statistic kernels' backward keeps one d logits chunk (bf16 [16384, "
+                "2048], 67 MB) and a chunk's GEMM product, 83 MB: 2.3 MB above the "
+                "vocabulary walk in row groups (80.7 MB) for the one-stream heads")
 
 
 def _keys(pred, xfail=lambda k: None):
@@ -77,16 +78,17 @@ def test_pallas_programs_hold_their_kernels(key):
 
 @pytest.mark.parametrize("key", _keys(
     lambda k: k.shape == "llama" and k.mode == "grad" and k.impl not in ("naive", "token")
-    and any(j == k._replace(impl="naive") for j in KEYS),
-    lambda k: DH_F32 if k.impl != "pallas" and k.head in (
-        "linear_soft_cross_entropy", "linear_distillation_loss") else None))
+    and any(j == k._replace(impl="naive") for j in KEYS)))
 def test_fused_temporaries_at_most_3_percent_of_naive(key):
     rec = compiled.get(key)
     assert rec.fraction is not None and rec.fraction <= 0.03, rec.fraction
 
 
 @pytest.mark.parametrize("key", _keys(
-    lambda k: k.impl == "pallas" and k.mode == "grad" and k.shape in ("llama", "plain")))
+    lambda k: k.impl == "pallas" and k.mode == "grad" and k.shape in ("llama", "plain"),
+    lambda k: GPU_DZ_CHUNK if targets.CHIPS[k.target].platform == "cuda"
+    and k.shape == "llama" and k.head in (
+        "linear_cross_entropy", "linear_log_probs", "linear_soft_cross_entropy") else None))
 def test_pallas_never_above_the_xla_walk(key):
     """Temporaries: a Pallas program may hold its per-row vectors (a few ``[N]`` float32
     arrays, padded to whole blocks) that XLA fuses away, nothing more."""

@@ -32,6 +32,8 @@ class Plan:
       interpret: run Pallas kernels in interpret mode (on the CPU).
       padding: how many of the kernel's columns (counted over all shards, from
         ``num_classes`` on) are padding, masked out of the statistics and the gradients.
+      row_groups: how many row groups the vocabulary walk's backward takes (0: by
+        :func:`row_groups`' budget).
     """
 
     opts: Options
@@ -45,6 +47,7 @@ class Plan:
     vocab_axis: Hashable | None = None
     interpret: bool = False
     padding: int = 0
+    row_groups: int = 0
 
     @property
     def padded(self) -> bool:
@@ -77,6 +80,30 @@ def auto_block_sizes(n: int, d: int, v: int) -> tuple[int, int, int]:
     bn = min(max(n, 1), h.max_token_block, max(16, _pow2_floor(2 * h.block_elems / v)))
     bw = min(v, max(256, _pow2_floor(h.block_elems / 4 / max(d, 1))))
     return bv, bn, bw
+
+
+def row_groups(n, d: int, forced: int = 0) -> int:
+    """How many groups of rows the vocabulary walk's backward takes for ``n`` tokens of
+    width ``d`` with a 16-bit ``d hidden`` (:func:`jaxent.impl.stream.grads`; a float32 one
+    is its own carry: one group): ``forced`` when given (at most ``n``),
+    else the smallest power of two ``G`` whose group's float32 ``d hidden``
+    ``[ceil(n / G), d]`` holds at most the platform's ``dhidden_elems``; then as few as give
+    groups of that many rows. A symbolic ``n`` (export) takes one group.
+
+    Example:
+      >>> from jaxent.impl.plan import row_groups
+      >>> row_groups(16384, 4096), row_groups(4096, 1024), row_groups(10, 4, forced=3)
+      (8, 1, 3)
+    """
+    if not isinstance(n, int) or n <= 1:
+        return 1
+    g = forced
+    if not g:
+        budget, g = _platform.heuristics().dhidden_elems, 1
+        while -(-n // g) * d > budget and g < n:
+            g *= 2
+    rows = -(-n // min(g, n))
+    return -(-n // rows)
 
 
 def positive_int(value, name: str) -> int:

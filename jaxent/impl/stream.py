@@ -9,7 +9,9 @@ columns masked, in blocks of their own); on a vocabulary shard (``plan.vocab_axi
 the per-row outputs. It is a ``jax.custom_vjp`` that keeps ``O(N)`` residuals: the backward
 walks again and asks the statistic for each block's gradient, which it turns into
 ``d x`` (rows), or ``d h += dx @ W_b^T``, ``d W_b = h^T dx``, ``d b_b = sum dx`` (head).
-Only the first stream gets gradients (a teacher is a constant).
+Only the first stream gets gradients (a teacher is a constant). A 16-bit head whose float32
+``d h`` carry exceeds the platform's budget (:func:`jaxent.impl.plan.row_groups`) is walked
+in groups of rows, each group over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from jaxent import _rowmath as rm
 from jaxent._platform import Quirks
 from jaxent.impl import _blocks as B
 from jaxent.impl import vocab
-from jaxent.impl.plan import Plan
+from jaxent.impl.plan import Plan, row_groups
 from jaxent.impl.stats import Rows, Statistic
 
 
@@ -97,7 +99,9 @@ def _head_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, col
     in stages: blocks go, as uint16 bits, into a stage of
     :func:`jaxent.impl.vocab.stage_width` columns, and each full stage is written into the
     bf16 gradient with one pass. Stages are whole blocks; the last one is shifted left to end
-    at ``V``, and the columns it repeats count once in ``d hidden``.
+    at ``V``, and the columns it repeats count once in ``d hidden``. A 16-bit ``d hidden``
+    of more rows than one float32 carry of the budget goes in groups
+    (:func:`_grouped_grads`; not with stages).
     """
     h, k, b = streams[0]
     v, bv = plan.local_classes, plan.block_v
@@ -123,6 +127,11 @@ def _head_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, col
         fresh = dx if at is None else B.drop_before(dx, start, done, 1)
         return B.add_dhidden(dh, fresh, blocks[0][1], plan.layout, slice_elems), dk, db, dcols
 
+    # A float32 d hidden carry is the gradient itself: groups would only add a group's copy.
+    auto = plan.row_groups == 0 and h.dtype == _acc(streams)
+    groups = 1 if auto else row_groups(h.shape[0], h.shape[1], plan.row_groups)
+    if groups > 1 and not _platform.stages_bf16(k.dtype, q):
+        return _grouped_grads(stat, plan, q, streams, rows, cols, res, cts, off, groups)
     dh = B.varying_like(jnp.zeros(h.shape, _acc(streams)), *refs)
     db = None if b is None else B.varying_like(
         _platform.carry_zeros(b.shape, b.dtype, q), *refs)
@@ -154,6 +163,81 @@ def _head_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, col
         dh, dk, db, dcols = lax.fori_loop(0, -(-v // width), stage, (dh, dk, db, dc0))
     g = (dh.astype(h.dtype), dk, None if db is None else _platform.carry_value(db, b.dtype))
     return g, dcols
+
+
+def _grouped_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, cols: dict,
+                   res, cts, off, groups: int):
+    """:func:`_head_grads` with the rows outermost, in ``groups`` groups of ``r = ceil(N /
+    groups)`` rows (the last one shifted up to end at ``N``).
+
+    Each group walks the whole vocabulary: its float32 ``d hidden [r, D]`` is summed over
+    the blocks and written once in the hidden states' dtype; each block's ``d kernel`` and
+    ``d bias`` are read, added in float32 and written back (so rounded once per group in
+    their dtype). The per-row inputs are sliced per group, the ``[N, V]`` per-class ones
+    per group and block; rows a shifted last group repeats get their ``d hidden`` written
+    again (the same values) and count once in ``d kernel`` and ``d bias``.
+    """
+    h, k, b = streams[0]
+    n, d = h.shape
+    r = -(-n // groups)
+    axis = B.vocab_axis(plan.layout)
+    refs = (streams, rows, cols, res, cts)
+    slice_elems = _platform.heuristics().block_elems // 2
+
+    def group(i, carry):
+        dho, dk, db, dcols = carry
+        start = B.piece_start(i, r, n)
+        def part(a):  # every per-row input is [N, ...]
+            return lax.dynamic_slice_in_dim(a, start, r, 0) if a.ndim else a
+
+        gs = tuple((part(o[0]),) + tuple(o[1:]) for o in streams)
+        g_rows, g_res, g_cts = jax.tree.map(part, (rows, res, cts))
+        opts = rm.row_options(plan.opts, g_rows.temp)
+        hg = gs[0][0]
+
+        def step(bstart, size, masked, carry):
+            dh, dk, db, dcols = carry
+            blocks = [_block(plan, q, o, bstart, size, masked) for o in gs]
+            dx, dcb = stat.block_grad(opts, g_res, tuple(bl[0] for bl in blocks), g_rows,
+                                      _group_cols(cols, start, r, bstart, size), off + bstart,
+                                      g_cts)
+            valid = blocks[0][2]
+            if valid is not None:
+                dx = jnp.where(valid, dx, 0.0)
+            once = dx if n % r == 0 else B.drop_before(dx, start, i * r, 0)
+            dk = _add_block(dk, B.block_dkernel(hg, once, plan.layout, q), bstart, axis)
+            if db is not None:
+                db = _add_block(db, jnp.sum(once, axis=0), bstart, 0)
+            dcols = {nm: lax.dynamic_update_slice(c, dcb[nm].astype(c.dtype), (start, bstart))
+                     for nm, c in dcols.items()}
+            return B.add_dhidden(dh, dx, blocks[0][1], plan.layout, slice_elems), dk, db, dcols
+
+        dh = B.varying_like(jnp.zeros((r, d), _acc(streams)), *refs)
+        dh, dk, db, dcols = _walk(plan, step, (dh, dk, db, dcols))
+        return lax.dynamic_update_slice_in_dim(dho, dh.astype(h.dtype), start, 0), dk, db, dcols
+
+    init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(k.shape, k.dtype),
+            None if b is None else jnp.zeros(b.shape, b.dtype), _zero_cols(stat, cols))
+    dh, dk, db, dcols = lax.fori_loop(0, groups, group, B.varying_like(init, *refs))
+    return (dh, dk, db), dcols
+
+
+def _group_cols(cols: dict, start, rows: int, bstart, size: int) -> dict:
+    """The per-class inputs of rows ``[start, start + rows)`` (``[N, V]`` ones) and columns
+    ``[bstart, bstart + size)``."""
+    def cut(a):
+        if a.ndim == 1:
+            return lax.dynamic_slice_in_dim(a, bstart, size, 0)
+        return lax.dynamic_slice(a, (start, bstart), (rows, size))
+    return {nm: None if a is None else cut(a) for nm, a in cols.items()}
+
+
+def _add_block(buf: jax.Array, upd: jax.Array, start, axis: int) -> jax.Array:
+    """``buf`` with ``upd`` (float32) added to its slice at ``start`` along ``axis``, in
+    float32, written back in ``buf``'s dtype."""
+    cur = lax.dynamic_slice_in_dim(buf, start, upd.shape[axis], axis)
+    new = cur.astype(upd.dtype) + upd
+    return lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis)
 
 
 def _zero_cols(stat: Statistic, cols: dict) -> dict:

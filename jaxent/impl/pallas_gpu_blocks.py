@@ -29,7 +29,7 @@ class Config:
       num_warps, num_stages: Triton's launch parameters.
       chunk: the most logits whose gradient the streamed backward holds at once (a chunk of
         the vocabulary for ``d kernel``, of the tokens for ``d hidden``;
-        :mod:`jaxent.impl.pallas_gpu_stream`; 32 M elements, 64 MB of bf16, by default).
+        :mod:`jaxent.impl.pallas_gpu_stream`; 16 M elements, 32 MB of bf16, by default).
       v_split: the forward splits the vocabulary into this many ranges, one program each
         (grid ``(Np / block_n, v_split)``), and merges their statistics: more programs for
         few tokens.
@@ -40,7 +40,7 @@ class Config:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    chunk: int = 1 << 25
+    chunk: int = 1 << 24
     v_split: int = 1
 
     def __post_init__(self):

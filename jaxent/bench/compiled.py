@@ -48,6 +48,8 @@ ENV = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "subprocess_compilation=3"
 def configure() -> None:
     """Set the flags above and keep the CPU as the default backend (the CUDA plugin then
     skips its check for a CUDA runtime); call before the first compile (the CLI and CI do).
+    :data:`ENV` counts only when set before jax loads: CI exports it, the CLI restarts
+    itself with it (:func:`_with_log_env`).
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if GPU_FLAGS not in flags:
@@ -547,5 +549,18 @@ def main(argv: Sequence[str] | None = None) -> list[Record]:
     return recs
 
 
+def _with_log_env() -> None:
+    """Start this command again with :data:`ENV` set, unless it already is.
+
+    XLA reads ``TF_CPP_VMODULE`` when jaxlib loads, at ``import jax``, before any code of
+    this module runs; without it ptxas's report is not logged and the GPU rows would lose
+    their registers and spills.
+    """
+    if any(os.environ.get(k) != v for k, v in ENV.items()):
+        cmd = [sys.executable, "-m", "jaxent.bench.compiled", *sys.argv[1:]]
+        os.execve(sys.executable, cmd, {**os.environ, **ENV})
+
+
 if __name__ == "__main__":
+    _with_log_env()
     main()

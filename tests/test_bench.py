@@ -511,3 +511,20 @@ def test_a_bad_extra_contender_is_one_line(spec, expected):
         bench.main(["--extra", spec, "--only", "^$", "--no-progress"])
     message = str(exc.value.code)
     assert message.startswith(f"--extra {spec!r}") and expected in message, message
+
+
+def test_compiled_table_says_when_ptxas_did_not_report():
+    """A GPU kernel without ptxas's report is marked unknown, not shown as if it had no
+    registers; TPU kernels have none to report."""
+    from jaxent.bench import compiled  # noqa: PLC0415
+
+    def row(target, registers):
+        k = compiled.Kernel("jaxent_stat_fwd", (8, 16, 1), registers,
+                            None if registers is None else 0)
+        rec = compiled.Record(target, "linear_cross_entropy", "pallas", "grad",
+                              (512, 256, 4096), temp_bytes=13 << 20, kernels=[k], launches=3)
+        return compiled.table([rec]).splitlines()[-1]
+
+    assert "stat_fwd 8x16x1 r150 s0 |" in row("h100", 150)
+    assert "stat_fwd 8x16x1 r? s? (no ptxas report) |" in row("h100", None)
+    assert "stat_fwd 8x16x1 |" in row("v5e", None)

@@ -445,9 +445,11 @@ def table(recs: Sequence[Record]) -> str:
             rows.append(f"| {r.target} | {r.head} | {r.impl} | {r.mode} | "
                         f"{'x'.join(map(str, r.shape))} | failed: {r.error} ||||||")
             continue
+        gpu = targets.CHIPS[r.target].platform == "cuda"
         ks = "; ".join(
             f"{k.name.removeprefix('jaxent_')} {'x'.join(map(str, k.grid or ()))}"
-            + (f" r{k.registers} s{k.spill_bytes}" if k.registers is not None else "")
+            + (f" r{k.registers} s{k.spill_bytes}" if k.registers is not None
+               else " r? s? (no ptxas report)" if gpu else "")
             for k in r.kernels) or "-"
         frac = "-" if r.fraction is None else f"{100 * r.fraction:.1f} %"
         flops = "-" if r.flops is None else f"{r.flops:.3g}"

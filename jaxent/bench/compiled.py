@@ -362,7 +362,8 @@ def plan(profile: str = "full") -> list[Key]:
     every head x impl x mode at the small shapes (the RL and distillation heads with
     ``"auto"`` and ``"pallas"``), value-and-gradient at the large ones (the RL and
     distillation heads there on the H100 only: TPU compiles take longer); on
-    the other chips the Pallas kernels and the XLA walk they are held against."""
+    the other chips the Pallas kernels and the XLA walk they are held against (and, on the
+    v6e, the soft-target head's, whose walk copies the targets there)."""
     if profile == "full":
         out = []
         for target in targets.CHIPS:
@@ -385,6 +386,9 @@ def plan(profile: str = "full") -> list[Key]:
         out += [Key(target, "cross_entropy", "pallas", "value", "plain")]
         out += [Key(target, "cross_entropy", i, "grad", "plain") for i in ("xla", "pallas")]
         out += [Key(target, "linear_cross_entropy", i, "grad", "llama") for i in big]
+        if target == "v6e":  # the soft targets' layout there (.ci/compile/test_compiled.py)
+            out += [Key(target, "linear_soft_cross_entropy", i, "grad", "llama")
+                    for i in ("naive", "vocab", "pallas")]
         if target == "h100":
             out += [Key(target, h, i, "grad", "llama") for h in HEADS
                     if HEADS[h].naive is not None and h != "linear_cross_entropy"

@@ -72,9 +72,9 @@ def test_pallas_programs_hold_their_kernels(key):
 
 
 # On v6e, XLA's layout assignment gives the soft targets [N, V] a transposed layout inside
-# the vocabulary walk's loops and copies the whole parameter once before them (4.2 GB at the
-# Llama head, as much as the naive program's temporaries); v5e, v5p and the GPUs keep the
-# caller's layout, and the Pallas kernels read the targets as they are (0 GB).
+# the vocabulary walk's loops and copies the whole parameter once before them (as large as
+# the naive program's temporaries; benchmarks/FINDINGS.md has the numbers); v5e, v5p and the
+# GPUs keep the caller's layout, and the Pallas kernels read the targets as they are.
 V6E_SOFT_TRANSPOSE = "v6e: XLA transposes the soft targets for the vocabulary walk (a full copy)"
 
 

@@ -1,12 +1,14 @@
-"""What one platform needs: XLA:CPU workarounds, and the measured heuristics per platform.
+"""What one platform needs: XLA:CPU and XLA:TPU workarounds, and the measured heuristics
+per platform.
 
-**Workarounds.** The math is written once; where XLA:CPU compiles a plain expression badly,
-the code asks a :class:`Quirks` object whether to take a detour. :func:`per_platform` runs a
-function with :data:`CPU` quirks on the CPU and with :data:`NONE` elsewhere, through
-``jax.lax.platform_dependent``: a program lowered for cuda or tpu carries none of the
-detours, and one exported for several platforms picks per platform. Each detour below names
-the XLA:CPU behaviour it answers; it can go when that behaviour changes (re-measure with
-``python -m jaxent.bench``).
+**Workarounds.** The math is written once; where XLA:CPU (or XLA:TPU) compiles a plain
+expression badly, the code asks a :class:`Quirks` object whether to take a detour.
+:func:`per_platform` runs a function with :data:`CPU` quirks on the CPU, :data:`TPU` quirks
+on TPUs and :data:`NONE` elsewhere, through ``jax.lax.platform_dependent``: a program lowered
+for cuda carries none of the detours, one lowered for tpu only the TPU's, and one exported
+for several platforms picks per platform. Each detour below names the XLA behaviour it
+answers; it can go when that behaviour changes (re-measure with ``python -m jaxent.bench``,
+or, for TPU, ``python -m jaxent.bench.compiled``).
 
 **Heuristics.** :data:`TABLE` holds, per platform, the sizes and residuals the walks choose
 (the plain-CE residual, block budgets); which implementation ``"auto"`` picks is the
@@ -31,11 +33,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.layout import Layout, with_layout_constraint
+from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
 
 
 @dataclasses.dataclass(frozen=True)
 class Quirks:
-    """Which XLA:CPU detours to take (all False: the plain program).
+    """Which XLA:CPU and XLA:TPU detours to take (all False: the plain program).
 
     Attributes:
       bf16_bits: XLA:CPU has no bfloat16 dynamic-slice / dynamic-update-slice; it runs them
@@ -56,6 +61,14 @@ class Quirks:
         forward's ``exp(z - m)``, and the merged ``[N, C]`` difference is then materialized
         for both (a logits-sized temporary, or a copy of donated logits). The backward
         reads the row max through an optimization barrier, so the two stay apart.
+      pin_row_major: XLA:TPU's layout assignment (v6e) lays out transposed the float32
+        product ``h^T @ dx`` of a ``[D, V]`` kernel's block, and the blocks of the
+        ``[N, V]`` per-class inputs (soft targets) and of their gradient. The walk's
+        loop-carried array (the whole ``d kernel``, targets or targets' gradient) then
+        takes that layout too, which costs one full copy of it. Those blocks are pinned
+        row-major (:func:`row_major`); XLA then writes each block in place, with no copy.
+        It can go when XLA:TPU keeps a loop-carried array in its caller's layout (check:
+        the v6e ``llama`` cases of ``.ci/compile/test_compiled.py`` with the pin off).
     """
 
     bf16_bits: bool = False
@@ -63,17 +76,32 @@ class Quirks:
     split_long_rows: bool = False
     transpose_bf16_dkernel: bool = False
     shift_apart: bool = False
+    pin_row_major: bool = False
 
 
 NONE = Quirks()
 CPU = Quirks(bf16_bits=True, barrier_before_gather=True, split_long_rows=True,
              transpose_bf16_dkernel=True, shift_apart=True)
+TPU = Quirks(pin_row_major=True)
 
 
 def per_platform(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(CPU, *args)`` on the CPU, ``fn(NONE, *args)`` on every other platform."""
-    return lax.platform_dependent(
-        *args, cpu=functools.partial(fn, CPU), default=functools.partial(fn, NONE))
+    """``fn(CPU, *args)`` on the CPU, ``fn(TPU, *args)`` on TPUs, ``fn(NONE, *args)`` on
+    every other platform.
+
+    Inside a branch of :func:`by_platform` only the platforms that branch is lowered for
+    are traced: the cpu branch's and the tpu branch's quirks directly, the default
+    branch's (GPUs, and TPUs when their heuristics are the GPUs') through
+    ``lax.platform_dependent``.
+    """
+    tpu, default = functools.partial(fn, TPU), functools.partial(fn, NONE)
+    where = _TRACED_FOR.get()
+    if where is None:
+        return lax.platform_dependent(*args, cpu=functools.partial(fn, CPU), tpu=tpu,
+                                      default=default)
+    if where in ("cpu", "tpu"):
+        return fn(CPU if where == "cpu" else TPU, *args)
+    return lax.platform_dependent(*args, tpu=tpu, default=default)
 
 
 # ---------------------------------------------------------------------- the detours
@@ -98,6 +126,35 @@ def fresh(x: jax.Array, q: Quirks) -> jax.Array:
     if not q.barrier_before_gather or x.dtype == jnp.promote_types(x.dtype, jnp.float32):
         return x
     return lax.optimization_barrier(x)
+
+
+def row_major(x: jax.Array, q: Quirks) -> jax.Array:
+    """``x`` laid out row-major where ``pin_row_major`` asks.
+
+    The values are ``x``'s. The pin is ``jax.experimental.layout.with_layout_constraint``,
+    whose custom call ``jax.export`` does not serialize (no compatibility guarantee): a
+    program lowered for export carries no pin, and XLA lays the block out as it likes.
+    """
+    return _row_major_p.bind(x) if q.pin_row_major else x
+
+
+def _pin(x: jax.Array) -> jax.Array:
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+
+
+def _lower_row_major(ctx, x):
+    if ctx.module_context.lowering_parameters.for_export:
+        return [x]
+    return mlir.lower_fun(_pin, multiple_results=False)(ctx, x)
+
+
+_row_major_p = jex_core.Primitive("jaxent_row_major")
+_row_major_p.def_impl(lambda x: x)
+_row_major_p.def_abstract_eval(lambda x: x)
+ad.deflinear2(_row_major_p, lambda ct, _: (_row_major_p.bind(ct),))
+batching.primitive_batchers[_row_major_p] = lambda args, dims: (_row_major_p.bind(*args),
+                                                                dims[0])
+mlir.register_lowering(_row_major_p, _lower_row_major)
 
 
 def _bits(dtype, q: Quirks):

@@ -177,3 +177,33 @@ def test_auto_picks_the_walk_of_the_lowering_platform(platform, walk):
              jax.ShapeDtypeStruct((64,), jnp.int32))
     text = export.export(f, platforms=[platform])(*specs).mlir_module()
     assert {w for w in ("token", "vocab") if f"jaxent_{w}" in text} == {walk}
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_tpu_programs_pin_the_walk_blocks_row_major(platform):
+    """Lowered for tpu with ``jax.jit`` (not for export), the vocabulary walk of a ``[D, V]``
+    kernel pins its ``d kernel`` blocks row-major (``jaxent._platform.Quirks``
+    ``pin_row_major``: XLA:TPU's layout assignment would copy the whole gradient); cpu and
+    cuda programs carry no pin, and a program exported for tpu none either
+    (``test_accelerator_programs_carry_no_cpu_detours`` serializes it)."""
+    fn, names = _program("linear_cross_entropy", grad=True)
+    lowered = jax.jit(fn).trace(*_specs(names, jnp.bfloat16)).lower(
+        lowering_platforms=(platform,))
+    assert ("LayoutConstraint" in lowered.as_text()) == (platform == "tpu")
+
+
+def test_row_major_pin_keeps_values_and_derivatives():
+    """The pin is the identity under jit, grad, jvp and vmap (lowered for this CPU as a
+    layout constraint)."""
+    from jaxent import _platform  # noqa: PLC0415
+
+    x = jax.random.normal(jax.random.key(3), (4, 6))
+    pin = lambda a: _platform.row_major(a, _platform.TPU)  # noqa: E731
+    f = lambda a: jnp.sum(jnp.sin(pin(a * 2.0)) ** 2)  # noqa: E731
+    ref = lambda a: jnp.sum(jnp.sin(a * 2.0) ** 2)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(f)(x), ref(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.grad(ref)(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.jvp(f, (x,), (x,))[1], jax.jvp(ref, (x,), (x,))[1],
+                               rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.vmap(f))(x), jax.vmap(ref)(x), rtol=1e-6)
+    assert "LayoutConstraint" in jax.jit(f).lower(x).as_text()

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxent
+from jaxent._options import KernelLayout
 from jaxent.bench import targets
 from jaxent.bench.targets import Chip
 
@@ -68,47 +69,55 @@ PLAIN = (8192, 0, 128256)  # plain losses: tokens x classes
 # --------------------------------------------------------------------------- the heads
 
 
-def _log_softmax(h, w):
-    return jax.nn.log_softmax(jnp.einsum("nd,vd->nv", h, w).astype(jnp.float32), axis=-1)
+def _logits(h, w, layout: KernelLayout):
+    return jnp.einsum(f"nd,{layout}->nv", h, w).astype(jnp.float32)
 
 
-def _naive_ce(h, w, y):
+def _log_softmax(h, w, layout: KernelLayout):
+    return jax.nn.log_softmax(_logits(h, w, layout), axis=-1)
+
+
+def _naive_ce(layout: KernelLayout):
     import optax
 
-    logits = jnp.einsum("nd,vd->nv", h, w).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return lambda h, w, y: optax.softmax_cross_entropy_with_integer_labels(
+        _logits(h, w, layout), y).mean()
 
 
-def _naive_log_probs(h, w, y):
-    return jnp.take_along_axis(_log_softmax(h, w), y[:, None], axis=-1).sum()
+def _naive_log_probs(layout: KernelLayout):
+    return lambda h, w, y: jnp.take_along_axis(
+        _log_softmax(h, w, layout), y[:, None], axis=-1).sum()
 
 
-def _naive_soft(h, w, t):
-    return -(t.astype(jnp.float32) * _log_softmax(h, w)).sum(-1).mean()
+def _naive_soft(layout: KernelLayout):
+    return lambda h, w, t: -(t.astype(jnp.float32) * _log_softmax(h, w, layout)).sum(-1).mean()
 
 
-def _naive_distill(h, w, th, tw):
-    lq, lp = _log_softmax(h, w), _log_softmax(th, tw)
-    return (jnp.exp(lp) * (lp - lq)).sum(-1).mean()
+def _naive_distill(layout: KernelLayout):
+    def f(h, w, th, tw):
+        lq, lp = _log_softmax(h, w, layout), _log_softmax(th, tw, layout)
+        return (jnp.exp(lp) * (lp - lq)).sum(-1).mean()
+    return f
 
 
 @dataclasses.dataclass(frozen=True)
 class Head:
     """One public loss: how to call it, its arguments, the naive program it replaces.
 
-    ``call(impl)`` gives the scalar loss of the head's arguments; ``args(n, d, v, dtype)``
-    their shapes and dtypes; ``grad`` the differentiated arguments; ``impls`` those it
-    accepts; ``naive`` the materialized program (logits, then optax or the textbook
-    formula), None for the plain losses.
+    ``call(impl, layout)`` gives the scalar loss of the head's arguments with
+    ``kernel_layout=layout``; ``args(n, d, v, dtype)`` their shapes and dtypes (kernels
+    ``[V, D]``; :func:`_specs` turns them for ``"dv"``); ``grad`` the differentiated
+    arguments; ``impls`` those it accepts; ``naive(layout)`` the materialized program
+    (logits, then optax or the textbook formula), None for the plain losses.
     """
 
     name: str
     fused: bool
     impls: tuple[str, ...]
-    call: Callable[[Any], Callable]
+    call: Callable[[Any, KernelLayout], Callable]
     args: Callable[..., tuple]
     grad: tuple[int, ...]
-    naive: Callable | None = None
+    naive: Callable[[KernelLayout], Callable] | None = None
 
 
 def _fused_args(n, d, v, dt):
@@ -122,47 +131,47 @@ STAT_HEADS = ("linear_log_probs", "linear_soft_cross_entropy", "linear_distillat
 TOPK = 16  # the top-k head's k and the sparse teacher's ids per row
 
 
-def _topk(impl):
+def _topk(impl, layout: KernelLayout):
     def f(h, w):
-        _, lp, tail = jaxent.linear_topk_log_probs(h, w, TOPK, kernel_layout="vd",
+        _, lp, tail = jaxent.linear_topk_log_probs(h, w, TOPK, kernel_layout=layout,
                                                    return_tail=True, impl=impl)
         return lp.sum() + tail.sum()
     return f
 
 
-def _support(impl):
+def _support(impl, layout: KernelLayout):
     def f(h, w, y):  # the nucleus within the TOPK candidates: three passes, none flagged
         lp, ent = jaxent.linear_support_log_probs(
             h, w, y, top_k=TOPK, top_p=0.9, min_p=0.01, max_candidates=TOPK,
-            return_entropy=True, kernel_layout="vd", impl=impl)
+            return_entropy=True, kernel_layout=layout, impl=impl)
         return lp.sum() + ent.sum()
     return f
 
 
 HEADS: dict[str, Head] = {head.name: head for head in (
     Head("cross_entropy", False, ("auto", "xla", "pallas"),
-         lambda impl: lambda x, y: jaxent.cross_entropy(x, y, impl=impl),
+         lambda impl, layout: lambda x, y: jaxent.cross_entropy(x, y, impl=impl),
          lambda n, d, v, dt: (((n, v), dt), ((n,), jnp.int32)), (0,)),
     # soft_cross_entropy takes no `impl` (one XLA program): "-" calls it without.
     Head("soft_cross_entropy", False, ("-",),
-         lambda impl: lambda x, t: jaxent.soft_cross_entropy(x, t),
+         lambda impl, layout: lambda x, t: jaxent.soft_cross_entropy(x, t),
          lambda n, d, v, dt: (((n, v), dt), ((n, v), dt)), (0,)),
     Head("linear_cross_entropy", True, ("auto", "vocab", "token", "pallas"),
-         lambda impl: lambda h, w, y: jaxent.linear_cross_entropy(
-             h, w, y, kernel_layout="vd", impl=impl),
+         lambda impl, layout: lambda h, w, y: jaxent.linear_cross_entropy(
+             h, w, y, kernel_layout=layout, impl=impl),
          _fused_args, (0, 1), _naive_ce),
     Head("linear_log_probs", True, ("auto", "vocab", "token", "pallas"),
-         lambda impl: lambda h, w, y: jaxent.linear_log_probs(
-             h, w, y, kernel_layout="vd", impl=impl).sum(),
+         lambda impl, layout: lambda h, w, y: jaxent.linear_log_probs(
+             h, w, y, kernel_layout=layout, impl=impl).sum(),
          _fused_args, (0, 1), _naive_log_probs),
     Head("linear_soft_cross_entropy", True, ("auto", "vocab", "token", "pallas"),
-         lambda impl: lambda h, w, t: jaxent.linear_soft_cross_entropy(
-             h, w, t, kernel_layout="vd", impl=impl),
+         lambda impl, layout: lambda h, w, t: jaxent.linear_soft_cross_entropy(
+             h, w, t, kernel_layout=layout, impl=impl),
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, v), dt)), (0, 1),
          _naive_soft),
     Head("linear_distillation_loss", True, ("auto", "vocab", "token", "pallas"),
-         lambda impl: lambda h, w, th, tw: jaxent.linear_distillation_loss(
-             h, w, th, tw, kernel_layout="vd", impl=impl),
+         lambda impl, layout: lambda h, w, th, tw: jaxent.linear_distillation_loss(
+             h, w, th, tw, kernel_layout=layout, impl=impl),
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, d), dt), ((v, d), dt)),
          (0, 1), _naive_distill),
     # No naive program: its temporaries are held against the naive one in tests/test_topk.py.
@@ -170,8 +179,8 @@ HEADS: dict[str, Head] = {head.name: head for head in (
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt)), (0, 1)),
     # linear_distillation_loss with a sparse teacher (TOPK ids and log-probabilities a row).
     Head("sparse_teacher_distillation", True, ("auto", "vocab", "token", "pallas"),
-         lambda impl: lambda h, w, ids, lq: jaxent.linear_distillation_loss(
-             h, w, teacher_topk=(ids, lq), kernel_layout="vd", impl=impl),
+         lambda impl, layout: lambda h, w, ids, lq: jaxent.linear_distillation_loss(
+             h, w, teacher_topk=(ids, lq), kernel_layout=layout, impl=impl),
          lambda n, d, v, dt: (((n, d), dt), ((v, d), dt), ((n, TOPK), jnp.int32),
                               ((n, TOPK), jnp.float32)), (0, 1)),
     # The sampler's filters (top-k, top-p, min-p; no naive program).
@@ -196,13 +205,14 @@ class Kernel:
 
 @dataclasses.dataclass
 class Record:
-    """One compiled program: ``target x head x impl x mode x shape``."""
+    """One compiled program: ``target x head x impl x mode x shape x kernel layout``."""
 
     target: str
     head: str
     impl: str
     mode: str
     shape: tuple[int, int, int]
+    layout: KernelLayout = "vd"
     error: str | None = None
     temp_bytes: int | None = None
     flops: float | None = None
@@ -294,9 +304,12 @@ def pallas_calls(jaxpr, backend: str) -> list[Kernel]:
     return out
 
 
-def _specs(head: Head, shape, dtype, dev):
+def _specs(head: Head, shape, dtype, dev, layout: KernelLayout = "vd"):
+    """The arguments' ``ShapeDtypeStruct``\\ s on ``dev``; kernels ``[D, V]`` for ``"dv"``."""
     sharding = jax.sharding.SingleDeviceSharding(dev)
-    return tuple(jax.ShapeDtypeStruct(s, dt, sharding=sharding)
+    n, d, v = shape
+    turn = {(v, d): (d, v)} if layout == "dv" and head.fused else {}
+    return tuple(jax.ShapeDtypeStruct(turn.get(s, s), dt, sharding=sharding)
                  for s, dt in head.args(*shape, dtype))
 
 
@@ -305,11 +318,13 @@ def _program(fn: Callable, head: Head, mode: str) -> Any:
 
 
 def compile_one(chip: Chip, dev, head: Head, impl: str, mode: str, shape,
-                dtype=jnp.bfloat16, fn: Callable | None = None) -> Record:
-    """Compile one program for ``chip``; failures are recorded, not raised."""
-    rec = Record(chip.name, head.name, impl, mode, tuple(shape))
-    args = _specs(head, shape, dtype, dev)
-    prog = _program(fn or head.call(impl), head, mode)
+                dtype=jnp.bfloat16, fn: Callable | None = None,
+                layout: KernelLayout = "vd") -> Record:
+    """Compile one program for ``chip`` (``fn``, else the head's ``impl`` with
+    ``kernel_layout=layout``); failures are recorded, not raised."""
+    rec = Record(chip.name, head.name, impl, mode, tuple(shape), layout)
+    args = _specs(head, shape, dtype, dev, layout)
+    prog = _program(fn or head.call(impl, layout), head, mode)
     t0 = time.perf_counter()
     with tempfile.NamedTemporaryFile(suffix=".log") as log, jax.default_device(dev):
         try:
@@ -342,14 +357,16 @@ SHAPES = {"small": SMALL, "llama": LLAMA, "plain": PLAIN, "plain-small": (SMALL[
 
 
 class Key(NamedTuple):
-    """One program of the plan: ``target x head x impl x mode x shape`` (``impl="naive"``:
-    the materialized program a fused head replaces)."""
+    """One program of the plan: ``target x head x impl x mode x shape x kernel layout``
+    (``impl="naive"``: the materialized program a fused head replaces; the plain losses
+    have no kernel and keep the default)."""
 
     target: str
     head: str
     impl: str
     mode: str
     shape: str
+    layout: KernelLayout = "vd"
 
     def __str__(self) -> str:
         return "-".join(self)
@@ -358,12 +375,15 @@ class Key(NamedTuple):
 def plan(profile: str = "full") -> list[Key]:
     """The programs to compile. ``"full"``: every chip x head x impl x mode, fused heads at
     a small shape and at Llama-3-8B's (16384 x 4096 x 128256), plain losses at a small shape
-    and at 8192 x 128256. ``"ci"`` (a few minutes on two cores): on the H100 and the v5e,
-    every head x impl x mode at the small shapes (the RL and distillation heads with
-    ``"auto"`` and ``"pallas"``), value-and-gradient at the large ones (the RL and
-    distillation heads there on the H100 only: TPU compiles take longer); on
-    the other chips the Pallas kernels and the XLA walk they are held against (and, on the
-    v6e, the soft-target head's, whose walk copies the targets there)."""
+    and at 8192 x 128256; kernels ``[V, D]`` (``kernel_layout="vd"``), and the fused heads'
+    value-and-gradient at Llama's shape with ``[D, V]`` kernels too (``"dv"``, the
+    default). ``"ci"`` (a few minutes on two cores): on the H100 and the v5e, every head x
+    impl x mode at the small shapes (the RL and distillation heads with ``"auto"`` and
+    ``"pallas"``), value-and-gradient at the large ones (the RL and distillation heads
+    there on the H100 only: TPU compiles take longer); on the other chips the Pallas kernels
+    and the XLA walk they are held against; on every chip the fused CE's walk with ``[D,
+    V]`` kernels, and on the v6e the soft-target head's walk with both layouts (XLA:TPU's
+    layout assignment there: :data:`jaxent._platform.Quirks` ``pin_row_major``)."""
     if profile == "full":
         out = []
         for target in targets.CHIPS:
@@ -373,6 +393,10 @@ def plan(profile: str = "full") -> list[Key]:
                         out.append(Key(target, head.name, "naive", "grad", shape))
                     out += [Key(target, head.name, impl, mode, shape)
                             for impl in head.impls for mode in ("value", "grad")]
+                if head.fused:
+                    naive = ("naive",) if head.naive is not None else ()
+                    out += [Key(target, head.name, impl, "grad", "llama", "dv")
+                            for impl in (*naive, "auto", "vocab", "pallas")]
         return out
     out = []
     for target in targets.CHIPS:
@@ -386,9 +410,11 @@ def plan(profile: str = "full") -> list[Key]:
         out += [Key(target, "cross_entropy", "pallas", "value", "plain")]
         out += [Key(target, "cross_entropy", i, "grad", "plain") for i in ("xla", "pallas")]
         out += [Key(target, "linear_cross_entropy", i, "grad", "llama") for i in big]
-        if target == "v6e":  # the soft targets' layout there (.ci/compile/test_compiled.py)
-            out += [Key(target, "linear_soft_cross_entropy", i, "grad", "llama")
-                    for i in ("naive", "vocab", "pallas")]
+        out += [Key(target, "linear_cross_entropy", i, "grad", "llama", "dv")
+                for i in ("naive", "vocab")]
+        if target == "v6e":
+            out += [Key(target, "linear_soft_cross_entropy", i, "grad", "llama", layout)
+                    for i in ("naive", "vocab", "pallas") for layout in ("vd", "dv")]
         if target == "h100":
             out += [Key(target, h, i, "grad", "llama") for h in HEADS
                     if HEADS[h].naive is not None and h != "linear_cross_entropy"
@@ -408,9 +434,9 @@ def get(key: Key) -> Record:
         if key.target not in _DEVICES:
             _DEVICES[key.target] = targets.device(chip)
         head = HEADS[key.head]
-        fn = head.naive if key.impl == "naive" else None
+        fn = head.naive(key.layout) if key.impl == "naive" and head.naive else None
         rec = compile_one(chip, _DEVICES[key.target], head, key.impl, key.mode,
-                          SHAPES[key.shape], fn=fn)
+                          SHAPES[key.shape], fn=fn, layout=key.layout)
         if head.naive is not None and key.mode == "grad" and key.impl != "naive" \
                 and key.shape == "llama":
             rec.naive_temp_bytes = get(key._replace(impl="naive")).temp_bytes
@@ -433,7 +459,7 @@ def _gb(b: int | None) -> str:
 
 
 def _line(r: Record) -> str:
-    head = f"{r.target} {r.head} {r.impl} {r.mode} {'x'.join(map(str, r.shape))}"
+    head = f"{r.target} {r.head} {r.impl} {r.mode} {'x'.join(map(str, r.shape))} {r.layout}"
     if not r.ok:
         return f"{head}: FAILED {r.error}"
     return f"{head}: {_gb(r.temp_bytes)} GB temp, {len(r.kernels)} kernels ({r.seconds:.1f}s)"
@@ -441,13 +467,14 @@ def _line(r: Record) -> str:
 
 def table(recs: Sequence[Record]) -> str:
     """The Markdown table: target x head x impl (value and gradient programs)."""
-    rows = ["| target | head | impl | mode | shape | temp GB | / naive | launches | "
+    rows = ["| target | head | impl | mode | shape | kernel | temp GB | / naive | launches | "
             "jaxent kernels: grid, registers, spill B | flops |",
-            "|---|---|---|---|---|---:|---:|---:|---|---:|"]
+            "|---|---|---|---|---|---|---:|---:|---:|---|---:|"]
     for r in recs:
+        where = (f"| {r.target} | {r.head} | {r.impl} | {r.mode} | "
+                 f"{'x'.join(map(str, r.shape))} | {r.layout if HEADS[r.head].fused else '-'} |")
         if not r.ok:
-            rows.append(f"| {r.target} | {r.head} | {r.impl} | {r.mode} | "
-                        f"{'x'.join(map(str, r.shape))} | failed: {r.error} ||||||")
+            rows.append(f"{where} failed: {r.error} ||||||")
             continue
         gpu = targets.CHIPS[r.target].platform == "cuda"
         ks = "; ".join(
@@ -457,8 +484,7 @@ def table(recs: Sequence[Record]) -> str:
             for k in r.kernels) or "-"
         frac = "-" if r.fraction is None else f"{100 * r.fraction:.1f} %"
         flops = "-" if r.flops is None else f"{r.flops:.3g}"
-        rows.append(f"| {r.target} | {r.head} | {r.impl} | {r.mode} | "
-                    f"{'x'.join(map(str, r.shape))} | {_gb(r.temp_bytes)} | {frac} | "
+        rows.append(f"{where} {_gb(r.temp_bytes)} | {frac} | "
                     f"{r.launches if r.launches is not None else '-'} | {ks} | {flops} |")
     return "\n".join(rows) + "\n"
 
@@ -527,7 +553,8 @@ def page(recs: Sequence[Record], argv: Sequence[str]) -> str:
         "jaxent kernel its grid, on GPUs its registers per thread (`r`) and spill bytes "
         "(`s`) from ptxas; flops: `cost_analysis()` (None on a compile-only GPU). "
         "Programs: `value` is the loss, `grad` value_and_grad wrt the logits, or hidden and "
-        "kernel (`kernel_layout=\"vd\"`); bf16; shapes N x D x V (plain losses N x 0 x C)."
+        "kernel; kernel: `kernel_layout` (`vd`: `[V, D]`, `dv`: `[D, V]`, the default); "
+        "bf16; shapes N x D x V (plain losses N x 0 x C)."
         "\n\n" + table(recs))
 
 

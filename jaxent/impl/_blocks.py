@@ -46,7 +46,8 @@ def block_dhidden(dx: jax.Array, kb: jax.Array, layout: str) -> jax.Array:
 
 
 def block_dkernel(h: jax.Array, dx: jax.Array, layout: str, q: Quirks) -> jax.Array:
-    """``h^T @ dx`` in the kernel's layout (``[D, B]`` or ``[B, D]``), float32 accumulation."""
+    """``h^T @ dx`` in the kernel's layout (``[D, B]`` or ``[B, D]``), float32 accumulation
+    (``[D, B]`` pinned row-major where ``q.pin_row_major`` asks)."""
     acc = rm.compute_dtype(h.dtype)
     dx = dx.astype(h.dtype)
     if q.transpose_bf16_dkernel and h.dtype == jnp.bfloat16:
@@ -55,7 +56,8 @@ def block_dkernel(h: jax.Array, dx: jax.Array, layout: str, q: Quirks) -> jax.Ar
         # The barrier keeps XLA from folding this transpose into the dot (h^T @ dx again).
         return out if layout == "vd" else _platform.transposed(lax.optimization_barrier(out))
     if layout == "dv":
-        return lax.dot_general(h, dx, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+        out = lax.dot_general(h, dx, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+        return _platform.row_major(out, q)
     return lax.dot_general(dx, h, (((0,), (0,)), ((), ())), preferred_element_type=acc)
 
 

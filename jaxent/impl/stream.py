@@ -49,10 +49,11 @@ def _block(plan: Plan, q: Quirks, ops, start, size: int, masked: bool):
     return xb, kb, valid
 
 
-def _cols(cols: dict, start, size: int) -> dict:
-    """The per-class inputs of columns ``[start, start + size)`` (last axis)."""
-    return {n: None if a is None else lax.dynamic_slice_in_dim(a, start, size, a.ndim - 1)
-            for n, a in cols.items()}
+def _cols(cols: dict, start, size: int, q: Quirks) -> dict:
+    """The per-class inputs of columns ``[start, start + size)`` (last axis; pinned
+    row-major where ``q.pin_row_major`` asks)."""
+    return {n: None if a is None else _platform.row_major(
+        lax.dynamic_slice_in_dim(a, start, size, a.ndim - 1), q) for n, a in cols.items()}
 
 
 def _walk(plan: Plan, step, carry):
@@ -71,7 +72,7 @@ def _pass(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, cols: dic
     def step(start, size, masked, carry):
         blocks = [_block(plan, q, ops, start, size, masked) for ops in streams]
         return stat.fold(opts, carry, tuple(b[0] for b in blocks), rows,
-                         _cols(cols, start, size), off + start, blocks[0][2])
+                         _cols(cols, start, size, q), off + start, blocks[0][2])
 
     carry = B.varying_like(stat.init(n, _acc(streams)), streams, rows, cols)
     carry = _walk(plan, step, carry)
@@ -115,7 +116,7 @@ def _head_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, col
         dh, dk, db, dcols = carry
         blocks = [_block(plan, q, o, start, size, masked) for o in streams]
         dx, dcb = stat.block_grad(opts, res, tuple(bl[0] for bl in blocks), rows,
-                                  _cols(cols, start, size), off + start, cts)
+                                  _cols(cols, start, size, q), off + start, cts)
         valid = blocks[0][2]
         if valid is not None:
             dx = jnp.where(valid, dx, 0.0)
@@ -123,7 +124,7 @@ def _head_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, col
                                start if at is None else at, axis, k.dtype, q)
         if db is not None:
             db = _platform.dupdate(db, jnp.sum(dx, axis=0), start, 0, b.dtype, q)
-        dcols = _write_cols(dcols, dcb, start)
+        dcols = _write_cols(dcols, dcb, start, q)
         fresh = dx if at is None else B.drop_before(dx, start, done, 1)
         return B.add_dhidden(dh, fresh, blocks[0][1], plan.layout, slice_elems), dk, db, dcols
 
@@ -199,7 +200,7 @@ def _grouped_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, 
             dh, dk, db, dcols = carry
             blocks = [_block(plan, q, o, bstart, size, masked) for o in gs]
             dx, dcb = stat.block_grad(opts, g_res, tuple(bl[0] for bl in blocks), g_rows,
-                                      _group_cols(cols, start, r, bstart, size), off + bstart,
+                                      _group_cols(cols, start, r, bstart, size, q), off + bstart,
                                       g_cts)
             valid = blocks[0][2]
             if valid is not None:
@@ -208,8 +209,9 @@ def _grouped_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, 
             dk = _add_block(dk, B.block_dkernel(hg, once, plan.layout, q), bstart, axis)
             if db is not None:
                 db = _add_block(db, jnp.sum(once, axis=0), bstart, 0)
-            dcols = {nm: lax.dynamic_update_slice(c, dcb[nm].astype(c.dtype), (start, bstart))
-                     for nm, c in dcols.items()}
+            dcols = {nm: lax.dynamic_update_slice(
+                c, _platform.row_major(dcb[nm].astype(c.dtype), q), (start, bstart))
+                for nm, c in dcols.items()}
             return B.add_dhidden(dh, dx, blocks[0][1], plan.layout, slice_elems), dk, db, dcols
 
         dh = B.varying_like(jnp.zeros((r, d), _acc(streams)), *refs)
@@ -222,13 +224,13 @@ def _grouped_grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, 
     return (dh, dk, db), dcols
 
 
-def _group_cols(cols: dict, start, rows: int, bstart, size: int) -> dict:
-    """The per-class inputs of rows ``[start, start + rows)`` (``[N, V]`` ones) and columns
-    ``[bstart, bstart + size)``."""
+def _group_cols(cols: dict, start, rows: int, bstart, size: int, q: Quirks) -> dict:
+    """The per-class inputs of rows ``[start, start + rows)`` (``[N, V]`` ones, pinned
+    row-major where ``q.pin_row_major`` asks) and columns ``[bstart, bstart + size)``."""
     def cut(a):
         if a.ndim == 1:
             return lax.dynamic_slice_in_dim(a, bstart, size, 0)
-        return lax.dynamic_slice(a, (start, bstart), (rows, size))
+        return _platform.row_major(lax.dynamic_slice(a, (start, bstart), (rows, size)), q)
     return {nm: None if a is None else cut(a) for nm, a in cols.items()}
 
 
@@ -244,10 +246,12 @@ def _zero_cols(stat: Statistic, cols: dict) -> dict:
     return {n: jnp.zeros(cols[n].shape, cols[n].dtype) for n in stat.diff_cols}
 
 
-def _write_cols(dcols: dict, dcb: dict, start) -> dict:
-    """The gradients of the per-class inputs with one block's written at ``start``."""
-    return {n: lax.dynamic_update_slice_in_dim(d, dcb[n].astype(d.dtype), start, d.ndim - 1)
-            for n, d in dcols.items()}
+def _write_cols(dcols: dict, dcb: dict, start, q: Quirks) -> dict:
+    """The gradients of the per-class inputs with one block's written at ``start`` (pinned
+    row-major where ``q.pin_row_major`` asks)."""
+    return {n: lax.dynamic_update_slice_in_dim(
+        d, _platform.row_major(dcb[n].astype(d.dtype), q), start, d.ndim - 1)
+        for n, d in dcols.items()}
 
 
 def _grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, cols: dict, res,
@@ -263,11 +267,11 @@ def _grads(stat: Statistic, plan: Plan, q: Quirks, streams, rows: Rows, cols: di
             (gx,), dcols = carry
             blocks = [_block(plan, q, o, start, size, masked) for o in streams]
             dx, dcb = stat.block_grad(opts, res, tuple(bl[0] for bl in blocks), rows,
-                                      _cols(cols, start, size), off + start, cts)
+                                      _cols(cols, start, size, q), off + start, cts)
             if blocks[0][2] is not None:
                 dx = jnp.where(blocks[0][2], dx, 0.0)
             gx = lax.dynamic_update_slice_in_dim(gx, dx.astype(gx.dtype), start, 1)
-            return (gx,), _write_cols(dcols, dcb, start)
+            return (gx,), _write_cols(dcols, dcb, start, q)
 
         g0 = (jnp.zeros(ops[0].shape, ops[0].dtype),)
         g, dcols = _walk(plan, step, B.varying_like((g0, _zero_cols(stat, cols)), streams,

@@ -179,14 +179,23 @@ def test_auto_picks_the_walk_of_the_lowering_platform(platform, walk):
     assert {w for w in ("token", "vocab") if f"jaxent_{w}" in text} == {walk}
 
 
+# A [D, V] kernel's d-kernel blocks; with a [V, D] kernel only the soft targets' blocks.
+PINNED = {
+    "d kernel": _program("linear_cross_entropy", grad=True),
+    "targets": (jax.value_and_grad(lambda h, k, t: jaxent.linear_soft_cross_entropy(
+        h, k.T, t, kernel_layout="vd", impl="vocab"), argnums=(0, 1, 2)), ("h", "k", "t")),
+}
+
+
+@pytest.mark.parametrize("blocks", sorted(PINNED))
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
-def test_tpu_programs_pin_the_walk_blocks_row_major(platform):
-    """Lowered for tpu with ``jax.jit`` (not for export), the vocabulary walk of a ``[D, V]``
-    kernel pins its ``d kernel`` blocks row-major (``jaxent._platform.Quirks``
-    ``pin_row_major``: XLA:TPU's layout assignment would copy the whole gradient); cpu and
-    cuda programs carry no pin, and a program exported for tpu none either
-    (``test_accelerator_programs_carry_no_cpu_detours`` serializes it)."""
-    fn, names = _program("linear_cross_entropy", grad=True)
+def test_tpu_programs_pin_the_walk_blocks_row_major(platform, blocks):
+    """Lowered for tpu with ``jax.jit`` (not for export), the vocabulary walk pins the
+    ``d kernel`` blocks of a ``[D, V]`` kernel and the soft targets' blocks row-major
+    (``jaxent._platform.Quirks`` ``pin_row_major``: XLA:TPU's layout assignment would copy
+    the whole array); cpu and cuda programs carry no pin, and a program exported for tpu
+    none either (``test_accelerator_programs_carry_no_cpu_detours`` serializes one)."""
+    fn, names = PINNED[blocks]
     lowered = jax.jit(fn).trace(*_specs(names, jnp.bfloat16)).lower(
         lowering_platforms=(platform,))
     assert ("LayoutConstraint" in lowered.as_text()) == (platform == "tpu")

@@ -307,7 +307,7 @@ def pallas_calls(jaxpr, backend: str) -> list[Kernel]:
 def _specs(head: Head, shape, dtype, dev, layout: KernelLayout = "vd"):
     """The arguments' ``ShapeDtypeStruct``\\ s on ``dev``; kernels ``[D, V]`` for ``"dv"``."""
     sharding = jax.sharding.SingleDeviceSharding(dev)
-    n, d, v = shape
+    _, d, v = shape
     turn = {(v, d): (d, v)} if layout == "dv" and head.fused else {}
     return tuple(jax.ShapeDtypeStruct(turn.get(s, s), dt, sharding=sharding)
                  for s, dt in head.args(*shape, dtype))
